@@ -1,0 +1,204 @@
+"""The engine: a model runner, a block pool, a scheduler and a sampler, stepped by a loop.
+
+`LLMEngine.step()` schedules, runs one forward over the packed batch, samples, applies
+stop conditions and frees finished sequences' blocks. Workers drive it; so does the
+offline `LLM` API. Disaggregation hooks: a prefill worker keeps a finished sequence's
+blocks (`keep_kv=True`) until `release_kv`; a decode worker `reserve_import`s blocks for a
+handed-off sequence, lets the transfer fill them, then `activate_import`s it.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .block_pool import BlockPool, blocks_needed
+from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from .model_runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+class RequestRejected(ValueError):
+    """The request can never be served by this engine (too long for the context or the cache)."""
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+
+
+class LLMEngine:
+    def __init__(self, model: str, *, device="auto", dtype="auto", config: EngineConfig | None = None, **overrides):
+        cfg = config or EngineConfig()
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise TypeError(f"unknown engine option {k!r}")
+            setattr(cfg, k, v)
+        cfg.__post_init__()
+        self.cfg = cfg
+        self.model_cfg = ModelConfig.from_pretrained(model)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position_embeddings,
+                                 self.model_cfg.max_position_embeddings)
+        self.runner = ModelRunner(self.model_cfg, cfg, self.device, self.dtype, self.max_model_len)
+        self.pool = BlockPool(self.runner.num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.sampler = Sampler(self.device, cfg.seed)
+        self.seqs: dict[str, Sequence] = {}       # every sequence this engine holds state for
+        self._arrival = itertools.count()
+
+    # ---- requests ---------------------------------------------------------------------------
+    def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        total = num_prompt_tokens + params.max_tokens
+        if num_prompt_tokens < 1:
+            raise RequestRejected("the prompt is empty")
+        if total > self.max_model_len:
+            raise RequestRejected(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the model's context length of {self.max_model_len} tokens")
+        if not self.scheduler.can_ever_fit(total):
+            raise RequestRejected(
+                f"prompt + max_tokens = {total} tokens can never fit in the KV cache "
+                f"({self.pool.num_blocks} blocks of {self.pool.block_size} tokens)")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    *, keep_kv: bool = False) -> Sequence:
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(len(prompt_token_ids), params)
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise RequestRejected(f"token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})")
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
+                       arrival=next(self._arrival), keep_kv_on_finish=keep_kv)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Forget a request and free its blocks, whatever state it is in."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        if seq.block_table:
+            self.pool.free(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, seq.finish_reason or "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        ordered, logits, rows = self.runner.run(batch)
+        for s in ordered:
+            s.seq.num_computed_tokens += s.num_new_tokens
+        seqs = [ordered[j].seq for j in rows]
+        tokens = self.sampler(logits, [q.params for q in seqs], [q.num_output_tokens for q in seqs]) if seqs else []
+        outputs = []
+        for seq, tok in zip(seqs, tokens):
+            seq.token_ids.append(tok)
+            reason = self._finish_reason(seq, tok)
+            if reason is not None:
+                self._finish(seq, reason)
+            outputs.append(StepOutput(seq.request_id, [tok], reason is not None, reason))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and tok in self.model_cfg.eos_token_ids:
+            return "stop"
+        if p.stop_token_ids and tok in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        self.scheduler.remove(seq)
+        if seq.keep_kv_on_finish:
+            return  # blocks stay until release_kv(): the KV is on its way to a decode worker
+        self.pool.free(seq)
+        del self.seqs[seq.request_id]
+
+    # ---- disaggregation hooks --------------------------------------------------------------
+    def kv_block_ids(self, request_id: str) -> list[int]:
+        return list(self.seqs[request_id].block_table)
+
+    def release_kv(self, request_id: str) -> None:
+        """The prefill side is done with a finished sequence's KV (acknowledged or expired)."""
+        self.abort(request_id)
+
+    def reserve_import(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                       params: SamplingParams) -> list[int] | None:
+        """Allocate blocks for a sequence prefilled elsewhere; None when they are not free now.
+
+        The sequence holds prompt + first token; the KV of the prompt arrives into the
+        returned blocks, and the first token's KV is computed by the next decode step.
+        """
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(len(prompt_token_ids), params)
+        seq = Sequence(request_id, list(prompt_token_ids) + [first_token], len(prompt_token_ids), params,
+                       arrival=next(self._arrival))
+        if not self.pool.can_allocate(seq, seq.num_tokens):
+            return None
+        self.pool.allocate(seq, seq.num_tokens)
+        self.seqs[request_id] = seq
+        return list(seq.block_table)
+
+    def can_reserve(self, num_prompt_tokens: int) -> bool:
+        return (blocks_needed(num_prompt_tokens + 1, self.pool.block_size) <= self.pool.num_free
+                and len(self.scheduler.running) < self.cfg.max_num_seqs)
+
+    def activate_import(self, request_id: str) -> None:
+        """The KV has arrived: the sequence joins the running batch at its first token."""
+        seq = self.seqs[request_id]
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.scheduler.add_running(seq)
+
+    def prompt_logits(self, prompt_token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
+        """Logits at every prompt position ([P, V], float32), computed through the paged cache in
+        chunks of `chunk_size` tokens (all at once by default). Uses blocks only for the call."""
+        from .scheduler import ScheduledSeq
+
+        seq = Sequence("__score__", list(prompt_token_ids), len(prompt_token_ids), SamplingParams(max_tokens=1))
+        chunk = chunk_size or len(prompt_token_ids)
+        parts = []
+        try:
+            while seq.num_computed_tokens < seq.num_tokens:
+                n = min(chunk, seq.num_tokens - seq.num_computed_tokens)
+                self.pool.allocate(seq, seq.num_computed_tokens + n)
+                parts.append(self.runner.all_logits([ScheduledSeq(seq, n)]))
+                seq.num_computed_tokens += n
+        finally:
+            if seq.block_table:
+                self.pool.free(seq)
+        return torch.cat(parts)
+
+    # ---- introspection ----------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def output(self, request_id: str) -> RequestOutput:
+        return self.seqs[request_id].to_output()

@@ -1,0 +1,144 @@
+"""Runs the model on one step's batch: builds the packed inputs, owns the KV cache tensor."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .attention import AttentionMetadata, make_attention
+from .config import EngineConfig, ModelConfig
+from .loader import load_weights
+from .models.llama import LlamaForCausalLM
+from .scheduler import ScheduledSeq
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int):
+        self.model_cfg, self.cfg, self.device, self.dtype = model_cfg, cfg, device, dtype
+        self.block_size = cfg.block_size
+        attn = make_attention(cfg.attention_backend, device, num_heads=model_cfg.num_heads,
+                              num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
+                              scale=model_cfg.head_dim ** -0.5)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(model_cfg, attn)
+        # Materialise on the target device in the target dtype, then fill from the checkpoint;
+        # the rotary tables stay float32.
+        model = model.to_empty(device=device).to(dtype)
+        model.init_rotary(max_model_len, device)
+        load_weights(model, model_cfg.path)
+        self.model = model.eval().requires_grad_(False)
+        self.num_blocks = self._num_blocks()
+        # kv_cache: [L, 2, num_blocks, block_size, Hkv, D]
+        self.kv_cache = torch.zeros(model_cfg.num_layers, 2, self.num_blocks, self.block_size,
+                                    model_cfg.num_kv_heads, model_cfg.head_dim, dtype=dtype, device=device)
+        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                 self.num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+
+    @property
+    def bytes_per_block(self) -> int:
+        m = self.model_cfg
+        return m.num_layers * 2 * self.block_size * m.num_kv_heads * m.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _num_blocks(self) -> int:
+        if self.cfg.num_kv_blocks is not None:
+            return self.cfg.num_kv_blocks
+        budget = self.cfg.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                used = total - free
+                budget = int(total * self.cfg.gpu_memory_utilization) - used - (1 << 30)  # 1 GiB for activations
+            else:
+                budget = 1 << 30
+        n = budget // self.bytes_per_block
+        if n < 1:
+            raise RuntimeError("no memory left for the KV cache; lower the model size or raise the memory budget")
+        return int(n)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def prepare(self, batch: list[ScheduledSeq]):
+        """Packs the batch (prefill-like sequences first, then decodes) into flat tensors."""
+        # One new token attends over its cached context like a decode, whatever its phase.
+        prefills = [s for s in batch if s.num_new_tokens > 1]
+        decodes = [s for s in batch if s.num_new_tokens == 1]
+        ordered = prefills + decodes
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        q_starts, q_lens, ctx_slots = [], [], []
+        for s in ordered:
+            seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+            table = seq.block_table
+            ids.extend(seq.token_ids[start : start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+        num_prefill_tokens = sum(s.num_new_tokens for s in prefills)
+        dev = self.device
+        t = 0
+        for s in prefills:
+            seq = s.seq
+            ctx = seq.num_computed_tokens + s.num_new_tokens
+            q_starts.append(t)
+            q_lens.append(s.num_new_tokens)
+            ctx_slots.append(_context_slots(seq.block_table, ctx, bs, dev))
+            t += s.num_new_tokens
+        dec_slots = dec_mask = dec_lens = dec_tables = None
+        if decodes:
+            lens = [s.seq.num_computed_tokens + 1 for s in decodes]
+            max_len = max(lens)
+            max_blocks = -(-max_len // bs)
+            tables = torch.tensor([s.seq.block_table[:max_blocks] + [0] * (max_blocks - len(s.seq.block_table[:max_blocks]))
+                                   for s in decodes], dtype=torch.int64)          # [B, max_blocks]
+            offs = torch.arange(max_len)
+            dec_slots = (tables[:, offs // bs] * bs + offs % bs)                   # [B, max_len]
+            lens_t = torch.tensor(lens)
+            dec_mask = offs[None, :] < lens_t[:, None]
+            dec_slots = dec_slots.masked_fill(~dec_mask, 0).to(dev)
+            dec_mask = dec_mask.to(dev)
+            dec_lens = lens_t.to(torch.int32).to(dev)
+            dec_tables = tables.to(torch.int32).to(dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            prefill_query_starts=q_starts, prefill_query_lens=q_lens, prefill_context_slots=ctx_slots,
+            num_prefill_tokens=num_prefill_tokens, decode_context_slots=dec_slots, decode_context_mask=dec_mask,
+            decode_context_lens=dec_lens, decode_block_tables=dec_tables,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        positions = torch.tensor(pos, dtype=torch.int64, device=dev)
+        return ordered, input_ids, positions, meta
+
+    @torch.inference_mode()
+    def all_logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Logits at every scheduled position ([T, V], the packed order of `prepare`); for scoring
+        and tests."""
+        _, input_ids, positions, meta = self.prepare(batch)
+        return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, meta)).float()
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor, list[int]]:
+        """Runs the batch; returns (ordered batch, logits [S, V] of the rows that sample, which
+        entries of the ordered batch those rows belong to)."""
+        ordered, input_ids, positions, meta = self.prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)            # [T, hidden]
+        # Only sequences whose last known token was just computed sample a new token; a
+        # prefill chunk that stops short of the end produces no logits.
+        ends, rows, t = [], [], 0
+        for j, s in enumerate(ordered):
+            t += s.num_new_tokens
+            if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens:
+                ends.append(t - 1)
+                rows.append(j)
+        if not ends:
+            return ordered, hidden.new_empty(0, self.model_cfg.vocab_size), []
+        logits = self.model.compute_logits(hidden[torch.tensor(ends, device=self.device)])
+        return ordered, logits.float(), rows
+
+
+def _context_slots(table: list[int], ctx: int, bs: int, dev) -> torch.Tensor:
+    pos = torch.arange(ctx)
+    blocks = torch.tensor(table[: -(-ctx // bs)], dtype=torch.int64)
+    return (blocks[pos // bs] * bs + pos % bs).to(dev)

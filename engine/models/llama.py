@@ -1,0 +1,177 @@
+"""The Llama family (Llama 2/3/3.x, Mistral, Qwen2, Qwen3) over a token-packed batch.
+
+One implementation, switched by `ModelConfig` flags: Qwen2 adds a bias to q/k/v, Qwen3
+RMS-normalises q and k per head and may set `head_dim` apart from hidden/heads. The
+math follows transformers' modeling code step for step (RMSNorm in float32, rotate-half
+RoPE, SiLU-gated MLP), so logits agree with it in float32.
+
+Parameters are fused where the checkpoint keeps them apart (q|k|v and gate|up): one
+matmul each instead of three and two. `load_weights` maps HF names onto the fused
+tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import AttentionMetadata
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position, computed once (float32) like transformers does."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        inv_freq, scaling = _inv_freq(cfg)
+        pos = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)                      # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                 # [P, D]
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # q: [T, H, D], k: [T, Hkv, D], positions: [T]
+        cos = self.cos[positions].to(q.dtype)[:, None, :]      # [T, 1, D]
+        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling, through transformers' own RoPE table so
+    every scaling type it knows (llama3, yarn, linear, ...) matches it exactly."""
+    hf = cfg.hf_config
+    if hasattr(hf, "standardize_rope_params"):
+        hf.standardize_rope_params()
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        dim = cfg.head_dim
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
+        raise ValueError(f"rope type {rope_type!r} is not supported")
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+    return inv.float(), float(scaling)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_backend):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.attn = attn_backend
+
+    def forward(self, x, positions, rotary: Rotary, kv_layer, meta: AttentionMetadata):
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.nh, self.hd)
+        k = k.view(t, self.nkv, self.hd)
+        v = v.view(t, self.nkv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        o = self.attn.forward(q, k, v, kv_layer, meta)          # [T, H, D]
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=False)
+        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_backend):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, attn_backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, rotary, kv_layer, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_layer, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_backend):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attn_backend) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary: Rotary | None = None  # set by init_rotary(): a table, not a parameter
+
+    def init_rotary(self, max_positions: int, device) -> None:
+        self.rotary = Rotary(self.cfg, max_positions).to(device)
+
+    def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [T]; kv_cache: [L, 2, N, block, Hkv, D] -> hidden [T, hidden]
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, self.rotary, kv_cache[i], meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, w)
+
+    # ---- loading -------------------------------------------------------------------------
+    def weight_targets(self):
+        """HF parameter name -> (our parameter, row offset, rows) for fused tensors."""
+        c, targets = self.cfg, {"model.embed_tokens.weight": (self.embed_tokens.weight, None),
+                                "model.norm.weight": (self.norm.weight, None)}
+        if self.lm_head is not None:
+            targets["lm_head.weight"] = (self.lm_head.weight, None)
+        q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            a, m = layer.self_attn, layer.mlp
+            targets[p + "input_layernorm.weight"] = (layer.input_layernorm.weight, None)
+            targets[p + "post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, None)
+            for name, off, rows in (("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)):
+                targets[p + f"self_attn.{name}.weight"] = (a.qkv_proj.weight, (off, rows))
+                if c.qkv_bias:
+                    targets[p + f"self_attn.{name}.bias"] = (a.qkv_proj.bias, (off, rows))
+            targets[p + "self_attn.o_proj.weight"] = (a.o_proj.weight, None)
+            if c.qk_norm:
+                targets[p + "self_attn.q_norm.weight"] = (a.q_norm.weight, None)
+                targets[p + "self_attn.k_norm.weight"] = (a.k_norm.weight, None)
+            targets[p + "mlp.gate_proj.weight"] = (m.gate_up_proj.weight, (0, inter))
+            targets[p + "mlp.up_proj.weight"] = (m.gate_up_proj.weight, (inter, inter))
+            targets[p + "mlp.down_proj.weight"] = (m.down_proj.weight, None)
+        return targets

@@ -1,0 +1,69 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+
+Sampling uses the exponential race (argmax of p_i / E_i with E_i ~ Exp(1)), which draws
+exactly from p and keeps the whole batch on the device. A seeded request draws its
+noise from a generator seeded by (seed, index of the token being sampled): the same
+seed gives the same tokens whatever else shares the batch, after a preemption, and when
+the first token is sampled on a prefill worker and the rest on a decode worker.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sequence import SamplingParams
+
+_MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: spreads (seed, index) pairs apart
+
+
+def token_seed(seed: int, index: int) -> int:
+    return (seed * _MIX + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        self._gen = torch.Generator(device=device)
+        self._gen.manual_seed(seed)
+        self._seeded = torch.Generator(device=device)
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
+        """logits: [S, V]; params[i] and indices[i] (tokens generated so far) for row i."""
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return logits.argmax(dim=-1).tolist()
+        logits = logits.float()
+        out = logits.argmax(dim=-1)
+        rows = [i for i, g in enumerate(greedy) if not g]
+        probs = self.probs(logits[rows], [params[i] for i in rows])      # [R, V]
+        noise = torch.empty_like(probs)
+        noise.exponential_(generator=self._gen)
+        for j, i in enumerate(rows):
+            if params[i].seed is not None:
+                self._seeded.manual_seed(token_seed(params[i].seed, indices[i]))
+                noise[j].exponential_(generator=self._seeded)
+        out[rows] = (probs / noise).argmax(dim=-1)
+        return out.tolist()
+
+    @staticmethod
+    def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """The distribution sampled from: softmax(logits / T) restricted to top-k, then top-p."""
+        t = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
+        logits = logits / t[:, None]
+        top_k = [p.top_k for p in params]
+        if any(k > 0 for k in top_k):
+            k = torch.tensor([k if k > 0 else logits.shape[-1] for k in top_k], device=logits.device)
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [R, 1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        top_p = [p.top_p for p in params]
+        if any(p < 1.0 for p in top_p):
+            p = torch.tensor(top_p, device=logits.device, dtype=logits.dtype)
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            # Drop a token when the mass strictly before it already reaches top_p; the most
+            # likely token always stays.
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop_sorted = before >= p[:, None]
+            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits.softmax(dim=-1)

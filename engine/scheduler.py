@@ -1,0 +1,100 @@
+"""Continuous batching with a token budget, chunked prefill and preemption by recompute.
+
+Queues: waiting (FIFO; preempted sequences go back to its front) -> running. Each step:
+
+1. Running sequences, oldest first, get their next tokens: one for a decode, the next
+   chunk for a prefill in progress. A sequence that needs a block when none is free
+   preempts the newest running sequence (its blocks are freed and it is recomputed
+   later from its tokens), possibly itself.
+2. If nothing was preempted, waiting sequences are admitted in order while the token
+   budget, the sequence cap and free blocks allow; a long prompt is admitted with a
+   chunk that fits the budget and continues next step.
+
+The scheduler decides; the model runner computes; `LLMEngine.step` ties them together.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_pool import BlockPool, blocks_needed
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int   # computed this step, starting at seq.num_computed_tokens
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_batched_tokens: int, max_num_seqs: int):
+        self.pool = pool
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        return blocks_needed(num_tokens, self.pool.block_size) <= self.pool.num_blocks
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose KV already sits in its blocks (handed off by a prefill worker)
+        joins the running batch directly; it needs no new block before its next token."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of whichever queue holds it (abort or finish)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.pool.can_allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                self.pool.allocate(seq, seq.num_computed_tokens + n)
+                out.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                if not self.pool.can_allocate(seq, seq.num_computed_tokens + n):
+                    break
+                self.pool.allocate(seq, seq.num_computed_tokens + n)
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.append(ScheduledSeq(seq, n))
+                budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.free(seq)  # also resets num_computed_tokens: recompute from the tokens
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)

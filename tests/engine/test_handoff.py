@@ -1,0 +1,42 @@
+"""The engine's disaggregation hooks: prefill on one engine, KV copied, decode on another."""
+from __future__ import annotations
+
+import pytest
+
+from engine import LLM, LLMEngine, SamplingParams
+from tests.engine.conftest import make_checkpoint
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_prefill_here_decode_there_equals_one_engine(tmp_path, seed):
+    make_checkpoint(tmp_path, "qwen3")
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41], list(range(50, 90))]
+    temp = 0.0 if seed is None else 1.0
+    params = SamplingParams(max_tokens=9, temperature=temp, seed=seed, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(str(tmp_path), device="cpu", num_kv_blocks=64).generate(prompts, params)]
+
+    pre = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=64, block_size=4)
+    dec = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=48, block_size=4)
+    first = {}
+    for i, p in enumerate(prompts):
+        pre.add_request(f"r{i}", p, SamplingParams(max_tokens=1, temperature=temp, seed=seed, ignore_eos=True),
+                        keep_kv=True)
+    while pre.has_unfinished():
+        for out in pre.step():
+            first[out.request_id] = out.new_token_ids[0]
+    got = {}
+    for i, p in enumerate(prompts):
+        rid = f"r{i}"
+        src = pre.kv_block_ids(rid)
+        dst = dec.reserve_import(rid, p, first[rid], params)
+        n = -(-len(p) // 4)  # blocks holding the prompt's KV
+        dec.runner.kv_cache[:, :, dst[:n]] = pre.runner.kv_cache[:, :, src[:n]]
+        pre.release_kv(rid)
+        dec.activate_import(rid)
+        got[rid] = [first[rid]]
+    while dec.has_unfinished():
+        for out in dec.step():
+            got[out.request_id] += out.new_token_ids
+    assert [got[f"r{i}"] for i in range(3)] == expected
+    assert pre.num_free_blocks == pre.num_total_blocks and dec.num_free_blocks == dec.num_total_blocks
+    assert not pre.seqs and not dec.seqs
