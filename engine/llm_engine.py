@@ -2,8 +2,9 @@
 
 `LLMEngine.step()` schedules, runs one forward over the packed batch, samples, applies
 stop conditions and frees finished sequences' blocks. Workers drive it; so does the
-offline `LLM` API. Disaggregation hooks: a prefill worker keeps a finished sequence's
-blocks (`keep_kv=True`) until `release_kv`; a decode worker `reserve_import`s blocks for a
+offline `LLM` API. Disaggregation hooks: a prefill worker adds requests `prefill_only`:
+they stop after the first token and, when the request goes on, keep their blocks
+(`StepOutput.handoff`) until `release_kv`; a decode worker `reserve_import`s blocks for a
 handed-off sequence, lets the transfer fill them, then `activate_import`s it.
 """
 from __future__ import annotations
@@ -32,8 +33,10 @@ class RequestRejected(ValueError):
 class StepOutput:
     request_id: str
     new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
+    finished: bool              # nothing more comes from this engine for the request
+    finish_reason: str | None   # "stop" | "length" when the request is over, else None
+    handoff: bool = False       # prefill_only: the request goes on elsewhere; its KV is held
+    index: int = 0              # position of new_token_ids[0] among the request's output tokens
 
 
 class LLMEngine:
@@ -72,7 +75,7 @@ class LLMEngine:
                 f"({self.pool.num_blocks} blocks of {self.pool.block_size} tokens)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    *, keep_kv: bool = False) -> Sequence:
+                    *, prefill_only: bool = False) -> Sequence:
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(len(prompt_token_ids), params)
@@ -80,7 +83,7 @@ class LLMEngine:
         if bad:
             raise RequestRejected(f"token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})")
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
-                       arrival=next(self._arrival), keep_kv_on_finish=keep_kv)
+                       arrival=next(self._arrival), prefill_only=prefill_only)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -113,9 +116,11 @@ class LLMEngine:
         for seq, tok in zip(seqs, tokens):
             seq.token_ids.append(tok)
             reason = self._finish_reason(seq, tok)
-            if reason is not None:
-                self._finish(seq, reason)
-            outputs.append(StepOutput(seq.request_id, [tok], reason is not None, reason))
+            handoff = reason is None and seq.prefill_only
+            if reason is not None or handoff:
+                self._finish(seq, reason, keep_kv=handoff)
+            outputs.append(StepOutput(seq.request_id, [tok], reason is not None or handoff, reason, handoff,
+                                      seq.num_output_tokens - 1))
         return outputs
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
@@ -128,10 +133,10 @@ class LLMEngine:
             return "length"
         return None
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: str | None, keep_kv: bool = False) -> None:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.scheduler.remove(seq)
-        if seq.keep_kv_on_finish:
+        if keep_kv:
             return  # blocks stay until release_kv(): the KV is on its way to a decode worker
         self.pool.free(seq)
         del self.seqs[seq.request_id]

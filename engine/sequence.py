@@ -55,8 +55,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V sit in this sequence's blocks
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    # Prefill role: keep the blocks after finishing, until the KV has been handed off.
-    keep_kv_on_finish: bool = False
+    # Prefill role: stop after the first token and, unless that token ends the request, keep
+    # the blocks until the KV has been handed off (`LLMEngine.release_kv`).
+    prefill_only: bool = False
     num_preemptions: int = 0
 
     @property

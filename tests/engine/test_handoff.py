@@ -19,10 +19,10 @@ def test_prefill_here_decode_there_equals_one_engine(tmp_path, seed):
     dec = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=48, block_size=4)
     first = {}
     for i, p in enumerate(prompts):
-        pre.add_request(f"r{i}", p, SamplingParams(max_tokens=1, temperature=temp, seed=seed, ignore_eos=True),
-                        keep_kv=True)
+        pre.add_request(f"r{i}", p, params, prefill_only=True)
     while pre.has_unfinished():
         for out in pre.step():
+            assert out.finished and out.handoff and out.finish_reason is None
             first[out.request_id] = out.new_token_ids[0]
     got = {}
     for i, p in enumerate(prompts):
@@ -40,3 +40,12 @@ def test_prefill_here_decode_there_equals_one_engine(tmp_path, seed):
     assert [got[f"r{i}"] for i in range(3)] == expected
     assert pre.num_free_blocks == pre.num_total_blocks and dec.num_free_blocks == dec.num_total_blocks
     assert not pre.seqs and not dec.seqs
+
+
+def test_prefill_only_request_that_ends_at_its_first_token_frees_its_blocks(tmp_path):
+    make_checkpoint(tmp_path, "llama")
+    pre = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=16)
+    pre.add_request("a", [5, 6, 7], SamplingParams(max_tokens=1, temperature=0), prefill_only=True)
+    (out,) = pre.step()
+    assert out.finished and not out.handoff and out.finish_reason == "length"
+    assert not pre.seqs and pre.num_free_blocks == pre.num_total_blocks

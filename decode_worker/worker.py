@@ -1,0 +1,143 @@
+"""Decode worker: admits handed-off sequences, decodes them in one continuous batch.
+
+A request's path through this process:
+
+    KV offer from a prefill worker (carries the request: prompt, first token, params)
+      -> waiting for free blocks (FIFO, bounded by the offer's lease)
+      -> blocks reserved, offer accepted, KV received into them
+      -> running batch: one token per step; every step's new tokens go to the router in
+         one `Tokens` message
+      -> finished (EOS, stop token, length) or aborted -> blocks freed
+
+An `Abort` from the router frees the request wherever it is; a failed transfer frees the
+reserved blocks and is reported with `Failed`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+
+import zmq
+
+from engine import LLMEngine, RequestRejected, SamplingParams
+from kvtransfer import KVLayout, TransferStatus, make_receiver
+from pdserve import wire
+from pdserve.worker_link import RouterLink
+from pdserve.worker_settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class DecodeWorker:
+    role = "decode"
+
+    def __init__(self, settings: WorkerSettings, engine: LLMEngine | None = None, *,
+                 ctx: zmq.Context | None = None, transfer_options: dict | None = None):
+        self.s = settings
+        self.engine = engine or LLMEngine(settings.model, device=settings.device, dtype=settings.dtype,
+                                          **settings.engine)
+        self.layout = KVLayout.from_cache(self.engine.runner.kv_cache, settings.model)
+        self.ctx = ctx or zmq.Context.instance()
+        self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id)
+        self.receiver = make_receiver(settings.kv_transport, self.engine.runner.kv_cache, self.layout,
+                                      settings.worker_id, settings.kv_address, **(transfer_options or {}))
+        self.offers: OrderedDict[str, object] = OrderedDict()  # waiting for blocks, in arrival order
+        self.receiving: set[str] = set()                        # accepted, KV on its way
+        self.aborted: set[str] = set()                          # aborted while receiving
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.link.register(wire.Register(self.s.worker_id, self.role, self.layout.to_dict(),
+                                         kv_address=self.receiver.address,
+                                         num_blocks=self.engine.num_total_blocks,
+                                         max_model_len=self.engine.max_model_len, pid=os.getpid()),
+                           timeout_s=self.s.register_timeout_s)
+        log.info("%s registered; receiving KV at %s", self.s.worker_id, self.receiver.address)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        self.start()
+        stop = stop or threading.Event()
+        try:
+            while not stop.is_set():
+                self.run_once()
+        finally:
+            self.close()
+
+    def run_once(self) -> None:
+        # Never spin: an idle loop that polls without waiting starves the transfer thread of
+        # the GIL. While KV is arriving, wake every millisecond to admit it promptly.
+        wait_ms = 0 if self.engine.has_unfinished() else (1 if self.receiving or self.offers else 5)
+        for msg in self.link.recv(timeout_ms=wait_ms):
+            self._handle(msg)
+        for offer in self.receiver.poll_offers():
+            self.offers[offer.request_id] = offer
+        for ev in self.receiver.poll():
+            self._transfer_event(ev)
+        self._admit()
+        if self.engine.has_unfinished():
+            outs = self.engine.step()
+            if outs:
+                self.link.send(wire.Tokens(self.s.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
+                                                              for o in outs]))
+        if self.link.heartbeat_due(self.s.heartbeat_s):
+            sch = self.engine.scheduler
+            self.link.send(wire.Heartbeat(self.s.worker_id, len(sch.running), len(sch.waiting) + len(self.offers),
+                                          self.engine.num_free_blocks, self.engine.num_total_blocks,
+                                          len(self.receiving)))
+
+    def close(self) -> None:
+        self.receiver.close()
+        self.link.close()
+
+    # ---- messages and transfers -------------------------------------------------------------
+    def _handle(self, msg) -> None:
+        if isinstance(msg, wire.Abort):
+            for rid in msg.request_ids:
+                if self.offers.pop(rid, None) is not None:
+                    self.receiver.reject(rid, "aborted")
+                elif rid in self.receiving:
+                    self.aborted.add(rid)  # the blocks are freed when the transfer reports its end
+                else:
+                    self.engine.abort(rid)
+        else:
+            log.warning("ignored unexpected %s", type(msg).__name__)
+
+    def _admit(self) -> None:
+        """Reserve blocks for waiting offers in arrival order while they fit."""
+        while self.offers:
+            rid, offer = next(iter(self.offers.items()))
+            meta = offer.meta
+            try:
+                prompt, first = list(meta["prompt_token_ids"]), int(meta["first_token"])
+                params = SamplingParams(**meta["params"])
+                if not self.engine.can_reserve(len(prompt)):
+                    return
+                blocks = self.engine.reserve_import(rid, prompt, first, params)
+            except (KeyError, TypeError, ValueError, RequestRejected) as e:
+                del self.offers[rid]
+                self.receiver.reject(rid, f"bad offer: {e}")
+                self.link.send(wire.Failed(rid, f"decode worker refused the request: {e}", 400))
+                continue
+            if blocks is None:
+                return
+            del self.offers[rid]
+            self.receiver.accept(rid, blocks)
+            self.receiving.add(rid)
+
+    def _transfer_event(self, ev) -> None:
+        rid = ev.request_id
+        if rid in self.offers:  # seen but never accepted: the lease ran out or it was cancelled
+            del self.offers[rid]
+            return
+        if rid not in self.receiving:
+            return
+        self.receiving.discard(rid)
+        if ev.status is TransferStatus.DONE and rid not in self.aborted:
+            self.engine.activate_import(rid)
+            return
+        self.engine.abort(rid)
+        if rid not in self.aborted and ev.status is not TransferStatus.CANCELLED:
+            self.link.send(wire.Failed(rid, f"KV transfer {ev.status.value}: {ev.error or ''}", 503))
+        self.aborted.discard(rid)

@@ -1,0 +1,261 @@
+"""KV-cache transfer interface: layout fingerprint, statuses, events, sender/receiver ABCs.
+
+A prefill worker owns a ``KVSender``; a decode worker owns a ``KVReceiver``.  Both wrap the
+worker's preallocated paged cache::
+
+    kv_cache: torch.Tensor  # [num_layers, 2 (K,V), num_blocks, block_size, num_kv_heads, head_dim]
+
+Moving request R copies ``src_cache[:, :, src_block_ids]`` into ``dst_cache[:, :, dst_block_ids]``
+(only the first ``ceil(num_tokens / block_size)`` blocks of each list are used).
+
+Message flow (same for every backend)::
+
+    sender.connect()   HELLO(layout)  ->            <- HELLO_OK | HELLO_REFUSED(mismatch message)
+    sender.offer()     OFFER(rid, num_tokens, meta, lease_s)  ->
+                                       receiver.poll_offers() -> receiver.accept(rid, dst_blocks)
+                                                    <- ACCEPT          (or <- REJECT(reason))
+                       DATA(chunk 0), DATA(chunk 1), ...  ->   written into dst blocks
+                                                    <- ACK             (after the last byte landed)
+    sender.poll() -> DONE                            receiver.poll() -> DONE
+    CANCEL (either direction) aborts: sender.cancel(), lease expiry, bad data, close().
+
+Every offer ends in exactly one terminal sender event (DONE / EXPIRED / FAILED / CANCELLED); after
+it the prefill engine may free the source blocks.  Every ``accept()`` ends in exactly one terminal
+receiver event (DONE / FAILED / CANCELLED); on DONE the blocks hold the KV, otherwise free them.
+An offer the decode side saw (poll_offers) but never accepted ends with EXPIRED or CANCELLED there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "KVLayout", "LayoutMismatch", "KVTransferError", "TransferStatus", "KVOffer", "TransferEvent",
+    "KVSender", "KVReceiver", "blocks_needed", "dtype_name", "dtype_from_name",
+    "make_sender", "make_receiver", "BACKENDS",
+]
+
+
+class KVTransferError(Exception):
+    """A transfer endpoint was misused or the peer broke the protocol."""
+
+
+class LayoutMismatch(KVTransferError):
+    """Prefill and decode caches are not block-for-block compatible (raised by connect())."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the spelling used in KVLayout and on the wire)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r}")
+    return dt
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    """Blocks holding ``num_tokens`` token slots; the last one may be partially valid."""
+    return math.ceil(num_tokens / block_size)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Handshake fingerprint: everything that must agree for blocks to be copied byte-for-byte.
+
+    num_blocks is deliberately absent: each worker sizes its own pool."""
+
+    model: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVLayout":
+        """Strict (it comes off the wire): unknown/missing keys or wrong types raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"layout must be a dict, got {type(d).__name__}")
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        if set(d) != set(fields):
+            raise ValueError(f"layout keys {sorted(d)} != expected {sorted(fields)}")
+        for k, v in d.items():
+            want = str if k in ("model", "dtype") else int
+            if not isinstance(v, want) or isinstance(v, bool):
+                raise ValueError(f"layout field {k} must be {want.__name__}, got {v!r}")
+        return cls(**d)
+
+    @classmethod
+    def from_cache(cls, kv_cache: torch.Tensor, model: str) -> "KVLayout":
+        num_layers, _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        return cls(model, dtype_name(kv_cache.dtype), num_layers, num_kv_heads, head_dim,
+                   block_size)
+
+    def check_compatible(self, other: "KVLayout", self_side: str = "prefill",
+                         other_side: str = "decode") -> None:
+        """Raise LayoutMismatch naming every differing field with both sides' values."""
+        diffs = []
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine != theirs:
+                diffs.append(f"{f.name}: {self_side}={mine} {other_side}={theirs}")
+        if diffs:
+            raise LayoutMismatch("KV layout mismatch: " + "; ".join(diffs))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return dtype_from_name(self.dtype)
+
+    @property
+    def block_layer_bytes(self) -> int:
+        """Bytes of one block in one layer, K and V together (the chunking unit)."""
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.torch_dtype.itemsize
+
+    def chunk_shape(self, nlayers: int, nblocks: int) -> list[int]:
+        return [nlayers, 2, nblocks, self.block_size, self.num_kv_heads, self.head_dim]
+
+    def check_cache(self, kv_cache: torch.Tensor) -> None:
+        """The cache an endpoint wraps must match its declared layout (any num_blocks)."""
+        if kv_cache.dim() != 6:
+            raise ValueError(f"kv_cache must be 6-D, got shape {tuple(kv_cache.shape)}")
+        want = self.chunk_shape(self.num_layers, kv_cache.shape[2])
+        if list(kv_cache.shape) != want or dtype_name(kv_cache.dtype) != self.dtype:
+            raise ValueError(f"kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype} does not match "
+                             f"layout {self} (expected {tuple(want)})")
+
+
+class TransferStatus(enum.Enum):
+    OFFERED = "offered"      # offer sent, receiver has not accepted yet
+    SENDING = "sending"      # accepted, DATA flowing, waiting for ACK
+    DONE = "done"            # ACK'd: data is in the decode blocks
+    EXPIRED = "expired"      # lease ran out before ACK
+    FAILED = "failed"        # rejected, peer error, bad data
+    CANCELLED = "cancelled"  # aborted by the sender
+
+
+TERMINAL = frozenset({TransferStatus.DONE, TransferStatus.EXPIRED, TransferStatus.FAILED,
+                      TransferStatus.CANCELLED})
+
+
+@dataclass
+class KVOffer:
+    """What the decode side receives from poll_offers()."""
+
+    request_id: str
+    num_tokens: int
+    meta: dict   # opaque msgpack-able payload from prefill: prompt ids, first token, sampling
+    sender: str  # sender's name (from its HELLO)
+
+
+@dataclass
+class TransferEvent:
+    request_id: str
+    status: TransferStatus
+    error: str | None = None
+
+
+class KVSender(ABC):
+    """Prefill side.  Reads source blocks only while a transfer is active; never frees them."""
+
+    layout: KVLayout
+    name: str
+
+    @abstractmethod
+    def connect(self, peer: str, address: str, timeout_s: float = 10.0) -> None:
+        """Handshake with the receiver at ``address``; it is then known as ``peer``.
+        Blocks up to timeout_s; raises LayoutMismatch or TimeoutError."""
+
+    @abstractmethod
+    def offer(self, peer: str, request_id: str, block_ids: list[int], num_tokens: int,
+              meta: dict, lease_s: float) -> None:
+        """Offer the request's KV to ``peer``; returns immediately."""
+
+    @abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Abort: tell the receiver, report CANCELLED (no-op if already finished)."""
+
+    @abstractmethod
+    def poll(self) -> list[TransferEvent]:
+        """Finished offers since the last call; each means the source blocks may be freed."""
+
+    @abstractmethod
+    def status(self, request_id: str) -> TransferStatus | None:
+        """OFFERED/SENDING while live, the terminal status until polled, else None."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "KVSender":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class KVReceiver(ABC):
+    """Decode side.  Writes only into blocks passed to accept(), only until their terminal event."""
+
+    layout: KVLayout
+    name: str
+    address: str  # where senders connect
+
+    @abstractmethod
+    def poll_offers(self) -> list[KVOffer]:
+        """New offers, each returned once; admit with accept() or refuse with reject()."""
+
+    @abstractmethod
+    def accept(self, request_id: str, block_ids: list[int]) -> None:
+        """Start receiving into ``block_ids`` (at least ceil(num_tokens/block_size) of them)."""
+
+    @abstractmethod
+    def reject(self, request_id: str, reason: str) -> None: ...
+
+    @abstractmethod
+    def poll(self) -> list[TransferEvent]:
+        """DONE: blocks hold the KV.  FAILED/CANCELLED: free the blocks.  EXPIRED/CANCELLED for an
+        offer never accepted: forget the offer."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "KVReceiver":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+BACKENDS = ("inproc", "zmq")
+
+
+def _backend(kind: str) -> tuple[type, type]:
+    if kind == "zmq":
+        from .zmq_backend import ZmqKVReceiver, ZmqKVSender
+        return ZmqKVSender, ZmqKVReceiver
+    if kind == "inproc":
+        from .inproc import InprocKVReceiver, InprocKVSender
+        return InprocKVSender, InprocKVReceiver
+    raise ValueError(f"unknown KV transfer backend {kind!r}; supported: {', '.join(BACKENDS)}")
+
+
+def make_sender(kind: str, kv_cache: torch.Tensor, layout: KVLayout, name: str,
+                **kwargs: Any) -> KVSender:
+    """kind "zmq" or "inproc" (needs hub=InprocHub); kwargs go to the backend."""
+    return _backend(kind)[0](kv_cache, layout, name, **kwargs)
+
+
+def make_receiver(kind: str, kv_cache: torch.Tensor, layout: KVLayout, name: str,
+                  address: str | None = None, **kwargs: Any) -> KVReceiver:
+    return _backend(kind)[1](kv_cache, layout, name, address, **kwargs)

@@ -1,0 +1,242 @@
+"""Decode-side protocol state machine (transport-independent; see core.py for threading).
+
+    HELLO -> layout check -> HELLO_OK | HELLO_REFUSED(mismatch message)
+    OFFER -> queued for poll_offers();  accept() -> ACCEPT;  reject() -> REJECT
+    DATA chunks are validated and written into the accepted blocks; when every (layer, block)
+    cell is covered -> ACK + DONE.  CANCEL / lease expiry / bad data -> FAILED or CANCELLED.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+
+from . import wire
+from .base import (KVLayout, KVOffer, KVReceiver, LayoutMismatch, TransferEvent, TransferStatus,
+                   blocks_needed, dtype_from_name)
+from .core import MAX_WAIT_S, Payload, _Endpoint
+
+log = logging.getLogger(__name__)
+
+@dataclass(eq=False)
+class _In:
+    key: Hashable          # transport address of the sender
+    sender: str
+    xid: int
+    rid: str
+    num_tokens: int
+    nblocks: int
+    deadline: float
+    accepted: bool = False
+    dst_idx: torch.Tensor | None = None  # [nblocks] int64 on the cache device
+    covered: torch.Tensor | None = None  # [num_layers, nblocks] bool: cells written so far
+    ncovered: int = 0
+
+
+class ReceiverCore(_Endpoint, KVReceiver):
+    """Decode-side state machine.  ``lease_grace_s`` is added to the sender's lease before the
+    receiver gives up on its own (that only matters when the sender died silently)."""
+
+    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, name: str,
+                 lease_grace_s: float = 1.0) -> None:
+        layout.check_cache(kv_cache)
+        _Endpoint.__init__(self, "recv", name)
+        self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, H, D]; written only on accept
+        self.layout = layout
+        self.lease_grace_s = lease_grace_s
+        self._dtype = layout.torch_dtype
+        # engine side (under _lock)
+        self._new: dict[str, KVOffer] = {}    # arrived, not yet returned by poll_offers()
+        self._seen: dict[str, KVOffer] = {}   # returned, no terminal event polled yet
+        self._accepted: set[str] = set()
+        # I/O-thread state
+        self._in: dict[str, _In] = {}
+        self._peers: dict[Hashable, str] = {}  # handshaken sender key -> name
+        self._handlers = {wire.HELLO: self._on_hello, wire.OFFER: self._on_offer,
+                          wire.DATA: self._on_data, wire.CANCEL: self._on_cancel}
+
+    # -- public API (engine thread) -----------------------------------------------------------
+    def poll_offers(self) -> list[KVOffer]:
+        with self._lock:
+            offers = list(self._new.values())
+            self._new.clear()
+            self._seen.update((o.request_id, o) for o in offers)
+        return offers
+
+    def accept(self, request_id: str, block_ids: list[int]) -> None:
+        with self._lock:
+            off = self._seen.get(request_id)
+            if off is None or request_id in self._accepted:
+                raise ValueError(f"{request_id!r} is not a pending offer (never offered, "
+                                 "already accepted/rejected, or finished)")
+            n = blocks_needed(off.num_tokens, self.layout.block_size)
+            ids = [int(b) for b in block_ids[:n]]
+            if len(ids) < n or len(set(ids)) != n or min(ids) < 0 \
+                    or max(ids) >= self.kv_cache.shape[2]:
+                raise ValueError(f"{request_id}: need {n} distinct block ids in "
+                                 f"[0, {self.kv_cache.shape[2]}), got {list(block_ids)}")
+            self._accepted.add(request_id)
+        self._command("accept", request_id,
+                      torch.tensor(ids, dtype=torch.long, device=self.kv_cache.device))
+
+    def reject(self, request_id: str, reason: str) -> None:
+        with self._lock:
+            if request_id not in self._seen or request_id in self._accepted:
+                raise ValueError(f"{request_id!r} is not a pending offer")
+            del self._seen[request_id]
+        self._command("reject", request_id, reason)
+
+    def poll(self) -> list[TransferEvent]:
+        with self._lock:
+            events, self._events = self._events, []
+            for ev in events:
+                self._seen.pop(ev.request_id, None)
+                self._accepted.discard(ev.request_id)
+        return events
+
+    # -- I/O thread --------------------------------------------------------------------------
+    def _iteration(self) -> None:
+        now = time.monotonic()
+        wake_at = min([i.deadline for i in self._in.values()] + [now + MAX_WAIT_S])
+        for key, msg, payload in self._t_wait(max(0.0, wake_at - now), self._pending_ctrl()):
+            self._dispatch(key, msg, payload)
+        self._run_commands()
+        now = time.monotonic()
+        for inx in [i for i in self._in.values() if now >= i.deadline]:
+            self._abort(inx, "lease expired at receiver", "expired")
+        for key in self._pending_ctrl():
+            self._flush_ctrl(key)
+
+    def _finish(self, inx: _In, status: TransferStatus, error: str | None = None) -> None:
+        """Forget a transfer.  An offer the engine never saw vanishes silently."""
+        del self._in[inx.rid]
+        with self._lock:
+            if not inx.accepted and self._new.pop(inx.rid, None) is not None:
+                return
+        self._emit(inx.rid, status, error)
+
+    def _abort(self, inx: _In, reason: str, why: str, tell: bool = True) -> None:
+        """why: "expired" (lease) -> FAILED if accepted else EXPIRED; "cancelled" (by the
+        sender) -> CANCELLED; "error" (bad data) -> FAILED."""
+        if tell:
+            self._send_ctrl(inx.key, wire.make(wire.CANCEL, xid=inx.xid, rid=inx.rid, reason=reason,
+                                               expired=why == "expired"))
+        if why == "cancelled":
+            status = TransferStatus.CANCELLED
+        elif why == "expired" and not inx.accepted:
+            status = TransferStatus.EXPIRED
+        else:
+            status = TransferStatus.FAILED
+        self._finish(inx, status, reason)
+
+    def _match(self, key: Hashable, msg: dict) -> _In | None:
+        inx = self._in.get(msg["rid"])
+        if inx is None or inx.key != key or inx.xid != msg["xid"]:
+            log.debug("%s: %s for unknown transfer %s", self.name, msg["t"], msg["rid"])
+            return None
+        return inx
+
+    def _on_hello(self, key: Hashable, msg: dict, _: Payload) -> None:
+        try:
+            theirs = KVLayout.from_dict(msg["layout"])
+            theirs.check_compatible(self.layout)  # sender = prefill side, we are decode
+        except (LayoutMismatch, ValueError) as e:
+            kind = "layout" if isinstance(e, LayoutMismatch) else "protocol"
+            log.warning("%s: refused sender %r: %s", self.name, msg["name"], e)
+            self._send_ctrl(key, wire.make(wire.HELLO_REFUSED, error=str(e), kind=kind))
+            return
+        self._peers[key] = msg["name"]
+        self._send_ctrl(key, wire.make(wire.HELLO_OK, name=self.name, layout=self.layout.to_dict()))
+
+    def _on_offer(self, key: Hashable, msg: dict, _: Payload) -> None:
+        rid, xid = msg["rid"], msg["xid"]
+        reason = None
+        if key not in self._peers:
+            reason = "no handshake from this sender (receiver restarted?)"
+        elif rid in self._in:
+            if self._in[rid].key == key and self._in[rid].xid == xid:
+                return  # duplicate delivery
+            reason = f"request {rid} already has a pending transfer"
+        elif msg["num_tokens"] < 1 or msg["nblocks"] != blocks_needed(msg["num_tokens"],
+                                                                        self.layout.block_size):
+            reason = f"bad block count {msg['nblocks']} for {msg['num_tokens']} tokens"
+        if reason:
+            self._drop(f"OFFER {rid}: {reason}")
+            return self._send_ctrl(key, wire.make(wire.REJECT, xid=xid, rid=rid, reason=reason))
+        self._in[rid] = _In(key, self._peers[key], xid, rid, msg["num_tokens"], msg["nblocks"],
+                            time.monotonic() + float(msg["lease_s"]) + self.lease_grace_s)
+        with self._lock:
+            self._new[rid] = KVOffer(rid, msg["num_tokens"], msg["meta"], self._peers[key])
+
+    def _on_data(self, key: Hashable, msg: dict, payload: Payload) -> None:
+        inx = self._match(key, msg)
+        if inx is None or not inx.accepted:
+            # normal right after a cancel/expiry (chunks were in flight); only debug-worthy
+            return self._drop(f"DATA for {msg['rid']}: no such accepted transfer", logging.DEBUG)
+        try:
+            chunk = self._check_chunk(inx, msg, payload)
+        except wire.WireError as e:  # a corrupt chunk can never complete: fail fast, both sides
+            self._drop(f"DATA {inx.rid}: {e}")
+            return self._abort(inx, f"bad DATA chunk: {e}", "error")
+        l0, l1, b0, b1 = msg["l0"], msg["l1"], msg["b0"], msg["b1"]
+        assert inx.dst_idx is not None and inx.covered is not None
+        # [l1-l0, 2, num_blocks, ...] view of the cache; index_copy_ writes whole blocks in place.
+        self.kv_cache[l0:l1].index_copy_(2, inx.dst_idx[b0:b1], chunk.to(self.kv_cache.device))
+        cells = inx.covered[l0:l1, b0:b1]
+        inx.ncovered += int((~cells).sum())
+        cells.fill_(True)
+        self.stats["chunks"] += 1
+        self.stats["bytes"] += msg["nbytes"]
+        if inx.ncovered == inx.covered.numel():
+            if self.kv_cache.is_cuda:  # "DONE" promises the bytes are in memory, not queued
+                torch.cuda.current_stream(self.kv_cache.device).synchronize()
+            self._send_ctrl(key, wire.make(wire.ACK, xid=inx.xid, rid=inx.rid))
+            self._finish(inx, TransferStatus.DONE)
+
+    def _check_chunk(self, inx: _In, msg: dict, payload: Payload) -> torch.Tensor:
+        l0, l1, b0, b1 = msg["l0"], msg["l1"], msg["b0"], msg["b1"]
+        if not (0 <= l0 < l1 <= self.layout.num_layers and 0 <= b0 < b1 <= inx.nblocks):
+            raise wire.WireError(f"range layers [{l0},{l1}) blocks [{b0},{b1}) out of bounds")
+        shape = self.layout.chunk_shape(l1 - l0, b1 - b0)
+        nbytes = self._dtype.itemsize
+        for s in shape:
+            nbytes *= s
+        if msg["dtype"] != self.layout.dtype or msg["shape"] != shape or msg["nbytes"] != nbytes:
+            raise wire.WireError(f"header {msg['dtype']} {msg['shape']} {msg['nbytes']}B, "
+                                 f"expected {self.layout.dtype} {shape} {nbytes}B")
+        if isinstance(payload, torch.Tensor):
+            if payload.dtype != self._dtype or list(payload.shape) != shape:
+                raise wire.WireError(f"payload {payload.dtype} {list(payload.shape)}")
+            return payload
+        if payload is None:
+            raise wire.WireError("missing payload")
+        return wire.tensor_from_buffer(payload, dtype_from_name(msg["dtype"]), shape)
+
+    def _on_cancel(self, key: Hashable, msg: dict, _: Payload) -> None:
+        if inx := self._match(key, msg):
+            why = "expired" if msg.get("expired") is True else "cancelled"
+            self._abort(inx, msg["reason"], why, tell=False)
+
+    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor) -> None:
+        inx = self._in.get(rid)
+        if inx is None or inx.accepted:
+            return self._emit(rid, TransferStatus.FAILED, "offer no longer available "
+                                                          "(expired or cancelled)")
+        inx.accepted = True
+        inx.dst_idx = dst_idx
+        inx.covered = torch.zeros(self.layout.num_layers, inx.nblocks, dtype=torch.bool)
+        self._send_ctrl(inx.key, wire.make(wire.ACCEPT, xid=inx.xid, rid=rid))
+
+    def _cmd_reject(self, rid: str, reason: str) -> None:
+        inx = self._in.get(rid)
+        if inx is not None and not inx.accepted:
+            del self._in[rid]
+            self._send_ctrl(inx.key, wire.make(wire.REJECT, xid=inx.xid, rid=rid, reason=reason))
+
+    def _shutdown(self) -> None:
+        for inx in list(self._in.values()):
+            self._send_ctrl(inx.key, wire.make(wire.CANCEL, xid=inx.xid, rid=inx.rid,
+                                               reason="receiver closed"))

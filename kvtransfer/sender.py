@@ -1,0 +1,281 @@
+"""Prefill-side protocol state machine (transport-independent; see core.py for threading).
+
+    connect(): HELLO -> (HELLO_OK | HELLO_REFUSED)      offer(): OFFER -> (ACCEPT | REJECT)
+    after ACCEPT: DATA chunks, round-robin across accepted requests -> ACK -> DONE
+    lease runs out before ACK: CANCEL(expired) -> EXPIRED;  cancel(): CANCEL -> CANCELLED
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from . import wire
+from .base import (KVLayout, KVSender, KVTransferError, LayoutMismatch, TransferEvent,
+                   TransferStatus, blocks_needed)
+from .core import DEFAULT_CHUNK_BYTES, MAX_WAIT_S, Payload, _Endpoint
+
+log = logging.getLogger(__name__)
+
+_CHUNKS_PER_ROUND = 8  # DATA chunks per peer per loop turn; then inbound/commands get a turn
+
+
+class _Handshake:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.done = threading.Event()
+        self.error: Exception | None = None
+        self.next_hello = 0.0
+
+
+@dataclass(eq=False)
+class _Out:
+    xid: int
+    rid: str
+    peer: str
+    src_idx: torch.Tensor  # [nblocks] int64 on the cache device: the first nblocks src block ids
+    num_tokens: int
+    meta: dict
+    deadline: float        # monotonic; lease end
+    chunks: list[wire.Chunk] = field(default_factory=list)
+    next_chunk: int = 0
+    accepted: bool = False
+
+
+class SenderCore(_Endpoint, KVSender):
+    """Prefill-side state machine.  Subclasses add _t_connect/_t_disconnect + the _t_* hooks."""
+
+    _HELLO_RETRY_S: float | None = None  # resend HELLO while unanswered (transports that drop)
+
+    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, name: str,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        layout.check_cache(kv_cache)
+        if chunk_bytes <= 0:
+            raise ValueError("chunk_bytes must be positive")
+        _Endpoint.__init__(self, "send", name)
+        self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, H, D]; read only
+        self.layout = layout
+        self.chunk_bytes = chunk_bytes
+        self._xids = itertools.count(1)
+        self._connected: set[str] = set()                    # engine side
+        self._status: dict[str, TransferStatus] = {}          # rid -> status until polled
+        # I/O-thread state
+        self._out: dict[str, _Out] = {}
+        self._rr: dict[str, deque[_Out]] = {}  # per peer: accepted transfers with chunks left
+        self._hs: dict[str, _Handshake] = {}   # per peer: handshake in progress or done
+        self._data_paused = False              # test hook: hold DATA back
+        self._handlers = {wire.HELLO_OK: self._on_hello_ok, wire.HELLO_REFUSED: self._on_refused,
+                          wire.ACCEPT: self._on_accept, wire.REJECT: self._on_reject,
+                          wire.ACK: self._on_ack, wire.CANCEL: self._on_cancel}
+
+    def _t_connect(self, peer: str, address: str) -> None: raise NotImplementedError
+    def _t_disconnect(self, peer: str) -> None: raise NotImplementedError
+    def _t_writable(self, peer: str) -> bool: raise NotImplementedError
+
+    # -- public API (engine thread) -----------------------------------------------------------
+    def connect(self, peer: str, address: str, timeout_s: float = 10.0) -> None:
+        hs = _Handshake(address)
+        with self._lock:
+            self._connected.discard(peer)
+        self._command("connect", peer, hs)
+        if not hs.done.wait(timeout_s):
+            self._command("abort_connect", peer, hs)
+            raise TimeoutError(f"KV handshake with {peer!r} at {address} got no answer "
+                               f"within {timeout_s}s")
+        if hs.error is not None:
+            raise hs.error
+        with self._lock:
+            self._connected.add(peer)
+
+    def offer(self, peer: str, request_id: str, block_ids: list[int], num_tokens: int,
+              meta: dict, lease_s: float) -> None:
+        n = blocks_needed(num_tokens, self.layout.block_size) if num_tokens > 0 else 0
+        if n == 0 or len(block_ids) < n:
+            raise ValueError(f"{request_id}: {num_tokens} tokens need {n} >= 1 blocks, "
+                             f"got {len(block_ids)}")
+        ids = [int(b) for b in block_ids[:n]]
+        if min(ids) < 0 or max(ids) >= self.kv_cache.shape[2]:
+            raise ValueError(f"{request_id}: block ids out of range [0, {self.kv_cache.shape[2]})")
+        if not lease_s > 0:
+            raise ValueError("lease_s must be > 0")
+        wire.encode(meta)  # raise TypeError here, in the caller, if meta is not msgpack-able
+        out = _Out(next(self._xids), request_id, peer,
+                   torch.tensor(ids, dtype=torch.long, device=self.kv_cache.device),
+                   num_tokens, meta, time.monotonic() + lease_s)
+        with self._lock:
+            if peer not in self._connected:
+                raise KVTransferError(f"not connected to peer {peer!r}")
+            if request_id in self._status:
+                raise ValueError(f"request {request_id!r} already offered and not yet finished")
+            self._status[request_id] = TransferStatus.OFFERED
+        self._command("offer", out)
+
+    def cancel(self, request_id: str) -> None:
+        self._command("cancel", request_id)
+
+    def poll(self) -> list[TransferEvent]:
+        with self._lock:
+            events, self._events = self._events, []
+            for ev in events:
+                self._status.pop(ev.request_id, None)
+        return events
+
+    def status(self, request_id: str) -> TransferStatus | None:
+        with self._lock:
+            return self._status.get(request_id)
+
+    def _on_emit_locked(self, rid: str, status: TransferStatus) -> None:
+        self._status[rid] = status
+
+    # -- I/O thread --------------------------------------------------------------------------
+    def _iteration(self) -> None:
+        want = list(set(self._pending_ctrl()) |
+                      ({p for p, q in self._rr.items() if q} if not self._data_paused else set()))
+        now = time.monotonic()
+        wake_at = min([o.deadline for o in self._out.values()] +
+                      [h.next_hello for h in self._hs.values() if not h.done.is_set()] +
+                      [now + MAX_WAIT_S])
+        for key, msg, payload in self._t_wait(max(0.0, wake_at - now), want):
+            self._dispatch(key, msg, payload)
+        self._run_commands()
+        self._timers(time.monotonic())
+        self._pump()
+
+    def _timers(self, now: float) -> None:
+        for peer, hs in self._hs.items():
+            if not hs.done.is_set() and self._HELLO_RETRY_S is not None and now >= hs.next_hello:
+                hs.next_hello = now + self._HELLO_RETRY_S
+                self._t_send(peer, self._hello())
+        for out in [o for o in self._out.values() if now >= o.deadline]:
+            self._send_ctrl(out.peer, wire.make(wire.CANCEL, xid=out.xid, rid=out.rid,
+                                                reason="lease expired", expired=True))
+            self._finish(out, TransferStatus.EXPIRED, "lease expired before the receiver's ACK")
+
+    def _pump(self) -> None:
+        for peer in list(self._ctrl.keys() | self._rr.keys()):
+            if not self._flush_ctrl(peer) or self._data_paused:
+                continue  # control first: an OFFER/CANCEL must not queue behind megabytes
+            rr = self._rr.get(peer)
+            for _ in range(_CHUNKS_PER_ROUND):
+                if not rr or not self._t_writable(peer):
+                    break
+                out = rr.popleft()  # round-robin: one chunk per request per turn
+                c = out.chunks[out.next_chunk]
+                # [l1-l0, 2, b1-b0, block_size, H, D]: index_select gathers into a fresh tensor,
+                # so nothing of the cache is referenced once this returns.
+                data = torch.index_select(self.kv_cache[c.l0:c.l1], 2, out.src_idx[c.b0:c.b1])
+                hdr = wire.data_header(out.xid, out.rid, c, data)
+                if not self._t_send(peer, hdr, data):
+                    rr.appendleft(out)
+                    break
+                self.stats["chunks"] += 1
+                self.stats["bytes"] += hdr["nbytes"]
+                out.next_chunk += 1
+                if out.next_chunk < len(out.chunks):
+                    rr.append(out)
+
+    def _hello(self) -> dict:
+        return wire.make(wire.HELLO, name=self.name, layout=self.layout.to_dict())
+
+    def _finish(self, out: _Out, status: TransferStatus, error: str | None = None) -> None:
+        del self._out[out.rid]
+        rr = self._rr.get(out.peer)
+        if rr and out in rr:
+            rr.remove(out)
+        self._emit(out.rid, status, error)
+
+    def _match(self, peer: str, msg: dict) -> _Out | None:
+        out = self._out.get(msg["rid"])
+        if out is None or out.xid != msg["xid"] or out.peer != peer:
+            log.debug("%s: %s for unknown/finished transfer %s", self.name, msg["t"], msg["rid"])
+            return None
+        return out
+
+    def _on_hello_ok(self, peer: str, msg: dict, _: Payload) -> None:
+        hs = self._hs.get(peer)
+        if hs is None or hs.done.is_set():
+            return  # answer to a retried HELLO
+        try:  # the receiver checked already; re-check so a buggy peer cannot slip through
+            self.layout.check_compatible(KVLayout.from_dict(msg["layout"]))
+        except (LayoutMismatch, ValueError) as e:
+            hs.error = e if isinstance(e, LayoutMismatch) else KVTransferError(str(e))
+            self._disconnect(peer, "handshake failed")
+        hs.done.set()
+
+    def _on_refused(self, peer: str, msg: dict, _: Payload) -> None:
+        hs = self._hs.get(peer)
+        if hs is None or hs.done.is_set():
+            return
+        err = msg["error"]
+        hs.error = LayoutMismatch(err) if msg["kind"] == "layout" else KVTransferError(err)
+        self._disconnect(peer, "handshake refused")
+        hs.done.set()
+
+    def _on_accept(self, peer: str, msg: dict, _: Payload) -> None:
+        out = self._match(peer, msg)
+        if out is None or out.accepted:
+            return
+        out.accepted = True
+        out.chunks = wire.plan_chunks(self.layout.num_layers, len(out.src_idx),
+                                      self.layout.block_layer_bytes, self.chunk_bytes)
+        self._rr.setdefault(peer, deque()).append(out)
+        with self._lock:
+            self._status[out.rid] = TransferStatus.SENDING
+
+    def _on_reject(self, peer: str, msg: dict, _: Payload) -> None:
+        if out := self._match(peer, msg):
+            self._finish(out, TransferStatus.FAILED, f"rejected by {peer}: {msg['reason']}")
+
+    def _on_ack(self, peer: str, msg: dict, _: Payload) -> None:
+        if out := self._match(peer, msg):
+            self._finish(out, TransferStatus.DONE)
+
+    def _on_cancel(self, peer: str, msg: dict, _: Payload) -> None:
+        if out := self._match(peer, msg):
+            self._finish(out, TransferStatus.FAILED, f"aborted by {peer}: {msg['reason']}")
+
+    def _disconnect(self, peer: str, why: str) -> None:
+        for out in [o for o in self._out.values() if o.peer == peer]:
+            self._finish(out, TransferStatus.FAILED, f"peer {peer} disconnected: {why}")
+        self._hs.pop(peer, None)
+        self._ctrl.pop(peer, None)
+        self._rr.pop(peer, None)
+        self._t_disconnect(peer)
+
+    def _cmd_connect(self, peer: str, hs: _Handshake) -> None:
+        if peer in self._hs:
+            self._disconnect(peer, "reconnecting")
+        self._hs[peer] = hs
+        self._t_connect(peer, hs.address)
+        hs.next_hello = time.monotonic() + (self._HELLO_RETRY_S or 0.0)
+        self._t_send(peer, self._hello())
+
+    def _cmd_abort_connect(self, peer: str, hs: _Handshake) -> None:
+        if self._hs.get(peer) is hs:
+            self._disconnect(peer, "handshake timed out")
+
+    def _cmd_offer(self, out: _Out) -> None:
+        if out.peer not in self._hs or not self._hs[out.peer].done.is_set():
+            return self._emit(out.rid, TransferStatus.FAILED, f"peer {out.peer} disconnected")
+        self._out[out.rid] = out
+        lease = max(0.0, out.deadline - time.monotonic())
+        self._send_ctrl(out.peer, wire.make(wire.OFFER, xid=out.xid, rid=out.rid,
+                                            num_tokens=out.num_tokens, nblocks=len(out.src_idx),
+                                            meta=out.meta, lease_s=lease))
+
+    def _cmd_cancel(self, rid: str) -> None:
+        out = self._out.get(rid)
+        if out is not None:
+            self._send_ctrl(out.peer, wire.make(wire.CANCEL, xid=out.xid, rid=rid,
+                                                reason="cancelled by sender"))
+            self._finish(out, TransferStatus.CANCELLED, "cancelled")
+
+    def _shutdown(self) -> None:
+        for out in list(self._out.values()):  # best effort: spare the receiver its lease wait
+            self._send_ctrl(out.peer, wire.make(wire.CANCEL, xid=out.xid, rid=out.rid,
+                                                reason="sender closed"))

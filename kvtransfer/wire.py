@@ -1,0 +1,140 @@
+"""Wire format of the KV transfer protocol: msgpack control headers + raw tensor payloads.
+
+Every control message is a msgpack map ``{"v": PROTOCOL_VERSION, "t": TYPE, ...fields}``; pickle is
+never used, so a peer can at worst send garbage that ``decode`` rejects with WireError.
+
+    HELLO{name, layout}           sender -> receiver   handshake, layout = KVLayout.to_dict()
+    HELLO_OK{name, layout}        receiver -> sender
+    HELLO_REFUSED{error, kind}    receiver -> sender   kind "layout" (error = mismatch message)
+    OFFER{xid, rid, num_tokens, nblocks, meta, lease_s}
+    ACCEPT{xid, rid} / REJECT{xid, rid, reason}        receiver -> sender
+    DATA{xid, rid, chunk, l0, l1, b0, b1, dtype, shape, nbytes} + one raw payload frame
+    ACK{xid, rid}                 receiver -> sender   after the last DATA byte was written
+    CANCEL{xid, rid, reason}      either way           abort / lease expired / bad data
+
+``xid`` is a per-sender transfer number, so stale DATA for a reused request id is never written
+into a newer transfer's blocks.  A DATA payload covers layers [l0, l1) x the request's blocks
+[b0, b1) (indices into its block list) and has shape [l1-l0, 2, b1-b0, block_size, heads, head_dim].
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+PROTOCOL_VERSION = 1
+
+HELLO, HELLO_OK, HELLO_REFUSED = "HELLO", "HELLO_OK", "HELLO_REFUSED"
+OFFER, ACCEPT, REJECT, DATA, ACK, CANCEL = "OFFER", "ACCEPT", "REJECT", "DATA", "ACK", "CANCEL"
+
+_XR = {"xid": int, "rid": str}
+# Required fields and their types per message type; extra fields are tolerated (forward compat).
+SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    HELLO: {"name": str, "layout": dict},
+    HELLO_OK: {"name": str, "layout": dict},
+    HELLO_REFUSED: {"error": str, "kind": str},
+    OFFER: {**_XR, "num_tokens": int, "nblocks": int, "meta": dict, "lease_s": (int, float)},
+    ACCEPT: _XR,
+    REJECT: {**_XR, "reason": str},
+    DATA: {**_XR, "chunk": int, "l0": int, "l1": int, "b0": int, "b1": int, "dtype": str,
+           "shape": list, "nbytes": int},
+    ACK: _XR,
+    CANCEL: {**_XR, "reason": str},
+}
+
+
+class WireError(ValueError):
+    """A message that must be dropped (undecodable, wrong version, unknown type, bad fields)."""
+
+
+def make(t: str, **fields: Any) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": t, **fields}
+
+
+def encode(msg: dict) -> bytes:
+    """Raises TypeError if a field (e.g. offer meta) is not msgpack-able."""
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def decode(buf: bytes | memoryview) -> dict:
+    try:
+        msg = msgpack.unpackb(buf, raw=False)
+    except Exception as e:  # msgpack raises several unrelated exception types on garbage
+        raise WireError(f"undecodable control frame ({len(buf)} bytes): {e}") from None
+    return validate(msg)
+
+
+def validate(msg: Any) -> dict:
+    if not isinstance(msg, dict):
+        raise WireError(f"control message must be a map, got {type(msg).__name__}")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {msg.get('v')!r} != {PROTOCOL_VERSION}")
+    schema = SCHEMA.get(msg.get("t"))  # type: ignore[arg-type]
+    if schema is None:
+        raise WireError(f"unknown message type {msg.get('t')!r}")
+    for k, typ in schema.items():
+        v = msg.get(k)
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise WireError(f"{msg['t']}: field {k!r} must be {typ}, got {v!r:.80}")
+    return msg
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    l0: int  # layers [l0, l1)
+    l1: int
+    b0: int  # positions [b0, b1) in the request's block list
+    b1: int
+
+
+def plan_chunks(num_layers: int, nblocks: int, block_layer_bytes: int,
+                chunk_bytes: int) -> list[Chunk]:
+    """Split a request into chunks of <= chunk_bytes (never less than one block of one layer).
+
+    Whole layers are grouped while a layer fits; a layer bigger than chunk_bytes is split by
+    blocks.  Layer-major order lets a future decode side start on early layers first."""
+    per_layer = nblocks * block_layer_bytes
+    if per_layer <= chunk_bytes:
+        step = max(1, chunk_bytes // per_layer)
+        return [Chunk(i, l0, min(l0 + step, num_layers), 0, nblocks)
+                for i, l0 in enumerate(range(0, num_layers, step))]
+    step = max(1, chunk_bytes // block_layer_bytes)
+    out: list[Chunk] = []
+    for layer in range(num_layers):
+        for b0 in range(0, nblocks, step):
+            out.append(Chunk(len(out), layer, layer + 1, b0, min(b0 + step, nblocks)))
+    return out
+
+
+def data_header(xid: int, rid: str, c: Chunk, payload: torch.Tensor) -> dict:
+    return make(DATA, xid=xid, rid=rid, chunk=c.index, l0=c.l0, l1=c.l1, b0=c.b0, b1=c.b1,
+                dtype=str(payload.dtype).removeprefix("torch."), shape=list(payload.shape),
+                nbytes=payload.numel() * payload.element_size())
+
+
+def tensor_to_buffer(t: torch.Tensor) -> memoryview:
+    """Flat byte view of a contiguous tensor, no copy on CPU.  Viewing as uint8 first is what
+    makes bfloat16 work (numpy has no bfloat16).  The memoryview keeps the tensor alive, so
+    zmq's zero-copy send may hold it until the bytes are on the wire."""
+    if t.device.type != "cpu":
+        t = t.cpu()  # a device->host copy is unavoidable for a socket transport
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_from_buffer(buf: memoryview | bytes, dtype: torch.dtype,
+                       shape: list[int]) -> torch.Tensor:
+    """Zero-copy tensor over a received frame; raises WireError if the size is wrong."""
+    n = 1
+    for s in shape:
+        n *= s
+    nbytes = memoryview(buf).nbytes
+    if nbytes != n * dtype.itemsize or n == 0:
+        raise WireError(f"payload has {nbytes} bytes, header shape {shape} {dtype} needs "
+                        f"{n * dtype.itemsize}")
+    with warnings.catch_warnings():  # zmq frames are read-only; we only ever read from them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=dtype).view(shape)

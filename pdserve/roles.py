@@ -1,0 +1,217 @@
+"""The process roles behind `pdserve router|prefill|decode|serve`: argument sets and entry points.
+
+`serve` runs the router in this process and each worker as its own OS process
+(`python -m pdserve prefill ...`, so `ps` shows the role), on one host, talking over
+ipc:// sockets in a private temporary folder. The single-role commands are for
+spreading roles over hosts; their addresses come from flags.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+log = logging.getLogger("pdserve")
+
+ENGINE_FLAGS = {  # flag -> (EngineConfig field, type, help)
+    "--block-size": ("block_size", int, "tokens per KV block (default 16)"),
+    "--num-kv-blocks": ("num_kv_blocks", int, "KV blocks to allocate (default: from the memory budget)"),
+    "--kv-cache-memory-gb": ("kv_cache_memory", float, "memory for the KV cache in GiB (CPU default 1)"),
+    "--max-num-batched-tokens": ("max_num_batched_tokens", int, "token budget of one step (default 2048)"),
+    "--max-num-seqs": ("max_num_seqs", int, "cap on running sequences (default 256)"),
+    "--max-model-len": ("max_model_len", int, "context length cap (default: the model's)"),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", float, "share of GPU memory to use (default 0.9)"),
+}
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, default=None,
+                   help="local Hugging Face model folder" + ("" if required else " (default: the demo model)"))
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--kv-transport", default="zmq", choices=["zmq"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch in each worker")
+    for flag, (_, typ, help_) in ENGINE_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=help_)
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
+    p.add_argument("--routing-policy", default="round_robin", choices=["round_robin", "least_loaded"])
+    p.add_argument("--worker-timeout", type=float, default=5.0, help="seconds without a heartbeat before a worker is dead")
+    p.add_argument("--request-timeout", type=float, default=600.0)
+
+
+def engine_options(args) -> dict:
+    opts = {}
+    for flag, (field, _, _) in ENGINE_FLAGS.items():
+        v = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if v is not None:
+            opts[field] = int(v * 2**30) if field == "kv_cache_memory" else v
+    return opts
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+
+
+# ---- single roles ---------------------------------------------------------------------------
+def cmd_router(args) -> int:
+    import uvicorn
+
+    from router.app import create_app
+    from router.settings import RouterSettings
+
+    _setup_logging()
+    settings = RouterSettings(model=args.model, served_model_name=args.served_model_name, host=args.host,
+                              port=args.port, control_address=args.control_address, policy=args.routing_policy,
+                              worker_timeout_s=args.worker_timeout, request_timeout_s=args.request_timeout,
+                              max_model_len=args.max_model_len)
+    print(f"pdserve router: HTTP on http://{args.host}:{args.port}, workers connect to {args.control_address}",
+          flush=True)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import torch
+
+    from pdserve.worker_settings import WorkerSettings
+
+    _setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = WorkerSettings(model=args.model, router_address=args.router, worker_id=args.worker_id,
+                              device=args.device, dtype=args.dtype, kv_transport=args.kv_transport,
+                              kv_address=getattr(args, "kv_address", "tcp://127.0.0.1:0"),
+                              engine=engine_options(args))
+    if args.command == "prefill":
+        from prefill_worker.worker import PrefillWorker as Worker
+    else:
+        from decode_worker.worker import DecodeWorker as Worker
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker = Worker(settings)
+    try:
+        worker.run(stop)
+    except Exception as e:
+        log.error("%s worker %s stopped: %s", args.command, args.worker_id, e)
+        return 1
+    return 0
+
+
+def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
+    add_model_args(p)
+    p.add_argument("--router", required=True, help="the router's control endpoint, e.g. tcp://10.0.0.1:5557")
+    p.add_argument("--worker-id", default=f"{role}-{os.getpid()}")
+    if role == "decode":
+        p.add_argument("--kv-address", default="tcp://127.0.0.1:0",
+                       help="where prefill workers send KV (tcp://HOST:PORT across hosts, ipc://PATH on one)")
+
+
+# ---- serve: everything on one host -----------------------------------------------------------
+def _set_parent_death_signal() -> None:
+    """Runs in the child before exec: die with the parent, so no worker outlives `serve`."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from router.app import create_app
+    from router.settings import RouterSettings
+
+    _setup_logging()
+    if args.model is None:
+        from pdserve.demo_model import ensure_demo_model
+
+        args.model = str(ensure_demo_model())
+        log.info("no --model given: serving the demo model at %s", args.model)
+    run_dir = tempfile.mkdtemp(prefix="pdserve-")
+    control = f"ipc://{run_dir}/control"
+    n_workers = args.prefill_workers + args.decode_workers
+    threads = args.threads or max(1, (os.cpu_count() or 1) // n_workers)
+    common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
+              "--kv-transport", args.kv_transport, "--router", control, "--threads", str(threads)]
+    for flag, (field, _, _) in ENGINE_FLAGS.items():
+        v = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if v is not None:
+            common += [flag, str(v)]
+    procs: list[subprocess.Popen] = []
+    for role, n in (("prefill", args.prefill_workers), ("decode", args.decode_workers)):
+        for i in range(n):
+            cmd = [sys.executable, "-m", "pdserve", role, "--worker-id", f"{role}-{i}"] + common
+            if role == "decode":
+                cmd += ["--kv-address", f"ipc://{run_dir}/kv-{role}-{i}"]
+            procs.append(subprocess.Popen(cmd, preexec_fn=_set_parent_death_signal))
+    settings = RouterSettings(model=args.model, served_model_name=args.served_model_name, host=args.host,
+                              port=args.port, control_address=control, policy=args.routing_policy,
+                              worker_timeout_s=args.worker_timeout, request_timeout_s=args.request_timeout,
+                              max_model_len=args.max_model_len)
+    app = create_app(settings)
+    print(f"pdserve: serving {settings.served_model_name} on http://{args.host}:{args.port} "
+          f"({args.prefill_workers} prefill, {args.decode_workers} decode workers; ready once /health is 200)",
+          flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # returns on SIGINT/SIGTERM
+    finally:
+        _stop_all(procs)
+        try:
+            for f in os.listdir(run_dir):
+                os.unlink(os.path.join(run_dir, f))
+            os.rmdir(run_dir)
+        except OSError:
+            pass
+    return 0
+
+
+def _stop_all(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p, required=False)
+    add_router_args(p)
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+
+
+def register(sub) -> None:
+    """Adds serve, router, prefill and decode to the CLI's subparsers."""
+    p = sub.add_parser("serve", help="router + prefill and decode workers on this host")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("router", help="the HTTP router alone")
+    p.add_argument("--model", required=True, help="local HF model folder (tokenizer, config)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    add_router_args(p)
+    p.add_argument("--control-address", default="tcp://127.0.0.1:5557",
+                   help="ZeroMQ endpoint workers connect to (non-loopback only on a trusted network)")
+    p.set_defaults(func=cmd_router)
+    for role in ("prefill", "decode"):
+        p = sub.add_parser(role, help=f"one {role} worker")
+        add_worker_args(p, role)
+        p.set_defaults(func=cmd_worker)

@@ -1,0 +1,118 @@
+"""Typed control messages between the router and the workers, encoded with msgpack.
+
+Every frame is a msgpack map `{"v": PROTOCOL_VERSION, "t": <type name>, ...fields}`.
+Decoding checks the version and the type against the explicit table below and builds
+the dataclass from its own fields only: a socket never runs code it is sent (no pickle,
+no names looked up dynamically). A frame that fails any check raises `WireError`, which
+callers log and drop.
+
+Flow: worker -> router `Register` (answered `Registered` or `RegisterRefused`), then
+`Heartbeat` every second; router -> prefill `Prefill`; prefill -> router `Tokens` (the
+first token at once); the KV goes prefill -> decode through kvtransfer, carrying the
+request; decode -> router `Tokens` each step (all of its sequences in one message);
+router -> any worker `Abort`; worker -> router `Failed` when a request cannot go on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+
+class WireError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+@dataclass
+class Register:
+    worker_id: str
+    role: str                   # "prefill" | "decode"
+    layout: dict                # kvtransfer.KVLayout.to_dict()
+    kv_address: str = ""        # decode workers: where prefill workers send KV
+    num_blocks: int = 0
+    max_model_len: int = 0
+    pid: int = 0
+
+
+@dataclass
+class Registered:
+    worker_id: str
+
+
+@dataclass
+class RegisterRefused:
+    worker_id: str
+    reason: str
+
+
+@dataclass
+class Heartbeat:
+    worker_id: str
+    running: int = 0            # sequences in the engine's running batch
+    waiting: int = 0            # sequences or offers queued
+    free_blocks: int = 0
+    total_blocks: int = 0
+    transfers: int = 0          # KV transfers in flight
+
+
+@dataclass
+class Prefill:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict                # engine.SamplingParams fields
+    decode_worker: str
+    decode_kv_address: str
+
+
+@dataclass
+class Tokens:
+    """New tokens of one step: items are [request_id, first_index, token_ids, finish_reason]."""
+    worker_id: str
+    items: list = field(default_factory=list)
+
+
+@dataclass
+class Failed:
+    request_id: str
+    message: str
+    code: int = 503             # HTTP status the router should answer with if nothing was sent yet
+
+
+@dataclass
+class Abort:
+    request_ids: list[str]
+
+
+MESSAGES: dict[str, type] = {c.__name__: c for c in
+                             (Register, Registered, RegisterRefused, Heartbeat, Prefill, Tokens, Failed, Abort)}
+
+
+def encode(msg) -> bytes:
+    name = type(msg).__name__
+    if MESSAGES.get(name) is not type(msg):
+        raise TypeError(f"{name} is not a wire message")
+    return msgpack.packb({"v": PROTOCOL_VERSION, "t": name, **dataclasses.asdict(msg)}, use_bin_type=True)
+
+
+def decode(frame: bytes):
+    try:
+        d = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several types for garbage
+        raise WireError(f"not msgpack: {e}") from None
+    if not isinstance(d, dict):
+        raise WireError("a message must be a map")
+    if d.pop("v", None) != PROTOCOL_VERSION:
+        raise WireError(f"protocol version must be {PROTOCOL_VERSION}")
+    cls = MESSAGES.get(d.pop("t", None))
+    if cls is None:
+        raise WireError("unknown message type")
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not names.issuperset(d):
+        raise WireError(f"unknown fields {sorted(set(d) - names)} for {cls.__name__}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise WireError(f"bad {cls.__name__}: {e}") from None

@@ -1,0 +1,81 @@
+"""A worker's control connection to the router (ZeroMQ DEALER, identity = worker id).
+
+Shared by the prefill and decode loops: registration with retries and a timeout,
+heartbeats, non-blocking receive of typed messages (malformed frames are logged and
+dropped), and sends that never block the engine loop for long.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from . import wire
+
+log = logging.getLogger(__name__)
+
+
+class RegistrationRefused(RuntimeError):
+    """The router refused this worker (for instance, its KV layout differs from the pool's)."""
+
+
+class RouterLink:
+    def __init__(self, ctx: zmq.Context, router_address: str, worker_id: str, send_timeout_ms: int = 5000):
+        self.worker_id = worker_id
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.connect(router_address)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self._last_heartbeat = 0.0
+
+    def register(self, msg: wire.Register, timeout_s: float = 60.0, retry_s: float = 1.0) -> None:
+        """Send `msg` until the router answers; raise RegistrationRefused or TimeoutError."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.send(msg)
+            until = min(deadline, time.monotonic() + retry_s)
+            while time.monotonic() < until:
+                for reply in self.recv(timeout_ms=int(1000 * max(0.0, until - time.monotonic()))):
+                    if isinstance(reply, wire.Registered):
+                        return
+                    if isinstance(reply, wire.RegisterRefused):
+                        raise RegistrationRefused(reply.reason)
+        raise TimeoutError(f"the router did not answer registration within {timeout_s:.0f} s")
+
+    def send(self, msg) -> bool:
+        try:
+            self.sock.send(wire.encode(msg))
+            return True
+        except zmq.Again:
+            log.warning("router not reachable: dropped %s", type(msg).__name__)
+            return False
+
+    def recv(self, timeout_ms: int = 0) -> list:
+        """Every message waiting now (after up to `timeout_ms` for the first)."""
+        out = []
+        if not self.poller.poll(timeout_ms):
+            return out
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            try:
+                out.append(wire.decode(frame))
+            except wire.WireError as e:
+                log.warning("dropped a malformed control frame (%d bytes): %s", len(frame), e)
+
+    def heartbeat_due(self, interval_s: float) -> bool:
+        now = time.monotonic()
+        if now - self._last_heartbeat >= interval_s:
+            self._last_heartbeat = now
+            return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

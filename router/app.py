@@ -1,0 +1,265 @@
+"""The router's HTTP API (FastAPI): OpenAI chat and text completions, /generate, models, health.
+
+Handlers validate (pydantic at the edge, then model name and context length), apply the
+chat template and tokenize, and hand the token ids to `generation.generate`, which
+places the request on the workers and yields text chunks; the handlers only shape those
+chunks into OpenAI JSON, SSE or NDJSON. Errors before the first byte are HTTP errors in
+OpenAI's shape; errors after it are an error event and the stream's end.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from . import protocol as P
+from .errors import APIError, error_body, install_error_handlers
+from .generation import Chunk, generate
+from .hub import WorkerHub
+from .registry import WorkerRegistry
+from .settings import RouterSettings
+
+log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Router:
+    """What the handlers share: settings, tokenizer, the worker hub."""
+
+    def __init__(self, settings: RouterSettings, tokenizer=None):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.settings = settings
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(settings.model)
+        cfg = AutoConfig.from_pretrained(settings.model)
+        self.vocab_size = cfg.vocab_size
+        self.config_max_len = settings.max_model_len or cfg.max_position_embeddings
+        self.registry = WorkerRegistry(settings.policy, settings.worker_timeout_s)
+        self.hub: WorkerHub | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        lens = [w.max_model_len for w in self.registry.alive() if w.max_model_len]
+        return min([self.config_max_len] + lens)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.settings.served_model_name:
+            raise APIError(f"The model `{name}` does not exist; this server serves "
+                           f"`{self.settings.served_model_name}`", 404, param="model", code="model_not_found")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(req.chat_messages(), add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # a template may reject a message sequence (roles out of order, ...)
+            raise APIError(f"the chat template rejected the messages: {e}", 400, param="messages") from None
+        # The template writes any BOS itself; encoding must not add another.
+        return self.encode(text, add_special_tokens=False)
+
+    def params(self, fields: P.SamplingFields, prompt: list[int], param: str) -> dict:
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})", 400, param=param)
+        if not prompt:
+            raise APIError("the prompt is empty", 400, param=param)
+        limit = self.max_model_len
+        max_tokens = fields.max_tokens if fields.max_tokens is not None else limit - len(prompt)
+        if len(prompt) + max_tokens > limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for "
+                           f"the completion). Please reduce the prompt or max_tokens.", 400, param="max_tokens",
+                           code="context_length_exceeded")
+        d = fields.as_dict()
+        d["max_tokens"] = max_tokens
+        return d
+
+    def stream(self, prompt: list[int], params: dict, stops: list[str]) -> AsyncIterator[Chunk]:
+        return generate(self.hub, self.tokenizer, self.settings, prompt, params, stops)
+
+
+async def _next(request: Request, chunks: AsyncIterator[Chunk]) -> Chunk:
+    """The next chunk, or ClientGone as soon as the client disconnects (the request is aborted)."""
+    task = asyncio.ensure_future(chunks.__anext__())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await chunks.aclose()
+            raise ClientGone()
+
+
+async def _collect(request: Request, chunks: AsyncIterator[Chunk]) -> tuple[str, Chunk]:
+    parts = []
+    while True:
+        c = await _next(request, chunks)
+        parts.append(c.text)
+        if c.finish_reason is not None:
+            return "".join(parts), c
+
+
+def _sse(first: Chunk, rest: AsyncIterator[Chunk], start: list[dict], on_chunk, on_end) -> StreamingResponse:
+    """SSE body: `start` events, one event per chunk, then the end events and [DONE]; an error
+    after the first byte becomes an error event."""
+    async def body():
+        for ev in start:
+            yield P.sse_event(ev)
+        c = first
+        try:
+            while True:
+                for ev in on_chunk(c):
+                    yield P.sse_event(ev)
+                if c.finish_reason is not None:
+                    for ev in on_end(c):
+                        yield P.sse_event(ev)
+                    break
+                c = await rest.__anext__()
+        except APIError as e:
+            yield P.sse_event(e.body())
+        finally:
+            await rest.aclose()
+        yield P.SSE_DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
+    router = Router(settings, tokenizer)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        router.hub = WorkerHub(router.registry, settings.control_address)
+        router.hub.start()
+        log.info("router control endpoint: %s", router.hub.address)
+        try:
+            yield
+        finally:
+            await router.hub.close()
+
+    app = FastAPI(title="pdserve", lifespan=lifespan)
+    app.state.router = router
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        p, d = len(router.registry.alive("prefill")), len(router.registry.alive("decode"))
+        if p and d:
+            return {"status": "ok", "prefill_workers": p, "decode_workers": d}
+        return JSONResponse(error_body(f"not ready: {p} live prefill and {d} live decode workers",
+                                       "service_unavailable"), status_code=503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": settings.served_model_name, "object": "model", "created": 0, "owned_by": "pdserve",
+            "root": settings.model, "max_model_len": router.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+        router.check_model(req.model)
+        prompt = router.chat_prompt(req)
+        fields = req.sampling_fields()
+        chunks = router.stream(prompt, router.params(fields, prompt, "messages"), fields.stop_strings)
+        rid, created, model = P.chat_completion_id(), P.now(), settings.served_model_name
+        try:
+            if not req.stream:
+                text, last = await _collect(request, chunks)
+                return P.chat_completion(rid, model, created, text, last.finish_reason,
+                                         P.usage_dict(len(prompt), last.num_generated))
+            first = await _next(request, chunks)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+
+        def on_chunk(c: Chunk):
+            return [P.chat_chunk(rid, model, created, c.text)] if c.text else []
+
+        def on_end(c: Chunk):
+            evs = [P.chat_chunk(rid, model, created, None, c.finish_reason)]
+            if req.include_usage:
+                evs.append(P.chat_usage_chunk(rid, model, created, P.usage_dict(len(prompt), c.num_generated)))
+            return evs
+
+        return _sse(first, chunks, [P.chat_role_chunk(rid, model, created)], on_chunk, on_end)
+
+    @app.post("/v1/completions")
+    async def completions(req: P.CompletionRequest, request: Request):
+        router.check_model(req.model)
+        prompt = router.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+        fields = req.sampling_fields()
+        chunks = router.stream(prompt, router.params(fields, prompt, "prompt"), fields.stop_strings)
+        rid, created, model = P.completion_id(), P.now(), settings.served_model_name
+        try:
+            if not req.stream:
+                text, last = await _collect(request, chunks)
+                return P.completion(rid, model, created, text, last.finish_reason,
+                                    P.usage_dict(len(prompt), last.num_generated))
+            first = await _next(request, chunks)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+
+        def on_chunk(c: Chunk):
+            return [P.completion_chunk(rid, model, created, c.text)] if c.text else []
+
+        def on_end(c: Chunk):
+            evs = [P.completion_chunk(rid, model, created, "", c.finish_reason)]
+            if req.include_usage:
+                evs.append(P.completion_usage_chunk(rid, model, created, P.usage_dict(len(prompt), c.num_generated)))
+            return evs
+
+        return _sse(first, chunks, [], on_chunk, on_end)
+
+    @app.post("/generate")
+    async def generate_api(req: P.GenerateRequest, request: Request):
+        """Plain streaming API: one JSON object per line ({"text", "token_ids"}), the last one with
+        "finish_reason" and "usage". With "stream": false, one object with the whole text."""
+        router.check_model(req.model)
+        prompt = router.encode(req.prompt) if req.prompt is not None else list(req.prompt_token_ids)
+        fields = req.sampling_fields()
+        chunks = router.stream(prompt, router.params(fields, prompt, "prompt"), fields.stop_strings)
+        try:
+            if not req.stream:
+                ids: list[int] = []
+                text_parts = []
+                while True:
+                    c = await _next(request, chunks)
+                    ids += c.token_ids
+                    text_parts.append(c.text)
+                    if c.finish_reason is not None:
+                        return {"text": "".join(text_parts), "token_ids": ids, "finish_reason": c.finish_reason,
+                                "usage": P.usage_dict(len(prompt), c.num_generated)}
+            first = await _next(request, chunks)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+
+        async def body():
+            c = first
+            try:
+                while True:
+                    line = {"text": c.text, "token_ids": c.token_ids}
+                    if c.finish_reason is not None:
+                        line.update(finish_reason=c.finish_reason, usage=P.usage_dict(len(prompt), c.num_generated))
+                    yield json.dumps(line, ensure_ascii=False) + "\n"
+                    if c.finish_reason is not None:
+                        return
+                    c = await chunks.__anext__()
+            except APIError as e:
+                yield json.dumps(e.body(), ensure_ascii=False) + "\n"
+            finally:
+                await chunks.aclose()
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    return app

@@ -1,0 +1,535 @@
+"""Request models and response builders for the router's OpenAI-compatible HTTP edge.
+
+Requests are validated with pydantic v2 models in *strict* mode so that wrong JSON types
+(``"temperature": "hot"``, ``"max_tokens": true``) are rejected instead of silently coerced;
+unknown fields are ignored because OpenAI clients routinely send fields we do not use.
+Union-typed fields (``stop``, ``prompt``, message ``content``) are normalised by
+``mode="before"`` validators so that errors name the field cleanly rather than listing
+one error per union member.
+
+Responses are plain dicts in the exact shape of the OpenAI API (checked against the
+official ``openai`` client's types in the tests), built by the small functions at the
+bottom of this module; ``sse_event`` turns one into a Server-Sent Events frame.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "FinishReason",
+    "TextContentPart",
+    "ChatMessage",
+    "StreamOptions",
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "GenerateRequest",
+    "SamplingFields",
+    "MAX_STOP_STRINGS",
+    "new_request_id",
+    "chat_completion_id",
+    "completion_id",
+    "now",
+    "usage_dict",
+    "chat_completion",
+    "chat_chunk",
+    "chat_role_chunk",
+    "chat_usage_chunk",
+    "completion",
+    "completion_chunk",
+    "completion_usage_chunk",
+    "sse_event",
+    "SSE_DONE",
+]
+
+# OpenAI documents at most 4 stop sequences; we are lenient because matching is cheap.
+MAX_STOP_STRINGS = 16
+
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "function_call"]
+
+
+class _Model(BaseModel):
+    # strict: no str->float / bool->int coercion; extra="ignore": OpenAI clients send extras;
+    # allow_inf_nan=False: Python's json module accepts NaN/Infinity, which are no sampling value.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+def _normalize_stop(value: Any) -> Optional[list[str]]:
+    """``str | list[str] | None`` -> ``list[str] | None``, with empty strings dropped.
+
+    An empty stop string would match at offset 0 and suppress all output, which no client
+    means; dropping it is friendlier than rejecting the request.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ValueError("stop must be a string or a list of strings")
+    if len(value) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(value)}")
+    return [s for s in value if s]
+
+
+def _check_token_ids(ids: list[int], what: str) -> list[int]:
+    if any(i < 0 for i in ids):
+        raise ValueError(f"{what} must be non-negative integers")
+    return ids
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class TextContentPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    # None is allowed because clients replay assistant turns that only carried tool calls.
+    content: Union[str, list[TextContentPart], None] = None
+    name: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        # Checked by hand so a bad part gives one clear error, not one per union member.
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError("content must be a string or a list of content parts")
+        for i, part in enumerate(v):
+            if not isinstance(part, dict):
+                raise ValueError(f"content part {i} must be an object")
+            if part.get("type") != "text":
+                raise ValueError(
+                    f"content part {i} has type {part.get('type')!r}; only 'text' parts are supported"
+                )
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} must have a string 'text'")
+        return v
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines, as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content)
+
+
+class _SamplingMixin(_Model):
+    """Sampling fields shared by all three request kinds (all optional, OpenAI defaults)."""
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    # The range torch.manual_seed accepts.
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: Optional[list[str]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # Clients (and the openai SDK with explicit None) send `"temperature": null` etc.;
+        # OpenAI treats null as "use the default", so drop nulls for non-nullable fields.
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            data = {
+                k: v
+                for k, v in data.items()
+                if v is not None or k not in fields or fields[k].default is None
+            }
+        return data
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        return _normalize_stop(v)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("top_k must be -1 (disabled) or >= 1")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        return None if v is None else _check_token_ids(v, "stop_token_ids")
+
+    def sampling_fields(self) -> "SamplingFields":
+        return SamplingFields.from_request(self)
+
+
+class _OpenAIMixin(_SamplingMixin):
+    """Fields common to the two OpenAI endpoints; penalties/user are accepted and ignored."""
+
+    model: str
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+
+    @field_validator("n")
+    @classmethod
+    def _only_n1(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"only n=1 is supported, got n={v}")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        """True when a streaming response must end with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_OpenAIMixin):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool) -> bool:
+        # Silently ignoring this would hand clients `logprobs: null` they then index into.
+        if v:
+            raise ValueError("logprobs are not supported")
+        return v
+
+    @property
+    def effective_max_tokens(self) -> Optional[int]:
+        """``max_completion_tokens`` (current OpenAI name) wins over legacy ``max_tokens``.
+
+        None means "no explicit limit": the app should cap at the remaining context.
+        """
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """Messages as plain ``{"role", "content"[, "name"]}`` dicts for ``apply_chat_template``.
+
+        ``developer`` is mapped to ``system``: it is OpenAI's new name for the same thing and
+        most chat templates only know ``system``.
+        """
+        out = []
+        for m in self.messages:
+            d = {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+            if m.name is not None:
+                d["name"] = m.name
+            out.append(d)
+        return out
+
+
+class CompletionRequest(_OpenAIMixin):
+    # After validation: the prompt text, or the prompt token ids (batches are rejected).
+    prompt: Union[str, list[int]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+    echo: bool = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError("prompt must be a string, a list of token ids, or a one-element list of either")
+        if not v:
+            raise ValueError("prompt must not be empty")
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            return _check_token_ids(v, "prompt token ids")
+        if all(isinstance(x, str) for x in v) or all(isinstance(x, list) for x in v):
+            if len(v) != 1:
+                raise ValueError(
+                    f"batched prompts are not supported (got {len(v)}); send one prompt per request"
+                )
+            return cls._prompt(v[0])
+        raise ValueError("prompt must be a string, a list of token ids, or a one-element list of either")
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: Optional[int]) -> Optional[int]:
+        if v:
+            raise ValueError("logprobs are not supported")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: Optional[int]) -> Optional[int]:
+        if v not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: Optional[str]) -> Optional[str]:
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+    @property
+    def effective_max_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+
+class GenerateRequest(_SamplingMixin):
+    """Body of the plain ``/generate`` API: exactly one of ``prompt`` / ``prompt_token_ids``."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    prompt_token_ids: Optional[list[int]] = None
+    max_tokens: Optional[int] = Field(16, ge=1)
+    stream: bool = False
+
+    @field_validator("prompt_token_ids")
+    @classmethod
+    def _ids(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("prompt_token_ids must not be empty")
+        return _check_token_ids(v, "prompt_token_ids")
+
+    @model_validator(mode="after")
+    def _exactly_one_prompt(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise ValueError("exactly one of 'prompt' or 'prompt_token_ids' must be given")
+        return self
+
+    @property
+    def effective_max_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+
+@dataclass
+class SamplingFields:
+    """What a request asks of generation, split into worker params and router-side stops.
+
+    ``max_tokens`` may be None for chat requests that set no limit; the app must then
+    cap it at the model's remaining context. Stop *strings* are applied in the router on
+    detokenized text (see ``router.stop``), so they are not part of ``as_dict()``.
+    """
+
+    max_tokens: Optional[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: Optional[int]
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    stop_strings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_request(
+        cls, req: Union[ChatCompletionRequest, CompletionRequest, GenerateRequest]
+    ) -> "SamplingFields":
+        return cls(
+            max_tokens=req.effective_max_tokens,
+            temperature=float(req.temperature),
+            top_p=float(req.top_p),
+            top_k=req.top_k,
+            seed=req.seed,
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            # dict.fromkeys: de-duplicate while keeping order.
+            stop_strings=list(dict.fromkeys(req.stop or [])),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The worker-facing params: max_tokens, temperature, top_p, top_k, seed,
+        stop_token_ids, ignore_eos (no stop strings)."""
+        d = asdict(self)
+        del d["stop_strings"]
+        return d
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def chat_completion_id() -> str:
+    return new_request_id("chatcmpl-")
+
+
+def completion_id() -> str:
+    return new_request_id("cmpl-")
+
+
+def now() -> int:
+    """The ``created`` timestamp: integer Unix seconds."""
+    return int(time.time())
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_completion(
+    req_id: str,
+    model: str,
+    created: int,
+    content: str,
+    finish_reason: FinishReason,
+    usage: dict[str, int],
+) -> dict[str, Any]:
+    """A non-streaming ``chat.completion`` object."""
+    return {
+        "id": req_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def chat_chunk(
+    req_id: str,
+    model: str,
+    created: int,
+    delta: Union[str, dict[str, Any], None] = None,
+    finish_reason: Optional[FinishReason] = None,
+    usage: Optional[dict[str, int]] = None,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk``.
+
+    ``delta`` is a content string or a full delta dict; None gives ``{}`` (the final chunk
+    carries an empty delta plus ``finish_reason``). When only ``usage`` is given (no delta,
+    no finish_reason) this is the trailing usage chunk, whose ``choices`` is ``[]``.
+    """
+    if delta is None and finish_reason is None and usage is not None:
+        return chat_usage_chunk(req_id, model, created, usage)
+    if isinstance(delta, str):
+        delta = {"content": delta}
+    chunk: dict[str, Any] = {
+        "id": req_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
+def chat_role_chunk(req_id: str, model: str, created: int) -> dict[str, Any]:
+    """The first chunk of a chat stream: announces the assistant role, empty content."""
+    return chat_chunk(req_id, model, created, delta={"role": "assistant", "content": ""})
+
+
+def chat_usage_chunk(req_id: str, model: str, created: int, usage: dict[str, int]) -> dict[str, Any]:
+    """The last chunk when ``stream_options.include_usage``: ``choices`` is empty."""
+    return {
+        "id": req_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }
+
+
+def completion(
+    req_id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: FinishReason,
+    usage: dict[str, int],
+) -> dict[str, Any]:
+    """A non-streaming ``text_completion`` object."""
+    return {
+        "id": req_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+
+
+def completion_chunk(
+    req_id: str,
+    model: str,
+    created: int,
+    text: Optional[str] = None,
+    finish_reason: Optional[FinishReason] = None,
+    usage: Optional[dict[str, int]] = None,
+) -> dict[str, Any]:
+    """One streamed completion chunk (OpenAI reuses ``object: "text_completion"``).
+
+    Same convention as ``chat_chunk``: only ``usage`` given -> usage chunk with ``choices: []``.
+    """
+    if text is None and finish_reason is None and usage is not None:
+        return completion_usage_chunk(req_id, model, created, usage)
+    chunk: dict[str, Any] = {
+        "id": req_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
+def completion_usage_chunk(req_id: str, model: str, created: int, usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": req_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }
+
+
+def sse_event(data: Union[dict[str, Any], str]) -> str:
+    """One SSE frame: ``data: <json>\\n\\n``. Non-ASCII is kept as UTF-8, not escaped."""
+    if not isinstance(data, str):
+        data = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

@@ -1,0 +1,101 @@
+"""The router's view of the workers: who is registered, alive, how loaded; which one to pick.
+
+A worker is alive while its heartbeats arrive within `worker_timeout_s`. All workers of a
+deployment must share one KV layout; a worker whose layout differs from the live pool's
+is refused at registration with a message naming both sides' values.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from kvtransfer import KVLayout, LayoutMismatch
+from pdserve import wire
+
+POLICIES = ("round_robin", "least_loaded")
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    role: str
+    layout: KVLayout
+    kv_address: str
+    num_blocks: int
+    max_model_len: int
+    pid: int
+    last_seen: float
+    heartbeat: wire.Heartbeat | None = None
+    outstanding: set[str] = field(default_factory=set)   # request ids this router has placed here
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """Requests placed here, then sequences the worker reports queued: lower is freer."""
+        hb = self.heartbeat
+        return len(self.outstanding), (hb.waiting if hb else 0)
+
+
+class WorkerRegistry:
+    def __init__(self, policy: str = "round_robin", worker_timeout_s: float = 5.0, clock=time.monotonic):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.policy = policy
+        self.worker_timeout_s = worker_timeout_s
+        self.clock = clock
+        self.workers: dict[str, WorkerInfo] = {}
+        self._rr = {role: itertools.count() for role in ("prefill", "decode")}
+
+    def register(self, msg: wire.Register) -> str | None:
+        """Adds (or replaces) a worker; returns the reason when it is refused."""
+        if msg.role not in ("prefill", "decode"):
+            return f"unknown role {msg.role!r}"
+        try:
+            layout = KVLayout.from_dict(msg.layout)
+        except ValueError as e:
+            return f"bad layout: {e}"
+        if msg.role == "decode" and not msg.kv_address:
+            return "a decode worker must give its kv_address"
+        for other in self.alive():
+            if other.worker_id == msg.worker_id:
+                continue
+            try:
+                other.layout.check_compatible(layout, self_side=other.worker_id, other_side=msg.worker_id)
+            except LayoutMismatch as e:
+                return str(e)
+            break  # all live workers share one layout: comparing with one suffices
+        self.workers[msg.worker_id] = WorkerInfo(msg.worker_id, msg.role, layout, msg.kv_address, msg.num_blocks,
+                                                 msg.max_model_len, msg.pid, self.clock())
+        return None
+
+    def heartbeat(self, msg: wire.Heartbeat) -> bool:
+        w = self.workers.get(msg.worker_id)
+        if w is None:
+            return False
+        w.last_seen, w.heartbeat = self.clock(), msg
+        return True
+
+    def seen(self, worker_id: str) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.last_seen = self.clock()
+
+    def is_alive(self, w: WorkerInfo) -> bool:
+        return self.clock() - w.last_seen <= self.worker_timeout_s
+
+    def alive(self, role: str | None = None) -> list[WorkerInfo]:
+        return [w for w in self.workers.values() if (role is None or w.role == role) and self.is_alive(w)]
+
+    def dead(self) -> list[WorkerInfo]:
+        return [w for w in self.workers.values() if not self.is_alive(w)]
+
+    def healthy(self) -> bool:
+        return bool(self.alive("prefill")) and bool(self.alive("decode"))
+
+    def pick(self, role: str) -> WorkerInfo | None:
+        live = sorted(self.alive(role), key=lambda w: w.worker_id)
+        if not live:
+            return None
+        if self.policy == "least_loaded":
+            return min(live, key=lambda w: w.load)  # ties: lowest id, stable across calls
+        return live[next(self._rr[role]) % len(live)]

@@ -1,0 +1,219 @@
+"""Transfer semantics, run against both backends (fixture ``kind``: inproc, zmq)."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from kvtransfer import KVTransferError, LayoutMismatch, TransferStatus, blocks_needed
+from kvtransfer.wire import plan_chunks
+
+from .conftest import as_bytes, layout_for, wait_until
+
+DONE, EXPIRED, FAILED, CANCELLED = (TransferStatus.DONE, TransferStatus.EXPIRED,
+                                    TransferStatus.FAILED, TransferStatus.CANCELLED)
+
+
+def check_copied(p, src_ids: list[int], dst_ids: list[int]) -> None:
+    n = len(dst_ids)
+    assert torch.equal(as_bytes(p.dst[:, :, dst_ids]), as_bytes(p.src[:, :, src_ids[:n]]))
+
+
+def check_untouched(p, allocated: set[int]) -> None:
+    others = [b for b in range(p.dst.shape[2]) if b not in allocated]
+    assert not as_bytes(p.dst[:, :, others]).any(), "bytes written outside accepted blocks"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bit_exact_with_holes(make_pair, dtype):
+    p = make_pair(dtype)
+    rng = random.Random(1)
+    num_tokens = 6 * 4 + 3                         # not a multiple of block_size=4 -> 7 blocks
+    src_ids = rng.sample(range(32), 8)             # one spare block: only 7 are needed
+    dst_ids = rng.sample(range(40), 7)
+    meta = {"prompt": [1, 2, 3], "first_token": 7, "sampling": {"temperature": 0.5}}
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, dst_ids)
+    p.sender.offer(p.peer, "r1", src_ids, num_tokens, meta, lease_s=10)
+    p.run_until(lambda: "r1" in p.sent and "r1" in p.recv)
+    assert p.sent_status("r1") is DONE and p.recv_statuses("r1") == [DONE]
+    off = p.offers["r1"]
+    assert (off.num_tokens, off.meta, off.sender) == (num_tokens, meta, "prefill0")
+    check_copied(p, src_ids, dst_ids)
+    check_untouched(p, set(dst_ids))
+    assert p.sender.status("r1") is None  # forgotten once polled
+
+
+def test_many_concurrent_requests_interleaved(make_pair):
+    p = make_pair(sender_kw={"chunk_bytes": 512})  # 1 block-layer per chunk: lots of interleaving
+    rng = random.Random(2)
+    free = list(range(40))
+    rng.shuffle(free)
+    plans = {}
+    for i in range(12):
+        ntok = rng.randint(1, 12)
+        n = blocks_needed(ntok, 4)
+        plans[f"r{i}"] = (ntok, rng.sample(range(32), n), [free.pop() for _ in range(n)])
+    accept_order = list(plans)
+    rng.shuffle(accept_order)
+    for rid, (ntok, src_ids, _) in plans.items():
+        p.sender.offer(p.peer, rid, src_ids, ntok, {"i": rid}, lease_s=20)
+    p.run_until(lambda: len(p.offers) == len(plans), what="all offers")
+    for rid in accept_order:
+        p.receiver.accept(rid, plans[rid][2])
+    p.run_until(lambda: len(p.sent) == len(plans) and len(p.recv) == len(plans))
+    for rid, (_, src_ids, dst_ids) in plans.items():
+        assert p.sent_status(rid) is DONE and p.recv_statuses(rid) == [DONE], rid
+        check_copied(p, src_ids, dst_ids)
+    check_untouched(p, {b for _, _, d in plans.values() for b in d})
+
+
+@pytest.mark.parametrize("chunk_blocks,layers_per_chunk", [(3, None), (None, 2)])
+def test_big_request_split_into_chunks(make_pair, chunk_blocks, layers_per_chunk):
+    layout = layout_for(torch.float16, num_layers=5)
+    nblocks = 30
+    bl = layout.block_layer_bytes
+    chunk_bytes = chunk_blocks * bl if chunk_blocks else layers_per_chunk * nblocks * bl
+    p = make_pair(layout=layout, src_blocks=40, dst_blocks=48,
+                  sender_kw={"chunk_bytes": chunk_bytes})
+    expect = len(plan_chunks(5, nblocks, bl, chunk_bytes))
+    assert expect == (5 * 10 if chunk_blocks else 3)
+    src_ids, dst_ids = random.Random(3).sample(range(40), nblocks), list(range(47, 17, -1))
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, dst_ids)
+    p.sender.offer(p.peer, "big", src_ids, nblocks * 4 - 1, {}, lease_s=10)
+    p.run_until(lambda: "big" in p.sent and "big" in p.recv)
+    assert p.sent_status("big") is DONE and p.recv_statuses("big") == [DONE]
+    assert p.sender.stats["chunks"] == p.receiver.stats["chunks"] == expect
+    assert p.receiver.stats["bytes"] == 5 * nblocks * bl
+    check_copied(p, src_ids, dst_ids)
+
+
+def test_lease_expires_when_never_accepted(make_pair):
+    p = make_pair(receiver_kw={"lease_grace_s": 5.0})  # expiry must come from the sender's CANCEL
+    p.sender.offer(p.peer, "seen", [1], 3, {}, lease_s=0.6)
+    p.run_until(lambda: "seen" in p.offers, what="offer")
+    p.run_until(lambda: "seen" in p.sent and "seen" in p.recv)
+    assert p.sent_status("seen") is EXPIRED
+    assert p.recv_statuses("seen") == [EXPIRED]  # the decode side forgets the queued offer
+    with pytest.raises(ValueError):
+        p.receiver.accept("seen", [0])
+
+
+def test_unpolled_offer_is_dropped_silently(make_pair):
+    p = make_pair(receiver_kw={"lease_grace_s": 5.0})
+    p.sender.offer(p.peer, "r", [1], 3, {}, lease_s=0.3)
+    wait_until(lambda: p.sender.status("r") is EXPIRED)
+    wait_until(lambda: not p.receiver._in, what="the receiver to drop the offer")
+    assert p.receiver.poll_offers() == [] and p.receiver.poll() == []
+
+
+def test_accept_after_expiry_reports_failed(make_pair):
+    p = make_pair(receiver_kw={"lease_grace_s": 5.0})
+    p.sender.offer(p.peer, "r", [1], 3, {}, lease_s=0.5)
+    p.run_until(lambda: "r" in p.offers)
+    # the receiver drops it on the sender's CANCEL; its EXPIRED event stays unpolled for now
+    wait_until(lambda: not p.receiver._in, what="the receiver to drop the offer")
+    p.receiver.accept("r", [5])
+    p.run_until(lambda: FAILED in p.recv_statuses("r"))
+    assert p.recv_statuses("r") == [EXPIRED, FAILED]  # FAILED: free block 5
+
+
+def test_reject_reports_failed(make_pair):
+    p = make_pair()
+    p.on_offer = lambda off: p.receiver.reject(off.request_id, "no room")
+    p.sender.offer(p.peer, "r", [0, 1], 5, {}, lease_s=10)
+    p.run_until(lambda: "r" in p.sent)
+    assert p.sent_status("r") is FAILED and "no room" in p.sent["r"].error
+    assert "r" not in p.recv
+
+
+def test_cancel_after_accept(make_pair):
+    p = make_pair()
+    p.sender._data_paused = True  # hold DATA so the cancel deterministically beats the ACK
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, [7, 8])
+    p.sender.offer(p.peer, "r", [0, 1], 5, {}, lease_s=10)
+    p.run_until(lambda: p.sender.status("r") is TransferStatus.SENDING, what="ACCEPT")
+    p.sender.cancel("r")
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    assert p.sent_status("r") is CANCELLED and p.recv_statuses("r") == [CANCELLED]
+    check_untouched(p, set())
+
+
+def test_cancel_before_accept(make_pair):
+    p = make_pair()
+    p.sender.offer(p.peer, "r", [0], 1, {}, lease_s=10)
+    p.run_until(lambda: "r" in p.offers)
+    p.sender.cancel("r")
+    p.sender.cancel("never-offered")  # no-op
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    assert p.sent_status("r") is CANCELLED and p.recv_statuses("r") == [CANCELLED]
+
+
+def test_layout_mismatch_names_both_values(make_pair):
+    p = make_pair(layout=layout_for(torch.float32, block_size=16),
+                  recv_layout=layout_for(torch.float16, block_size=32), connect=False)
+    with pytest.raises(LayoutMismatch) as ei:
+        p.sender.connect(p.peer, p.receiver.address, timeout_s=5)
+    msg = str(ei.value)
+    assert "block_size: prefill=16 decode=32" in msg
+    assert "dtype: prefill=float32 decode=float16" in msg
+    with pytest.raises(KVTransferError):
+        p.sender.offer(p.peer, "r", [0], 1, {}, lease_s=1)
+
+
+def test_connect_timeout(make_pair, kind):
+    p = make_pair(connect=False)
+    addr = "inproc://nobody" if kind == "inproc" else "tcp://127.0.0.1:1"
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        p.sender.connect("ghost", addr, timeout_s=0.3)
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_receiver_dies_offers_expire(make_pair):
+    p = make_pair()
+    p.receiver.close()
+    p.sender.offer(p.peer, "r", [0], 1, {}, lease_s=0.3)
+    p.run_until(lambda: "r" in p.sent)
+    assert p.sent_status("r") is EXPIRED
+
+
+def test_sender_dies_receiver_frees_blocks(make_pair):
+    p = make_pair(receiver_kw={"lease_grace_s": 0.1})
+    p.sender._data_paused = True
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, [3])
+    p.sender.offer(p.peer, "r", [0], 2, {}, lease_s=1.0)
+    p.run_until(lambda: p.sender.status("r") is TransferStatus.SENDING)
+    p.sender.close()  # its best-effort CANCEL may or may not arrive; the lease covers both
+    p.run_until(lambda: "r" in p.recv)
+    assert p.recv_statuses("r")[0] in (FAILED, CANCELLED)
+
+
+def test_argument_errors(make_pair):
+    p = make_pair()
+    with pytest.raises(ValueError):
+        p.sender.offer(p.peer, "r", [0], 5, {}, lease_s=1)        # 5 tokens need 2 blocks
+    with pytest.raises(ValueError):
+        p.sender.offer(p.peer, "r", [0, 99], 5, {}, lease_s=1)    # out of range
+    with pytest.raises(TypeError):
+        p.sender.offer(p.peer, "r", [0], 1, {"x": object()}, lease_s=1)  # not msgpack-able
+    with pytest.raises(KVTransferError):
+        p.sender.offer("nobody", "r", [0], 1, {}, lease_s=1)
+    p.sender.offer(p.peer, "r", [0], 1, {}, lease_s=10)
+    with pytest.raises(ValueError):
+        p.sender.offer(p.peer, "r", [1], 1, {}, lease_s=10)        # duplicate live request id
+    with pytest.raises(ValueError):
+        p.receiver.accept("unknown", [0])
+    p.run_until(lambda: "r" in p.offers)
+    with pytest.raises(ValueError):
+        p.receiver.accept("r", [])                                # too few blocks
+    with pytest.raises(ValueError):
+        p.receiver.accept("r", [40])                              # out of range
+    p.receiver.accept("r", [2])
+    with pytest.raises(ValueError):
+        p.receiver.accept("r", [3])                               # double accept
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    p.sender.close()
+    with pytest.raises(KVTransferError):
+        p.sender.offer(p.peer, "r2", [0], 1, {}, lease_s=1)

@@ -1,0 +1,432 @@
+"""Tests for router.protocol (request models, OpenAI response shapes) and router.errors."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import ValidationError
+
+from router.errors import APIError, error_body, install_error_handlers
+from router.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    SamplingFields,
+    chat_chunk,
+    chat_completion,
+    chat_completion_id,
+    chat_role_chunk,
+    chat_usage_chunk,
+    completion,
+    completion_chunk,
+    completion_id,
+    completion_usage_chunk,
+    now,
+    sse_event,
+    usage_dict,
+)
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def chat(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": USER, **kw})
+
+
+def chat_error(**kw) -> str:
+    with pytest.raises(ValidationError) as ei:
+        chat(**kw)
+    return str(ei.value)
+
+
+# ------------------------------------------------------------------ chat requests
+
+
+def test_chat_defaults():
+    r = chat()
+    assert (r.temperature, r.top_p, r.top_k, r.seed, r.n, r.stream) == (1.0, 1.0, -1, None, 1, False)
+    assert r.stop is None and r.stop_token_ids is None and r.ignore_eos is False
+    assert r.effective_max_tokens is None and r.include_usage is False
+    assert r.chat_messages() == [{"role": "user", "content": "Hi"}]
+
+
+def test_chat_all_fields_and_extras():
+    r = chat(
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "bob"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]},
+            {"role": "tool", "content": "42", "tool_call_id": "x"},
+        ],
+        max_tokens=5,
+        max_completion_tokens=7,
+        temperature=0,
+        top_p=0.5,
+        top_k=40,
+        seed=123,
+        stop=["\n", ""],
+        stop_token_ids=[7, 8],
+        ignore_eos=True,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": False},
+        user="u",
+        presence_penalty=0.5,
+        frequency_penalty=-1,
+        logprobs=False,
+        tools=[{"type": "function"}],
+        response_format={"type": "text"},
+        some_future_field={"x": 1},
+    )
+    assert r.effective_max_tokens == 7  # max_completion_tokens wins
+    assert r.include_usage and r.stop == ["\n"]  # empty stop strings are dropped
+    assert r.chat_messages() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "a\nb", "name": "bob"},
+        {"role": "assistant", "content": ""},
+        {"role": "tool", "content": "42"},
+    ]
+    assert r.sampling_fields().as_dict() == {
+        "max_tokens": 7,
+        "temperature": 0.0,
+        "top_p": 0.5,
+        "top_k": 40,
+        "seed": 123,
+        "stop_token_ids": [7, 8],
+        "ignore_eos": True,
+    }
+    assert r.sampling_fields().stop_strings == ["\n"]
+
+
+def test_chat_nulls_mean_defaults():
+    r = chat(temperature=None, top_p=None, n=None, stream=None, stop=None, max_tokens=None, seed=None)
+    assert (r.temperature, r.top_p, r.n, r.stream, r.stop, r.max_tokens) == (1.0, 1.0, 1, False, None, None)
+
+
+def test_stop_string_normalised():
+    assert chat(stop="END").stop == ["END"]
+    assert chat(stop=["a", "b", "a"]).sampling_fields().stop_strings == ["a", "b"]
+    assert len(chat(stop=[str(i) for i in range(16)]).stop) == 16
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"n": 2}, "only n=1 is supported"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": "0.7"}, "valid number"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.1}, "top_p"),
+        ({"top_k": 0}, "top_k must be -1"),
+        ({"top_k": -5}, "top_k must be -1"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "valid integer"),
+        ({"max_tokens": 1.5}, "valid integer"),
+        ({"max_completion_tokens": "10"}, "valid integer"),
+        ({"seed": "1"}, "valid integer"),
+        ({"seed": 2**64}, "seed"),
+        ({"temperature": float("nan")}, "finite number"),
+        ({"presence_penalty": float("inf")}, "finite number"),
+        ({"stream": "yes"}, "valid boolean"),
+        ({"ignore_eos": 1}, "valid boolean"),
+        ({"stop": 5}, "stop must be a string or a list of strings"),
+        ({"stop": ["a", 1]}, "stop must be a string or a list of strings"),
+        ({"stop": [str(i) for i in range(17)]}, "at most 16 stop strings"),
+        ({"stop_token_ids": [-1]}, "non-negative"),
+        ({"stop_token_ids": ["1"]}, "valid integer"),
+        ({"logprobs": True}, "logprobs are not supported"),
+        ({"stream_options": {"include_usage": "yes"}}, "valid boolean"),
+        ({"messages": []}, "at least 1 item"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "content must be a string or a list"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "only 'text' parts"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "string 'text'"),
+        ({"messages": "hi"}, "messages"),
+        ({"model": 3}, "model"),
+    ],
+)
+def test_chat_rejects(kw, needle):
+    assert needle in chat_error(**kw)
+
+
+def test_chat_model_required():
+    with pytest.raises(ValidationError, match="model"):
+        ChatCompletionRequest.model_validate({"messages": USER})
+
+
+# ------------------------------------------------------------ completion requests
+
+
+def comp(**kw) -> CompletionRequest:
+    return CompletionRequest.model_validate({"model": "m", **kw})
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [("hello", "hello"), ("", ""), ([1, 2, 3], [1, 2, 3]), (["hello"], "hello"), ([[4, 5]], [4, 5])],
+)
+def test_completion_prompt_forms(prompt, expected):
+    assert comp(prompt=prompt).prompt == expected
+
+
+@pytest.mark.parametrize(
+    "prompt, needle",
+    [
+        (["a", "b"], "batched prompts are not supported"),
+        ([[1], [2]], "batched prompts are not supported"),
+        ([], "must not be empty"),
+        ([1, "a"], "prompt must be a string"),
+        ([True, 2], "prompt must be a string"),
+        ([-1], "non-negative"),
+        (5, "prompt must be a string"),
+        ([[]], "must not be empty"),
+    ],
+)
+def test_completion_prompt_rejects(prompt, needle):
+    with pytest.raises(ValidationError, match=needle):
+        comp(prompt=prompt)
+
+
+def test_completion_fields():
+    r = comp(prompt="x")
+    assert r.max_tokens == 16 and r.effective_max_tokens == 16 and r.echo is False
+    r = comp(prompt="x", max_tokens=None, stop="\n", stream=True, stream_options={"include_usage": True}, logprobs=None)
+    assert r.max_tokens == 16 and r.stop == ["\n"] and r.include_usage
+    for kw, needle in [
+        ({"echo": True}, "echo is not supported"),
+        ({"n": 3}, "only n=1"),
+        ({"best_of": 2}, "best_of=1"),
+        ({"logprobs": 2}, "logprobs are not supported"),
+    ]:
+        with pytest.raises(ValidationError, match=needle):
+            comp(prompt="x", **kw)
+    with pytest.raises(ValidationError, match="prompt"):
+        CompletionRequest.model_validate({"model": "m"})
+
+
+# --------------------------------------------------------------- generate requests
+
+
+def test_generate_request():
+    r = GenerateRequest.model_validate({"prompt": "hi"})
+    assert r.prompt == "hi" and r.prompt_token_ids is None and r.max_tokens == 16 and r.model is None
+    r = GenerateRequest.model_validate({"prompt_token_ids": [1, 2], "max_tokens": 4, "stop": "x", "top_k": 5})
+    f = SamplingFields.from_request(r)
+    assert f.max_tokens == 4 and f.top_k == 5 and f.stop_strings == ["x"]
+    for body in [{}, {"prompt": "a", "prompt_token_ids": [1]}, {"prompt_token_ids": []}, {"prompt": 1}]:
+        with pytest.raises(ValidationError):
+            GenerateRequest.model_validate(body)
+    with pytest.raises(ValidationError, match="exactly one of"):
+        GenerateRequest.model_validate({"prompt": "a", "prompt_token_ids": [1]})
+
+
+# -------------------------------------------------------------------- responses
+
+
+def test_ids_and_usage():
+    assert chat_completion_id().startswith("chatcmpl-") and completion_id().startswith("cmpl-")
+    assert chat_completion_id() != chat_completion_id()
+    assert isinstance(now(), int)
+    assert usage_dict(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+def test_chat_completion_matches_openai_type():
+    d = chat_completion("chatcmpl-1", "m", 17, "Hello 😀", "stop", usage_dict(5, 2))
+    c = ChatCompletion.model_validate(d)
+    assert c.object == "chat.completion" and c.id == "chatcmpl-1" and c.created == 17 and c.model == "m"
+    assert c.choices[0].message.role == "assistant" and c.choices[0].message.content == "Hello 😀"
+    assert c.choices[0].finish_reason == "stop" and c.choices[0].index == 0
+    assert c.usage.total_tokens == 7
+    json.dumps(d)  # plain JSON-serialisable dict
+
+
+def test_chat_chunks_match_openai_type():
+    first = ChatCompletionChunk.model_validate(chat_role_chunk("chatcmpl-1", "m", 17))
+    assert first.object == "chat.completion.chunk"
+    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == ""
+    mid = ChatCompletionChunk.model_validate(chat_chunk("chatcmpl-1", "m", 17, delta="Hel"))
+    assert mid.choices[0].delta.content == "Hel" and mid.choices[0].finish_reason is None
+    last = ChatCompletionChunk.model_validate(chat_chunk("chatcmpl-1", "m", 17, finish_reason="length"))
+    assert last.choices[0].finish_reason == "length" and last.choices[0].delta.content is None
+    for d in (chat_chunk("chatcmpl-1", "m", 17, usage=usage_dict(1, 2)), chat_usage_chunk("chatcmpl-1", "m", 17, usage_dict(1, 2))):
+        u = ChatCompletionChunk.model_validate(d)
+        assert u.choices == [] and u.usage.completion_tokens == 2
+    # usage attached to a choice chunk stays a choice chunk
+    both = ChatCompletionChunk.model_validate(chat_chunk("c", "m", 1, finish_reason="stop", usage=usage_dict(1, 1)))
+    assert both.choices[0].finish_reason == "stop" and both.usage.total_tokens == 2
+
+
+def test_completion_matches_openai_type():
+    c = Completion.model_validate(completion("cmpl-1", "m", 17, "text", "length", usage_dict(2, 16)))
+    assert c.object == "text_completion" and c.choices[0].text == "text" and c.choices[0].finish_reason == "length"
+    assert c.usage.prompt_tokens == 2 and c.id == "cmpl-1"
+    last = Completion.model_validate(completion_chunk("cmpl-1", "m", 17, "", finish_reason="stop"))
+    assert last.object == "text_completion" and last.choices[0].finish_reason == "stop"
+    for d in (completion_chunk("cmpl-1", "m", 17, usage=usage_dict(2, 3)), completion_usage_chunk("cmpl-1", "m", 17, usage_dict(2, 3))):
+        u = Completion.model_validate(d)
+        assert u.choices == [] and u.usage.total_tokens == 5
+    # Mid-stream chunks carry finish_reason null, as OpenAI's own do (its `Completion` type
+    # marks the field required, so those are checked through the real client below).
+    assert completion_chunk("cmpl-1", "m", 17, "ab")["choices"][0] == {
+        "index": 0,
+        "text": "ab",
+        "logprobs": None,
+        "finish_reason": None,
+    }
+
+
+def _sse_client(frames: list[str]) -> openai.OpenAI:
+    body = "".join(frames).encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    return openai.OpenAI(
+        base_url="http://test/v1", api_key="x", http_client=httpx.Client(transport=httpx.MockTransport(handler))
+    )
+
+
+def test_streams_parse_with_openai_client():
+    rid, created = chat_completion_id(), now()
+    frames = [
+        sse_event(chat_role_chunk(rid, "m", created)),
+        sse_event(chat_chunk(rid, "m", created, delta="你好")),
+        sse_event(chat_chunk(rid, "m", created, delta=" 😀")),
+        sse_event(chat_chunk(rid, "m", created, finish_reason="stop")),
+        sse_event(chat_usage_chunk(rid, "m", created, usage_dict(3, 2))),
+        SSE_DONE,
+    ]
+    assert "你好" in frames[1]  # UTF-8, not \\u-escaped
+    stream = _sse_client(frames).chat.completions.create(
+        model="m", messages=USER, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert [c.id for c in chunks] == [rid] * 5
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "你好 😀"
+    assert chunks[3].choices[0].finish_reason == "stop" and chunks[-1].usage.total_tokens == 5
+
+    cid = completion_id()
+    frames = [
+        sse_event(completion_chunk(cid, "m", created, "a")),
+        sse_event(completion_chunk(cid, "m", created, "b")),
+        sse_event(completion_chunk(cid, "m", created, "", finish_reason="length")),
+        sse_event(completion_usage_chunk(cid, "m", created, usage_dict(1, 2))),
+        SSE_DONE,
+    ]
+    chunks = list(_sse_client(frames).completions.create(model="m", prompt="x", stream=True))
+    assert all(c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "ab"
+    assert chunks[2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 2
+
+
+# ------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def app_client() -> TestClient:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_endpoint(req: ChatCompletionRequest):
+        return {"ok": req.model}
+
+    @app.post("/v1/completions")
+    async def completions_endpoint(req: CompletionRequest):
+        return {"ok": req.model}
+
+    @app.get("/busy")
+    async def busy():
+        raise APIError("overloaded, retry later", 503, headers={"Retry-After": "2"})
+
+    @app.get("/limited")
+    async def limited():
+        raise APIError("slow down", 429, code="rate_limit")
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("secret internals /etc/passwd")
+
+    # raise_server_exceptions=False: Starlette re-raises unhandled errors after responding.
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def _err(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_error_body_shape():
+    assert error_body("m", "invalid_request_error", "x", None) == {
+        "error": {"message": "m", "type": "invalid_request_error", "param": "x", "code": None}
+    }
+    for status, typ in [(400, "invalid_request_error"), (404, "not_found_error"), (413, "request_too_large"),
+                        (429, "rate_limit_exceeded"), (500, "internal_error"), (503, "service_unavailable")]:
+        assert APIError("m", status).type == typ
+
+
+def test_validation_error_is_400_with_field_path(app_client):
+    e = _err(app_client.post("/v1/chat/completions", json={"model": "m", "messages": USER, "n": 2}), 400)
+    assert e["param"] == "n" and "only n=1 is supported" in e["message"] and e["type"] == "invalid_request_error"
+    bad_msg = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
+    e = _err(app_client.post("/v1/chat/completions", json=bad_msg), 400)
+    assert e["param"] == "messages.0.content" and "only 'text' parts" in e["message"]
+    e = _err(app_client.post("/v1/chat/completions", json={"model": "m", "messages": USER, "temperature": "hot"}), 400)
+    assert e["param"] == "temperature" and "'temperature'" in e["message"]
+    e = _err(app_client.post("/v1/chat/completions", json={"messages": USER}), 400)
+    assert e["param"] == "model" and "Missing required parameter: 'model'" in e["message"]
+    e = _err(app_client.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"]}), 400)
+    assert e["param"] == "prompt" and "batched prompts are not supported" in e["message"]
+
+
+def test_malformed_json(app_client):
+    headers = {"content-type": "application/json"}
+    e = _err(app_client.post("/v1/chat/completions", content=b'{"model": "m",', headers=headers), 400)
+    assert "not valid JSON" in e["message"] and e["param"] is None
+    e = _err(app_client.post("/v1/chat/completions", content=b"[1, 2]", headers=headers), 400)
+    assert "must be a JSON object" in e["message"]
+    e = _err(app_client.post("/v1/chat/completions", content=b"", headers=headers), 400)
+    assert "missing" in e["message"]
+
+
+def test_http_errors(app_client):
+    e = _err(app_client.get("/v1/nope"), 404)
+    assert e["type"] == "not_found_error" and "/v1/nope" in e["message"]
+    r = app_client.get("/v1/chat/completions")
+    e = _err(r, 405)
+    assert "GET" in e["message"] and r.headers["allow"] == "POST"
+
+
+def test_api_error_and_catch_all(app_client):
+    r = app_client.get("/busy")
+    e = _err(r, 503)
+    assert e["type"] == "service_unavailable" and e["message"] == "overloaded, retry later"
+    assert r.headers["retry-after"] == "2"
+    e = _err(app_client.get("/limited"), 429)
+    assert e["type"] == "rate_limit_exceeded" and e["code"] == "rate_limit"
+    r = app_client.get("/boom")
+    e = _err(r, 500)
+    assert e["type"] == "internal_error" and "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_openai_client_sees_errors(app_client):
+    # The official client turns our bodies into its typed exceptions with the fields intact.
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=app_client, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="m", messages=USER, n=2)
+    assert ei.value.param == "n" and "only n=1" in ei.value.message
+    assert ei.value.type == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="m", input="x")

@@ -1,0 +1,83 @@
+"""Real processes on loopback: `pdserve serve` (or single roles) on a demo model."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from pdserve.demo_model import write_demo_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, procs: list[subprocess.Popen], timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args} exited with {p.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def pdserve(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "pdserve", *args], env=env, **kw)
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("demo") / "model"
+    write_demo_model(d, arch="qwen3", seed=3)
+    return str(d)
+
+
+class Server:
+    def __init__(self, url: str, procs: list[subprocess.Popen], model: str):
+        self.url, self.procs, self.model = url, procs, model
+
+
+def start_serve(model: str, *extra: str) -> Server:
+    port = free_port()
+    p = pdserve("serve", "--model", model, "--port", str(port), "--num-kv-blocks", "256",
+                "--served-model-name", "demo", *extra)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [p])
+    except Exception:
+        stop([p])
+        raise
+    return Server(url, [p], model)
+
+
+@pytest.fixture(scope="module")
+def server(demo_model):
+    s = start_serve(demo_model)
+    yield s
+    stop(s.procs)

@@ -1,0 +1,178 @@
+"""End to end through real processes with the official `openai` client, against transformers."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model):
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+
+    def greedy(ids: list[int], n: int) -> list[int]:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        return out[0, len(ids):].tolist()
+
+    def chat_ids(messages) -> list[int]:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
+
+    def text(ids: list[int]) -> str:
+        return tok.decode(ids, skip_special_tokens=True)
+
+    return type("Ref", (), {"tok": tok, "greedy": staticmethod(greedy), "chat_ids": staticmethod(chat_ids),
+                            "text": staticmethod(text)})
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 = ?",
+             "Tell me about café culture in Paris.", "日本語で挨拶してください。", "List three colours.",
+             "Why is the sky blue?", "Explain recursion briefly.", "Hello!", "Name a prime number.",
+             "What does a compiler do?", "Give me a word that rhymes with moon.", "Count to five.",
+             "What is 7 times 8?", "Describe a cat.", "Say something kind."]
+
+
+def test_chat_greedy_equals_transformers(server, reference):
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": QUESTIONS[0]}]
+    ids = reference.chat_ids(msgs)
+    ref = reference.greedy(ids, 24)
+    r = client(server).chat.completions.create(model="demo", messages=msgs, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == reference.text(ref)
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref)
+    assert r.usage.total_tokens == len(ids) + len(ref)
+    assert r.choices[0].finish_reason == ("stop" if len(ref) < 24 else "length")
+
+
+def test_completion_greedy_equals_transformers(server, reference):
+    prompt = "The quick brown fox"
+    ids = reference.tok.encode(prompt)
+    ref = reference.greedy(ids, 20)
+    c = client(server)
+    r = c.completions.create(model="demo", prompt=prompt, max_tokens=20, temperature=0)
+    assert r.choices[0].text == reference.text(ref)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref)
+    # The same prompt as token ids, streamed.
+    parts = [ch.choices[0].text for ch in c.completions.create(model="demo", prompt=ids, max_tokens=20,
+                                                               temperature=0, stream=True) if ch.choices]
+    assert "".join(parts) == reference.text(ref)
+
+
+def test_16_concurrent_chat_streams_equal_transformers(server, reference):
+    c = client(server)
+
+    def one(q):
+        msgs = [{"role": "user", "content": q}]
+        stream = c.chat.completions.create(model="demo", messages=msgs, max_tokens=16, temperature=0,
+                                           stream=True, stream_options={"include_usage": True})
+        text, usage, finish = "", None, None
+        for ch in stream:
+            if ch.usage is not None:
+                usage = ch.usage
+            for choice in ch.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        return msgs, text, usage, finish
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, QUESTIONS))
+    for msgs, text, usage, finish in results:
+        ids = reference.chat_ids(msgs)
+        ref = reference.greedy(ids, 16)
+        assert text == reference.text(ref), msgs
+        assert usage.prompt_tokens == len(ids) and usage.completion_tokens == len(ref)
+        assert finish == ("stop" if len(ref) < 16 else "length")
+
+
+def test_sse_framing_is_exact(server):
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert payloads[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] >= 1
+    assert len({p["id"] for p in payloads}) == 1
+
+
+def test_stop_string_is_not_sent(server, reference):
+    msgs = [{"role": "user", "content": QUESTIONS[1]}]
+    full = reference.text(reference.greedy(reference.chat_ids(msgs), 24))
+    stop = full[5:8]  # a string the greedy output contains
+    expect = full[: full.index(stop)]
+    c = client(server)
+    r = c.chat.completions.create(model="demo", messages=msgs, max_tokens=24, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == expect and r.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="demo", messages=msgs, max_tokens=24, temperature=0, stop=[stop], stream=True) if ch.choices)
+    assert streamed == expect
+
+
+def test_generate_ndjson(server, reference):
+    ids = reference.tok.encode("Once upon a time")
+    ref = reference.greedy(ids, 12)
+    with httpx.stream("POST", server.url + "/generate", json={"prompt_token_ids": ids, "max_tokens": 12,
+                                                              "temperature": 0, "stream": True}, timeout=60) as r:
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert "".join(x["text"] for x in lines) == reference.text(ref)
+    assert sum((x["token_ids"] for x in lines), []) == ref
+    assert lines[-1]["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(ref),
+                                  "total_tokens": len(ids) + len(ref)}
+
+
+def test_seeded_sampling_is_reproducible(server):
+    c = client(server)
+    kw = dict(model="demo", prompt="Seeds:", max_tokens=12, temperature=1.0, seed=42)
+    assert c.completions.create(**kw).choices[0].text == c.completions.create(**kw).choices[0].text
+
+
+def test_models_and_health(server):
+    models = client(server).models.list()
+    assert [m.id for m in models.data] == ["demo"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ({"model": "demo", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ({"model": "demo", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ({"model": "demo", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"model": "demo", "messages": []}, 400, "messages"),
+])
+def test_bad_requests(server, body, status, param):
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param
+
+
+def test_malformed_json_and_openai_errors(server):
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client(server).completions.create(model="other", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client(server).completions.create(model="demo", prompt=[5] * 10, max_tokens=10**6)
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client(server).completions.create(model="demo", prompt=[10**7], max_tokens=2)
