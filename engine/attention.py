@@ -24,13 +24,19 @@ class AttentionMetadata:
     # Prefill-like sequences (one or more new tokens attending causally over their prefix).
     prefill_query_starts: list[int]     # offset of each sequence's first new token in the flat batch
     prefill_query_lens: list[int]
-    prefill_context_slots: list[torch.Tensor]  # per sequence [context_len] int64 slots of all its tokens
+    prefill_context_lens: list[int]     # tokens each sequence attends over (cached + new)
+    prefill_block_tables: list[torch.Tensor]  # per sequence [blocks covering its context] int64
     # Decode sequences (exactly one new token), attended as one padded batch.
     num_prefill_tokens: int              # decode tokens start here in the flat batch
-    decode_context_slots: torch.Tensor | None  # [B, max_context] int64, padded with slot 0
-    decode_context_mask: torch.Tensor | None   # [B, max_context] bool, True where valid
-    decode_context_lens: torch.Tensor | None = None  # [B] int32 (for fused backends)
-    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (for fused backends)
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64, padded with block 0
+    decode_context_mask: torch.Tensor | None  # [B, max_blocks * block_size] bool, True where valid
+    decode_context_lens: torch.Tensor | None = None  # [B] int32
+    # The whole batch in the layout fused kernels take (sequences in the same order):
+    query_start_loc: torch.Tensor | None = None   # [S + 1] int32, cumulative new-token counts
+    seq_lens: torch.Tensor | None = None          # [S] int32, context length (cached + new) per sequence
+    block_tables: torch.Tensor | None = None      # [S, max_blocks] int32, padded with 0
+    max_query_len: int = 0
+    max_seq_len: int = 0
 
 
 class TorchAttention:
@@ -53,17 +59,20 @@ class TorchAttention:
         kv_layer: torch.Tensor,   # [2, num_blocks, block_size, Hkv, D] (this layer's cache)
         meta: AttentionMetadata,
     ) -> torch.Tensor:            # [T, H, D]
-        k_cache = kv_layer[0].view(-1, self.num_kv_heads, self.head_dim)  # [slots, Hkv, D]
-        v_cache = kv_layer[1].view(-1, self.num_kv_heads, self.head_dim)
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        k_blocks, v_blocks = kv_layer[0], kv_layer[1]               # [N, block, Hkv, D]
+        k_blocks.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k.to(k_blocks.dtype))
+        v_blocks.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v.to(v_blocks.dtype))
 
         out = torch.empty_like(q)
-        for start, qlen, slots in zip(meta.prefill_query_starts, meta.prefill_query_lens, meta.prefill_context_slots):
-            out[start : start + qlen] = self._prefill(q[start : start + qlen], k_cache[slots], v_cache[slots])
-        if meta.decode_context_slots is not None:
+        for start, qlen, ctx, table in zip(meta.prefill_query_starts, meta.prefill_query_lens,
+                                           meta.prefill_context_lens, meta.prefill_block_tables):
+            # Gather whole blocks (a few large copies), then cut to the context.
+            kc = k_blocks.index_select(0, table).flatten(0, 1)[:ctx]  # [C, Hkv, D]
+            vc = v_blocks.index_select(0, table).flatten(0, 1)[:ctx]
+            out[start : start + qlen] = self._prefill(q[start : start + qlen], kc, vc)
+        if meta.decode_block_tables is not None:
             p = meta.num_prefill_tokens
-            out[p:] = self._decode(q[p:], k_cache, v_cache, meta.decode_context_slots, meta.decode_context_mask)
+            out[p:] = self._decode(q[p:], k_blocks, v_blocks, meta.decode_block_tables, meta.decode_context_mask)
         return out
 
     def _prefill(self, q, k, v):
@@ -72,16 +81,19 @@ class TorchAttention:
         qh = q.transpose(0, 1)                                       # [H, Q, D]
         kh = k.transpose(0, 1).repeat_interleave(self.group, dim=0)  # [H, C, D]
         vh = v.transpose(0, 1).repeat_interleave(self.group, dim=0)
-        # Query i sits at position ctx - qlen + i and sees keys 0..that position.
-        mask = torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - qlen)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+        if qlen == ctx:  # no cached prefix: plain causal attention (a faster kernel than a mask)
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
+        else:
+            # Query i sits at position ctx - qlen + i and sees keys 0..that position.
+            mask = torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - qlen)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
         return o.transpose(0, 1)                                     # [Q, H, D]
 
-    def _decode(self, q, k_cache, v_cache, slots, mask):
-        # q: [B, H, D]; slots, mask: [B, C]
+    def _decode(self, q, k_blocks, v_blocks, tables, mask):
+        # q: [B, H, D]; tables: [B, M] block ids; mask: [B, M * block]
         b = q.shape[0]
-        k = k_cache[slots]                                           # [B, C, Hkv, D]
-        v = v_cache[slots]
+        k = k_blocks.index_select(0, tables.flatten()).view(b, -1, self.num_kv_heads, self.head_dim)  # [B, C, Hkv, D]
+        v = v_blocks.index_select(0, tables.flatten()).view(b, -1, self.num_kv_heads, self.head_dim)
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)  # [B, Hkv, G, D]
         o = F.scaled_dot_product_attention(
             qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=self.scale

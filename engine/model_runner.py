@@ -1,6 +1,7 @@
 """Runs the model on one step's batch: builds the packed inputs, owns the KV cache tensor."""
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -69,7 +70,7 @@ class ModelRunner:
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        q_starts, q_lens, ctx_slots = [], [], []
+        q_starts, q_lens = [], []
         for s in ordered:
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
             table = seq.block_table
@@ -79,33 +80,38 @@ class ModelRunner:
         num_prefill_tokens = sum(s.num_new_tokens for s in prefills)
         dev = self.device
         t = 0
+        ctx_lens, tables_p = [], []
         for s in prefills:
             seq = s.seq
             ctx = seq.num_computed_tokens + s.num_new_tokens
             q_starts.append(t)
             q_lens.append(s.num_new_tokens)
-            ctx_slots.append(_context_slots(seq.block_table, ctx, bs, dev))
+            ctx_lens.append(ctx)
+            tables_p.append(torch.tensor(seq.block_table[: -(-ctx // bs)], dtype=torch.int64, device=dev))
             t += s.num_new_tokens
-        dec_slots = dec_mask = dec_lens = dec_tables = None
+        dec_tables = dec_mask = dec_lens = None
         if decodes:
             lens = [s.seq.num_computed_tokens + 1 for s in decodes]
-            max_len = max(lens)
-            max_blocks = -(-max_len // bs)
-            tables = torch.tensor([s.seq.block_table[:max_blocks] + [0] * (max_blocks - len(s.seq.block_table[:max_blocks]))
-                                   for s in decodes], dtype=torch.int64)          # [B, max_blocks]
-            offs = torch.arange(max_len)
-            dec_slots = (tables[:, offs // bs] * bs + offs % bs)                   # [B, max_len]
+            max_blocks = -(-max(lens) // bs)
+            rows = [s.seq.block_table[:max_blocks] for s in decodes]
+            tables = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.int64)  # [B, M]
             lens_t = torch.tensor(lens)
-            dec_mask = offs[None, :] < lens_t[:, None]
-            dec_slots = dec_slots.masked_fill(~dec_mask, 0).to(dev)
-            dec_mask = dec_mask.to(dev)
+            dec_mask = (torch.arange(max_blocks * bs)[None, :] < lens_t[:, None]).to(dev)            # [B, M*bs]
+            dec_tables = tables.to(dev)
             dec_lens = lens_t.to(torch.int32).to(dev)
-            dec_tables = tables.to(torch.int32).to(dev)
+        all_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in ordered]
+        all_q = [s.num_new_tokens for s in ordered]
+        width = -(-max(all_lens) // bs)
+        all_tables = [s.seq.block_table[:width] for s in ordered]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            prefill_query_starts=q_starts, prefill_query_lens=q_lens, prefill_context_slots=ctx_slots,
-            num_prefill_tokens=num_prefill_tokens, decode_context_slots=dec_slots, decode_context_mask=dec_mask,
-            decode_context_lens=dec_lens, decode_block_tables=dec_tables,
+            prefill_query_starts=q_starts, prefill_query_lens=q_lens, prefill_context_lens=ctx_lens,
+            prefill_block_tables=tables_p, num_prefill_tokens=num_prefill_tokens,
+            decode_block_tables=dec_tables, decode_context_mask=dec_mask, decode_context_lens=dec_lens,
+            query_start_loc=torch.tensor([0] + list(itertools.accumulate(all_q)), dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(all_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in all_tables], dtype=torch.int32, device=dev),
+            max_query_len=max(all_q), max_seq_len=max(all_lens),
         )
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
         positions = torch.tensor(pos, dtype=torch.int64, device=dev)
@@ -136,9 +142,3 @@ class ModelRunner:
             return ordered, hidden.new_empty(0, self.model_cfg.vocab_size), []
         logits = self.model.compute_logits(hidden[torch.tensor(ends, device=self.device)])
         return ordered, logits.float(), rows
-
-
-def _context_slots(table: list[int], ctx: int, bs: int, dev) -> torch.Tensor:
-    pos = torch.arange(ctx)
-    blocks = torch.tensor(table[: -(-ctx // bs)], dtype=torch.int64)
-    return (blocks[pos // bs] * bs + pos % bs).to(dev)
