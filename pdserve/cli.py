@@ -100,13 +100,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_demo_model)
 
-    roles.register(sub)
+    parser.role_parsers = roles.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        # Config values become defaults; parsing again lets command-line flags win.
+        sub = parser.role_parsers[args.command]
+        sub.set_defaults(**roles.load_config(args.config, args.command, parser.role_parsers))
+        args = parser.parse_args(argv)
     return args.func(args)
 
 

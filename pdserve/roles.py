@@ -31,8 +31,9 @@ ENGINE_FLAGS = {  # flag -> (EngineConfig field, type, help)
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, default=None,
-                   help="local Hugging Face model folder" + ("" if required else " (default: the demo model)"))
+    # Not argparse-required: a --config file may supply it (checked in require()).
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model folder" + (" (required)" if required else " (default: the demo model)"))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--kv-transport", default="zmq", choices=["zmq"])
@@ -64,9 +65,17 @@ def _setup_logging(level: str = "INFO") -> None:
 
 
 # ---- single roles ---------------------------------------------------------------------------
+def require(args, *names: str) -> None:
+    missing = [n for n in names if getattr(args, n, None) in (None, "")]
+    if missing:
+        raise SystemExit(f"pdserve {args.command}: missing " + ", ".join("--" + n.replace("_", "-") for n in missing)
+                         + " (a flag or a key in --config)")
+
+
 def cmd_router(args) -> int:
     import uvicorn
 
+    require(args, "model")
     from router.app import create_app
     from router.settings import RouterSettings
 
@@ -86,6 +95,7 @@ def cmd_worker(args) -> int:
 
     from pdserve.worker_settings import WorkerSettings
 
+    require(args, "model", "router")
     _setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +121,7 @@ def cmd_worker(args) -> int:
 
 def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
     add_model_args(p)
-    p.add_argument("--router", required=True, help="the router's control endpoint, e.g. tcp://10.0.0.1:5557")
+    p.add_argument("--router", default=None, help="the router's control endpoint, e.g. tcp://10.0.0.1:5557 (required)")
     p.add_argument("--worker-id", default=f"{role}-{os.getpid()}")
     if role == "decode":
         p.add_argument("--kv-address", default="tcp://127.0.0.1:0",
@@ -199,19 +209,67 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-workers", type=int, default=1)
 
 
-def register(sub) -> None:
-    """Adds serve, router, prefill and decode to the CLI's subparsers."""
+ROLE_COMMANDS = ("serve", "router", "prefill", "decode")
+
+
+def load_config(path: str, role: str, parsers: dict[str, argparse.ArgumentParser]) -> dict:
+    """Defaults for `role` from a YAML file: top-level keys apply to every role that has such an
+    option, a section named after a role (`router:`, `prefill:`, ...) to that role only. Keys are
+    option names (`max_num_seqs` or `max-num-seqs`). A key no role knows is an error naming it."""
+    import yaml
+
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, dict):
+        raise SystemExit(f"{path}: the top level must be a mapping of option names to values")
+
+    def dests(name: str) -> set[str]:
+        return {a.dest for a in parsers[name]._actions if a.dest not in ("help", "config")}
+
+    def norm(d: dict) -> dict:
+        return {str(k).replace("-", "_"): v for k, v in d.items()}
+
+    top = norm({k: v for k, v in doc.items() if k not in ROLE_COMMANDS})
+    known_any = set().union(*(dests(r) for r in ROLE_COMMANDS))
+    unknown = sorted(set(top) - known_any)
+    errors = [f"unknown key(s) at the top level: {', '.join(unknown)}"] if unknown else []
+    for r in ROLE_COMMANDS:
+        section = doc.get(r) or {}
+        if not isinstance(section, dict):
+            errors.append(f"section {r!r} must be a mapping")
+            continue
+        bad = sorted(set(norm(section)) - dests(r))
+        if bad:
+            errors.append(f"unknown key(s) in section {r!r}: {', '.join(bad)}")
+    if errors:
+        raise SystemExit(f"{path}: " + "; ".join(errors))
+    mine = dests(role)
+    values = {k: v for k, v in top.items() if k in mine}
+    values.update(norm(doc.get(role) or {}))
+    return values
+
+
+def register(sub) -> dict[str, argparse.ArgumentParser]:
+    """Adds serve, router, prefill and decode to the CLI's subparsers; returns them by name."""
+    parsers = {}
     p = sub.add_parser("serve", help="router + prefill and decode workers on this host")
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
+    parsers["serve"] = p
     p = sub.add_parser("router", help="the HTTP router alone")
-    p.add_argument("--model", required=True, help="local HF model folder (tokenizer, config)")
+    p.add_argument("--model", default=None, help="local HF model folder: tokenizer, config (required)")
     p.add_argument("--max-model-len", type=int, default=None)
     add_router_args(p)
     p.add_argument("--control-address", default="tcp://127.0.0.1:5557",
                    help="ZeroMQ endpoint workers connect to (non-loopback only on a trusted network)")
     p.set_defaults(func=cmd_router)
+    parsers["router"] = p
     for role in ("prefill", "decode"):
         p = sub.add_parser(role, help=f"one {role} worker")
         add_worker_args(p, role)
         p.set_defaults(func=cmd_worker)
+        parsers[role] = p
+    for p in parsers.values():
+        p.add_argument("--config", default=None, metavar="YAML",
+                       help="defaults from a YAML file (see configs/); flags given here override it")
+    return parsers

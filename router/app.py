@@ -155,11 +155,15 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        p, d = len(router.registry.alive("prefill")), len(router.registry.alive("decode"))
+        """200 while at least one prefill and one decode worker are alive; lists every worker."""
+        reg = router.registry
+        p, d = len(reg.alive("prefill")), len(reg.alive("decode"))
+        workers = [w.describe(reg.is_alive(w)) for w in sorted(reg.workers.values(), key=lambda w: w.worker_id)]
         if p and d:
-            return {"status": "ok", "prefill_workers": p, "decode_workers": d}
-        return JSONResponse(error_body(f"not ready: {p} live prefill and {d} live decode workers",
-                                       "service_unavailable"), status_code=503)
+            return {"status": "ok", "prefill_workers": p, "decode_workers": d, "workers": workers}
+        body = error_body(f"not ready: {p} live prefill and {d} live decode workers", "service_unavailable")
+        body["workers"] = workers
+        return JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def models():

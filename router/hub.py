@@ -97,8 +97,9 @@ class WorkerHub:
             raise LookupError("no live " + ("prefill" if pw is None else "decode") + " worker")
         state.prefill_worker, state.decode_worker = pw.worker_id, dw.worker_id
         self.requests[state.request_id] = state
-        pw.outstanding.add(state.request_id)
-        dw.outstanding.add(state.request_id)
+        for w in (pw, dw):
+            w.outstanding.add(state.request_id)
+            w.requests_total += 1
         msg = wire.Prefill(state.request_id, state.prompt_token_ids, state.params, dw.worker_id, dw.kv_address)
         if not await self._send(pw.worker_id, msg):
             self.finish(state)

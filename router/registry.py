@@ -28,6 +28,15 @@ class WorkerInfo:
     last_seen: float
     heartbeat: wire.Heartbeat | None = None
     outstanding: set[str] = field(default_factory=set)   # request ids this router has placed here
+    requests_total: int = 0                               # requests ever placed here
+
+    def describe(self, alive: bool) -> dict:
+        hb = self.heartbeat
+        return {"id": self.worker_id, "role": self.role, "alive": alive, "pid": self.pid,
+                "kv_address": self.kv_address or None, "requests_in_flight": len(self.outstanding),
+                "requests_total": self.requests_total, "running": hb.running if hb else 0,
+                "waiting": hb.waiting if hb else 0, "free_blocks": hb.free_blocks if hb else self.num_blocks,
+                "total_blocks": self.num_blocks}
 
     @property
     def load(self) -> tuple[int, int]:
