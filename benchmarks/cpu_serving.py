@@ -1,0 +1,114 @@
+"""Serving overhead on CPU: streaming requests through HTTP against the offline engine, one run.
+
+    python benchmarks/cpu_serving.py [--num-requests 32] [--output-len 64] [--json FILE]
+
+Starts `pdserve serve` (1 prefill + 1 decode worker, ZeroMQ KV transfer) on a fresh demo
+model, sends all requests at once as streaming /v1/completions with token-id prompts and EOS
+ignored, and counts output tokens per second of wall time from the first request sent to the
+last byte received. Then the offline `LLM` API generates the same requests in this process.
+Both use the same total CPU threads.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tests.serving.conftest import free_port, stop, wait_healthy  # noqa: E402
+
+
+async def run_http(url: str, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def one(p):
+            body = {"model": "demo", "prompt": p, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            n = 0
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        d = json.loads(line[6:])
+                        if d.get("usage"):
+                            n = d["usage"]["completion_tokens"]
+            return n
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(p) for p in prompts))
+        return time.perf_counter() - t0, sum(counts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--min-len", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from engine import LLM, SamplingParams
+    from pdserve.demo_model import write_demo_model
+
+    model = str(write_demo_model(tempfile.mkdtemp() + "/m", arch="llama"))
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(args.min_len, args.max_len + 1, (args.num_requests,), generator=g).tolist()
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lens]
+    n_out = args.num_requests * args.output_len
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", str(port),
+                             "--served-model-name", "demo", "--num-kv-blocks", "4096"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [proc])
+        asyncio.run(run_http(url, prompts, args.output_len))  # warm-up
+        http_times = []
+        for _ in range(args.repeats):
+            t, n = asyncio.run(run_http(url, prompts, args.output_len))
+            assert n == n_out, (n, n_out)
+            http_times.append(t)
+    finally:
+        stop([proc])
+    t_http = sorted(http_times)[len(http_times) // 2]
+
+    llm = LLM(model, device="cpu", num_kv_blocks=4096)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    llm.generate(prompts, params)
+    off_times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        llm.generate(prompts, params)
+        off_times.append(time.perf_counter() - t0)
+    t_off = sorted(off_times)[len(off_times) // 2]
+
+    print(f"{'path':<26}{'out tok/s':>10}{'seconds':>10}")
+    print(f"{'offline LLM.generate':<26}{n_out / t_off:>10.1f}{t_off:>10.2f}")
+    print(f"{'HTTP, 1P1D over ZeroMQ':<26}{n_out / t_http:>10.1f}{t_http:>10.2f}")
+    print(f"served / offline = {t_off / t_http:.2f}")
+    if args.json:
+        res = {
+            "machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} torch {torch.__version__}",
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "num_requests": args.num_requests, "output_len": args.output_len,
+            "offline_out_tok_s": round(n_out / t_off, 1), "http_out_tok_s": round(n_out / t_http, 1),
+            "ratio": round(t_off / t_http, 2), "http_times_s": [round(t, 3) for t in http_times],
+            "offline_times_s": [round(t, 3) for t in off_times],
+        }
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
