@@ -150,7 +150,8 @@ def cmd_serve(args) -> int:
         from pdserve.demo_model import ensure_demo_model
 
         args.model = str(ensure_demo_model())
-        log.info("no --model given: serving the demo model at %s", args.model)
+        args.served_model_name = args.served_model_name or "demo"
+        log.info("no --model given: serving the demo model at %s as %r", args.model, args.served_model_name)
     run_dir = tempfile.mkdtemp(prefix="pdserve-")
     control = f"ipc://{run_dir}/control"
     n_workers = args.prefill_workers + args.decode_workers
