@@ -101,8 +101,21 @@ class TorchAttention:
         return o.reshape(b, self.num_heads, self.head_dim)
 
 
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def make_attention(backend: str, device: torch.device, **kw):
+    """"triton": the Triton kernels (CUDA, or the Triton interpreter with TRITON_INTERPRET=1);
+    "torch": the reference, any device; "auto": triton on CUDA when it imports, else torch."""
+    if backend == "triton" or (backend == "auto" and device.type == "cuda" and _triton_importable()):
+        from .attention_triton import TritonAttention
+
+        return TritonAttention(**kw)
     if backend in ("auto", "torch"):
-        # The CUDA backend arrives with the GPU fast path; until then torch runs everywhere.
         return TorchAttention(**kw)
-    raise ValueError(f"unknown attention backend {backend!r}; supported: auto, torch")
+    raise ValueError(f"unknown attention backend {backend!r}; supported: auto, torch, triton")

@@ -159,6 +159,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None
     attention_backend: str = "auto"
+    enforce_eager: bool = False          # no CUDA graphs for decode
+    cuda_graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

@@ -31,12 +31,26 @@ class ModelRunner:
         model.init_rotary(max_model_len, device)
         load_weights(model, model_cfg.path)
         self.model = model.eval().requires_grad_(False)
+        self.attn_name = attn.name
+        self.max_model_len = max_model_len
         self.num_blocks = self._num_blocks()
         # kv_cache: [L, 2, num_blocks, block_size, Hkv, D]
-        self.kv_cache = torch.zeros(model_cfg.num_layers, 2, self.num_blocks, self.block_size,
-                                    model_cfg.num_kv_heads, model_cfg.head_dim, dtype=dtype, device=device)
-        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
-                 self.num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+        self.kv_cache = self._new_cache(self.num_blocks)
+        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %s)", self.num_blocks, self.block_size,
+                 self.num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
+                 dtype)
+        self.graphs = None
+        if device.type == "cuda" and attn.name == "triton" and not cfg.enforce_eager:
+            from .cuda_graphs import DecodeGraphs
+
+            buckets = tuple(b for b in cfg.cuda_graph_buckets if b <= cfg.max_num_seqs) or (1,)
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, buckets)
+            self.graphs.capture()
+
+    def _new_cache(self, num_blocks: int) -> torch.Tensor:
+        m = self.model_cfg
+        return torch.zeros(m.num_layers, 2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim,
+                           dtype=self.dtype, device=self.device)
 
     @property
     def bytes_per_block(self) -> int:
@@ -48,16 +62,46 @@ class ModelRunner:
             return self.cfg.num_kv_blocks
         budget = self.cfg.kv_cache_memory
         if budget is None:
-            if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                used = total - free
-                budget = int(total * self.cfg.gpu_memory_utilization) - used - (1 << 30)  # 1 GiB for activations
-            else:
-                budget = 1 << 30
+            budget = self._gpu_kv_budget() if self.device.type == "cuda" else 1 << 30
         n = budget // self.bytes_per_block
         if n < 1:
             raise RuntimeError("no memory left for the KV cache; lower the model size or raise the memory budget")
         return int(n)
+
+    def _gpu_kv_budget(self) -> int:
+        """Bytes for KV: `gpu_memory_utilization` of the card, less the weights, the peak
+        activations of the largest step (measured by running one), memory other processes
+        hold, and a reserve for CUDA graphs."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.cfg.max_num_batched_tokens, self.max_model_len)
+        from .scheduler import ScheduledSeq
+        from .sequence import SamplingParams, Sequence
+
+        seq = Sequence("__profile__", [0] * n, n, SamplingParams(max_tokens=1))
+        nb = -(-n // self.block_size)
+        seq.block_table = list(range(nb))
+        saved = getattr(self, "kv_cache", None)
+        self.kv_cache = self._new_cache(nb)
+        try:
+            _, ids, pos, meta = self.prepare([ScheduledSeq(seq, n)])
+            with torch.inference_mode():
+                hidden = self.model(ids, pos, self.kv_cache, meta)
+                rows = min(n, self.cfg.max_num_seqs)
+                self.model.compute_logits(hidden[:rows]).float().softmax(-1)  # the sampler's [S, V] work
+            torch.cuda.synchronize()
+        finally:
+            self.kv_cache = saved
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)
+        graph_reserve = 0 if self.cfg.enforce_eager else 512 << 20
+        budget = int(total * self.cfg.gpu_memory_utilization) - peak - others - graph_reserve
+        log.info("GPU memory: %.1f GiB total x %.2f; weights + peak activations %.2f GiB, other %.2f GiB, "
+                 "graphs %.2f GiB -> KV cache %.2f GiB", total / 2**30, self.cfg.gpu_memory_utilization,
+                 peak / 2**30, others / 2**30, graph_reserve / 2**30, budget / 2**30)
+        torch.cuda.empty_cache()
+        return budget
 
     # ---- one step ---------------------------------------------------------------------------
     def prepare(self, batch: list[ScheduledSeq]):
@@ -117,6 +161,19 @@ class ModelRunner:
         positions = torch.tensor(pos, dtype=torch.int64, device=dev)
         return ordered, input_ids, positions, meta
 
+    def _run_graph(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        bs = self.block_size
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for s in batch:
+            seq = s.seq
+            p = seq.num_computed_tokens          # position of the one new token
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(seq.block_table[: p // bs + 1])
+        return self.graphs.run(ids, pos, slots, lens, tables).float()
+
     @torch.inference_mode()
     def all_logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Logits at every scheduled position ([T, V], the packed order of `prepare`); for scoring
@@ -128,6 +185,9 @@ class ModelRunner:
     def run(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor, list[int]]:
         """Runs the batch; returns (ordered batch, logits [S, V] of the rows that sample, which
         entries of the ordered batch those rows belong to)."""
+        if self.graphs is not None and len(batch) <= self.graphs.max_batch and all(
+                s.num_new_tokens == 1 for s in batch):
+            return batch, self._run_graph(batch), list(range(len(batch)))
         ordered, input_ids, positions, meta = self.prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)            # [T, hidden]
         # Only sequences whose last known token was just computed sample a new token; a

@@ -162,13 +162,18 @@ def cmd_serve(args) -> int:
         v = getattr(args, flag.lstrip("-").replace("-", "_"))
         if v is not None:
             common += [flag, str(v)]
+    gpus = gpu_placement(args)
     procs: list[subprocess.Popen] = []
     for role, n in (("prefill", args.prefill_workers), ("decode", args.decode_workers)):
         for i in range(n):
             cmd = [sys.executable, "-m", "pdserve", role, "--worker-id", f"{role}-{i}"] + common
             if role == "decode":
                 cmd += ["--kv-address", f"ipc://{run_dir}/kv-{role}-{i}"]
-            procs.append(subprocess.Popen(cmd, preexec_fn=_set_parent_death_signal))
+            env = dict(os.environ)
+            if gpus[role]:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[role][i % len(gpus[role])]
+                log.info("%s-%d on GPU %s", role, i, env["CUDA_VISIBLE_DEVICES"])
+            procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_set_parent_death_signal))
     settings = RouterSettings(model=args.model, served_model_name=args.served_model_name, host=args.host,
                               port=args.port, control_address=control, policy=args.routing_policy,
                               worker_timeout_s=args.worker_timeout, request_timeout_s=args.request_timeout,
@@ -190,6 +195,23 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def gpu_placement(args) -> dict[str, list[str]]:
+    """GPU ids per role: from --prefill-gpus/--decode-gpus, else one distinct GPU per worker when
+    the host has enough (prefill workers first), else none (workers share what they see)."""
+    given = {"prefill": args.prefill_gpus, "decode": args.decode_gpus}
+    out = {role: [g.strip() for g in v.split(",") if g.strip()] if v else [] for role, v in given.items()}
+    if out["prefill"] or out["decode"] or args.device == "cpu":
+        return out
+    import torch
+
+    n_gpus = torch.cuda.device_count()
+    need = args.prefill_workers + args.decode_workers
+    if n_gpus >= need:
+        ids = [str(i) for i in range(need)]
+        out = {"prefill": ids[: args.prefill_workers], "decode": ids[args.prefill_workers:]}
+    return out
+
+
 def _stop_all(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
     for p in procs:
         if p.poll() is None:
@@ -208,6 +230,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_router_args(p)
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--prefill-gpus", default=None, help="GPU ids for prefill workers, e.g. 0 or 0,1 (round robin)")
+    p.add_argument("--decode-gpus", default=None, help="GPU ids for decode workers, e.g. 1 or 2,3")
 
 
 ROLE_COMMANDS = ("serve", "router", "prefill", "decode")

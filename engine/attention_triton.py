@@ -1,0 +1,424 @@
+"""Paged attention in Triton: one kernel for prefill, chunked prefill and decode.
+
+`TritonAttention.forward` makes two launches per layer (three when the KV range is split):
+
+1. `_reshape_and_cache_kernel`, grid (T,): copies token t's new k/v ([Hkv, D] each) into the
+   paged cache at `slot_mapping[t]`; a slot < 0 is padding and is skipped, which
+   `index_copy_` cannot do (CUDA-graph batches are padded with such slots).
+
+2. `_unified_attention_kernel`, grid (q_tiles, Hkv, splits). One program owns a tile of
+   BLOCK_Q consecutive new tokens of one sequence times the G = H / Hkv query heads that
+   share one KV head, flattened into BLOCK_M = BLOCK_Q * G (padded to a power of two) rows
+   of one [BLOCK_M, D] query matrix. It walks the sequence's keys in TILE_N-key tiles
+   gathered from the paged cache through the block table, with two tl.dot per tile
+   (scores, then P @ V) and an online softmax in fp32. Folding the G heads into the rows
+   means each KV tile is read once per (sequence, q tile, KV head), not once per query
+   head: this is what makes GQA decode memory-efficient.
+   - Grid dim 0 covers every sequence's q tiles without reading lengths on the host:
+     sequence s owns tiles from query_start_loc[s] // BLOCK_Q + s on (at least
+     cdiv(query_len, BLOCK_Q) of them), so T // BLOCK_Q + S programs always suffice;
+     a program finds its sequence by binary search and returns if it owns no tokens
+     (query_len 0 padding included). Within a sequence tiles run last-first, so the
+     longest causal tiles start first and the short ones fill the tail of the wave.
+   - Query at position p sees keys 0..p. Keys below the tile's first query position are
+     visible to every row, so those tiles skip the causal mask; only the last few
+     (diagonal) tiles and the ragged end are masked.
+   - Two configurations of the same kernel, picked from the python ints in the metadata:
+     decode (max_query_len == 1): BLOCK_Q = 1, BLOCK_M = max(16, G) (the minimum tl.dot
+     height), small TILE_N, deep pipelining: a memory-bound stream of K/V.
+     prefill/mixed: BLOCK_M = 128 rows (64 for head_dim > 128 or fp32), TILE_N = 64,
+     8 warps, so Hopper runs the dots as wgmma; decode rows in a mixed batch ride in
+     mostly-empty tiles, which costs some tensor-core work but no extra KV traffic.
+   - Split-KV (flash-decoding): when (q tiles x Hkv) programs would not fill the GPU
+     (fewer than 2 per SM), each tile's key range is cut into `splits` equal, TILE_N-aligned
+     pieces, one program each, which write an fp32 partial output and its log-sum-exp;
+     `_reduce_splits_kernel` (grid (T, H)) merges them. Splits are a function of shapes
+     and max_seq_len only, so a captured CUDA graph replays them unchanged.
+
+Nothing in `forward` reads device values on the host, and `max_query_len`/`max_seq_len`
+only choose the configuration and the split count: passing upper bounds (as a CUDA graph
+does) stays correct. Rows of `out` that belong to no sequence (tokens past
+query_start_loc[-1]) are left unspecified.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import AttentionMetadata
+
+def _fix_triton_interpreter() -> None:
+    """Two bugs of Triton 3.6's CPU interpreter that these kernels hit; interpreter mode only
+    (compiled kernels never go through this code):
+    - scalars are converted with int(ndarray of shape (1,)), which NumPy >= 2.4 rejects, so a
+      `range` over tensor bounds fails (triton-lang/triton#9171, fixed upstream by #9172);
+    - bfloat16 data is kept as uint16 and tl.dot multiplies the raw integers: widen to fp32.
+    """
+    try:
+        import numpy as np
+        from triton.runtime import interpreter as interp
+    except ImportError:
+        return
+    orig_patch, orig_dot = interp._patch_lang_tensor, interp.InterpreterBuilder.create_dot
+    if getattr(orig_patch, "_pdserve_fixed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        orig_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(x):
+            if x.dtype.scalar != tl.bfloat16:
+                return x
+            data = interp._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interp.TensorHandle(data, tl.float32)
+        return orig_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    patch_lang_tensor._pdserve_fixed = True
+    interp._patch_lang_tensor = patch_lang_tensor
+    interp.InterpreterBuilder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_triton_interpreter()
+
+_LOG2E = 1.4426950408889634
+_MIN_KEYS_PER_SPLIT = 128   # below this a split's fixed cost outweighs the parallelism it adds
+_MAX_SPLITS = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Write the new keys/values into the paged cache.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _reshape_and_cache_kernel(
+    k_ptr, v_ptr,                         # [T, Hkv, D] new keys / values
+    k_cache_ptr, v_cache_ptr,             # [num_blocks, BLOCK_SIZE, Hkv, D] (same strides)
+    slot_ptr,                             # [T] int64, block * BLOCK_SIZE + offset; < 0: skip
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_cb, stride_co, stride_ch, stride_cd,
+    HKV: tl.constexpr, D: tl.constexpr, HKV_P: tl.constexpr, D_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    h = tl.arange(0, HKV_P)[:, None]
+    d = tl.arange(0, D_P)[None, :]
+    mask = (h < HKV) & (d < D)
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + h * stride_ch + d * stride_cd
+    kx = tl.load(k_ptr + t * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
+    vx = tl.load(v_ptr + t * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
+    tl.store(k_cache_ptr + dst, kx.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, vx.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Attention.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
+    """Largest s with first_tile(s) <= pid, first_tile(s) = qsl[s] // BLOCK_Q + s (= qsl[s]
+    when BLOCK_Q == 1). Sequences with no tokens own one empty slot (or none) before the next."""
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs   # a tensor even when num_seqs == 1 is specialised to a constant
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(qsl_ptr + mid)
+        if BLOCK_Q > 1:
+            first = first // BLOCK_Q + mid
+        if first <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_tiles(
+    acc, l_i, m_i,                        # [BLOCK_M, D_P] f32, [BLOCK_M] f32, [BLOCK_M] f32 (log2 units)
+    q,                                    # [BLOCK_M, D_P]
+    k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, row_pos,
+    start, end,                           # key range; `start` is TILE_N-aligned
+    qk_scale,                             # softmax scale * log2(e)
+    stride_cb, stride_co, stride_ch, stride_cd,
+    D: tl.constexpr, D_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, D_P)
+    head_off = kv_head * stride_ch + offs_d[None, :] * stride_cd                # [1, D_P]
+    d_ok = offs_d[None, :] < D
+    for n0 in range(start, end, TILE_N):
+        keys = n0 + offs_n                                                       # [TILE_N]
+        key_ok = keys < end       # only the last tile of a range is ragged
+        # Paged gather: key -> (block id from the table, offset in the block).
+        blk = tl.load(bt_row_ptr + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        kv_off = blk[:, None] * stride_cb + (keys % BLOCK_SIZE)[:, None] * stride_co + head_off
+        kv_mask = key_ok[:, None] & d_ok
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)              # [TILE_N, D_P]
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)              # [TILE_N, D_P]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale     # [BLOCK_M, TILE_N]
+        if CAUSAL:
+            s = tl.where((keys[None, :] <= row_pos[:, None]) & key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row may have seen no visible key yet (its keys all lie in a later split or tile):
+        # subtract 0 instead of -inf so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _unified_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr,           # [T, H, NUM_SPLITS, D_P] f32, [T, H, NUM_SPLITS] f32
+    qsl_ptr, seq_lens_ptr, block_tables_ptr,
+    num_seqs: tl.int32, qk_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_ot, stride_oh, stride_od,
+    stride_cb, stride_co, stride_ch, stride_cd,
+    stride_bt,
+    NUM_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # ---- which sequence and which of its new tokens ----
+    seq = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
+    q_begin = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_begin
+    if BLOCK_Q == 1:
+        q_off = pid - q_begin
+    else:
+        n_tiles = tl.cdiv(q_len, BLOCK_Q)
+        local = pid - (q_begin // BLOCK_Q + seq)
+        # Last tile first: the longest causal tiles start first. A spare slot gets q_len.
+        q_off = tl.where(local < n_tiles, (n_tiles - 1 - local) * BLOCK_Q, q_len)
+    if q_off >= q_len:        # spare slot, query_len-0 padding, or a token past the last sequence
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx = seq_len - q_len                 # position of the sequence's first new token
+
+    # ---- query rows: row m = token m // G of the tile, head kv_head * G + m % G ----
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_P)
+    tok = offs_m // G
+    head = kv_head * G + offs_m % G
+    row_ok = (offs_m < BLOCK_Q * G) & (q_off + tok < q_len)
+    row_pos = ctx + q_off + tok
+    tok_idx = (q_begin + q_off + tok).to(tl.int64)
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + tok_idx[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)                # [BLOCK_M, D_P]
+
+    # ---- key range of this program ----
+    kv_hi = ctx + tl.minimum(q_off + BLOCK_Q, q_len)   # keys [0, kv_hi) are visible to some row
+    if NUM_SPLITS == 1:
+        lo = 0
+        hi = kv_hi
+    else:
+        per_split = tl.cdiv(tl.cdiv(kv_hi, TILE_N), NUM_SPLITS) * TILE_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, kv_hi)         # may be < lo: an empty split
+    # Keys <= the tile's first query position are visible to all rows: whole tiles below
+    # that need no causal mask. `mid` is TILE_N-aligned (or == hi when hi is).
+    mid = tl.minimum(tl.maximum((ctx + q_off + 1) // TILE_N * TILE_N, lo), hi)
+
+    bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    acc = tl.zeros([BLOCK_M, D_P], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, row_pos,
+                                  lo, mid, qk_scale, stride_cb, stride_co, stride_ch, stride_cd,
+                                  D, D_P, BLOCK_SIZE, TILE_N, False, DOT_PRECISION)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, row_pos,
+                                  mid, hi, qk_scale, stride_cb, stride_co, stride_ch, stride_cd,
+                                  D, D_P, BLOCK_SIZE, TILE_N, True, DOT_PRECISION)
+
+    # ---- epilogue ----
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + tok_idx[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        # Every split writes every row it owns, empty ones as (0, -inf), so the reduction
+        # never reads an unwritten partial.
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        part = (tok_idx * NUM_HEADS + head) * NUM_SPLITS + split                 # [BLOCK_M] int64
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+        tl.store(part_out_ptr + part[:, None] * D_P + offs_d[None, :], o, mask=row_ok[:, None])
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,  # see above; out [T, H, D]
+    stride_ot, stride_oh, stride_od,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
+    D: tl.constexpr, D_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_d = tl.arange(0, D_P)
+    s_ok = offs_s < NUM_SPLITS
+    base = (t * NUM_HEADS + h) * NUM_SPLITS + offs_s                             # [SPLITS_P]
+    lse = tl.load(part_lse_ptr + base, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))                      # 0 for empty splits
+    parts = tl.load(part_out_ptr + base[:, None] * D_P + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    denom = tl.sum(w, 0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od, o.to(out_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (no host syncs: safe inside CUDA-graph capture).
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132   # the interpreter on CPU: pretend to be an H100 so the heuristics match
+
+
+def _pow2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def pick_config(*, dtype: torch.dtype, head_dim: int, group: int, max_query_len: int) -> dict:
+    """Tile shapes and launch options; see the module docstring for why."""
+    d_p = max(16, _pow2(head_dim))
+    wide = d_p > 128 or dtype == torch.float32      # fp32 and D=256 tiles take twice the registers/smem
+    if max_query_len <= 1:
+        block_m = max(16, _pow2(group))
+        return dict(BLOCK_Q=1, BLOCK_M=block_m, TILE_N=32 if (wide or d_p == 128) else 64,
+                    num_warps=4, num_stages=2 if wide else 3)
+    block_m = 64 if wide else 128
+    # Rows cannot be filled past max_query_len * G (short chunks, speculative tokens).
+    block_m = max(16, _pow2(group), min(block_m, _pow2(max_query_len * group)))
+    return dict(BLOCK_Q=block_m // group, BLOCK_M=block_m, TILE_N=32 if wide else 64,
+                num_warps=8 if block_m >= 128 else 4, num_stages=2 if wide else 3)
+
+
+def num_kv_splits(*, num_q_programs: int, max_seq_len: int, num_sms: int) -> int:
+    """Split each tile's keys when the (q tile, KV head) programs would leave SMs idle:
+    aim for about two programs per SM, each split keeping >= _MIN_KEYS_PER_SPLIT keys."""
+    target = 2 * num_sms
+    if num_q_programs >= target:
+        return 1
+    return max(1, min(-(-target // max(num_q_programs, 1)), max_seq_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
+
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; slot_mapping [T]."""
+    t, hkv, d = k.shape
+    if t == 0:
+        return
+    assert k_cache.stride() == v_cache.stride()
+    _reshape_and_cache_kernel[(t,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        *k.stride(), *v.stride(), *k_cache.stride(),
+        HKV=hkv, D=d, HKV_P=_pow2(hkv), D_P=_pow2(d), BLOCK_SIZE=k_cache.shape[1],
+        num_warps=4 if hkv * d >= 1024 else 1,
+    )
+
+
+def unified_attention(
+    q: torch.Tensor,                 # [T, H, D]
+    k_cache: torch.Tensor,           # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    out: torch.Tensor,               # [T, H, D], written
+    query_start_loc: torch.Tensor,   # [S + 1] int32
+    seq_lens: torch.Tensor,          # [S] int32
+    block_tables: torch.Tensor,      # [S, max_blocks] int32
+    max_query_len: int,              # upper bounds are fine (CUDA graphs)
+    max_seq_len: int,
+    scale: float,
+    num_splits: int | None = None,   # None: the heuristic; tests force it
+    config: dict | None = None,      # overrides of pick_config's choices (tuning)
+) -> torch.Tensor:
+    t, h, d = q.shape
+    num_seqs = seq_lens.shape[0]
+    hkv, block_size = k_cache.shape[2], k_cache.shape[1]
+    assert h % hkv == 0 and k_cache.stride() == v_cache.stride()
+    if t == 0 or num_seqs == 0:
+        return out
+    g = h // hkv
+    d_p = max(16, _pow2(d))
+    cfg = pick_config(dtype=q.dtype, head_dim=d, group=g, max_query_len=max_query_len)
+    cfg.update(config or {})
+    block_q = cfg["BLOCK_Q"]
+    n_q_tiles = t if block_q == 1 else t // block_q + num_seqs
+    if num_splits is None:
+        num_splits = num_kv_splits(num_q_programs=n_q_tiles * hkv, max_seq_len=max_seq_len,
+                                   num_sms=_num_sms(q.device))
+    if num_splits > 1:
+        part_out = torch.empty((t, h, num_splits, d_p), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((t, h, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out    # never touched
+    _unified_attention_kernel[(n_q_tiles, hkv, num_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse,
+        query_start_loc, seq_lens, block_tables,
+        num_seqs, scale * _LOG2E,
+        *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0),
+        NUM_HEADS=h, G=g, D=d, D_P=d_p, BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q, BLOCK_M=cfg["BLOCK_M"], TILE_N=cfg["TILE_N"], NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if num_splits > 1:
+        _reduce_splits_kernel[(t, h)](
+            part_out, part_lse, out, *out.stride(),
+            NUM_HEADS=h, NUM_SPLITS=num_splits, SPLITS_P=_pow2(num_splits), D=d, D_P=d_p,
+            num_warps=1 if d_p <= 64 else 2,
+        )
+    return out
+
+
+class TritonAttention:
+    """Paged attention through the Triton kernels above (CUDA; the Triton interpreter on CPU)."""
+
+    name = "triton"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 num_splits: int | None = None):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.group = num_heads // num_kv_heads
+        self.scale = scale
+        self.num_splits = num_splits
+
+    def forward(
+        self,
+        q: torch.Tensor,          # [T, H, D]
+        k: torch.Tensor,          # [T, Hkv, D]
+        v: torch.Tensor,          # [T, Hkv, D]
+        kv_layer: torch.Tensor,   # [2, num_blocks, block_size, Hkv, D] (this layer's cache)
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:            # [T, H, D]
+        k_cache, v_cache = kv_layer[0], kv_layer[1]
+        reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return unified_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens,
+                                 meta.block_tables, meta.max_query_len, meta.max_seq_len, self.scale,
+                                 num_splits=self.num_splits)

@@ -1,0 +1,96 @@
+"""CUDA graphs for the decode step, one per batch-size bucket.
+
+A decode step of a small model on a GPU is launch-bound: hundreds of small kernels whose
+launch time exceeds their run time. Capturing the whole forward (embedding to logits) once
+per batch size and replaying it removes that. A batch of n decodes runs in the smallest
+bucket >= n; the padding rows write nowhere (slot -1) and attend one harmless key, and
+their logits are dropped. Only decode-only batches use graphs; anything with a prefill runs
+eagerly. Requires a graph-capturable attention backend (the Triton one).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_cache: torch.Tensor, block_size: int, max_model_len: int,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+        self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
+        self.buckets = tuple(sorted(buckets))
+        self.max_batch = self.buckets[-1]
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        dev = kv_cache.device
+        b = self.max_batch
+        # Static inputs: replays read whatever these hold.
+        self.input_ids = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((b,), -1, dtype=torch.int64, device=dev)
+        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(b, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _meta(self, n: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:n], prefill_query_starts=[], prefill_query_lens=[],
+            prefill_context_lens=[], prefill_block_tables=[], num_prefill_tokens=0,
+            decode_block_tables=None, decode_context_mask=None,
+            query_start_loc=self.query_start_loc[: n + 1], seq_lens=self.seq_lens[:n],
+            block_tables=self.block_tables[:n], max_query_len=1,
+            max_seq_len=self.max_model_len,  # an upper bound: the kernel reads seq_lens for the truth
+        )
+
+    def _forward(self, n: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_cache, self._meta(n))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for n in reversed(self.buckets):  # largest first: later graphs reuse its memory
+                self._forward(n)  # warm-up: Triton compiles, cuBLAS picks algorithms
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    self.outputs[n] = self._forward(n)
+                self.graphs[n] = g
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", ",".join(map(str, self.buckets)))
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    @torch.inference_mode()
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """Logits [n, V] of one decode step for n sequences (n <= the largest bucket)."""
+        n = len(token_ids)
+        b = self.bucket(n)
+        width = max(len(t) for t in tables)
+        # Pad rows up to the bucket: no cache write, one key each, from block 0.
+        pad = b - n
+        host = torch.tensor(
+            [token_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad], dtype=torch.int64)
+        self.input_ids[:b].copy_(host[0], non_blocking=True)
+        self.positions[:b].copy_(host[1], non_blocking=True)
+        self.slot_mapping[:b].copy_(host[2], non_blocking=True)
+        self.seq_lens[:b].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        rows = torch.zeros(b, width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            rows[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.block_tables[:b, :width].copy_(rows, non_blocking=True)
+        self.graphs[b].replay()
+        return self.outputs[b][:n]
