@@ -10,7 +10,6 @@ import time
 import httpx
 import pytest
 
-from pdserve.demo_model import write_demo_model
 
 
 def free_port() -> int:
@@ -49,13 +48,6 @@ def stop(procs: list[subprocess.Popen]) -> None:
 def pdserve(*args: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "pdserve", *args], env=env, **kw)
-
-
-@pytest.fixture(scope="session")
-def demo_model(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("demo") / "model"
-    write_demo_model(d, arch="qwen3", seed=3)
-    return str(d)
 
 
 class Server:

@@ -1,0 +1,265 @@
+"""Engine figures on a GPU against the hardware limits measured in the same run.
+
+    python benchmarks/gpu_engine.py [--out benchmarks/results/engine-<gpu>.json] [--quick]
+
+Model: random bfloat16 weights in the Llama-3.2-1B shape (vocab 128256, hidden 2048,
+intermediate 8192, 16 layers, 32 heads, 8 KV heads, tied embeddings), written to a temp
+folder with a demo tokenizer. Figures (definitions in the JSON next to each):
+
+- hbm_GBps: a large device-to-device copy; matmul_TFLOPs: bf16 8192^3 matmuls.
+- decode_mbu[B]: B sequences at context 1024 decoding; (unique weight bytes + KV bytes read
+  per step) / step time / hbm_GBps. Step time is the engine's whole step (scheduling,
+  CUDA-graph replay, sampling, host sync), not a kernel time.
+- prefill_mfu[shape]: model FLOPs of one prefill step (matmuls incl. the last-token lm_head
+  and causal attention) / step time / matmul rate.
+- out_tok_s: 256 requests (prompts 64-1024 tokens, 128 new tokens, EOS ignored) through
+  pdserve's offline LLM and through transformers `generate_batch`, same prompts.
+- kv transfer figures come from `python -m kvtransfer.bench` (two processes, GPU 0 -> 1).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+SHAPE = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+             num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+             max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+             rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+             bos_token_id=0, eos_token_id=2, pad_token_id=0)
+
+
+def write_model(path: str) -> None:
+    """Random bf16 weights straight to safetensors (no float32 model on the host)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from pdserve.demo_model import build_tokenizer
+
+    cfg = LlamaConfig(**SHAPE, architectures=["LlamaForCausalLM"], dtype="bfloat16")
+    cfg.save_pretrained(path)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q, kv = h, cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+
+    def w(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16) * std).cpu()
+
+    sd = {"model.embed_tokens.weight": w(cfg.vocab_size, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    for l in range(L):
+        p = f"model.layers.{l}."
+        sd.update({p + "self_attn.q_proj.weight": w(q, h), p + "self_attn.k_proj.weight": w(kv, h),
+                   p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, q),
+                   p + "mlp.gate_proj.weight": w(i, h), p + "mlp.up_proj.weight": w(i, h),
+                   p + "mlp.down_proj.weight": w(h, i),
+                   p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                   p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    build_tokenizer(cfg.vocab_size, 8192).save_pretrained(path)
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def hbm_bandwidth() -> float:
+    a = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = timed(lambda: b.copy_(a), 10, 3)
+    del a, b
+    return 2 * (4 << 30) / t / 1e9  # read + write
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = timed(lambda: a @ b, 20, 5)
+    return 2 * 8192**3 / t / 1e12
+
+
+def decode_mbu(model: str, batch: int, ctx: int, hbm: float, steps: int = 32) -> dict:
+    from engine import LLMEngine, SamplingParams
+
+    eng = LLMEngine(model, device="cuda", max_num_seqs=max(batch, 1), max_num_batched_tokens=16384,
+                    gpu_memory_utilization=0.85)
+    g = torch.Generator().manual_seed(batch)
+    for r in range(batch):
+        eng.add_request(f"r{r}", torch.randint(3, 128000, (ctx,), generator=g).tolist(),
+                        SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=0))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.seqs.values()):
+        eng.step()
+    for _ in range(3):
+        eng.step()  # warm
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    step = (time.perf_counter() - t0) / steps
+    m = eng.model_cfg
+    weights = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+    mean_ctx = ctx + 3 + steps / 2
+    kv = batch * mean_ctx * m.num_layers * 2 * m.num_kv_heads * m.head_dim * 2
+    res = {"step_ms": round(step * 1e3, 3), "bytes_per_step_GB": round((weights + kv) / 1e9, 3),
+           "achieved_GBps": round((weights + kv) / step / 1e9, 1), "mbu": round((weights + kv) / step / 1e9 / hbm, 3),
+           "out_tok_s": round(batch / step, 1)}
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def prefill_mfu(model: str, num: int, length: int, tflops: float) -> dict:
+    from engine import LLMEngine, SamplingParams
+
+    eng = LLMEngine(model, device="cuda", max_num_batched_tokens=num * length, max_num_seqs=64,
+                    gpu_memory_utilization=0.85, enforce_eager=True)  # prefill never uses the graphs
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 128000, (length,), generator=g).tolist() for _ in range(num)]
+    k = [0]
+
+    def once():
+        for p in prompts:
+            k[0] += 1
+            eng.add_request(f"p{k[0]}", p, SamplingParams(max_tokens=1, temperature=0))
+        eng.step()
+        assert not eng.has_unfinished()
+
+    t = timed(once, 5, 2)
+    m = eng.model_cfg
+    params = sum(p.numel() for n, p in eng.runner.model.named_parameters() if "embed_tokens" not in n)
+    tokens = num * length
+    attn = num * m.num_layers * 2 * 2 * m.num_heads * m.head_dim * (length * (length + 1) / 2)  # QK^T and PV, causal
+    flops = 2 * params * tokens + attn + 2 * num * m.hidden_size * m.vocab_size
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"step_ms": round(t * 1e3, 3), "TFLOPs": round(flops / t / 1e12, 1), "mfu": round(flops / t / 1e12 / tflops, 3)}
+
+
+def workload(n: int = 256, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128000, (int(k),), generator=g).tolist() for k in torch.randint(64, 1025, (n,), generator=g)]
+
+
+def pdserve_throughput(model: str, prompts, out_len: int) -> float:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model, device="cuda", gpu_memory_utilization=0.85, max_num_batched_tokens=8192)
+    sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:16], sp)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    torch.cuda.synchronize()
+    t = time.perf_counter() - t0
+    n = sum(len(o.token_ids) for o in outs)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return n / t
+
+
+def transformers_throughput(model: str, prompts, out_len: int) -> float | str:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+        cfg = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        hf.generate_batch(prompts[:16], generation_config=cfg)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = hf.generate_batch(prompts, generation_config=cfg)
+        torch.cuda.synchronize()
+        t = time.perf_counter() - t0
+        n = sum(len(o.generated_tokens) for o in out.values())
+        return n / t
+    except Exception as e:  # record why rather than lose the rest of the run
+        return f"error: {type(e).__name__}: {e}"
+
+
+def transfer(backend: str) -> dict | str:
+    cmd = [sys.executable, "-m", "kvtransfer.bench", "--backend", backend, "--device", "cuda", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except Exception:
+        return f"error: rc={r.returncode} {r.stderr[-800:]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="fewer cases, for a smoke run")
+    ap.add_argument("--skip", default="", help="comma list of: decode,prefill,throughput,transfer")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    gpu = torch.cuda.get_device_name()
+    res: dict = {"machine": f"{gpu} x{torch.cuda.device_count()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                          text=True).stdout.strip() or os.environ.get("PDSERVE_COMMIT", "?"),
+                 "command": " ".join(["python"] + sys.argv), "model": "random bf16, Llama-3.2-1B shape"}
+    res["hbm_GBps"] = round(hbm_bandwidth(), 1)
+    res["matmul_TFLOPs"] = round(matmul_tflops(), 1)
+    print(f"HBM copy {res['hbm_GBps']} GB/s, bf16 matmul {res['matmul_TFLOPs']} TFLOP/s", flush=True)
+    model = tempfile.mkdtemp(prefix="llama1b-")
+    t0 = time.perf_counter()
+    write_model(model)
+    print(f"wrote model in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    if "decode" not in skip:
+        res["decode_mbu"] = {}
+        for b in ([1, 64] if args.quick else [1, 16, 64, 256]):
+            r = decode_mbu(model, b, 1024, res["hbm_GBps"])
+            res["decode_mbu"][str(b)] = r
+            print(f"decode batch {b:>3} ctx 1024: {r}", flush=True)
+    if "prefill" not in skip:
+        res["prefill_mfu"] = {}
+        for num, length in ([(1, 2048)] if args.quick else [(1, 2048), (8, 1024)]):
+            r = prefill_mfu(model, num, length, res["matmul_TFLOPs"])
+            res["prefill_mfu"][f"{num}x{length}"] = r
+            print(f"prefill {num}x{length}: {r}", flush=True)
+    if "throughput" not in skip:
+        prompts = workload(64 if args.quick else 256)
+        ours = pdserve_throughput(model, prompts, 128)
+        print(f"pdserve offline: {ours:.0f} out tok/s", flush=True)
+        theirs = transformers_throughput(model, prompts, 128)
+        print(f"transformers generate_batch: {theirs}", flush=True)
+        res["out_tok_s"] = {"pdserve": round(ours, 1), "transformers_generate_batch":
+                            round(theirs, 1) if isinstance(theirs, float) else theirs,
+                            "requests": len(prompts), "prompt_lens": "64-1024 uniform", "output_len": 128}
+        if isinstance(theirs, float):
+            res["out_tok_s"]["ratio"] = round(ours / theirs, 2)
+    if "transfer" not in skip and torch.cuda.device_count() >= 2:
+        res["kv_transfer"] = {b: transfer(b) for b in ("nccl", "zmq")}
+        print(f"kv transfer: {res['kv_transfer']}", flush=True)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
