@@ -123,26 +123,27 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
         num_prefill_tokens = sum(s.num_new_tokens for s in prefills)
         dev = self.device
-        t = 0
         ctx_lens, tables_p = [], []
-        for s in prefills:
-            seq = s.seq
-            ctx = seq.num_computed_tokens + s.num_new_tokens
-            q_starts.append(t)
-            q_lens.append(s.num_new_tokens)
-            ctx_lens.append(ctx)
-            tables_p.append(torch.tensor(seq.block_table[: -(-ctx // bs)], dtype=torch.int64, device=dev))
-            t += s.num_new_tokens
         dec_tables = dec_mask = dec_lens = None
-        if decodes:
-            lens = [s.seq.num_computed_tokens + 1 for s in decodes]
-            max_blocks = -(-max(lens) // bs)
-            rows = [s.seq.block_table[:max_blocks] for s in decodes]
-            tables = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.int64)  # [B, M]
-            lens_t = torch.tensor(lens)
-            dec_mask = (torch.arange(max_blocks * bs)[None, :] < lens_t[:, None]).to(dev)            # [B, M*bs]
-            dec_tables = tables.to(dev)
-            dec_lens = lens_t.to(torch.int32).to(dev)
+        if self.attn_name == "torch":  # the reference backend's own layout; fused kernels skip it
+            t = 0
+            for s in prefills:
+                seq = s.seq
+                ctx = seq.num_computed_tokens + s.num_new_tokens
+                q_starts.append(t)
+                q_lens.append(s.num_new_tokens)
+                ctx_lens.append(ctx)
+                tables_p.append(torch.tensor(seq.block_table[: -(-ctx // bs)], dtype=torch.int64, device=dev))
+                t += s.num_new_tokens
+            if decodes:
+                lens = [s.seq.num_computed_tokens + 1 for s in decodes]
+                max_blocks = -(-max(lens) // bs)
+                rows = [s.seq.block_table[:max_blocks] for s in decodes]
+                tables = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.int64)  # [B, M]
+                lens_t = torch.tensor(lens)
+                dec_mask = (torch.arange(max_blocks * bs)[None, :] < lens_t[:, None]).to(dev)            # [B, M*bs]
+                dec_tables = tables.to(dev)
+                dec_lens = lens_t.to(torch.int32).to(dev)
         all_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in ordered]
         all_q = [s.num_new_tokens for s in ordered]
         width = -(-max(all_lens) // bs)
