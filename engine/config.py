@@ -160,6 +160,7 @@ class EngineConfig:
     max_model_len: int | None = None
     attention_backend: str = "auto"
     enforce_eager: bool = False          # no CUDA graphs for decode
+    compile_ops: bool = True             # on CUDA: torch.compile the elementwise ops (fused kernels)
     cuda_graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
     seed: int = 0
     extra: dict = field(default_factory=dict)

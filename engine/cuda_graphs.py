@@ -39,6 +39,11 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # Host staging, pinned, so one step's inputs reach the GPU in two async copies:
+        # [ids | positions | slots] as int64 rows, then [seq_lens | block tables] as int32.
+        self._host64 = torch.zeros(3, b, dtype=torch.int64).pin_memory()
+        self._host32 = torch.zeros(b, 1 + self.max_blocks, dtype=torch.int32).pin_memory()
+        self._np64, self._np32 = self._host64.numpy(), self._host32.numpy()
 
     def _meta(self, n: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -80,17 +85,21 @@ class DecodeGraphs:
         n = len(token_ids)
         b = self.bucket(n)
         width = max(len(t) for t in tables)
-        # Pad rows up to the bucket: no cache write, one key each, from block 0.
-        pad = b - n
-        host = torch.tensor(
-            [token_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad], dtype=torch.int64)
-        self.input_ids[:b].copy_(host[0], non_blocking=True)
-        self.positions[:b].copy_(host[1], non_blocking=True)
-        self.slot_mapping[:b].copy_(host[2], non_blocking=True)
-        self.seq_lens[:b].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        rows = torch.zeros(b, width, dtype=torch.int32)
+        h64, h32 = self._np64, self._np32
+        # The previous step's copies out of these buffers finished: its logits were read on
+        # the host (the sampler syncs) before this step was scheduled.
+        h64[0, :n], h64[1, :n], h64[2, :n] = token_ids, positions, slots
+        h64[:, n:b] = 0
+        h64[2, n:b] = -1              # padding rows write nowhere...
+        h32[:n, 0] = seq_lens
+        h32[n:b, 0] = 1               # ...and attend one key of block 0
+        h32[:b, 1 : 1 + width] = 0
         for i, t in enumerate(tables):
-            rows[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.block_tables[:b, :width].copy_(rows, non_blocking=True)
+            h32[i, 1 : 1 + len(t)] = t
+        self.input_ids[:b].copy_(self._host64[0, :b], non_blocking=True)
+        self.positions[:b].copy_(self._host64[1, :b], non_blocking=True)
+        self.slot_mapping[:b].copy_(self._host64[2, :b], non_blocking=True)
+        self.seq_lens[:b].copy_(self._host32[:b, 0], non_blocking=True)
+        self.block_tables[:b, :width].copy_(self._host32[:b, 1 : 1 + width], non_blocking=True)
         self.graphs[b].replay()
         return self.outputs[b][:n]

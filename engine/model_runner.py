@@ -31,6 +31,8 @@ class ModelRunner:
         model.init_rotary(max_model_len, device)
         load_weights(model, model_cfg.path)
         self.model = model.eval().requires_grad_(False)
+        if device.type == "cuda" and cfg.compile_ops:
+            model.ops.compile()
         self.attn_name = attn.name
         self.max_model_len = max_model_len
         self.num_blocks = self._num_blocks()

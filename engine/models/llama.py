@@ -19,24 +19,57 @@ from ..attention import AttentionMetadata
 from ..config import ModelConfig
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def apply_rope(q, k, cos_table, sin_table, positions):
+    # q: [T, H, D], k: [T, Hkv, D], tables: [P, D] float32, positions: [T]
+    cos = cos_table[positions].to(q.dtype)[:, None, :]   # [T, 1, D]
+    sin = sin_table[positions].to(q.dtype)[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Ops:
+    """The elementwise pieces of a layer. Eager by default; on a GPU `compile()` swaps in
+    torch.compile'd versions, which fuse each into one kernel (RMSNorm alone is six eager
+    kernels, x 2-4 per layer: at small batch those launches cost more than the math)."""
+
+    def __init__(self):
+        self.rms_norm, self.apply_rope, self.silu_mul = rms_norm, apply_rope, silu_mul
+
+    def compile(self) -> None:
+        opts = dict(dynamic=True, fullgraph=True)
+        self.rms_norm = torch.compile(rms_norm, **opts)
+        self.apply_rope = torch.compile(apply_rope, **opts)
+        self.silu_mul = torch.compile(silu_mul, **opts)
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops: Ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
     """cos/sin tables for every position, computed once (float32) like transformers does."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig, max_positions: int, ops: Ops):
         super().__init__()
+        self.ops = ops
         inv_freq, scaling = _inv_freq(cfg)
         pos = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)                      # [P, D/2]
@@ -45,10 +78,7 @@ class Rotary(nn.Module):
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, H, D], k: [T, Hkv, D], positions: [T]
-        cos = self.cos[positions].to(q.dtype)[:, None, :]      # [T, 1, D]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return self.ops.apply_rope(q, k, self.cos, self.sin, positions)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -78,14 +108,14 @@ def _inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn_backend):
+    def __init__(self, cfg: ModelConfig, attn_backend, ops: Ops):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.attn = attn_backend
 
     def forward(self, x, positions, rotary: Rotary, kv_layer, meta: AttentionMetadata):
@@ -102,24 +132,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
+        self.ops = ops
         self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn_backend):
+    def __init__(self, cfg: ModelConfig, attn_backend, ops: Ops):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, attn_backend)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.self_attn = Attention(cfg, attn_backend, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp = MLP(cfg, ops)
 
     def forward(self, x, positions, rotary, kv_layer, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_layer, meta)
@@ -130,14 +160,15 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_backend):
         super().__init__()
         self.cfg = cfg
+        self.ops = Ops()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, attn_backend) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attn_backend, self.ops) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary: Rotary | None = None  # set by init_rotary(): a table, not a parameter
 
     def init_rotary(self, max_positions: int, device) -> None:
-        self.rotary = Rotary(self.cfg, max_positions).to(device)
+        self.rotary = Rotary(self.cfg, max_positions, self.ops).to(device)
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T]; kv_cache: [L, 2, N, block, Hkv, D] -> hidden [T, hidden]

@@ -43,10 +43,12 @@ def test_prefill_logits_float32_on_gpu(tmp_path):
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-3  # TF32-free float32, Triton vs cuBLAS order
 
 
-def test_bf16_graphs_equal_eager(tmp_path):
+def test_graphs_equal_eager(tmp_path):
+    # float32: graphs pass an upper bound for max_seq_len, which may split the KV range
+    # differently from eager and so round differently; bf16 random models flip near-ties.
     make_checkpoint(tmp_path, "llama")
     ps = prompts(20, seed=5)
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    graphs = LLM(str(tmp_path), device="cuda", num_kv_blocks=256).generate(ps, sp)
-    eager = LLM(str(tmp_path), device="cuda", num_kv_blocks=256, enforce_eager=True).generate(ps, sp)
+    graphs = LLM(str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=256).generate(ps, sp)
+    eager = LLM(str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=256, enforce_eager=True).generate(ps, sp)
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
