@@ -1,0 +1,122 @@
+"""`pdserve bench` end to end over real loopback sockets against the scripted server."""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+
+import pytest
+
+from loadtest import cli
+from loadtest.report import read_result
+from tests.loadtest.fake_server import Script, by_prompt, serve
+
+# Real sleeps on a machine shared with other test runs: the server never sends early, so
+# latencies are at least the script's (less a little clock slack) and late by a few ms.
+EARLY, LATE = 0.003, 0.030
+
+SCRIPTS = {
+    "fast": Script(first_delay=0.05, gap=0.01, tokens=8),
+    "slow": Script(first_delay=0.10, gap=0.02, tokens=4),
+    "error": Script(error_after=3),
+    "503": Script(status=503),
+    "hang": Script(hang_after=2),
+}
+
+
+@pytest.fixture(scope="module")
+def url():
+    with serve(by_prompt(SCRIPTS)) as u:
+        yield u
+
+
+def within(measured: float, scripted: float) -> bool:
+    return scripted - EARLY <= measured <= scripted + LATE
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_bench_over_real_sockets(url, tmp_path, capsys, endpoint):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n"
+                               for p in ["fast", "slow", "503", "fast", "error", "hang", "fast", "slow"]))
+    result = tmp_path / "r.json"
+    rc = cli.main(["bench", "--base-url", url + "/v1", "--endpoint", endpoint, "--dataset-path", str(prompts),
+                   "--max-concurrency", "4", "--goodput", "ttft:75", "--timeout", "0.5", "--warmup", "1",
+                   "--disable-tqdm", "--result-file", str(result)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Serving Benchmark Result" in out and "Results written to" in out
+
+    rf = read_result(result)
+    assert rf.config["model"] == "fake-model" and rf.config["endpoint"] == endpoint  # from GET /v1/models
+    (run,) = rf.runs
+    m = run.metrics
+    assert (m["num_requests"], m["completed"], m["failed"]) == (8, 5, 3)
+    assert m["failures"] == {"http 503": 1, "error_event": 1, "timeout": 1}
+    assert (m["total_input_tokens"], m["total_output_tokens"]) == (25, 3 * 8 + 2 * 4)
+    for r, p in zip(run.requests, ["fast", "slow", "503", "fast", "error", "hang", "fast", "slow"]):
+        s = SCRIPTS[p]
+        if not r.ok:
+            continue
+        assert within(r.ttft, s.first_delay), (p, r.ttft)
+        assert within(r.e2el, s.first_delay + (s.tokens - 1) * s.gap), (p, r.e2el)
+        assert len(r.itl) == s.tokens - 1 and sum(r.itl) == pytest.approx(r.e2el - r.ttft)
+        assert within(r.tpot, s.gap), (p, r.tpot)
+    assert within(m["mean_ttft_ms"] / 1000, (3 * 0.05 + 2 * 0.10) / 5)
+    assert within(m["mean_tpot_ms"] / 1000, (3 * 0.01 + 2 * 0.02) / 5)
+    assert within(m["mean_e2el_ms"] / 1000, (3 * 0.12 + 2 * 0.16) / 5)
+    assert m["request_goodput"] == pytest.approx(3 / run.duration)  # the fast ones (TTFT 50 ms)
+    assert run.duration >= 0.5  # waited out the hanging request's timeout
+    assert m["request_throughput"] == pytest.approx(5 / run.duration)
+
+
+def test_sweep_writes_one_entry_per_rate_and_plots(url, tmp_path):
+    result = tmp_path / "sweep.json"
+    rc = cli.main(["bench", "--base-url", url, "--model", "m", "--input-len", "16", "--output-len", "8",
+                   "--num-prompts", "4", "--sweep-rates", "20,40", "--ignore-eos", "--goodput", "e2el:500",
+                   "--disable-tqdm", "--result-file", str(result)])
+    assert rc == 0
+    runs = read_result(result).runs
+    assert [r.request_rate for r in runs] == [20.0, 40.0]
+    assert all(r.metrics["completed"] == 4 for r in runs)
+    # Seeded: the same arrival pattern, scaled by the rate.
+    assert runs[0].requests[3].start >= runs[1].requests[3].start
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "plots"
+    assert cli.main(["bench", "plot", str(result), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"latency_cdf_ttft.png", "latency_cdf_tpot.png",
+                                               "latency_cdf_e2el.png", "slo_attainment.png", "goodput.png"}
+
+
+def test_unreachable_server_counts_connection_errors(tmp_path, capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "r.json"
+    rc = cli.main(["bench", "--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--num-prompts", "3",
+                   "--input-len", "4", "--disable-tqdm", "--timeout", "5", "--result-file", str(result)])
+    assert rc == 1  # nothing succeeded
+    m = read_result(result).runs[0].metrics
+    assert (m["completed"], m["failures"]) == (0, {"connection_error": 3})
+    assert m["mean_ttft_ms"] is None
+    assert "connection_error" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert cli.main(["bench", "--goodput", "ttft"]) == 2
+    assert cli.main(["bench", "--dataset", "sharegpt"]) == 2
+    assert cli.main(["bench", "--endpoint", "/v1/chat/completions", "--dataset", "random", "--model", "m",
+                     "--dataset-path", "x.jsonl"]) == 2
+    assert cli.main(["bench", "--model", "m", "--result-file", "/nonexistent/dir/r.json"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_register_adds_bench_and_plot():
+    parser = argparse.ArgumentParser(prog="pdserve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli.register(sub)
+    args = parser.parse_args(["bench", "--request-rate", "4", "--goodput", "ttft:500", "tpot:50"])
+    assert args.func is cli.cmd_bench and args.bench_command is None
+    assert (args.request_rate, args.goodput) == (4.0, ["ttft:500", "tpot:50"])
+    args = parser.parse_args(["bench", "plot", "a.json", "b.json", "--out", "d"])
+    assert (args.bench_command, args.results, args.out) == ("plot", ["a.json", "b.json"], "d")

@@ -1,0 +1,99 @@
+"""Dataset loaders on small fixture files and a tiny word-level tokenizer."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from loadtest import datasets
+from loadtest.datasets import Sample, Tokenizer
+
+SHAREGPT = [
+    {"id": "a", "conversations": [{"from": "human", "value": "hello world"},
+                                  {"from": "gpt", "value": "foo bar baz"}]},
+    {"id": "b", "conversations": [{"from": "human", "value": "foo"},
+                                  {"from": "gpt", "value": "bar"},
+                                  {"from": "human", "value": "baz baz"}]},
+    {"id": "c", "conversations": [{"from": "human", "value": "only one turn"}]},
+    {"id": "d", "conversations": [{"from": "human", "value": "empty answer"},
+                                  {"from": "gpt", "value": ""}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import models, pre_tokenizers
+
+    words = ["[UNK]", "<s>", "hello", "world", "foo", "bar", "baz", "empty", "answer", "one", "turn", "only"]
+    tok = Fast(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["[UNK]", "<s>"])
+    d = tmp_path_factory.mktemp("tok")
+    tok.save(str(d / "tokenizer.json"))
+    return Tokenizer(d)
+
+
+@pytest.fixture
+def sharegpt_file(tmp_path):
+    p = tmp_path / "sharegpt.json"
+    p.write_text(json.dumps(SHAREGPT))
+    return p
+
+
+def test_sharegpt_with_tokenizer_takes_output_len_from_the_gpt_turn(sharegpt_file, tokenizer):
+    got = datasets.sharegpt_samples(sharegpt_file, None, np.random.default_rng(0), output_len=None,
+                                    tokenizer=tokenizer)
+    # c has one turn, d an empty answer: skipped.
+    assert sorted(got, key=lambda s: s.prompt) == [Sample("foo", 1, 1), Sample("hello world", 2, 3)]
+
+
+def test_sharegpt_without_tokenizer_uses_output_len(sharegpt_file):
+    got = datasets.sharegpt_samples(sharegpt_file, None, np.random.default_rng(0), output_len=64)
+    assert sorted(got, key=lambda s: s.prompt) == [
+        Sample("empty answer", 2, 64), Sample("foo", 1, 64), Sample("hello world", 2, 64)]
+    with pytest.raises(ValueError, match="tokenizer"):
+        datasets.sharegpt_samples(sharegpt_file, None, np.random.default_rng(0), output_len=None)
+
+
+def test_sharegpt_shuffle_is_seeded_and_short_files_cycle(sharegpt_file):
+    def load(seed, n=None):
+        return datasets.sharegpt_samples(sharegpt_file, n, np.random.default_rng(seed), output_len=8)
+
+    assert load(1) == load(1)
+    seven = load(1, 7)
+    assert len(seven) == 7 and seven[3:6] == load(1)
+
+
+def test_jsonl(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"prompt": "a b c", "max_tokens": 5}\n\n{"prompt": [1, 2, 3, 4]}\n{"prompt": "d"}\n')
+    assert datasets.jsonl_samples(p, None, output_len=9) == [
+        Sample("a b c", 3, 5), Sample([1, 2, 3, 4], 4, 9), Sample("d", 1, 9)]
+    assert len(datasets.jsonl_samples(p, 5, output_len=9)) == 5
+    p.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match=":2:"):
+        datasets.jsonl_samples(p, None, output_len=9)
+
+
+def test_random_token_ids_lengths_within_range_ratio():
+    got = datasets.random_samples(200, 100, 20, 0.5, np.random.default_rng(0), token_ids=True)
+    assert all(50 <= s.prompt_len <= 150 and len(s.prompt) == s.prompt_len for s in got)
+    assert all(10 <= s.output_len <= 30 for s in got)
+    lo, hi = datasets.UNTOKENIZED_ID_RANGE
+    assert all(lo <= i < hi for s in got for i in s.prompt)
+    fixed = datasets.random_samples(5, 16, 4, 0.0, np.random.default_rng(0), token_ids=True)
+    assert {(s.prompt_len, s.output_len) for s in fixed} == {(16, 4)}
+
+
+def test_random_text(tokenizer):
+    words = datasets.random_samples(3, 12, 4, 0.0, np.random.default_rng(0), token_ids=False)
+    assert all(isinstance(s.prompt, str) and len(s.prompt.split()) == 12 for s in words)
+    tok_text = datasets.random_samples(3, 12, 4, 0.0, np.random.default_rng(0), token_ids=False,
+                                       tokenizer=tokenizer)
+    for s in tok_text:
+        ids = tokenizer.encode(s.prompt)
+        assert s.prompt_len == len(ids) == 12 and not {0, 1} & set(ids)  # no special tokens
+    ids = datasets.random_samples(3, 12, 4, 0.0, np.random.default_rng(0), token_ids=True, tokenizer=tokenizer)
+    assert all(2 <= i < 12 for s in ids for i in s.prompt)
