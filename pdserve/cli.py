@@ -100,6 +100,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_demo_model)
 
+    from loadtest import cli as bench_cli
+
+    bench_cli.register(sub)
     parser.role_parsers = roles.register(sub)
     return parser
 
