@@ -23,12 +23,16 @@
    - Query at position p sees keys 0..p. Keys below the tile's first query position are
      visible to every row, so those tiles skip the causal mask; only the last few
      (diagonal) tiles and the ragged end are masked.
-   - Two configurations of the same kernel, picked from the python ints in the metadata:
-     decode (max_query_len == 1): BLOCK_Q = 1, BLOCK_M = max(16, G) (the minimum tl.dot
-     height), small TILE_N, deep pipelining: a memory-bound stream of K/V.
-     prefill/mixed: BLOCK_M = 128 rows (64 for head_dim > 128 or fp32), TILE_N = 64,
-     8 warps, so Hopper runs the dots as wgmma; decode rows in a mixed batch ride in
-     mostly-empty tiles, which costs some tensor-core work but no extra KV traffic.
+   - Two configurations of the same kernel, picked from the python ints in the metadata
+     (`pick_config`):
+     decode (max_query_len == 1): BLOCK_Q = 1, BLOCK_M = max(16, G) (the smallest tl.dot
+     height), TILE_N = 32 (64 for D <= 64), 4 warps, ~80 registers: several programs per SM
+     stream K/V, and the block ids of the next tile are fetched one tile ahead so the
+     K/V loads of tile i+1 (cp.async, double-buffered) overlap the math of tile i.
+     prefill/mixed: BLOCK_M = 128 rows (64 for head_dim > 128), TILE_N = 64, 8 warps, so
+     Hopper runs the dots as wgmma; decode rows in a mixed batch ride in mostly-empty
+     tiles, which costs tensor-core time but no extra KV traffic.
+     float32 runs 3xTF32 dots (near-fp32 accuracy) on 16-row tiles, which do not spill.
    - Split-KV (flash-decoding): when (q tiles x Hkv) programs would not fill the GPU
      (fewer than 2 per SM), each tile's key range is cut into `splits` equal, TILE_N-aligned
      pieces, one program each, which write an fp32 partial output and its log-sum-exp;
@@ -39,6 +43,10 @@ Nothing in `forward` reads device values on the host, and `max_query_len`/`max_s
 only choose the configuration and the split count: passing upper bounds (as a CUDA graph
 does) stays correct. Rows of `out` that belong to no sequence (tokens past
 query_start_loc[-1]) are left unspecified.
+
+Checked on CPU with the Triton interpreter (tests/engine/test_attention_triton.py) and by
+compiling every configuration for sm_90 with ptxas (no register spills; wgmma in the
+prefill configuration, cp.async pipelining in all).
 """
 from __future__ import annotations
 
@@ -156,11 +164,18 @@ def _attend_tiles(
     offs_d = tl.arange(0, D_P)
     head_off = kv_head * stride_ch + offs_d[None, :] * stride_cd                # [1, D_P]
     d_ok = offs_d[None, :] < D
+    # The block ids of tile i+1 are loaded during tile i: the K/V addresses then depend on a
+    # loop-carried value, not on a load of the same iteration, so the pipeliner can keep
+    # several K/V tiles in flight.
+    keys = start + offs_n
+    blk_next = tl.load(bt_row_ptr + keys // BLOCK_SIZE, mask=keys < end, other=0)
     for n0 in range(start, end, TILE_N):
         keys = n0 + offs_n                                                       # [TILE_N]
         key_ok = keys < end       # only the last tile of a range is ragged
         # Paged gather: key -> (block id from the table, offset in the block).
-        blk = tl.load(bt_row_ptr + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        blk = blk_next.to(tl.int64)
+        nxt = keys + TILE_N
+        blk_next = tl.load(bt_row_ptr + nxt // BLOCK_SIZE, mask=nxt < end, other=0)
         kv_off = blk[:, None] * stride_cb + (keys % BLOCK_SIZE)[:, None] * stride_co + head_off
         kv_mask = key_ok[:, None] & d_ok
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)              # [TILE_N, D_P]
@@ -268,6 +283,7 @@ def _unified_attention_kernel(
 @triton.jit
 def _reduce_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr,  # see above; out [T, H, D]
+    qsl_ptr, num_seqs: tl.int32,
     stride_ot, stride_oh, stride_od,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr,
@@ -276,6 +292,10 @@ def _reduce_splits_kernel(
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P)
     offs_d = tl.arange(0, D_P)
+    out_ptrs = out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od
+    if t >= tl.load(qsl_ptr + num_seqs):  # a token of no sequence: its partials were never written
+        tl.store(out_ptrs, tl.zeros([D_P], dtype=out_ptr.dtype.element_ty), mask=offs_d < D)
+        return
     s_ok = offs_s < NUM_SPLITS
     base = (t * NUM_HEADS + h) * NUM_SPLITS + offs_s                             # [SPLITS_P]
     lse = tl.load(part_lse_ptr + base, mask=s_ok, other=float("-inf"))
@@ -284,8 +304,7 @@ def _reduce_splits_kernel(
     parts = tl.load(part_out_ptr + base[:, None] * D_P + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     denom = tl.sum(w, 0)
     o = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od, o.to(out_ptr.dtype.element_ty),
-             mask=offs_d < D)
+    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,18 +322,23 @@ def _pow2(x: int) -> int:
 
 
 def pick_config(*, dtype: torch.dtype, head_dim: int, group: int, max_query_len: int) -> dict:
-    """Tile shapes and launch options; see the module docstring for why."""
+    """Tile shapes and launch options (see the module docstring). Checked by compiling for
+    sm_90 with ptxas: none of these spill registers."""
     d_p = max(16, _pow2(head_dim))
-    wide = d_p > 128 or dtype == torch.float32      # fp32 and D=256 tiles take twice the registers/smem
+    g_p = _pow2(group)
+    if dtype == torch.float32:
+        # fp32 dots run as 3xTF32 on the tensor cores (near-fp32 accuracy); larger tiles spill.
+        block_m = max(16, g_p)
+        return dict(BLOCK_Q=1 if max_query_len <= 1 else block_m // group, BLOCK_M=block_m,
+                    TILE_N=32 if d_p <= 64 else 16, num_warps=8 if d_p >= 256 else 4, num_stages=2)
     if max_query_len <= 1:
-        block_m = max(16, _pow2(group))
-        return dict(BLOCK_Q=1, BLOCK_M=block_m, TILE_N=32 if (wide or d_p == 128) else 64,
-                    num_warps=4, num_stages=2 if wide else 3)
-    block_m = 64 if wide else 128
+        # ~8 KB of K+V per tile, double-buffered; ~80 registers, so 5-6 programs share an SM.
+        return dict(BLOCK_Q=1, BLOCK_M=max(16, g_p), TILE_N=64 if d_p <= 64 else 32, num_warps=4, num_stages=3)
+    block_m = 128 if d_p <= 128 else 64
     # Rows cannot be filled past max_query_len * G (short chunks, speculative tokens).
-    block_m = max(16, _pow2(group), min(block_m, _pow2(max_query_len * group)))
-    return dict(BLOCK_Q=block_m // group, BLOCK_M=block_m, TILE_N=32 if wide else 64,
-                num_warps=8 if block_m >= 128 else 4, num_stages=2 if wide else 3)
+    block_m = max(16, g_p, min(block_m, _pow2(max_query_len * group)))
+    return dict(BLOCK_Q=block_m // group, BLOCK_M=block_m, TILE_N=64 if d_p <= 128 else 32,
+                num_warps=8 if (block_m >= 128 or d_p >= 256) else 4, num_stages=3 if d_p <= 128 else 2)
 
 
 def num_kv_splits(*, num_q_programs: int, max_seq_len: int, num_sms: int) -> int:
@@ -382,12 +406,12 @@ def unified_attention(
         *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0),
         NUM_HEADS=h, G=g, D=d, D_P=d_p, BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=cfg["BLOCK_M"], TILE_N=cfg["TILE_N"], NUM_SPLITS=num_splits,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32: ~fp32-exact
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
         _reduce_splits_kernel[(t, h)](
-            part_out, part_lse, out, *out.stride(),
+            part_out, part_lse, out, query_start_loc, num_seqs, *out.stride(),
             NUM_HEADS=h, NUM_SPLITS=num_splits, SPLITS_P=_pow2(num_splits), D=d, D_P=d_p,
             num_warps=1 if d_p <= 64 else 2,
         )
