@@ -9,14 +9,20 @@ A request's path through this process:
          one `Tokens` message
       -> finished (EOS, stop token, length) or aborted -> blocks freed
 
-An `Abort` from the router frees the request wherever it is; a failed transfer frees the
-reserved blocks and is reported with `Failed`.
+An `Abort` from the router frees the request wherever it is: an offer is rejected, a
+transfer in flight is cancelled at once (its blocks are not held until the lease would have
+run out, which matters when the prefill worker died mid-transfer), a running sequence is
+dropped. A failed transfer frees the reserved blocks and is reported with `Failed`. A control
+frame that cannot be decoded or handled is logged and dropped. If the router restarted and
+no longer knows this worker, every request is dropped and the worker registers again.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
+import uuid
 from collections import OrderedDict
 
 import zmq
@@ -24,7 +30,8 @@ import zmq
 from engine import LLMEngine, RequestRejected, SamplingParams
 from kvtransfer import KVLayout, TransferStatus, make_receiver
 from pdserve import wire
-from pdserve.worker_link import RouterLink
+from pdserve.security import CurveKeys, check_bind
+from pdserve.worker_link import RegistrationRefused, RouterLink
 from pdserve.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -36,13 +43,23 @@ class DecodeWorker:
     def __init__(self, settings: WorkerSettings, engine: LLMEngine | None = None, *,
                  ctx: zmq.Context | None = None, transfer_options: dict | None = None):
         self.s = settings
+        self.incarnation = uuid.uuid4().hex  # this process's start, as the router and peers tell it
         self.engine = engine or LLMEngine(settings.model, device=settings.device, dtype=settings.dtype,
                                           **settings.engine)
         self.layout = KVLayout.from_cache(self.engine.runner.kv_cache, settings.model)
         self.ctx = ctx or zmq.Context.instance()
-        self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id)
+        keys = CurveKeys.load(settings.curve_keys) if settings.curve_keys else None
+        transfer_options = dict(transfer_options or {})
+        self._kv_ctx = self._zap = None
+        if settings.kv_transport != "inproc":
+            check_bind(settings.kv_address, keys, settings.insecure, f"decode worker {settings.worker_id}'s KV socket")
+            if keys is not None:
+                # The KV socket made on this context is a CURVE server admitting only members.
+                self._kv_ctx, self._zap = keys.server_context()
+                transfer_options["context"] = self._kv_ctx
+        self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id, curve=keys)
         self.receiver = make_receiver(settings.kv_transport, self.engine.runner.kv_cache, self.layout,
-                                      settings.worker_id, settings.kv_address, **(transfer_options or {}))
+                                      settings.worker_id, settings.kv_address, **transfer_options)
         self.offers: OrderedDict[str, object] = OrderedDict()  # waiting for blocks, in arrival order
         self.receiving: set[str] = set()                        # accepted, KV on its way
         self.aborted: set[str] = set()                          # aborted while receiving
@@ -52,7 +69,8 @@ class DecodeWorker:
         self.link.register(wire.Register(self.s.worker_id, self.role, self.layout.to_dict(),
                                          kv_address=self.receiver.address,
                                          num_blocks=self.engine.num_total_blocks,
-                                         max_model_len=self.engine.max_model_len, pid=os.getpid()),
+                                         max_model_len=self.engine.max_model_len, pid=os.getpid(),
+                                         incarnation=self.incarnation),
                            timeout_s=self.s.register_timeout_s)
         log.info("%s registered; receiving KV at %s", self.s.worker_id, self.receiver.address)
 
@@ -70,13 +88,21 @@ class DecodeWorker:
         # the GIL. While KV is arriving, wake every millisecond to admit it promptly.
         wait_ms = 0 if self.engine.has_unfinished() else (1 if self.receiving or self.offers else 5)
         for msg in self.link.recv(timeout_ms=wait_ms):
-            self._handle(msg)
+            try:
+                if not self.link.control(msg, self.abort_all):
+                    self._handle(msg)
+            except RegistrationRefused:
+                raise
+            except Exception:  # a well-formed message with absurd contents must not stop the worker
+                log.exception("dropped a %s that could not be handled", type(msg).__name__)
         for offer in self.receiver.poll_offers():
             self.offers[offer.request_id] = offer
         for ev in self.receiver.poll():
             self._transfer_event(ev)
         self._admit()
         if self.engine.has_unfinished():
+            if self.s.debug_step_delay_s:
+                time.sleep(self.s.debug_step_delay_s)
             outs = self.engine.step()
             if outs:
                 self.link.send(wire.Tokens(self.s.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
@@ -85,24 +111,40 @@ class DecodeWorker:
             sch = self.engine.scheduler
             self.link.send(wire.Heartbeat(self.s.worker_id, len(sch.running), len(sch.waiting) + len(self.offers),
                                           self.engine.num_free_blocks, self.engine.num_total_blocks,
-                                          len(self.receiving)))
+                                          len(self.receiving), sum(o.num_tokens for o in self.offers.values())))
 
     def close(self) -> None:
         self.receiver.close()
         self.link.close()
+        if self._zap is not None:
+            self._zap.stop()
+            self._kv_ctx.term()
+
+    def abort_all(self) -> None:
+        """Drop every request this worker holds (their router is gone)."""
+        self._abort(list(self.offers) + list(self.receiving) + list(self.engine.seqs))
 
     # ---- messages and transfers -------------------------------------------------------------
     def _handle(self, msg) -> None:
         if isinstance(msg, wire.Abort):
-            for rid in msg.request_ids:
-                if self.offers.pop(rid, None) is not None:
-                    self.receiver.reject(rid, "aborted")
-                elif rid in self.receiving:
-                    self.aborted.add(rid)  # the blocks are freed when the transfer reports its end
-                else:
-                    self.engine.abort(rid)
+            self._abort(msg.request_ids)
         else:
             log.warning("ignored unexpected %s", type(msg).__name__)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            if self.offers.pop(rid, None) is not None:
+                try:
+                    self.receiver.reject(rid, "aborted")
+                except ValueError:  # its lease ran out at this very moment: nothing left to reject
+                    pass
+            elif rid in self.receiving:
+                if rid not in self.aborted:
+                    self.aborted.add(rid)      # the blocks are freed when the transfer reports its end,
+                    self.receiver.cancel(rid)  # which cancelling makes happen now
+            else:
+                self.engine.abort(rid)
+        self.link.heartbeat_soon()             # the router sees the freed blocks within a turn
 
     def _admit(self) -> None:
         """Reserve blocks for waiting offers in arrival order while they fit."""

@@ -89,6 +89,13 @@ class ReceiverCore(_Endpoint, KVReceiver):
             del self._seen[request_id]
         self._command("reject", request_id, reason)
 
+    def cancel(self, request_id: str) -> None:
+        """Abort an accepted transfer from this side (its request was aborted): the sender is
+        told, and the transfer ends with CANCELLED, after which its blocks may be freed.  Without
+        this a decode worker would hold the blocks until the lease ran out when the sender died
+        mid-transfer.  A no-op once the transfer has ended."""
+        self._command("cancel", request_id)
+
     def poll(self) -> list[TransferEvent]:
         with self._lock:
             events, self._events = self._events, []
@@ -229,6 +236,11 @@ class ReceiverCore(_Endpoint, KVReceiver):
         inx.dst_idx = dst_idx
         inx.covered = torch.zeros(self.layout.num_layers, inx.nblocks, dtype=torch.bool)
         self._send_ctrl(inx.key, wire.make(wire.ACCEPT, xid=inx.xid, rid=rid))
+
+    def _cmd_cancel(self, rid: str) -> None:
+        inx = self._in.get(rid)
+        if inx is not None and inx.accepted:
+            self._abort(inx, "cancelled by receiver", "cancelled")
 
     def _cmd_reject(self, rid: str, reason: str) -> None:
         inx = self._in.get(rid)

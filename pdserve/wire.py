@@ -7,9 +7,10 @@ no names looked up dynamically). A frame that fails any check raises `WireError`
 callers log and drop.
 
 Flow: worker -> router `Register` (answered `Registered` or `RegisterRefused`), then
-`Heartbeat` every second; router -> prefill `Prefill`; prefill -> router `Tokens` (the
-first token at once); the KV goes prefill -> decode through kvtransfer, carrying the
-request; decode -> router `Tokens` each step (all of its sequences in one message);
+`Heartbeat` every second (a router that does not know the sender, because it restarted,
+answers `NotRegistered` and the worker registers again); router -> prefill `Prefill`;
+prefill -> router `Tokens` (the first token at once); the KV goes prefill -> decode
+through kvtransfer, carrying the request; decode -> router `Tokens` each step (all of its sequences in one message);
 router -> any worker `Abort`; worker -> router `Failed` when a request cannot go on.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Register:
     num_blocks: int = 0
     max_model_len: int = 0
     pid: int = 0
+    incarnation: str = ""       # random per process start: tells a restart from a repeated Register
 
 
 @dataclass
@@ -49,6 +51,13 @@ class RegisterRefused:
 
 
 @dataclass
+class NotRegistered:
+    """Router -> worker: "I do not know you" (the router restarted). The worker drops the
+    requests it holds (they belong to a router that is gone) and registers again."""
+    worker_id: str
+
+
+@dataclass
 class Heartbeat:
     worker_id: str
     running: int = 0            # sequences in the engine's running batch
@@ -56,6 +65,7 @@ class Heartbeat:
     free_blocks: int = 0
     total_blocks: int = 0
     transfers: int = 0          # KV transfers in flight
+    queued_tokens: int = 0      # prompt tokens not computed yet (prefill) or offered and not admitted (decode)
 
 
 @dataclass
@@ -65,6 +75,7 @@ class Prefill:
     params: dict                # engine.SamplingParams fields
     decode_worker: str
     decode_kv_address: str
+    decode_incarnation: str = ""  # changes when the decode worker restarted: connect to it afresh
 
 
 @dataclass
@@ -87,7 +98,8 @@ class Abort:
 
 
 MESSAGES: dict[str, type] = {c.__name__: c for c in
-                             (Register, Registered, RegisterRefused, Heartbeat, Prefill, Tokens, Failed, Abort)}
+                             (Register, Registered, RegisterRefused, NotRegistered, Heartbeat, Prefill, Tokens,
+                              Failed, Abort)}
 
 
 def encode(msg) -> bytes:
@@ -109,10 +121,26 @@ def decode(frame: bytes):
     cls = MESSAGES.get(d.pop("t", None))
     if cls is None:
         raise WireError("unknown message type")
-    names = {f.name for f in dataclasses.fields(cls)}
-    if not names.issuperset(d):
-        raise WireError(f"unknown fields {sorted(set(d) - names)} for {cls.__name__}")
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    if not set(fields).issuperset(d):
+        raise WireError(f"unknown fields {sorted(set(d) - set(fields))} for {cls.__name__}")
+    for name, value in d.items():
+        # Checked here so that handlers can trust field types: `Abort(request_ids=5)` must be
+        # dropped at the socket, not crash a worker loop that iterates over it.
+        if not _is_a(value, fields[name]):
+            raise WireError(f"{cls.__name__}.{name} must be {fields[name]}, got {type(value).__name__}")
     try:
         return cls(**d)
     except TypeError as e:
         raise WireError(f"bad {cls.__name__}: {e}") from None
+
+
+_SCALARS = {"str": str, "int": int, "dict": dict, "list": list}
+
+
+def _is_a(value, annotation: str) -> bool:
+    """`value` matches a field annotation of this module (str, int, dict, list, list[int], list[str])."""
+    if annotation.startswith("list["):
+        return isinstance(value, list) and all(_is_a(v, annotation[5:-1]) for v in value)
+    want = _SCALARS[annotation]
+    return isinstance(value, want) and not (want is int and isinstance(value, bool))

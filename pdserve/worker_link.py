@@ -3,6 +3,11 @@
 Shared by the prefill and decode loops: registration with retries and a timeout,
 heartbeats, non-blocking receive of typed messages (malformed frames are logged and
 dropped), and sends that never block the engine loop for long.
+
+Re-registration: a router that restarted does not know us and answers our heartbeat with
+`NotRegistered`; `control()` then registers again (without blocking the engine loop) and
+tells the worker to drop what it holds, since those requests belonged to the router that
+is gone. A `RegisterRefused` then ends the worker, as at start.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import time
 import zmq
 
 from . import wire
+from .security import CurveKeys
 
 log = logging.getLogger(__name__)
 
@@ -21,20 +27,25 @@ class RegistrationRefused(RuntimeError):
 
 
 class RouterLink:
-    def __init__(self, ctx: zmq.Context, router_address: str, worker_id: str, send_timeout_ms: int = 5000):
+    def __init__(self, ctx: zmq.Context, router_address: str, worker_id: str, send_timeout_ms: int = 5000,
+                 curve: CurveKeys | None = None):
         self.worker_id = worker_id
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        if curve is not None:
+            curve.client(self.sock)
         self.sock.connect(router_address)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self._last_heartbeat = 0.0
+        self._registration: wire.Register | None = None
 
     def register(self, msg: wire.Register, timeout_s: float = 60.0, retry_s: float = 1.0) -> None:
         """Send `msg` until the router answers; raise RegistrationRefused or TimeoutError."""
+        self._registration = msg
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.send(msg)
@@ -69,6 +80,28 @@ class RouterLink:
                 out.append(wire.decode(frame))
             except wire.WireError as e:
                 log.warning("dropped a malformed control frame (%d bytes): %s", len(frame), e)
+
+    def control(self, msg, forget_all) -> bool:
+        """Handles registration traffic after start; True if `msg` was one of those. On
+        `NotRegistered`, calls `forget_all()` (drop every request held) and registers again."""
+        if isinstance(msg, wire.NotRegistered):
+            log.warning("the router does not know %s (it restarted?): dropping held requests, registering again",
+                        self.worker_id)
+            forget_all()
+            if self._registration is not None:
+                self.send(self._registration)
+            return True
+        if isinstance(msg, wire.Registered):
+            log.info("%s registered with the router again", self.worker_id)
+            self.heartbeat_soon()
+            return True
+        if isinstance(msg, wire.RegisterRefused):
+            raise RegistrationRefused(msg.reason)
+        return False
+
+    def heartbeat_soon(self) -> None:
+        """Send the next heartbeat at the next turn (the load changed: the router should know now)."""
+        self._last_heartbeat = 0.0
 
     def heartbeat_due(self, interval_s: float) -> bool:
         now = time.monotonic()

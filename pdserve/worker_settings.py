@@ -17,9 +17,16 @@ class WorkerSettings:
     heartbeat_s: float = 1.0
     register_timeout_s: float = 60.0
     engine: dict = field(default_factory=dict)   # engine.EngineConfig overrides
+    curve_keys: str | None = None       # the deployment's CURVE secret key file (pdserve keys)
+    insecure: bool = False              # allow binding the KV socket beyond loopback without keys
+    # Testing aid: sleep this long before every engine step, so that a test can hold requests
+    # in a phase (prefilling, decoding) long enough to break something there. 0 in production.
+    debug_step_delay_s: float = 0.0
 
     def __post_init__(self):
         if self.kv_lease_s <= 0 or self.heartbeat_s <= 0:
             raise ValueError("kv_lease_s and heartbeat_s must be positive")
+        if self.debug_step_delay_s < 0:
+            raise ValueError("debug_step_delay_s must not be negative")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")

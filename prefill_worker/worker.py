@@ -8,24 +8,35 @@ A request's path through this process:
       -> else KV offered to the named decode worker (blocks held, bounded by a lease)
       -> decode ACKs (or the lease runs out, or the transfer fails) -> blocks freed
 
-An `Abort` from the router frees the request wherever it is. Every failure after the
-first token is reported to the router with `Failed`.
+An `Abort` from the router frees the request wherever it is (a transfer in flight is
+cancelled, which tells the decode worker too). Every failure after the first token is
+reported to the router with `Failed`. A control frame that cannot be decoded, or whose
+handling fails, is logged and dropped: nothing a socket receives stops this loop. If the
+router restarted and no longer knows this worker, every request is dropped and the worker
+registers again (see worker_link).
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
+import uuid
 
 import zmq
 
 from engine import LLMEngine, RequestRejected, SamplingParams
 from kvtransfer import KVLayout, TransferStatus, make_sender
 from pdserve import wire
-from pdserve.worker_link import RouterLink
+from pdserve.security import CurveKeys
+from pdserve.worker_link import RegistrationRefused, RouterLink
 from pdserve.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+# A handshake blocks this loop (and its heartbeats): an unresponsive peer must not make the
+# router think this worker died, so keep it well under the router's worker timeout.
+HANDSHAKE_TIMEOUT_S = 3.0
 
 
 class PrefillWorker:
@@ -34,22 +45,30 @@ class PrefillWorker:
     def __init__(self, settings: WorkerSettings, engine: LLMEngine | None = None, *,
                  ctx: zmq.Context | None = None, transfer_options: dict | None = None):
         self.s = settings
+        self.incarnation = uuid.uuid4().hex  # this process's start, as the router and peers tell it
         self.engine = engine or LLMEngine(settings.model, device=settings.device, dtype=settings.dtype,
                                           **settings.engine)
         self.layout = layout_of(self.engine, settings.model)
         self.ctx = ctx or zmq.Context.instance()
-        self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id)
+        keys = CurveKeys.load(settings.curve_keys) if settings.curve_keys else None
+        self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id, curve=keys)
+        transfer_options = dict(transfer_options or {})
+        self._kv_ctx = None
+        if keys is not None and settings.kv_transport != "inproc":
+            # KV sockets made on this context are CURVE clients of the deployment key.
+            self._kv_ctx = transfer_options["context"] = keys.client_context(io_threads=4)
         self.sender = make_sender(settings.kv_transport, self.engine.runner.kv_cache, self.layout,
-                                  settings.worker_id, **(transfer_options or {}))
+                                  settings.worker_id, **transfer_options)
         self.targets: dict[str, wire.Prefill] = {}   # request id -> its Prefill (until the KV is handed off)
         self.transfers: set[str] = set()             # KV offered, blocks held
-        self.peers: set[str] = set()                 # decode workers we completed a handshake with
+        self.peers: dict[str, str] = {}              # decode worker -> incarnation we completed a handshake with
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         self.link.register(wire.Register(self.s.worker_id, self.role, self.layout.to_dict(),
                                          num_blocks=self.engine.num_total_blocks,
-                                         max_model_len=self.engine.max_model_len, pid=os.getpid()),
+                                         max_model_len=self.engine.max_model_len, pid=os.getpid(),
+                                         incarnation=self.incarnation),
                            timeout_s=self.s.register_timeout_s)
         log.info("%s registered with the router at %s", self.s.worker_id, self.s.router_address)
 
@@ -65,20 +84,35 @@ class PrefillWorker:
     def run_once(self) -> None:
         busy = self.engine.has_unfinished()
         for msg in self.link.recv(timeout_ms=0 if busy else 5):
-            self._handle(msg)
+            try:
+                if not self.link.control(msg, self.abort_all):
+                    self._handle(msg)
+            except RegistrationRefused:
+                raise
+            except Exception:  # a well-formed message with absurd contents must not stop the worker
+                log.exception("dropped a %s that could not be handled", type(msg).__name__)
         if self.engine.has_unfinished():
+            if self.s.debug_step_delay_s:
+                time.sleep(self.s.debug_step_delay_s)
             self._step()
         for ev in self.sender.poll():
             self._transfer_ended(ev)
         if self.link.heartbeat_due(self.s.heartbeat_s):
             sch = self.engine.scheduler
+            queued = sum(q.num_tokens - q.num_computed_tokens for q in list(sch.waiting) + sch.running)
             self.link.send(wire.Heartbeat(self.s.worker_id, len(sch.running), len(sch.waiting),
                                           self.engine.num_free_blocks, self.engine.num_total_blocks,
-                                          len(self.transfers)))
+                                          len(self.transfers), queued))
 
     def close(self) -> None:
         self.sender.close()
         self.link.close()
+        if self._kv_ctx is not None:
+            self._kv_ctx.term()
+
+    def abort_all(self) -> None:
+        """Drop every request this worker holds (their router is gone)."""
+        self._abort(list(self.engine.seqs) + list(self.transfers))
 
     # ---- messages ---------------------------------------------------------------------------
     def _handle(self, msg) -> None:
@@ -91,14 +125,18 @@ class PrefillWorker:
                 return
             self.targets[msg.request_id] = msg
         elif isinstance(msg, wire.Abort):
-            for rid in msg.request_ids:
-                self.targets.pop(rid, None)
-                if rid in self.transfers:
-                    self.sender.cancel(rid)   # blocks are freed when the sender reports it
-                else:
-                    self.engine.abort(rid)
+            self._abort(msg.request_ids)
         else:
             log.warning("ignored unexpected %s", type(msg).__name__)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.targets.pop(rid, None)
+            if rid in self.transfers:
+                self.sender.cancel(rid)   # blocks are freed when the sender reports it
+            else:
+                self.engine.abort(rid)
+        self.link.heartbeat_soon()        # the router sees the freed blocks within a turn
 
     def _step(self) -> None:
         items = []
@@ -114,9 +152,11 @@ class PrefillWorker:
     def _hand_off(self, rid: str, first_token: int) -> None:
         msg = self.targets.pop(rid)
         try:
-            if msg.decode_worker not in self.peers:
-                self.sender.connect(msg.decode_worker, msg.decode_kv_address)
-                self.peers.add(msg.decode_worker)
+            if self.peers.get(msg.decode_worker) != msg.decode_incarnation:
+                # New peer, or it restarted: its receiver has forgotten our handshake.
+                self.peers.pop(msg.decode_worker, None)
+                self.sender.connect(msg.decode_worker, msg.decode_kv_address, timeout_s=HANDSHAKE_TIMEOUT_S)
+                self.peers[msg.decode_worker] = msg.decode_incarnation
             seq_blocks = self.engine.kv_block_ids(rid)
             meta = {"prompt_token_ids": msg.prompt_token_ids, "first_token": first_token, "params": msg.params}
             self.sender.offer(msg.decode_worker, rid, seq_blocks, len(msg.prompt_token_ids), meta,
