@@ -175,7 +175,7 @@ class ModelRunner:
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             lens.append(p + 1)
             tables.append(seq.block_table[: p // bs + 1])
-        return self.graphs.run(ids, pos, slots, lens, tables).float()
+        return self.graphs.run(ids, pos, slots, lens, tables)  # model dtype: the sampler upcasts if it samples
 
     @torch.inference_mode()
     def all_logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
@@ -204,4 +204,4 @@ class ModelRunner:
         if not ends:
             return ordered, hidden.new_empty(0, self.model_cfg.vocab_size), []
         logits = self.model.compute_logits(hidden[torch.tensor(ends, device=self.device)])
-        return ordered, logits.float(), rows
+        return ordered, logits, rows

@@ -26,6 +26,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(x + residual), x + residual): the residual add fused into the next norm."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
 def apply_rope(q, k, cos_table, sin_table, positions):
     # q: [T, H, D], k: [T, Hkv, D], tables: [P, D] float32, positions: [T]
     cos = cos_table[positions].to(q.dtype)[:, None, :]   # [T, 1, D]
@@ -44,11 +50,13 @@ class Ops:
     kernels, x 2-4 per layer: at small batch those launches cost more than the math)."""
 
     def __init__(self):
-        self.rms_norm, self.apply_rope, self.silu_mul = rms_norm, apply_rope, silu_mul
+        self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
+        self.apply_rope, self.silu_mul = apply_rope, silu_mul
 
     def compile(self) -> None:
         opts = dict(dynamic=True, fullgraph=True)
         self.rms_norm = torch.compile(rms_norm, **opts)
+        self.add_rms_norm = torch.compile(add_rms_norm, **opts)
         self.apply_rope = torch.compile(apply_rope, **opts)
         self.silu_mul = torch.compile(silu_mul, **opts)
 
@@ -62,6 +70,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor):
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -151,9 +162,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.mlp = MLP(cfg, ops)
 
-    def forward(self, x, positions, rotary, kv_layer, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, kv_layer, meta):
+        # Returns (this layer's output delta, the residual stream before it): the next norm
+        # adds them, so each residual add rides in a norm kernel.
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h, residual = self.post_attention_layernorm.add_forward(
+            self.self_attn(h, positions, rotary, kv_layer, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -172,10 +190,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T]; kv_cache: [L, 2, N, block, Hkv, D] -> hidden [T, hidden]
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, kv_cache[i], meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
+        return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
