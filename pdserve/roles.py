@@ -48,7 +48,39 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
     p.add_argument("--routing-policy", default="round_robin", choices=["round_robin", "least_loaded"])
     p.add_argument("--worker-timeout", type=float, default=5.0, help="seconds without a heartbeat before a worker is dead")
-    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of every request in seconds")
+    p.add_argument("--first-token-timeout", type=float, default=300.0, help="longest wait for a first token (s)")
+    p.add_argument("--next-token-timeout", type=float, default=60.0, help="longest wait for each next token (s)")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting for their first token; past it 503 + Retry-After")
+    p.add_argument("--max-queued-tokens", type=int, default=512 * 1024,
+                   help="prompt tokens of the requests waiting for their first token; past it 503")
+    p.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024, help="HTTP body size cap (413)")
+    p.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask (400)")
+    p.add_argument("--api-key", default=None,
+                   help="Bearer key required on /v1/* and /generate (default: $PDSERVE_API_KEY, else none)")
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-keys", default=None, metavar="FILE",
+                   help="the deployment's CURVE secret key file from `pdserve keys` (default: $PDSERVE_CURVE_KEYS)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow binding ZeroMQ sockets beyond loopback without CURVE keys")
+
+
+def router_settings(args, control_address: str):
+    from router.settings import RouterSettings
+
+    return RouterSettings(model=args.model, served_model_name=args.served_model_name, host=args.host,
+                          port=args.port, control_address=control_address, policy=args.routing_policy,
+                          worker_timeout_s=args.worker_timeout, request_timeout_s=args.request_timeout,
+                          first_token_timeout_s=args.first_token_timeout,
+                          next_token_timeout_s=args.next_token_timeout, max_model_len=args.max_model_len,
+                          max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
+                          max_request_bytes=args.max_request_bytes, max_tokens_cap=args.max_tokens_cap,
+                          api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or None,
+                          curve_keys=args.curve_keys or os.environ.get("PDSERVE_CURVE_KEYS") or None,
+                          insecure=args.insecure)
 
 
 def engine_options(args) -> dict:
@@ -76,14 +108,16 @@ def cmd_router(args) -> int:
     import uvicorn
 
     require(args, "model")
+    from pdserve.security import check_bind, keys_from
     from router.app import create_app
-    from router.settings import RouterSettings
 
     _setup_logging()
-    settings = RouterSettings(model=args.model, served_model_name=args.served_model_name, host=args.host,
-                              port=args.port, control_address=args.control_address, policy=args.routing_policy,
-                              worker_timeout_s=args.worker_timeout, request_timeout_s=args.request_timeout,
-                              max_model_len=args.max_model_len)
+    try:
+        settings = router_settings(args, args.control_address)
+        check_bind(settings.control_address, keys_from(settings.curve_keys), settings.insecure,
+                   "the router's control socket")
+    except ValueError as e:  # InsecureBind included: say why in one line, not a traceback
+        raise SystemExit(f"pdserve router: {e}") from None
     print(f"pdserve router: HTTP on http://{args.host}:{args.port}, workers connect to {args.control_address}",
           flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
@@ -102,7 +136,10 @@ def cmd_worker(args) -> int:
     settings = WorkerSettings(model=args.model, router_address=args.router, worker_id=args.worker_id,
                               device=args.device, dtype=args.dtype, kv_transport=args.kv_transport,
                               kv_address=getattr(args, "kv_address", "tcp://127.0.0.1:0"),
-                              engine=engine_options(args))
+                              kv_lease_s=args.kv_lease, heartbeat_s=args.heartbeat_interval,
+                              engine=engine_options(args),
+                              curve_keys=args.curve_keys or os.environ.get("PDSERVE_CURVE_KEYS") or None,
+                              insecure=args.insecure, debug_step_delay_s=args.debug_step_delay)
     if args.command == "prefill":
         from prefill_worker.worker import PrefillWorker as Worker
     else:
@@ -110,7 +147,11 @@ def cmd_worker(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    worker = Worker(settings)
+    try:
+        worker = Worker(settings)
+    except ValueError as e:  # InsecureBind, bad keys: one line, not a traceback
+        log.error("%s worker %s: %s", args.command, args.worker_id, e)
+        return 2
     try:
         worker.run(stop)
     except Exception as e:
@@ -126,6 +167,29 @@ def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
     if role == "decode":
         p.add_argument("--kv-address", default="tcp://127.0.0.1:0",
                        help="where prefill workers send KV (tcp://HOST:PORT across hosts, ipc://PATH on one)")
+    add_worker_timing_args(p)
+
+
+def add_worker_timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-lease", type=float, default=30.0,
+                   help="prefill: seconds a handed-off KV is held without the decode worker's ACK")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    p.add_argument("--debug-step-delay", type=float, default=0.0,
+                   help="testing aid: sleep this long before every engine step (simulates a slow model)")
+
+
+def cmd_keys(args) -> int:
+    from pdserve.security import write_keys
+
+    try:
+        public, secret = write_keys(args.dir)
+    except FileExistsError as e:
+        print(f"pdserve keys: {e}", file=sys.stderr)
+        return 1
+    print(f"Wrote {public} (public) and {secret} (secret, mode 600).")
+    print(f"Give every router and worker of the deployment `--curve-keys {secret}` "
+          f"(or `curve_keys: {secret}` in the config file).")
+    return 0
 
 
 # ---- serve: everything on one host -----------------------------------------------------------
@@ -143,7 +207,6 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from router.app import create_app
-    from router.settings import RouterSettings
 
     _setup_logging()
     if args.model is None:
@@ -157,7 +220,11 @@ def cmd_serve(args) -> int:
     n_workers = args.prefill_workers + args.decode_workers
     threads = args.threads or max(1, (os.cpu_count() or 1) // n_workers)
     common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
-              "--kv-transport", args.kv_transport, "--router", control, "--threads", str(threads)]
+              "--kv-transport", args.kv_transport, "--router", control, "--threads", str(threads),
+              "--kv-lease", str(args.kv_lease), "--heartbeat-interval", str(args.heartbeat_interval),
+              "--debug-step-delay", str(args.debug_step_delay)]
+    if args.curve_keys:
+        common += ["--curve-keys", args.curve_keys]
     for flag, (field, _, _) in ENGINE_FLAGS.items():
         v = getattr(args, flag.lstrip("-").replace("-", "_"))
         if v is not None:
@@ -174,10 +241,7 @@ def cmd_serve(args) -> int:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[role][i % len(gpus[role])]
                 log.info("%s-%d on GPU %s", role, i, env["CUDA_VISIBLE_DEVICES"])
             procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_set_parent_death_signal))
-    settings = RouterSettings(model=args.model, served_model_name=args.served_model_name, host=args.host,
-                              port=args.port, control_address=control, policy=args.routing_policy,
-                              worker_timeout_s=args.worker_timeout, request_timeout_s=args.request_timeout,
-                              max_model_len=args.max_model_len)
+    settings = router_settings(args, control)
     app = create_app(settings)
     print(f"pdserve: serving {settings.served_model_name} on http://{args.host}:{args.port} "
           f"({args.prefill_workers} prefill, {args.decode_workers} decode workers; ready once /health is 200)",
@@ -228,6 +292,7 @@ def _stop_all(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, required=False)
     add_router_args(p)
+    add_worker_timing_args(p)
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--prefill-gpus", default=None, help="GPU ids for prefill workers, e.g. 0 or 0,1 (round robin)")
@@ -294,7 +359,11 @@ def register(sub) -> dict[str, argparse.ArgumentParser]:
         add_worker_args(p, role)
         p.set_defaults(func=cmd_worker)
         parsers[role] = p
+    p = sub.add_parser("keys", help="write a CURVE key pair for authenticating ZeroMQ sockets")
+    p.add_argument("dir", metavar="DIR", help="where to write pdserve.key (public) and pdserve.key_secret")
+    p.set_defaults(func=cmd_keys)
     for p in parsers.values():
+        add_security_args(p)
         p.add_argument("--config", default=None, metavar="YAML",
                        help="defaults from a YAML file (see configs/); flags given here override it")
     return parsers

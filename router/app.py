@@ -5,6 +5,10 @@ chat template and tokenize, and hand the token ids to `generation.generate`, whi
 places the request on the workers and yields text chunks; the handlers only shape those
 chunks into OpenAI JSON, SSE or NDJSON. Errors before the first byte are HTTP errors in
 OpenAI's shape; errors after it are an error event and the stream's end.
+
+In front of the handlers (edge.py): the API key check, then the body size cap. A client
+that disconnects is noticed within 0.25 s while waiting for a chunk (`_next`), or by the
+server when a stream write fails; either way the request is aborted on its workers.
 """
 from __future__ import annotations
 
@@ -15,12 +19,17 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from . import protocol as P
+from pdserve.security import keys_from
+
+from .admission import Admission
+from .edge import ApiKeyGuard, BodyLimit
 from .errors import APIError, error_body, install_error_handlers
 from .generation import Chunk, generate
 from .hub import WorkerHub
+from .metrics import Metrics
 from .registry import WorkerRegistry
 from .settings import RouterSettings
 
@@ -43,6 +52,7 @@ class Router:
         self.vocab_size = cfg.vocab_size
         self.config_max_len = settings.max_model_len or cfg.max_position_embeddings
         self.registry = WorkerRegistry(settings.policy, settings.worker_timeout_s)
+        self.metrics = Metrics()
         self.hub: WorkerHub | None = None
 
     @property
@@ -73,7 +83,11 @@ class Router:
         if not prompt:
             raise APIError("the prompt is empty", 400, param=param)
         limit = self.max_model_len
-        max_tokens = fields.max_tokens if fields.max_tokens is not None else limit - len(prompt)
+        cap = self.settings.max_tokens_cap
+        if fields.max_tokens is not None and cap is not None and fields.max_tokens > cap:
+            raise APIError(f"max_tokens is {fields.max_tokens}; this server allows at most {cap}", 400,
+                           param="max_tokens")
+        max_tokens = fields.max_tokens if fields.max_tokens is not None else min(limit - len(prompt), cap or limit)
         if len(prompt) + max_tokens > limit:
             raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
                            f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for "
@@ -84,7 +98,7 @@ class Router:
         return d
 
     def stream(self, prompt: list[int], params: dict, stops: list[str]) -> AsyncIterator[Chunk]:
-        return generate(self.hub, self.tokenizer, self.settings, prompt, params, stops)
+        return generate(self.hub, self.tokenizer, self.settings, prompt, params, stops, metrics=self.metrics)
 
 
 async def _next(request: Request, chunks: AsyncIterator[Chunk]) -> Chunk:
@@ -128,6 +142,9 @@ def _sse(first: Chunk, rest: AsyncIterator[Chunk], start: list[dict], on_chunk, 
                 c = await rest.__anext__()
         except APIError as e:
             yield P.sse_event(e.body())
+        except Exception:  # a bug must still end the stream the way clients expect
+            log.exception("error in a stream")
+            yield P.sse_event(error_body("Internal server error", "internal_error"))
         finally:
             await rest.aclose()
         yield P.SSE_DONE
@@ -141,7 +158,9 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        router.hub = WorkerHub(router.registry, settings.control_address)
+        router.hub = WorkerHub(router.registry, settings.control_address,
+                               admission=Admission(settings.max_queued_requests, settings.max_queued_tokens),
+                               curve=keys_from(settings.curve_keys), insecure=settings.insecure)
         router.hub.start()
         log.info("router control endpoint: %s", router.hub.address)
         try:
@@ -152,6 +171,9 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.router = router
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyGuard, api_key=settings.api_key)  # added last: runs first
 
     @app.get("/health")
     async def health():
@@ -159,11 +181,19 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
         reg = router.registry
         p, d = len(reg.alive("prefill")), len(reg.alive("decode"))
         workers = [w.describe(reg.is_alive(w)) for w in sorted(reg.workers.values(), key=lambda w: w.worker_id)]
+        hub = router.hub
+        load = {"requests_in_flight": len(hub.requests) if hub else 0,
+                "queued_requests": hub.admission.requests if hub else 0}
         if p and d:
-            return {"status": "ok", "prefill_workers": p, "decode_workers": d, "workers": workers}
+            return {"status": "ok", "prefill_workers": p, "decode_workers": d, **load, "workers": workers}
         body = error_body(f"not ready: {p} live prefill and {d} live decode workers", "service_unavailable")
-        body["workers"] = workers
+        body.update(load, workers=workers)
         return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(router.metrics.render(router.hub, router.registry),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -261,6 +291,9 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
                     c = await chunks.__anext__()
             except APIError as e:
                 yield json.dumps(e.body(), ensure_ascii=False) + "\n"
+            except Exception:
+                log.exception("error in a stream")
+                yield json.dumps(error_body("Internal server error", "internal_error")) + "\n"
             finally:
                 await chunks.aclose()
 

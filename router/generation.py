@@ -3,7 +3,9 @@
 `generate()` places the request, then turns the workers' token events into text chunks:
 incremental detokenization (never a broken UTF-8 character), stop strings (matched across
 chunk boundaries, never sent), timeouts on the first and on every next token, and the
-request deadline. However the stream ends (finish, stop string, error, timeout, client
+request deadline. If the prefill worker fails before the first token, the request is
+placed once more on another prefill worker (the client never sees it); any other failure
+is an `APIError`. However the stream ends (finish, stop string, error, timeout, client
 gone), the workers holding the request are told to free it and the router forgets it.
 """
 from __future__ import annotations
@@ -14,9 +16,12 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from .admission import Overloaded
 from .detokenizer import IncrementalDetokenizer
 from .errors import APIError
-from .hub import RequestState, WorkerHub
+from .hub import WorkerHub
+from .metrics import Metrics
+from .request import RequestState
 from .settings import RouterSettings
 from .stop import StopStringMatcher
 
@@ -30,12 +35,19 @@ class Chunk:
 
 
 async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_token_ids: list[int],
-                   params: dict, stop_strings: list[str], request_id: str | None = None) -> AsyncIterator[Chunk]:
+                   params: dict, stop_strings: list[str], request_id: str | None = None,
+                   metrics: Metrics | None = None) -> AsyncIterator[Chunk]:
+    metrics = metrics or Metrics()
     state = RequestState(request_id or uuid.uuid4().hex, prompt_token_ids, params)
     try:
         await hub.submit(state)
+    except Overloaded as e:
+        metrics.count("rejected_overload")
+        raise APIError(str(e), 503, headers={"Retry-After": str(e.retry_after_s)}) from None
     except LookupError as e:
+        metrics.count("rejected_no_worker")
         raise APIError(f"no capacity to serve the request: {e}", 503, headers={"Retry-After": "1"}) from None
+    outcome = "cancelled"  # unless it ends otherwise: the client went away or a stop string ended it
     detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens=True)
     stops = StopStringMatcher(stop_strings) if stop_strings else None
     deadline = state.created + settings.request_timeout_s
@@ -50,8 +62,17 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
             except asyncio.TimeoutError:
                 what = "the request deadline" if time.monotonic() >= deadline else (
                     "the first token" if generated == 0 else "the next token")
+                outcome = "timeout"
                 raise APIError(f"timed out waiting for {what}", 503) from None
             if ev.kind == "error":
+                if ev.retry_from is not None and state.attempt == 0 and generated == 0:
+                    try:
+                        await hub.retry(state, ev.retry_from)
+                        metrics.count("retried")
+                        continue
+                    except LookupError as e:
+                        ev.message += f"; no other prefill worker to retry on ({e})"
+                outcome = "error"
                 raise APIError(ev.message, ev.code)
             generated += len(ev.token_ids)
             text = detok.add(ev.token_ids)
@@ -67,12 +88,16 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                     text += stops.flush()
                     if stops.stopped:
                         finish = "stop"
-            yield Chunk(text, ev.token_ids, finish, generated)
             if finish is not None:
+                # Decided before the yield: the consumer may close this generator right at it.
                 # A stop string ends the request here while the workers may still be decoding.
                 ended = ev.finish_reason is not None
+                outcome = "finished"
+            yield Chunk(text, ev.token_ids, finish, generated)
+            if finish is not None:
                 return
     finally:
+        metrics.count(outcome)
         if ended:
             hub.finish(state)
         else:

@@ -1,76 +1,60 @@
 """The router's side of the control plane: one ZeroMQ ROUTER socket all workers connect to.
 
-It registers workers, records heartbeats, places requests (`Prefill` to a prefill
-worker naming a decode worker), routes each worker's `Tokens` and `Failed` to the
-request they belong to, sends `Abort`s, and fails the requests of workers that go
-silent. Requests are `RequestState`s in `self.requests`: the one table the router
-keeps, emptied as each request ends.
+It registers workers (again after they restart, or after the router did), records
+heartbeats, places requests (`Prefill` to a prefill worker naming a decode worker), routes
+each worker's `Tokens` and `Failed` to the request they belong to, sends `Abort`s, and
+fails the requests of workers that go silent. Requests are `RequestState`s in
+`self.requests`: the one table the router keeps, emptied as each request ends.
+
+Who is responsible for a request, for the watchdog: its prefill worker until the decode
+worker sends the request's first token (the KV has arrived), its decode worker from
+placement to the end. A request whose prefill worker fails before the first token is
+marked retryable; `generation` then calls `retry()` once.
+
+Stale traffic: tokens for a request id the router does not hold (it ended, was retried,
+or belonged to a previous router) are answered with an `Abort`, so an orphan never runs
+to its max_tokens; a heartbeat from a worker the router does not know is answered
+`NotRegistered`, and the worker registers again.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
 from pdserve import wire
+from pdserve.security import CurveKeys, check_bind
 
-from .registry import WorkerRegistry
+from .admission import Admission
+from .registry import WorkerInfo, WorkerRegistry
+from .request import Event, RequestState
+
+__all__ = ["WorkerHub", "RequestState", "Event"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Event:
-    kind: str                       # "tokens" | "error"
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    message: str = ""
-    code: int = 503
-
-
-class RequestState:
-    """A request in flight: where it runs and the ordered stream of its token events."""
-
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: dict):
-        self.request_id = request_id
-        self.prompt_token_ids = prompt_token_ids
-        self.params = params
-        self.prefill_worker: str | None = None
-        self.decode_worker: str | None = None
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.created = time.monotonic()
-        self.first_token_at: float | None = None
-        self._next_index = 0
-        self._early: dict[int, tuple[list[int], str | None]] = {}
-        self.done = False
-
-    def on_tokens(self, index: int, token_ids: list[int], reason: str | None) -> None:
-        # The first token comes from the prefill worker and the rest from the decode worker,
-        # over two connections: put them back in order by index before anyone reads them.
-        self._early[index] = (token_ids, reason)
-        while self._next_index in self._early:
-            ids, r = self._early.pop(self._next_index)
-            self._next_index += len(ids)
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            self.events.put_nowait(Event("tokens", ids, r))
-
-    def on_error(self, message: str, code: int = 503) -> None:
-        self.events.put_nowait(Event("error", message=message, code=code))
-
-
 class WorkerHub:
-    def __init__(self, registry: WorkerRegistry, address: str, ctx: zmq.asyncio.Context | None = None):
+    def __init__(self, registry: WorkerRegistry, address: str, ctx: zmq.asyncio.Context | None = None, *,
+                 admission: Admission | None = None, curve: CurveKeys | None = None, insecure: bool = False):
+        check_bind(address, curve, insecure, "the router's control socket")
         self.registry = registry
+        self.admission = admission or Admission(10**9, 10**12)
         self.ctx = ctx or zmq.asyncio.Context()
+        self._zap = None
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises, not drops
+        # A worker that reconnects under the same id (restarted, or back from a network cut the
+        # old TCP connection has not noticed yet) takes the identity over instead of being refused.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.SNDTIMEO, 1000)
+        if curve is not None:
+            # The ZAP handler runs on a plain (sync) view of the same libzmq context.
+            self._zap = curve.authenticator(zmq.Context.shadow(self.ctx.underlying))
+            curve.server(self.sock)
         if address.endswith(":0"):
             port = self.sock.bind_to_random_port(address.rsplit(":", 1)[0])
             address = f"{address.rsplit(':', 1)[0]}:{port}"
@@ -78,6 +62,7 @@ class WorkerHub:
             self.sock.bind(address)
         self.address = address
         self.requests: dict[str, RequestState] = {}
+        self.retries = 0
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -88,26 +73,64 @@ class WorkerHub:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.sock.close(linger=0)
+        if self._zap is not None:
+            self._zap.stop()
 
     # ---- requests -------------------------------------------------------------------------------
     async def submit(self, state: RequestState) -> None:
-        """Places the request on a prefill and a decode worker; raises LookupError if none is alive."""
-        pw, dw = self.registry.pick("prefill"), self.registry.pick("decode")
-        if pw is None or dw is None:
-            raise LookupError("no live " + ("prefill" if pw is None else "decode") + " worker")
-        state.prefill_worker, state.decode_worker = pw.worker_id, dw.worker_id
-        self.requests[state.request_id] = state
-        for w in (pw, dw):
-            w.outstanding.add(state.request_id)
-            w.requests_total += 1
-        msg = wire.Prefill(state.request_id, state.prompt_token_ids, state.params, dw.worker_id, dw.kv_address)
-        if not await self._send(pw.worker_id, msg):
-            self.finish(state)
-            raise LookupError(f"prefill worker {pw.worker_id} is unreachable")
+        """Admits and places the request; raises Overloaded (queue full) or LookupError (no live
+        worker can take it)."""
+        self.admission.admit(state, len(state.prompt_token_ids))
+        try:
+            await self._place(state, exclude=set())
+        except LookupError:
+            self.admission.release(state)
+            raise
+
+    async def retry(self, state: RequestState, failed_worker: str) -> None:
+        """Places the request again, on another prefill worker, after `failed_worker` failed it
+        before its first token. The old attempt is aborted wherever it may linger."""
+        self.retries += 1
+        old_id, holders = state.request_id, {state.prefill_worker, state.decode_worker} - {None}
+        self._forget(state)
+        for wid in holders:
+            await self._send(wid, wire.Abort([old_id]))
+        state.next_attempt()
+        log.warning("retrying request %s on another prefill worker (%s failed before its first token)",
+                    state.base_id, failed_worker)
+        try:
+            await self._place(state, exclude={failed_worker})
+        except LookupError:
+            self.admission.release(state)
+            raise
+
+    async def _place(self, state: RequestState, exclude: set[str]) -> None:
+        exclude = set(exclude)
+        for _ in range(2):  # an unreachable prefill worker is skipped once
+            pw = self.registry.pick("prefill", exclude)
+            dw = self.registry.pick("decode")
+            if pw is None or dw is None:
+                raise LookupError("no live " + ("prefill" if pw is None else "decode") + " worker")
+            state.prefill_worker, state.decode_worker = pw.worker_id, dw.worker_id
+            self.requests[state.request_id] = state
+            for w in (pw, dw):
+                w.outstanding.add(state.request_id)
+                w.requests_total += 1
+            msg = wire.Prefill(state.request_id, state.prompt_token_ids, state.params, dw.worker_id, dw.kv_address,
+                               dw.incarnation)
+            if await self._send(pw.worker_id, msg):
+                return
+            self._forget(state)
+            exclude.add(pw.worker_id)
+        raise LookupError("no reachable prefill worker")
 
     def finish(self, state: RequestState) -> None:
         """Forget the request (it ended or was abandoned); idempotent."""
         state.done = True
+        self.admission.release(state)
+        self._forget(state)
+
+    def _forget(self, state: RequestState) -> None:
         self.requests.pop(state.request_id, None)
         for wid in (state.prefill_worker, state.decode_worker):
             w = self.registry.workers.get(wid) if wid else None
@@ -146,41 +169,80 @@ class WorkerHub:
 
     async def _dispatch(self, sender: str, msg) -> None:
         if isinstance(msg, wire.Tokens):
-            self.registry.seen(sender)
-            for item in msg.items:
-                rid, index, ids, reason = item
-                st = self.requests.get(rid)
-                if st is not None:
-                    st.on_tokens(int(index), [int(t) for t in ids], reason)
+            await self._on_tokens(sender, msg)
         elif isinstance(msg, wire.Heartbeat):
-            if not self.registry.heartbeat(msg):
-                log.info("heartbeat from unregistered worker %s", msg.worker_id)
+            if msg.worker_id != sender:
+                log.warning("dropped a heartbeat for %r from connection %r", msg.worker_id, sender)
+            elif not self.registry.heartbeat(msg):
+                log.info("heartbeat from unregistered worker %s: asking it to register", sender)
+                await self._send(sender, wire.NotRegistered(sender))
         elif isinstance(msg, wire.Failed):
             st = self.requests.get(msg.request_id)
-            if st is not None:
+            if st is not None and sender in (st.prefill_worker, st.decode_worker):
                 st.on_error(msg.message, msg.code)
         elif isinstance(msg, wire.Register):
-            if msg.worker_id != sender:
-                reason = f"worker id {msg.worker_id!r} does not match the connection identity {sender!r}"
-            else:
-                reason = self.registry.register(msg)
-            if reason is None:
-                log.info("registered %s worker %s (pid %d, %d KV blocks)", msg.role, msg.worker_id, msg.pid,
-                         msg.num_blocks)
-                await self._send(sender, wire.Registered(msg.worker_id))
-            else:
-                log.error("refused worker %s: %s", msg.worker_id, reason)
-                await self._send(sender, wire.RegisterRefused(msg.worker_id, reason))
+            await self._on_register(sender, msg)
         else:
             log.warning("ignored unexpected %s from %s", type(msg).__name__, sender)
+
+    async def _on_tokens(self, sender: str, msg: wire.Tokens) -> None:
+        self.registry.seen(sender)
+        stale = []
+        for item in msg.items:
+            rid, index, ids, reason = item
+            st = self.requests.get(rid)
+            if st is None or sender not in (st.prefill_worker, st.decode_worker):
+                if reason is None and isinstance(rid, str):
+                    stale.append(rid)  # the worker would go on to max_tokens for nobody
+                continue
+            if sender == st.decode_worker and st.decode_worker != st.prefill_worker:
+                # The KV arrived: the prefill worker's part is over, its failure no longer matters.
+                w = self.registry.workers.get(st.prefill_worker or "")
+                if w is not None:
+                    w.outstanding.discard(rid)
+            st.on_tokens(int(index), [int(t) for t in ids], reason)
+            if st.first_token_at is not None:
+                self.admission.release(st)
+        if stale:
+            await self._send(sender, wire.Abort(stale))
+
+    async def _on_register(self, sender: str, msg: wire.Register) -> None:
+        old = self.registry.workers.get(msg.worker_id)
+        if msg.worker_id != sender:
+            reason = f"worker id {msg.worker_id!r} does not match the connection identity {sender!r}"
+        else:
+            reason = self.registry.register(msg)
+        if reason is not None:
+            log.error("refused worker %s: %s", msg.worker_id, reason)
+            await self._send(sender, wire.RegisterRefused(msg.worker_id, reason))
+            return
+        new = self.registry.workers[msg.worker_id]
+        if old is not None and (old.incarnation, old.pid) == (msg.incarnation, msg.pid):
+            # The same process again (a lost `Registered`, or it forgot us): its requests go on.
+            new.outstanding, new.requests_total = old.outstanding, old.requests_total
+        elif old is not None:
+            self._fail_requests(old, f"{old.role} worker {old.worker_id} restarted")
+        log.info("registered %s worker %s (pid %d, %d KV blocks)%s", msg.role, msg.worker_id, msg.pid,
+                 msg.num_blocks, " again" if old is not None else "")
+        await self._send(sender, wire.Registered(msg.worker_id))
+
+    def _fail_requests(self, w: WorkerInfo, why: str) -> None:
+        """Ends every request `w` is responsible for; the prefill worker's requests without a
+        first token are marked for one retry elsewhere."""
+        for rid in list(w.outstanding):
+            st = self.requests.get(rid)
+            if st is None:
+                continue
+            retryable = w.role == "prefill" and st.prefill_worker == w.worker_id and st.first_token_at is None
+            st.on_error(why, 503, retry_from=w.worker_id if retryable else None)
+        w.outstanding.clear()
 
     async def _watchdog(self, interval_s: float = 0.5) -> None:
         """Fails the requests placed on workers that stopped heartbeating."""
         while True:
             await asyncio.sleep(interval_s)
             for w in self.registry.dead():
-                for rid in list(w.outstanding):
-                    st = self.requests.get(rid)
-                    if st is not None:
-                        st.on_error(f"{w.role} worker {w.worker_id} stopped responding", 503)
-                w.outstanding.clear()
+                if w.outstanding:
+                    log.warning("%s worker %s is silent: failing its %d requests", w.role, w.worker_id,
+                                len(w.outstanding))
+                self._fail_requests(w, f"{w.role} worker {w.worker_id} stopped responding")

@@ -1,6 +1,8 @@
 """The router's view of the workers: who is registered, alive, how loaded; which one to pick.
 
-A worker is alive while its heartbeats arrive within `worker_timeout_s`. All workers of a
+A worker is alive while its heartbeats arrive within `worker_timeout_s`; a dead worker gets
+no new work, and is alive again as soon as it heartbeats again (it was hung, or cut off).
+A worker that registers under an id already known replaces the old entry (a restart). All workers of a
 deployment must share one KV layout; a worker whose layout differs from the live pool's
 is refused at registration with a message naming both sides' values.
 """
@@ -26,6 +28,7 @@ class WorkerInfo:
     max_model_len: int
     pid: int
     last_seen: float
+    incarnation: str = ""
     heartbeat: wire.Heartbeat | None = None
     outstanding: set[str] = field(default_factory=set)   # request ids this router has placed here
     requests_total: int = 0                               # requests ever placed here
@@ -35,8 +38,9 @@ class WorkerInfo:
         return {"id": self.worker_id, "role": self.role, "alive": alive, "pid": self.pid,
                 "kv_address": self.kv_address or None, "requests_in_flight": len(self.outstanding),
                 "requests_total": self.requests_total, "running": hb.running if hb else 0,
-                "waiting": hb.waiting if hb else 0, "free_blocks": hb.free_blocks if hb else self.num_blocks,
-                "total_blocks": self.num_blocks}
+                "waiting": hb.waiting if hb else 0, "queued_tokens": hb.queued_tokens if hb else 0,
+                "transfers": hb.transfers if hb else 0,
+                "free_blocks": hb.free_blocks if hb else self.num_blocks, "total_blocks": self.num_blocks}
 
     @property
     def load(self) -> tuple[int, int]:
@@ -74,7 +78,7 @@ class WorkerRegistry:
                 return str(e)
             break  # all live workers share one layout: comparing with one suffices
         self.workers[msg.worker_id] = WorkerInfo(msg.worker_id, msg.role, layout, msg.kv_address, msg.num_blocks,
-                                                 msg.max_model_len, msg.pid, self.clock())
+                                                 msg.max_model_len, msg.pid, self.clock(), incarnation=msg.incarnation)
         return None
 
     def heartbeat(self, msg: wire.Heartbeat) -> bool:
@@ -101,8 +105,8 @@ class WorkerRegistry:
     def healthy(self) -> bool:
         return bool(self.alive("prefill")) and bool(self.alive("decode"))
 
-    def pick(self, role: str) -> WorkerInfo | None:
-        live = sorted(self.alive(role), key=lambda w: w.worker_id)
+    def pick(self, role: str, exclude: set[str] = frozenset()) -> WorkerInfo | None:
+        live = sorted((w for w in self.alive(role) if w.worker_id not in exclude), key=lambda w: w.worker_id)
         if not live:
             return None
         if self.policy == "least_loaded":

@@ -17,10 +17,25 @@ class RouterSettings:
     first_token_timeout_s: float = 300.0
     next_token_timeout_s: float = 60.0
     max_model_len: int | None = None
+    # Overload: requests waiting for their first token, and their prompt tokens (admission.py).
+    max_queued_requests: int = 256
+    max_queued_tokens: int = 512 * 1024
+    # Input: body size cap (413) and a cap on max_tokens (400); None: the context length.
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_tokens_cap: int | None = None
+    # Access: Bearer key for /v1/* and /generate (None: open); CURVE keys for the control socket.
+    api_key: str | None = None
+    curve_keys: str | None = None
+    insecure: bool = False
 
     def __post_init__(self):
         if not self.served_model_name:
             self.served_model_name = self.model
-        for name in ("worker_timeout_s", "request_timeout_s", "first_token_timeout_s", "next_token_timeout_s"):
+        for name in ("worker_timeout_s", "request_timeout_s", "first_token_timeout_s", "next_token_timeout_s",
+                     "max_queued_requests", "max_queued_tokens", "max_request_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
+            raise ValueError("max_tokens_cap must be >= 1")
+        if self.api_key == "":
+            self.api_key = None

@@ -1,0 +1,62 @@
+"""A request in flight, as the router sees it: where it runs and the ordered stream of its events.
+
+One `RequestState` per request, owned by `generation.generate` and indexed by the hub's
+request table under its current wire id. A retry (the prefill worker died before the first
+token) gives the request a new attempt: a new wire id and event queue, so anything the
+previous attempt's workers still send is recognised as stale and ignored.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Event:
+    kind: str                       # "tokens" | "error"
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    message: str = ""
+    code: int = 503
+    retry_from: str | None = None   # error only: the failed prefill worker, when a retry elsewhere is allowed
+
+
+class RequestState:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: dict):
+        self.base_id = request_id
+        self.request_id = request_id     # the id on the wire: base_id, then base_id.N for attempt N
+        self.attempt = 0
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.prefill_worker: str | None = None
+        self.decode_worker: str | None = None
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.created = time.monotonic()
+        self.first_token_at: float | None = None
+        self._next_index = 0
+        self._early: dict[int, tuple[list[int], str | None]] = {}
+        self.done = False
+
+    def next_attempt(self) -> None:
+        self.attempt += 1
+        self.request_id = f"{self.base_id}.{self.attempt}"
+        self.prefill_worker = self.decode_worker = None
+        self.events = asyncio.Queue()
+        self._next_index, self._early = 0, {}
+
+    def on_tokens(self, index: int, token_ids: list[int], reason: str | None) -> None:
+        # The first token comes from the prefill worker and the rest from the decode worker,
+        # over two connections: put them back in order by index before anyone reads them.
+        if index < self._next_index or len(self._early) > 4096:
+            return  # a duplicate, or a worker flooding indices that never line up
+        self._early[index] = (token_ids, reason)
+        while self._next_index in self._early:
+            ids, r = self._early.pop(self._next_index)
+            self._next_index += len(ids)
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            self.events.put_nowait(Event("tokens", ids, r))
+
+    def on_error(self, message: str, code: int = 503, retry_from: str | None = None) -> None:
+        self.events.put_nowait(Event("error", message=message, code=code, retry_from=retry_from))
