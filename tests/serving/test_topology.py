@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,7 +14,11 @@ from tests.serving.conftest import free_port, pdserve, start_serve, stop, wait_h
 def test_two_prefill_two_decode_spread_and_agree(demo_model):
     s = start_serve(demo_model, "--prefill-workers", "2", "--decode-workers", "2")
     try:
-        health = httpx.get(s.url + "/health").json()
+        # /health turns 200 with one worker of each role: wait for all four to register.
+        deadline = time.monotonic() + 60
+        while (health := httpx.get(s.url + "/health").json())["prefill_workers"] + health["decode_workers"] < 4:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.2)
         assert health["prefill_workers"] == 2 and health["decode_workers"] == 2
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
         prompts = [f"Request number {i} says" for i in range(12)]

@@ -1,0 +1,189 @@
+"""Breaking workers for real: kill -9 and SIGSTOP, in each phase of a request, on live processes.
+
+One deployment for the module: router, prefill workers p0 and p1, decode workers d0 and d1.
+Workers run with a step delay (a slow model), so that a request stays in a phase long enough
+to break something there, and each decode worker runs one sequence at a time, so that a KV
+offer can be held waiting for admission. After each test the deployment is whole again
+(the broken worker restarted under its own id, which also checks re-registration).
+
+What every test checks: each in-flight request ends (success, or a clear error) within a
+bound; the router keeps serving on the surviving workers; afterwards every surviving worker
+reports all KV blocks free and the router's request table is empty. Measured times are
+printed (pytest -s) as `RESULT ...` lines.
+"""
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.serving.cluster import Cluster, RawClient, Stream, completion, wait_for
+
+WORKER_TIMEOUT = 2.5
+PREFILL = ["--debug-step-delay", "0.2", "--max-num-batched-tokens", "16", "--heartbeat-interval", "0.25"]
+DECODE = ["--debug-step-delay", "0.05", "--max-num-seqs", "1", "--heartbeat-interval", "0.25"]
+LONG_PROMPT = " ".join(f"word{i}" for i in range(60))  # ~120 tokens: 8 prefill steps of 16, ~1.6 s
+
+
+@pytest.fixture(scope="module")
+def cluster(demo_model):
+    c = Cluster(demo_model, ["--worker-timeout", str(WORKER_TIMEOUT)])
+    for w in ("p0", "p1"):
+        c.worker(w, *PREFILL)
+    for w in ("d0", "d1"):
+        c.worker(w, *DECODE)
+    try:
+        c.wait_ready(["p0", "p1", "d0", "d1"])
+        yield c
+    finally:
+        c.stop()
+
+
+def restore(c: Cluster, wid: str) -> None:
+    """Restart `wid` under its id and check it takes traffic again."""
+    c.worker(wid)
+    c.wait_ready([wid])
+    assert c.workers()[wid]["requests_total"] == 0   # a new process: a new entry
+    for _ in range(4):  # round robin over two workers of a role: some land on `wid`
+        assert completion(c.url).status_code == 200
+    assert c.workers()[wid]["requests_total"] >= 1
+    c.wait_all_free()
+
+
+def holder(c: Cluster, role: str, key: str = "requests_in_flight") -> str:
+    """The one worker of `role` whose /health `key` is non-zero (heartbeats lag: wait for one)."""
+    def one():
+        ids = [i for i, w in c.workers().items() if w["role"] == role and w[key] and w["alive"]]
+        return ids if len(ids) == 1 else None
+    return wait_for(one, 10, f"exactly one {role} worker with {key}")[0]
+
+
+def report(what: str, seconds: float) -> None:
+    print(f"\nRESULT {what}: {seconds:.2f} s")
+
+
+def test_prefill_killed_mid_prefill_is_retried_on_another(cluster):
+    """Guards: a request whose prefill worker dies before the first token hangs or fails,
+    although another prefill worker could serve it (the issue: retry once, elsewhere)."""
+    c = cluster
+    s = Stream(c.url, LONG_PROMPT, max_tokens=8)
+    victim = holder(c, "prefill", "running")          # mid-prefill: the engine is running it
+    c.signal(victim, signal.SIGKILL)
+    t_kill = time.monotonic()
+    assert s.result() == "finished", s.error           # retried: the client never saw the failure
+    assert s.chunks >= 8
+    report("kill -9 prefill mid-prefill -> retried request completed after", s.t_end - t_kill)
+    assert s.t_end - t_kill < WORKER_TIMEOUT + 8
+    assert 'outcome="retried"} 1' in httpx.get(c.url + "/metrics").text
+    assert completion(c.url).status_code == 200       # the survivors serve
+    c.wait_all_free()
+    restore(c, victim)
+
+
+def test_decode_killed_mid_stream_ends_with_error_event(cluster):
+    """Guards: a stream whose decode worker died hanging until the next-token timeout (60 s),
+    or ending without an error the client can see."""
+    c = cluster
+    s = Stream(c.url, "Once upon a time", max_tokens=300)
+    s.wait_chunks(3)
+    victim = holder(c, "decode", "running")
+    c.signal(victim, signal.SIGKILL)
+    t_kill = time.monotonic()
+    assert s.result() == "error-event", (s.outcome, s.error)
+    assert victim in s.error["message"] and s.error["type"] == "service_unavailable"
+    report("kill -9 decode mid-stream -> stream ended (error event, [DONE]) after", s.t_end - t_kill)
+    assert s.t_end - t_kill < WORKER_TIMEOUT + 2
+    assert completion(c.url).status_code == 200
+    c.wait_all_free()
+    restore(c, victim)
+
+
+def occupy_decoders(c: Cluster) -> list[RawClient]:
+    """Both decode workers busy with one long stream each (they run one sequence at a time)."""
+    body = {"model": "demo", "prompt": "Keep going", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    hogs = [RawClient(c.url, "/v1/completions", body) for _ in range(2)]
+    for h in hogs:
+        h.read_until(b"data:")
+    wait_for(lambda: all(w["running"] == 1 for w in c.workers().values() if w["role"] == "decode"), 10,
+             "both decode workers running")
+    return hogs
+
+
+def test_prefill_killed_during_kv_transfer_frees_decode_blocks(cluster):
+    """Guards: the decode worker holding blocks reserved for a transfer whose sender died until
+    the lease runs out (30 s), and the request hanging meanwhile."""
+    c = cluster
+    hogs = occupy_decoders(c)
+    s = Stream(c.url, "Short prompt", max_tokens=20)
+    sender = holder(c, "prefill", "transfers")         # first token out, the KV offered...
+    receiver = holder(c, "decode", "waiting")          # ...and waiting for a free decode slot
+    c.signal(sender, signal.SIGSTOP)                   # the sender cannot send a byte from now on
+    t_stop = time.monotonic()
+    for h in hogs:                                     # free the decode workers: the offer is accepted
+        h.close()
+    wait_for(lambda: c.workers()[receiver]["transfers"] == 1, 5, "the transfer accepted")
+    assert c.workers()[receiver]["free_blocks"] < 64   # blocks reserved for KV that never comes
+    assert time.monotonic() - t_stop < WORKER_TIMEOUT, "too slow to reach the state before the watchdog"
+    c.signal(sender, signal.SIGKILL)
+    t_kill = time.monotonic()
+    assert s.result() == "error-event", (s.outcome, s.error)
+    freed = c.wait_all_free([receiver])
+    report("kill -9 prefill during KV transfer -> stream ended after", s.t_end - t_kill)
+    report("kill -9 prefill during KV transfer -> decode blocks free after", time.monotonic() - t_kill)
+    assert s.t_end - t_kill < WORKER_TIMEOUT + 2 and freed < 3
+    assert completion(c.url).status_code == 200
+    c.wait_all_free()
+    restore(c, sender)
+
+
+def test_decode_killed_during_kv_transfer_frees_prefill_blocks(cluster):
+    """Guards: the prefill worker holding the KV of a request whose decode worker died until its
+    lease runs out, and that request hanging meanwhile."""
+    c = cluster
+    hogs = occupy_decoders(c)
+    s = Stream(c.url, "Short prompt", max_tokens=20)
+    sender = holder(c, "prefill", "transfers")         # first token out, the KV offered...
+    receiver = holder(c, "decode", "waiting")          # ...and waiting for a free decode slot
+    c.signal(receiver, signal.SIGKILL)
+    t_kill = time.monotonic()
+    assert s.result() == "error-event", (s.outcome, s.error)
+    freed = c.wait_all_free([sender])
+    report("kill -9 decode during KV transfer -> stream ended after", s.t_end - t_kill)
+    report("kill -9 decode during KV transfer -> prefill blocks free after", time.monotonic() - t_kill)
+    assert s.t_end - t_kill < WORKER_TIMEOUT + 2 and freed < 3
+    for h in hogs:
+        h.close()
+    assert completion(c.url).status_code == 200
+    c.wait_all_free()
+    restore(c, receiver)
+
+
+def test_sigstop_prefill_then_decode_hang_not_crash(cluster):
+    """Guards: a hung worker (alive to the OS, silent to us) stalling its requests for ever,
+    and a worker that wakes up again keeping stale requests or blocks."""
+    c = cluster
+    s = Stream(c.url, LONG_PROMPT, max_tokens=8)
+    victim = holder(c, "prefill", "running")
+    c.signal(victim, signal.SIGSTOP)
+    t_stop = time.monotonic()
+    assert s.result() == "finished", s.error          # retried on the other prefill worker
+    report("SIGSTOP prefill mid-prefill -> retried request completed after", s.t_end - t_stop)
+    c.signal(victim, signal.SIGCONT)                   # it wakes: alive again, its stale request gone
+    c.wait_ready([victim], 10)
+    c.wait_all_free(timeout_s=10)
+
+    s = Stream(c.url, "Once upon a time", max_tokens=300)
+    s.wait_chunks(3)
+    victim = holder(c, "decode", "running")
+    c.signal(victim, signal.SIGSTOP)
+    t_stop = time.monotonic()
+    assert s.result() == "error-event", (s.outcome, s.error)
+    report("SIGSTOP decode mid-stream -> stream ended (error event) after", s.t_end - t_stop)
+    assert s.t_end - t_stop < WORKER_TIMEOUT + 2
+    assert completion(c.url).status_code == 200       # the other decode worker serves
+    c.signal(victim, signal.SIGCONT)
+    c.wait_ready([victim], 10)
+    t = c.wait_all_free(timeout_s=10)                 # the woken worker got its Abort: blocks free
+    report("SIGCONT decode -> its blocks free after", t)
