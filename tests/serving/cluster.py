@@ -133,6 +133,49 @@ def completion(url: str, prompt: str = "Hello there", max_tokens: int = 4, timeo
     return httpx.post(url + "/v1/completions", json=body, timeout=timeout)
 
 
+# A deployment with a slow model, for holding requests in a phase: prefill takes 0.2 s per
+# 16-token chunk, decode 0.05 s per token, and a decode worker runs one sequence at a time
+# (so that a KV offer can be held waiting for admission).
+WORKER_TIMEOUT = 2.5
+PREFILL = ["--debug-step-delay", "0.2", "--max-num-batched-tokens", "16", "--heartbeat-interval", "0.25"]
+DECODE = ["--debug-step-delay", "0.05", "--max-num-seqs", "1", "--heartbeat-interval", "0.25"]
+LONG_PROMPT = " ".join(f"word{i}" for i in range(60))  # ~120 tokens: 8 prefill steps of 16, ~1.6 s
+
+
+def slow_cluster(model: str, router_flags: list[str] = ()) -> Cluster:
+    """Router, prefill workers p0 p1, decode workers d0 d1, all slow (see above), ready."""
+    c = Cluster(model, ["--worker-timeout", str(WORKER_TIMEOUT), *router_flags])
+    for w in ("p0", "p1"):
+        c.worker(w, *PREFILL)
+    for w in ("d0", "d1"):
+        c.worker(w, *DECODE)
+    try:
+        c.wait_ready(["p0", "p1", "d0", "d1"])
+    except Exception:
+        c.stop()
+        raise
+    return c
+
+
+def holder(c: Cluster, role: str, key: str = "requests_in_flight") -> str:
+    """The one worker of `role` whose /health `key` is non-zero (heartbeats lag: wait for one)."""
+    def one():
+        ids = [i for i, w in c.workers().items() if w["role"] == role and w[key] and w["alive"]]
+        return ids if len(ids) == 1 else None
+    return wait_for(one, 10, f"exactly one {role} worker with {key}")[0]
+
+
+def occupy_decoders(c: Cluster) -> list["RawClient"]:
+    """Both decode workers busy with one long stream each (they run one sequence at a time)."""
+    body = {"model": "demo", "prompt": "Keep going", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    hogs = [RawClient(c.url, "/v1/completions", body) for _ in range(2)]
+    for h in hogs:
+        h.read_until(b"data:")
+    wait_for(lambda: all(w["running"] == 1 for w in c.workers().values() if w["role"] == "decode"), 10,
+             "both decode workers running")
+    return hogs
+
+
 class Stream(threading.Thread):
     """A streaming completion in a thread, recording when each event arrived and how it ended:
     outcome is "finished" (finish_reason then [DONE]), "error-event" (error then [DONE]),

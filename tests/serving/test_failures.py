@@ -19,23 +19,15 @@ import time
 import httpx
 import pytest
 
-from tests.serving.cluster import Cluster, RawClient, Stream, completion, wait_for
+from tests.serving.cluster import Cluster, Stream, completion, holder, occupy_decoders, wait_for
 
-WORKER_TIMEOUT = 2.5
-PREFILL = ["--debug-step-delay", "0.2", "--max-num-batched-tokens", "16", "--heartbeat-interval", "0.25"]
-DECODE = ["--debug-step-delay", "0.05", "--max-num-seqs", "1", "--heartbeat-interval", "0.25"]
-LONG_PROMPT = " ".join(f"word{i}" for i in range(60))  # ~120 tokens: 8 prefill steps of 16, ~1.6 s
+from tests.serving.cluster import LONG_PROMPT, WORKER_TIMEOUT, slow_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster(demo_model):
-    c = Cluster(demo_model, ["--worker-timeout", str(WORKER_TIMEOUT)])
-    for w in ("p0", "p1"):
-        c.worker(w, *PREFILL)
-    for w in ("d0", "d1"):
-        c.worker(w, *DECODE)
+    c = slow_cluster(demo_model)
     try:
-        c.wait_ready(["p0", "p1", "d0", "d1"])
         yield c
     finally:
         c.stop()
@@ -50,14 +42,6 @@ def restore(c: Cluster, wid: str) -> None:
         assert completion(c.url).status_code == 200
     assert c.workers()[wid]["requests_total"] >= 1
     c.wait_all_free()
-
-
-def holder(c: Cluster, role: str, key: str = "requests_in_flight") -> str:
-    """The one worker of `role` whose /health `key` is non-zero (heartbeats lag: wait for one)."""
-    def one():
-        ids = [i for i, w in c.workers().items() if w["role"] == role and w[key] and w["alive"]]
-        return ids if len(ids) == 1 else None
-    return wait_for(one, 10, f"exactly one {role} worker with {key}")[0]
 
 
 def report(what: str, seconds: float) -> None:
@@ -98,17 +82,6 @@ def test_decode_killed_mid_stream_ends_with_error_event(cluster):
     assert completion(c.url).status_code == 200
     c.wait_all_free()
     restore(c, victim)
-
-
-def occupy_decoders(c: Cluster) -> list[RawClient]:
-    """Both decode workers busy with one long stream each (they run one sequence at a time)."""
-    body = {"model": "demo", "prompt": "Keep going", "max_tokens": 500, "ignore_eos": True, "stream": True}
-    hogs = [RawClient(c.url, "/v1/completions", body) for _ in range(2)]
-    for h in hogs:
-        h.read_until(b"data:")
-    wait_for(lambda: all(w["running"] == 1 for w in c.workers().values() if w["role"] == "decode"), 10,
-             "both decode workers running")
-    return hogs
 
 
 def test_prefill_killed_during_kv_transfer_frees_decode_blocks(cluster):
