@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (serve's default: cores / workers)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -67,7 +68,8 @@ def main() -> None:
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", str(port),
-                             "--served-model-name", "demo", "--num-kv-blocks", "4096"],
+                             "--served-model-name", "demo", "--num-kv-blocks", "4096"]
+                            + (["--threads", str(args.threads)] if args.threads else []),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -237,7 +237,7 @@ class KVReceiver(ABC):
         self.close()
 
 
-BACKENDS = ("inproc", "zmq")
+BACKENDS = ("inproc", "zmq", "nccl")
 
 
 def _backend(kind: str) -> tuple[type, type]:
@@ -247,12 +247,16 @@ def _backend(kind: str) -> tuple[type, type]:
     if kind == "inproc":
         from .inproc import InprocKVReceiver, InprocKVSender
         return InprocKVSender, InprocKVReceiver
+    if kind == "nccl":
+        from .nccl_backend import NcclKVReceiver, NcclKVSender
+        return NcclKVSender, NcclKVReceiver
     raise ValueError(f"unknown KV transfer backend {kind!r}; supported: {', '.join(BACKENDS)}")
 
 
 def make_sender(kind: str, kv_cache: torch.Tensor, layout: KVLayout, name: str,
                 **kwargs: Any) -> KVSender:
-    """kind "zmq" or "inproc" (needs hub=InprocHub); kwargs go to the backend."""
+    """kind "zmq", "nccl" (bulk bytes over NCCL/gloo p2p, control over zmq) or "inproc" (needs
+    hub=InprocHub); kwargs go to the backend."""
     return _backend(kind)[0](kv_cache, layout, name, **kwargs)
 
 

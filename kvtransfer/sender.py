@@ -45,6 +45,7 @@ class _Out:
     chunks: list[wire.Chunk] = field(default_factory=list)
     next_chunk: int = 0
     accepted: bool = False
+    ready: "torch.cuda.Event | None" = None  # CUDA: recorded on the caller's stream at offer()
 
 
 class SenderCore(_Endpoint, KVSender):
@@ -113,6 +114,9 @@ class SenderCore(_Endpoint, KVSender):
             if request_id in self._status:
                 raise ValueError(f"request {request_id!r} already offered and not yet finished")
             self._status[request_id] = TransferStatus.OFFERED
+        if self.kv_cache.is_cuda:  # the gather must not overtake the prefill that wrote the blocks
+            out.ready = torch.cuda.Event()
+            out.ready.record(torch.cuda.current_stream(self.kv_cache.device))
         self._command("offer", out)
 
     def cancel(self, request_id: str) -> None:
@@ -166,9 +170,7 @@ class SenderCore(_Endpoint, KVSender):
                     break
                 out = rr.popleft()  # round-robin: one chunk per request per turn
                 c = out.chunks[out.next_chunk]
-                # [l1-l0, 2, b1-b0, block_size, H, D]: index_select gathers into a fresh tensor,
-                # so nothing of the cache is referenced once this returns.
-                data = torch.index_select(self.kv_cache[c.l0:c.l1], 2, out.src_idx[c.b0:c.b1])
+                data = self._gather(out, c)
                 hdr = wire.data_header(out.xid, out.rid, c, data)
                 if not self._t_send(peer, hdr, data):
                     rr.appendleft(out)
@@ -178,6 +180,13 @@ class SenderCore(_Endpoint, KVSender):
                 out.next_chunk += 1
                 if out.next_chunk < len(out.chunks):
                     rr.append(out)
+
+    def _gather(self, out: _Out, c: wire.Chunk) -> torch.Tensor:
+        """Chunk ``c`` as a fresh [l1-l0, 2, b1-b0, block_size, H, D] tensor (index_select copies,
+        so nothing of the cache is referenced once it ran).  Backends override it to stage."""
+        if out.ready is not None:
+            torch.cuda.current_stream(self.kv_cache.device).wait_event(out.ready)
+        return torch.index_select(self.kv_cache[c.l0:c.l1], 2, out.src_idx[c.b0:c.b1])
 
     def _hello(self) -> dict:
         return wire.make(wire.HELLO, name=self.name, layout=self.layout.to_dict())

@@ -11,6 +11,10 @@ never used, so a peer can at worst send garbage that ``decode`` rejects with Wir
     DATA{xid, rid, chunk, l0, l1, b0, b1, dtype, shape, nbytes} + one raw payload frame
     ACK{xid, rid}                 receiver -> sender   after the last DATA byte was written
     CANCEL{xid, rid, reason}      either way           abort / lease expired / bad data
+nccl backend only (nccl_backend.py), DATA then carries no payload frame:
+    PG_INIT{gid, store_port}      receiver -> sender   layout OK: build the pair's process group
+    XFER{DATA fields, seq}        sender -> receiver   chunk ``seq`` follows on the process group
+    BYE{}                         either way           this side dropped the pair's group
 
 ``xid`` is a per-sender transfer number, so stale DATA for a reused request id is never written
 into a newer transfer's blocks.  A DATA payload covers layers [l0, l1) x the request's blocks
@@ -29,6 +33,7 @@ PROTOCOL_VERSION = 1
 
 HELLO, HELLO_OK, HELLO_REFUSED = "HELLO", "HELLO_OK", "HELLO_REFUSED"
 OFFER, ACCEPT, REJECT, DATA, ACK, CANCEL = "OFFER", "ACCEPT", "REJECT", "DATA", "ACK", "CANCEL"
+PG_INIT, XFER, BYE = "PG_INIT", "XFER", "BYE"
 
 _XR = {"xid": int, "rid": str}
 # Required fields and their types per message type; extra fields are tolerated (forward compat).
@@ -44,6 +49,9 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     ACK: _XR,
     CANCEL: {**_XR, "reason": str},
 }
+SCHEMA[PG_INIT] = {"gid": str, "store_port": int}
+SCHEMA[XFER] = {**SCHEMA[DATA], "seq": int}
+SCHEMA[BYE] = {}
 
 
 class WireError(ValueError):

@@ -10,13 +10,21 @@ Message flow (msgpack control frames, see wire.py; never pickle):
                                   <-        ACK            -> both sides report DONE
     CANCEL either way aborts.
 
+Sockets: per peer, the sender opens one control DEALER (everything but DATA) and
+``num_streams`` DATA DEALERs (default 4): one TCP connection and its libzmq I/O thread top out
+around 1.5 GB/s, so chunks are spread round-robin over several; the receiver files a DATA
+socket's chunks under its control socket (routing id ``<control id>\\0D<i>``).  Chunks may land in
+any order; the receiver tracks which (layer, block) cells are covered.
+
 Frames: DEALER sends [header] or [header, payload]; the ROUTER sees [routing_id, header(, payload)].
 The payload frame is the gathered chunk sent zero-copy (``copy=False``); the receiver wraps the
-received frame with torch.frombuffer and copies it straight into the cache.
+received frame with torch.frombuffer and copies it straight into the cache.  From a CUDA cache the
+sender gathers on a side stream and copies (non_blocking) into a bounded pool of reused pinned
+host buffers; a buffer is reused once libzmq reports the frame sent (MessageTracker).
 
-Back-pressure: the DEALER's SNDHWM bounds queued chunks (and so their memory, about
-SNDHWM x chunk_bytes); the I/O thread checks POLLOUT before gathering a chunk, so a slow
-receiver slows the sender instead of growing buffers.  ROUTER_MANDATORY turns "peer gone" into
+Back-pressure: each DEALER's SNDHWM bounds its queued chunks (and so their memory, about
+num_streams x SNDHWM x chunk_bytes); the I/O thread checks POLLOUT before gathering a chunk, so a
+slow receiver slows the sender instead of growing buffers.  ROUTER_MANDATORY turns "peer gone" into
 an error we log instead of a silent drop; leases take care of the rest.
 """
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import uuid
 from typing import Hashable
 
@@ -39,6 +48,7 @@ from .sender import SenderCore
 log = logging.getLogger(__name__)
 
 _RECV_BATCH = 64  # messages drained per socket per wake-up, so timers and sends get a turn
+_DATA_ID = b"\0D"  # routing id of DATA socket i: <control id> + _DATA_ID + str(i)
 
 
 class _Waker:
@@ -49,12 +59,18 @@ class _Waker:
         self.rfd, self.wfd = os.pipe()
         os.set_blocking(self.rfd, False)
         os.set_blocking(self.wfd, False)
+        # helper threads (nccl backend) may wake after close(): never write to a reused fd
+        self._lock = threading.Lock()
+        self._closed = False
 
     def wake(self) -> None:
-        try:
-            os.write(self.wfd, b"x")
-        except BlockingIOError:
-            pass  # pipe full: the I/O thread is already due to wake
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self.wfd, b"x")
+            except BlockingIOError:
+                pass  # pipe full: the I/O thread is already due to wake
 
     def drain(self) -> None:
         try:
@@ -64,17 +80,22 @@ class _Waker:
             pass
 
     def close(self) -> None:
-        os.close(self.rfd)
-        os.close(self.wfd)
+        with self._lock:
+            self._closed = True
+            os.close(self.rfd)
+            os.close(self.wfd)
 
 
 def _poll(sockets: dict[Hashable, zmq.Socket], want_write: list, waker: _Waker,
-          timeout_s: float) -> list[Hashable]:
-    """Keys whose socket is readable; returns early on wake-up or writability of want_write."""
+          timeout_s: float, write_only: list[zmq.Socket] = ()) -> list[Hashable]:
+    """Keys whose socket is readable; returns early on wake-up or writability of want_write
+    (keys) or of any of write_only (sockets)."""
     poller = zmq.Poller()
     poller.register(waker.rfd, zmq.POLLIN)
     for key, sock in sockets.items():
         poller.register(sock, zmq.POLLIN | (zmq.POLLOUT if key in want_write else 0))
+    for sock in write_only:
+        poller.register(sock, zmq.POLLOUT)
     ready = dict(poller.poll(int(timeout_s * 1000)))
     if waker.rfd in ready:
         waker.drain()
@@ -94,53 +115,151 @@ def _send(sock: zmq.Socket, frames: list, who: str) -> bool:
         raise
 
 
+class _PinnedPool:
+    """Reused page-locked host buffers of ``nbytes`` each, at most ``max_buffers``.  A buffer is
+    busy from acquire() until libzmq is done with the frame that points into it."""
+
+    class Slot:
+        def __init__(self, buf: torch.Tensor) -> None:
+            self.buf = buf
+            self.busy = True
+            self.tracker: zmq.MessageTracker | None = None  # set once handed to libzmq
+
+        def free(self) -> bool:
+            return not self.busy or (self.tracker is not None and self.tracker.done)
+
+    def __init__(self, nbytes: int, max_buffers: int, pin: bool = True) -> None:
+        self.nbytes, self.max_buffers, self._pin = nbytes, max_buffers, pin
+        self.slots: list[_PinnedPool.Slot] = []
+
+    def available(self) -> bool:
+        return len(self.slots) < self.max_buffers or any(s.free() for s in self.slots)
+
+    def acquire(self) -> "_PinnedPool.Slot | None":
+        for s in self.slots:
+            if s.free():
+                s.busy, s.tracker = True, None
+                return s
+        if len(self.slots) >= self.max_buffers:
+            return None
+        s = self.Slot(torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self._pin))
+        self.slots.append(s)
+        return s
+
+
 class ZmqKVSender(SenderCore):
-    """Prefill side.  ``sndhwm`` bounds queued DATA chunks per peer."""
+    """Prefill side.  ``num_streams`` DATA sockets per peer (0: DATA shares the control
+    socket); ``sndhwm`` bounds queued chunks per socket.  CUDA cache: ``pinned_buffers`` staging
+    buffers of chunk_bytes (default 2 per stream; 0 = plain synchronous .cpu() copies)."""
+
+    _close_linger_ms = 0  # how long close() may wait for queued control messages
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, name: str, *,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, sndhwm: int = 8,
-                 context: zmq.Context | None = None) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, sndhwm: int = 8, num_streams: int = 4,
+                 pinned_buffers: int | None = None, context: zmq.Context | None = None) -> None:
         super().__init__(kv_cache, layout, name, chunk_bytes)
-        # A private context = a private libzmq I/O thread, so one endpoint's bulk traffic does
-        # not share a core with other sockets in the process.
-        self._ctx = context or zmq.Context(io_threads=1)
+        if num_streams < 0:
+            raise ValueError("num_streams must be >= 0")
+        # A private context = private libzmq I/O threads (one per stream), so one endpoint's bulk
+        # traffic does not share a core with other sockets in the process.
+        self._ctx = context or zmq.Context(io_threads=max(1, num_streams))
         self._own_ctx = context is None
         self._sndhwm = sndhwm
-        self._socks: dict[str, zmq.Socket] = {}
+        self._num_streams = num_streams
+        self._socks: dict[str, zmq.Socket] = {}       # control, per peer
+        self._data: dict[str, list[zmq.Socket]] = {}  # DATA, per peer
+        self._next_sock = 0
+        self.stream_chunks = [0] * max(1, num_streams)  # DATA chunks sent per stream index
+        self._pool: _PinnedPool | None = None
+        self._staged: _PinnedPool.Slot | None = None  # slot behind the chunk _gather returned
+        npinned = 2 * max(1, num_streams) if pinned_buffers is None else pinned_buffers
+        if kv_cache.is_cuda and npinned > 0:
+            self._pool = _PinnedPool(chunk_bytes, npinned)
+            self._copy_stream = torch.cuda.Stream(kv_cache.device)
         self._waker = _Waker()
         self._thread.start()
 
-    def _t_connect(self, peer: str, address: str) -> None:
+    def _dealer(self, address: str, routing_id: bytes) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        # unique id: two senders with the same name must not steal each other's replies
-        sock.setsockopt(zmq.ROUTING_ID, f"{self.name}/{uuid.uuid4().hex[:12]}".encode())
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
         sock.setsockopt(zmq.SNDHWM, self._sndhwm)
         sock.setsockopt(zmq.RCVHWM, 10_000)  # control replies only; tiny
         sock.connect(address)
-        self._socks[peer] = sock
+        return sock
+
+    def _t_connect(self, peer: str, address: str) -> None:
+        # unique id: two senders with the same name must not steal each other's replies
+        rid = f"{self.name}/{uuid.uuid4().hex[:12]}".encode()
+        self._socks[peer] = self._dealer(address, rid)
+        self._data[peer] = [self._dealer(address, rid + _DATA_ID + b"%d" % i)
+                            for i in range(self._num_streams)]
 
     def _t_disconnect(self, peer: str) -> None:
         sock = self._socks.pop(peer, None)
         if sock is not None:
+            sock.close(linger=self._close_linger_ms)
+        for sock in self._data.pop(peer, []):
             sock.close(linger=0)
 
+    def _data_socks(self, peer: str) -> list[zmq.Socket]:
+        return self._data.get(peer) or ([self._socks[peer]] if peer in self._socks else [])
+
     def _t_writable(self, peer: str) -> bool:
-        sock = self._socks.get(peer)
-        return sock is not None and bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
+        if self._pool is not None and not self._pool.available():
+            return False
+        return any(s.getsockopt(zmq.EVENTS) & zmq.POLLOUT for s in self._data_socks(peer))
+
+    def _gather(self, out, c) -> torch.Tensor:
+        slot = self._pool.acquire() if self._pool is not None else None
+        if slot is None:
+            return super()._gather(out, c)
+        with torch.cuda.stream(self._copy_stream):  # off the engine's stream
+            if out.ready is not None:
+                self._copy_stream.wait_event(out.ready)
+            g = torch.index_select(self.kv_cache[c.l0:c.l1], 2, out.src_idx[c.b0:c.b1])
+            host = slot.buf[:g.numel() * g.element_size()].view(g.dtype).view(g.shape)
+            host.copy_(g, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        # pinned D2H copies run far faster than sockets drain, so this wait costs little
+        copied.synchronize()
+        self._staged = slot
+        return host
 
     def _t_send(self, peer: Hashable, msg: dict, payload: torch.Tensor | None = None) -> bool:
-        sock = self._socks.get(peer)  # type: ignore[arg-type]
-        if sock is None:
+        if payload is None:
+            sock = self._socks.get(peer)  # type: ignore[arg-type]
+            return True if sock is None else _send(sock, [wire.encode(msg)], f"{self.name}->{peer}")
+        slot, self._staged = self._staged, None
+        socks = self._data_socks(peer)  # type: ignore[arg-type]
+        frames = [wire.encode(msg), wire.tensor_to_buffer(payload)]
+        for k in range(len(socks)):  # round-robin, skipping sockets at their HWM
+            i = (self._next_sock + k) % len(socks)
+            try:
+                tracker = socks[i].send_multipart(frames, flags=zmq.NOBLOCK, copy=False,
+                                                  track=slot is not None)
+            except zmq.Again:
+                continue
+            self._next_sock = i + 1
+            self.stream_chunks[i] += 1
+            if slot is not None:
+                slot.tracker = tracker
             return True
-        frames: list = [wire.encode(msg)]
-        if payload is not None:
-            frames.append(wire.tensor_to_buffer(payload))
-        return _send(sock, frames, f"{self.name}->{peer}")
+        if slot is not None:
+            slot.busy = False
+        return not socks  # no sockets: the peer is gone, drop
 
     def _t_wait(self, timeout_s: float, want_write: list) -> list[tuple[Hashable, dict, Payload]]:
+        if self._pool is not None and not self._pool.available():
+            # no fd tells when libzmq frees a staging buffer: wait for control only, poll soon
+            want_write = [p for p in want_write if self._ctrl.get(p)]
+            timeout_s = min(timeout_s, 0.001)
+        # POLLOUT on a control socket only when control is queued (or it carries the DATA too)
+        ctrl_want = [p for p in want_write if self._ctrl.get(p) or not self._data.get(p)]
+        data_want = [s for p in want_write for s in self._data.get(p, ())]
         out = []
-        for peer in _poll(self._socks, want_write, self._waker, timeout_s):
+        for peer in _poll(self._socks, ctrl_want, self._waker, timeout_s, data_want):
             sock = self._socks[peer]
             for _ in range(_RECV_BATCH):
                 try:
@@ -169,15 +288,23 @@ class ZmqKVSender(SenderCore):
             self._ctx.term()
 
 
+def _control_key(key: bytes) -> bytes:
+    """A DATA socket's routing id "<control id>\0D<i>" -> its control socket's id.  Ids libzmq
+    generates (peers that set none) start with a zero byte and are left alone."""
+    head, sep, tail = key.rpartition(_DATA_ID)
+    return head if sep and head and head[0] != 0 and tail.isdigit() else key
+
+
 class ZmqKVReceiver(ReceiverCore):
     """Decode side.  ``address`` defaults to tcp://127.0.0.1:0; ``self.address`` is the bound
     endpoint with the real port.  ipc:// addresses work too."""
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, name: str,
                  address: str | None = None, *, rcvhwm: int = 8, lease_grace_s: float = 1.0,
-                 context: zmq.Context | None = None) -> None:
+                 io_threads: int = 4, context: zmq.Context | None = None) -> None:
         super().__init__(kv_cache, layout, name, lease_grace_s)
-        self._ctx = context or zmq.Context(io_threads=1)
+        # several libzmq I/O threads, so a sender's parallel DATA connections are read in parallel
+        self._ctx = context or zmq.Context(io_threads=io_threads)
         self._own_ctx = context is None
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -220,6 +347,8 @@ class ZmqKVReceiver(ReceiverCore):
             except wire.WireError as e:
                 self._drop(f"from {key!r}: {e}")
                 continue
+            if msg["t"] == wire.DATA:
+                key = _control_key(key)
             out.append((key, msg, frames[2].buffer if len(frames) == 3 else None))
         return out
 

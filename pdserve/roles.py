@@ -36,7 +36,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="local Hugging Face model folder" + (" (required)" if required else " (default: the demo model)"))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--kv-transport", default="zmq", choices=["zmq"])
+    p.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl"],
+                   help="zmq: tcp:// or ipc://, any host; nccl: GPU to GPU on one node (control stays on ZeroMQ)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch in each worker")
     for flag, (_, typ, help_) in ENGINE_FLAGS.items():
         p.add_argument(flag, type=typ, default=None, help=help_)

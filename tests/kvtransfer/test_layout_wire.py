@@ -74,9 +74,9 @@ def test_tensor_buffer_roundtrip(dtype):
 def test_factory_kinds():
     lay = layout_for()
     cache = torch.zeros(lay.chunk_shape(3, 4))
-    with pytest.raises(ValueError, match="nccl.*supported: inproc, zmq"):
-        make_sender("nccl", cache, lay, "p")
-    with pytest.raises(ValueError, match="supported: inproc, zmq"):
+    with pytest.raises(ValueError, match="rdma.*supported: inproc, zmq, nccl"):
+        make_sender("rdma", cache, lay, "p")
+    with pytest.raises(ValueError, match="supported: inproc, zmq, nccl"):
         make_receiver("rdma", cache, lay, "d")
     hub = InprocHub()
     with make_receiver("inproc", cache, lay, "d", hub=hub) as r, \
