@@ -14,6 +14,7 @@ nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import hashlib
 import multiprocessing as mp
 import statistics
@@ -130,11 +131,18 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=8)
     ap.add_argument("--num-streams", type=int, default=None, help="zmq: DATA sockets per peer")
     ap.add_argument("--address", default="tcp://127.0.0.1:0", help="receiver bind address")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the I/O threads do the copies; keep torch from oversubscribing
     kw = {"num_streams": args.num_streams} if args.num_streams is not None else {}
-    measure(args.backend, args.device, args.mib, args.chunk_mib, args.iters, args.burst,
-            args.address, kw)
+    res = measure(args.backend, args.device, args.mib, args.chunk_mib, args.iters, args.burst,
+                  args.address, kw)
+    if args.json:
+        nbytes = args.mib << 20
+        print(json.dumps({"backend": args.backend, "device": args.device, "MiB": args.mib,
+                          "GBps_one_request": round(res["median"], 2), "GBps_best": round(res["best"], 2),
+                          f"GBps_{args.burst}_in_flight": round(res["burst"], 2),
+                          "ms_one_request": round(nbytes / res["median"] / 1e6, 3), "intact": res["intact"]}))
 
 
 if __name__ == "__main__":
