@@ -52,7 +52,9 @@ class Sampler:
         logits = logits / t[:, None]
         top_k = [p.top_k for p in params]
         if any(k > 0 for k in top_k):
-            k = torch.tensor([k if k > 0 else logits.shape[-1] for k in top_k], device=logits.device)
+            # k past the vocabulary keeps every token (as k = -1 does), rather than indexing out of range
+            v = logits.shape[-1]
+            k = torch.tensor([min(k, v) if k > 0 else v for k in top_k], device=logits.device)
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [R, 1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         top_p = [p.top_p for p in params]

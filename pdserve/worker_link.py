@@ -17,6 +17,7 @@ import time
 import zmq
 
 from . import wire
+from .droplog import DropLog
 from .security import CurveKeys
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class RouterLink:
         self.poller.register(self.sock, zmq.POLLIN)
         self._last_heartbeat = 0.0
         self._registration: wire.Register | None = None
+        self._drops = DropLog(log)
 
     def register(self, msg: wire.Register, timeout_s: float = 60.0, retry_s: float = 1.0) -> None:
         """Send `msg` until the router answers; raise RegistrationRefused or TimeoutError."""
@@ -79,7 +81,7 @@ class RouterLink:
             try:
                 out.append(wire.decode(frame))
             except wire.WireError as e:
-                log.warning("dropped a malformed control frame (%d bytes): %s", len(frame), e)
+                self._drops.warning("dropped a malformed control frame (%d bytes): %s", len(frame), e)
 
     def control(self, msg, forget_all) -> bool:
         """Handles registration traffic after start; True if `msg` was one of those. On

@@ -66,7 +66,10 @@ class Router:
                            f"`{self.settings.served_model_name}`", 404, param="model", code="model_not_found")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as e:  # e.g. a lone surrogate (valid JSON, not valid Unicode text)
+            raise APIError(f"the prompt is not valid text: {type(e).__name__}", 400, param="prompt") from None
 
     def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
         try:
@@ -93,8 +96,14 @@ class Router:
                            f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for "
                            f"the completion). Please reduce the prompt or max_tokens.", 400, param="max_tokens",
                            code="context_length_exceeded")
+        bad = next((t for t in fields.stop_token_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(f"stop token id {bad} is outside the vocabulary (size {self.vocab_size})", 400,
+                           param="stop_token_ids")
         d = fields.as_dict()
         d["max_tokens"] = max_tokens
+        if d["top_k"] >= self.vocab_size:
+            d["top_k"] = -1  # the same sampling, and an int any worker can take
         return d
 
     def stream(self, prompt: list[int], params: dict, stops: list[str]) -> AsyncIterator[Chunk]:

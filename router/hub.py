@@ -15,6 +15,9 @@ Stale traffic: tokens for a request id the router does not hold (it ended, was r
 or belonged to a previous router) are answered with an `Abort`, so an orphan never runs
 to its max_tokens; a heartbeat from a worker the router does not know is answered
 `NotRegistered`, and the worker registers again.
+
+Identity: the ZeroMQ routing id of a worker's connection is its worker id, and a message
+counts only from the connection of that id (a heartbeat for p0 from elsewhere is dropped).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve import wire
+from pdserve.droplog import DropLog
 from pdserve.security import CurveKeys, check_bind
 
 from .admission import Admission
@@ -47,9 +51,12 @@ class WorkerHub:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises, not drops
-        # A worker that reconnects under the same id (restarted, or back from a network cut the
-        # old TCP connection has not noticed yet) takes the identity over instead of being refused.
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No ROUTER_HANDOVER: with it, any peer connecting under a worker's id would take the id
+        # over and leave the real worker connected under a random one, unheard for good. Instead
+        # ZMTP heartbeats close a connection whose peer went silent (a process that died on
+        # another host, a half-open TCP link), which frees its id for the restarted worker.
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(1000 * max(10.0, 2 * registry.worker_timeout_s)))
         self.sock.setsockopt(zmq.SNDTIMEO, 1000)
         if curve is not None:
             # The ZAP handler runs on a plain (sync) view of the same libzmq context.
@@ -63,6 +70,7 @@ class WorkerHub:
         self.address = address
         self.requests: dict[str, RequestState] = {}
         self.retries = 0
+        self._drops = DropLog(log)
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -156,14 +164,14 @@ class WorkerHub:
         while True:
             frames = await self.sock.recv_multipart()
             if len(frames) != 2:
-                log.warning("dropped a control message of %d frames", len(frames))
+                self._drops.warning("dropped a control message of %d frames", len(frames))
                 continue
             ident, frame = frames
             try:
                 msg = wire.decode(frame)
                 await self._dispatch(ident.decode(errors="replace"), msg)
             except wire.WireError as e:
-                log.warning("dropped a malformed control frame from %r: %s", ident[:64], e)
+                self._drops.warning("dropped a malformed control frame from %r: %s", ident[:64], e)
             except Exception:  # one bad message must not stop the router's only receive loop
                 log.exception("error handling a control message from %r", ident[:64])
 
