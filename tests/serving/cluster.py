@@ -46,8 +46,13 @@ class Cluster:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.procs: dict[str, subprocess.Popen] = {}
         self.flags: dict[str, list[str]] = {}
-        self._start("router", ["router", "--model", model, "--served-model-name", "demo", "--port", str(self.port),
-                               "--control-address", self.control, *router_flags])
+        self._router_args = ["router", "--model", model, "--served-model-name", "demo", "--port", str(self.port),
+                             "--control-address", self.control, *router_flags]
+        self._start("router", self._router_args)
+
+    def restart_router(self) -> None:
+        """A new router process on the same addresses (the old one must be gone)."""
+        self._start("router", self._router_args)
 
     def _start(self, name: str, args: list[str], prefix: list[str] = ()) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "ab")

@@ -160,3 +160,23 @@ def test_sigstop_prefill_then_decode_hang_not_crash(cluster):
     c.wait_ready([victim], 10)
     t = c.wait_all_free(timeout_s=10)                 # the woken worker got its Abort: blocks free
     report("SIGCONT decode -> its blocks free after", t)
+
+
+def test_router_restart_workers_register_again_and_drop_orphans(cluster):
+    """Guards: workers that keep running requests nobody will read after the router died, and
+    that never rejoin the new router (each would need a restart)."""
+    c = cluster
+    s = Stream(c.url, "Once upon a time", max_tokens=300)
+    s.wait_chunks(3)
+    c.signal("router", signal.SIGKILL)
+    assert s.result() == "broken"                      # the client saw its connection drop
+    t = time.monotonic()
+    c.restart_router()
+    c.wait_ready(["p0", "p1", "d0", "d1"], timeout_s=60)
+    report("router kill -9 + restart -> all four workers registered with the new router after",
+           time.monotonic() - t)
+    freed = c.wait_all_free(timeout_s=10)              # the orphaned stream was dropped by its worker
+    report("router restart -> orphaned requests dropped, all blocks free after", time.monotonic() - t)
+    for _ in range(4):
+        assert completion(c.url).status_code == 200
+    assert freed >= 0
