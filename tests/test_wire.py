@@ -10,6 +10,7 @@ SAMPLES = [
     wire.Register("d0", "decode", {"model": "m", "block_size": 16}, "tcp://127.0.0.1:5", 100, 2048, 42),
     wire.Registered("d0"),
     wire.RegisterRefused("d0", "layout mismatch"),
+    wire.NotRegistered("d0"),
     wire.Heartbeat("p0", 1, 2, 3, 4, 5),
     wire.Prefill("r1", [1, 2, 3], {"max_tokens": 4, "temperature": 0.0}, "d0", "ipc:///tmp/x"),
     wire.Tokens("d0", [["r1", 1, [5, 6], None], ["r2", 0, [7], "stop"]]),
@@ -30,6 +31,13 @@ def test_round_trip(msg):
     msgpack.packb({"v": wire.PROTOCOL_VERSION, "t": "Abort"}),
     msgpack.packb({"v": wire.PROTOCOL_VERSION, "t": "Abort", "request_ids": [], "extra": 1}),
     msgpack.packb({"v": wire.PROTOCOL_VERSION, "t": "__class__"}),
+    # Right type, wrong field types: a handler must never see these (Abort iterates its ids).
+    msgpack.packb({"v": wire.PROTOCOL_VERSION, "t": "Abort", "request_ids": 5}),
+    msgpack.packb({"v": wire.PROTOCOL_VERSION, "t": "Abort", "request_ids": ["a", 1]}),
+    msgpack.packb({"v": wire.PROTOCOL_VERSION, "t": "Heartbeat", "worker_id": "w", "running": True}),
+    msgpack.packb({"v": wire.PROTOCOL_VERSION, "t": "Prefill", "request_id": "r", "prompt_token_ids": [1, "2"],
+                   "params": {}, "decode_worker": "d", "decode_kv_address": "a"}),
+    msgpack.packb({"v": wire.PROTOCOL_VERSION, "t": "Register", "worker_id": "w", "role": "decode", "layout": []}),
 ])
 def test_malformed_frames_raise_wire_error(frame):
     with pytest.raises(wire.WireError):
