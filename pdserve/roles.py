@@ -69,6 +69,14 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
                    help="allow binding ZeroMQ sockets beyond loopback without CURVE keys")
 
 
+def _warn_if_open(settings) -> None:
+    from pdserve.security import is_loopback
+
+    if settings.api_key is None and not is_loopback(f"tcp://{settings.host}:0"):
+        log.warning("HTTP on %s without an API key (--api-key or PDSERVE_API_KEY): anyone who can reach "
+                    "it can use the model", settings.host)
+
+
 def router_settings(args, control_address: str):
     from router.settings import RouterSettings
 
@@ -119,6 +127,7 @@ def cmd_router(args) -> int:
                    "the router's control socket")
     except ValueError as e:  # InsecureBind included: say why in one line, not a traceback
         raise SystemExit(f"pdserve router: {e}") from None
+    _warn_if_open(settings)
     print(f"pdserve router: HTTP on http://{args.host}:{args.port}, workers connect to {args.control_address}",
           flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
@@ -243,6 +252,7 @@ def cmd_serve(args) -> int:
                 log.info("%s-%d on GPU %s", role, i, env["CUDA_VISIBLE_DEVICES"])
             procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_set_parent_death_signal))
     settings = router_settings(args, control)
+    _warn_if_open(settings)
     app = create_app(settings)
     print(f"pdserve: serving {settings.served_model_name} on http://{args.host}:{args.port} "
           f"({args.prefill_workers} prefill, {args.decode_workers} decode workers; ready once /health is 200)",

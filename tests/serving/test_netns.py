@@ -87,7 +87,8 @@ def test_decode_worker_cut_off_the_network_then_back(netns, demo_model, tmp_path
         streams = [Stream(c.url, "Across the network", max_tokens=300) for _ in range(2)]  # one per decode worker
         for s in streams:
             s.wait_chunks(3)
-        assert all(w["running"] == 1 for i, w in c.workers().items() if i.startswith("d"))
+        wait_for(lambda: all(w["running"] == 1 for i, w in c.workers().items() if i.startswith("d")), 5,
+                 "one stream on each decode worker")             # heartbeats lag a little behind
         ip("link", "set", HOST_IF, "down")
         t_cut = time.monotonic()
         wait_for(lambda: any(s.t_end for s in streams), WORKER_TIMEOUT + 5, "the cut-off stream to end")
