@@ -67,6 +67,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if (seq.num_computed_tokens + n) <= len(seq.block_table) * self.pool.block_size:
+                # Fast path, most decode steps: the tokens fit the blocks the sequence holds.
+                out.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+                continue
             while not self.pool.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
