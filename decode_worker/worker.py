@@ -15,6 +15,10 @@ run out, which matters when the prefill worker died mid-transfer), a running seq
 dropped. A failed transfer frees the reserved blocks and is reported with `Failed`. A control
 frame that cannot be decoded or handled is logged and dropped. If the router restarted and
 no longer knows this worker, every request is dropped and the worker registers again.
+
+Shutdown (SIGTERM): the worker heartbeats `draining` (no new requests are placed here), goes
+on decoding until it holds nothing or `shutdown_timeout_s` has passed, frees what is left and
+tells the router `Leaving`, which fails those requests at once rather than at a timeout.
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ import zmq
 from engine import LLMEngine, RequestRejected, SamplingParams
 from kvtransfer import KVLayout, TransferStatus, make_receiver
 from pdserve import wire
+from pdserve.logs import rid as for_request
 from pdserve.security import CurveKeys, check_bind
+from pdserve.transfer_stats import TransferStats
 from pdserve.worker_link import RegistrationRefused, RouterLink
 from pdserve.worker_settings import WorkerSettings
 
@@ -63,6 +69,8 @@ class DecodeWorker:
         self.offers: OrderedDict[str, object] = OrderedDict()  # waiting for blocks, in arrival order
         self.receiving: set[str] = set()                        # accepted, KV on its way
         self.aborted: set[str] = set()                          # aborted while receiving
+        self.transfer_stats = TransferStats(self.receiver)
+        self.draining = False
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -72,7 +80,11 @@ class DecodeWorker:
                                          max_model_len=self.engine.max_model_len, pid=os.getpid(),
                                          incarnation=self.incarnation),
                            timeout_s=self.s.register_timeout_s)
-        log.info("%s registered; receiving KV at %s", self.s.worker_id, self.receiver.address)
+        e = self.engine
+        log.info("%s ready: %d KV blocks x %d = %d tokens, max_model_len %d; registered with the router at %s, "
+                 "receiving KV at %s", self.s.worker_id, e.num_total_blocks, self.layout.block_size,
+                 e.num_total_blocks * self.layout.block_size, e.max_model_len, self.s.router_address,
+                 self.receiver.address)
 
     def run(self, stop: threading.Event | None = None) -> None:
         self.start()
@@ -80,8 +92,26 @@ class DecodeWorker:
         try:
             while not stop.is_set():
                 self.run_once()
+            self.drain(self.s.shutdown_timeout_s)
         finally:
             self.close()
+
+    def holds(self) -> list[str]:
+        return list(self.offers) + list(self.receiving) + list(self.engine.seqs)
+
+    def drain(self, timeout_s: float) -> None:
+        """Finish what this worker holds (bounded by `timeout_s`), then leave the router."""
+        self.draining = True
+        self.link.heartbeat_soon()
+        log.info("%s draining: %d requests held, up to %.0f s", self.s.worker_id, len(self.holds()), timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self.holds() and time.monotonic() < deadline:
+            self.run_once()
+        left = self.holds()
+        if left:
+            log.warning("%s: shutdown timeout, handing back %d requests", self.s.worker_id, len(left))
+            self.abort_all()
+        self.link.send(wire.Leaving(self.s.worker_id, f"handed back {len(left)} requests" if left else ""))
 
     def run_once(self) -> None:
         # Never spin: an idle loop that polls without waiting starves the transfer thread of
@@ -104,6 +134,10 @@ class DecodeWorker:
             if self.s.debug_step_delay_s:
                 time.sleep(self.s.debug_step_delay_s)
             outs = self.engine.step()
+            for o in outs:
+                if o.finish_reason is not None:
+                    log.debug("finished (%s) after %d tokens", o.finish_reason, o.index + len(o.new_token_ids),
+                              extra=for_request(o.request_id))
             if outs:
                 self.link.send(wire.Tokens(self.s.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
                                                               for o in outs]))
@@ -111,7 +145,8 @@ class DecodeWorker:
             sch = self.engine.scheduler
             self.link.send(wire.Heartbeat(self.s.worker_id, len(sch.running), len(sch.waiting) + len(self.offers),
                                           self.engine.num_free_blocks, self.engine.num_total_blocks,
-                                          len(self.receiving), sum(o.num_tokens for o in self.offers.values())))
+                                          len(self.receiving), sum(o.num_tokens for o in self.offers.values()),
+                                          draining=int(self.draining), **self.transfer_stats.heartbeat_fields()))
 
     def close(self) -> None:
         self.receiver.close()
@@ -158,6 +193,7 @@ class DecodeWorker:
                     return
                 blocks = self.engine.reserve_import(rid, prompt, first, params)
             except (KeyError, TypeError, ValueError, RequestRejected) as e:
+                log.warning("refused an offer: %s", e, extra=for_request(rid))
                 del self.offers[rid]
                 self.receiver.reject(rid, f"bad offer: {e}")
                 self.link.send(wire.Failed(rid, f"decode worker refused the request: {e}", 400))
@@ -167,6 +203,9 @@ class DecodeWorker:
             del self.offers[rid]
             self.receiver.accept(rid, blocks)
             self.receiving.add(rid)
+            self.transfer_stats.started(rid)
+            log.debug("KV offer accepted: %d prompt tokens into %d blocks", len(prompt), len(blocks),
+                      extra=for_request(rid))
 
     def _transfer_event(self, ev) -> None:
         rid = ev.request_id
@@ -176,6 +215,10 @@ class DecodeWorker:
         if rid not in self.receiving:
             return
         self.receiving.discard(rid)
+        self.transfer_stats.ended(rid, None if ev.status is TransferStatus.CANCELLED or rid in self.aborted
+                                  else ev.status is TransferStatus.DONE)
+        if ev.status not in (TransferStatus.DONE, TransferStatus.CANCELLED):
+            log.warning("KV transfer ended %s: %s", ev.status.value, ev.error or "", extra=for_request(rid))
         if ev.status is TransferStatus.DONE and rid not in self.aborted:
             self.engine.activate_import(rid)
             return

@@ -32,7 +32,13 @@ def load_weights(model, model_dir: str | Path) -> None:
     targets = model.weight_targets()
     loaded: set[str] = set()
     tied = model.cfg.tie_word_embeddings
-    for path in checkpoint_files(model_dir):
+    from tqdm import tqdm
+
+    files = checkpoint_files(model_dir)
+    # A progress bar on a terminal (disable=None: none when stderr is a file or a pipe).
+    bar = tqdm(total=sum(Path(p).stat().st_size for p in files), unit="B", unit_scale=True, disable=None,
+               desc=f"Loading weights ({len(files)} file{'s' if len(files) > 1 else ''})")
+    for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
@@ -46,6 +52,8 @@ def load_weights(model, model_dir: str | Path) -> None:
                     raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != expected {tuple(dst.shape)}")
                 dst.copy_(src)
                 loaded.add(name)
+                bar.update(src.numel() * src.element_size())
+    bar.close()
     missing = sorted(set(targets) - loaded)
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {missing[:3]}")

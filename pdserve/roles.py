@@ -62,6 +62,17 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="Bearer key required on /v1/* and /generate (default: $PDSERVE_API_KEY, else none)")
 
 
+def add_ops_args(p: argparse.ArgumentParser) -> None:
+    from pdserve.logs import LOG_FORMATS, LOG_LEVELS
+
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="text (default) or json: one object per line with time, level, pid, request_id, message")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper,
+                   help="DEBUG adds a line per request phase on the workers")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish before they are cancelled (s)")
+
+
 def add_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve-keys", default=None, metavar="FILE",
                    help="the deployment's CURVE secret key file from `pdserve keys` (default: $PDSERVE_CURVE_KEYS)")
@@ -101,8 +112,10 @@ def engine_options(args) -> dict:
     return opts
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+def _setup_logging(args) -> None:
+    from pdserve.logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
 
 
 # ---- single roles ---------------------------------------------------------------------------
@@ -114,13 +127,12 @@ def require(args, *names: str) -> None:
 
 
 def cmd_router(args) -> int:
-    import uvicorn
-
     require(args, "model")
     from pdserve.security import check_bind, keys_from
     from router.app import create_app
+    from router.server import run_http
 
-    _setup_logging()
+    _setup_logging(args)
     try:
         settings = router_settings(args, args.control_address)
         check_bind(settings.control_address, keys_from(settings.curve_keys), settings.insecure,
@@ -128,9 +140,8 @@ def cmd_router(args) -> int:
     except ValueError as e:  # InsecureBind included: say why in one line, not a traceback
         raise SystemExit(f"pdserve router: {e}") from None
     _warn_if_open(settings)
-    print(f"pdserve router: HTTP on http://{args.host}:{args.port}, workers connect to {args.control_address}",
-          flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    log.info("router: HTTP on http://%s:%d, workers connect to %s", args.host, args.port, args.control_address)
+    run_http(create_app(settings), args.host, args.port, args.shutdown_timeout)
     return 0
 
 
@@ -140,7 +151,7 @@ def cmd_worker(args) -> int:
     from pdserve.worker_settings import WorkerSettings
 
     require(args, "model", "router")
-    _setup_logging()
+    _setup_logging(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = WorkerSettings(model=args.model, router_address=args.router, worker_id=args.worker_id,
@@ -149,7 +160,8 @@ def cmd_worker(args) -> int:
                               kv_lease_s=args.kv_lease, heartbeat_s=args.heartbeat_interval,
                               engine=engine_options(args),
                               curve_keys=args.curve_keys or os.environ.get("PDSERVE_CURVE_KEYS") or None,
-                              insecure=args.insecure, debug_step_delay_s=args.debug_step_delay)
+                              insecure=args.insecure, debug_step_delay_s=args.debug_step_delay,
+                              shutdown_timeout_s=args.shutdown_timeout)
     if args.command == "prefill":
         from prefill_worker.worker import PrefillWorker as Worker
     else:
@@ -214,11 +226,10 @@ def _set_parent_death_signal() -> None:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
     from router.app import create_app
+    from router.server import run_http
 
-    _setup_logging()
+    _setup_logging(args)
     if args.model is None:
         from pdserve.demo_model import ensure_demo_model
 
@@ -232,9 +243,12 @@ def cmd_serve(args) -> int:
     common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
               "--kv-transport", args.kv_transport, "--router", control, "--threads", str(threads),
               "--kv-lease", str(args.kv_lease), "--heartbeat-interval", str(args.heartbeat_interval),
-              "--debug-step-delay", str(args.debug_step_delay)]
+              "--debug-step-delay", str(args.debug_step_delay), "--log-format", args.log_format,
+              "--log-level", args.log_level, "--shutdown-timeout", str(args.shutdown_timeout)]
     if args.curve_keys:
         common += ["--curve-keys", args.curve_keys]
+    if args.insecure:
+        common += ["--insecure"]
     for flag, (field, _, _) in ENGINE_FLAGS.items():
         v = getattr(args, flag.lstrip("-").replace("-", "_"))
         if v is not None:
@@ -258,9 +272,9 @@ def cmd_serve(args) -> int:
           f"({args.prefill_workers} prefill, {args.decode_workers} decode workers; ready once /health is 200)",
           flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # returns on SIGINT/SIGTERM
+        run_http(app, args.host, args.port, args.shutdown_timeout)  # returns once drained (SIGINT/SIGTERM)
     finally:
-        _stop_all(procs)
+        _stop_all(procs, grace_s=10.0)  # the workers drain too: they hold nothing by now, unless cancelled
         try:
             for f in os.listdir(run_dir):
                 os.unlink(os.path.join(run_dir, f))
@@ -375,6 +389,7 @@ def register(sub) -> dict[str, argparse.ArgumentParser]:
     p.set_defaults(func=cmd_keys)
     for p in parsers.values():
         add_security_args(p)
+        add_ops_args(p)
         p.add_argument("--config", default=None, metavar="YAML",
                        help="defaults from a YAML file (see configs/); flags given here override it")
     return parsers

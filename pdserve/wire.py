@@ -11,7 +11,8 @@ Flow: worker -> router `Register` (answered `Registered` or `RegisterRefused`), 
 answers `NotRegistered` and the worker registers again); router -> prefill `Prefill`;
 prefill -> router `Tokens` (the first token at once); the KV goes prefill -> decode
 through kvtransfer, carrying the request; decode -> router `Tokens` each step (all of its sequences in one message);
-router -> any worker `Abort`; worker -> router `Failed` when a request cannot go on.
+router -> any worker `Abort`; worker -> router `Failed` when a request cannot go on. A worker told
+to stop (SIGTERM) heartbeats `draining=1`, finishes what it holds, then sends `Leaving`.
 """
 from __future__ import annotations
 
@@ -66,6 +67,21 @@ class Heartbeat:
     total_blocks: int = 0
     transfers: int = 0          # KV transfers in flight
     queued_tokens: int = 0      # prompt tokens not computed yet (prefill) or offered and not admitted (decode)
+    # KV transfers since the worker started (pdserve.transfer_stats): bytes sent or received,
+    # failures, completed transfers per duration bucket, and their total duration.
+    kv_transfer_bytes: int = 0
+    kv_transfer_failures: int = 0
+    kv_transfer_buckets: list[int] = field(default_factory=list)
+    kv_transfer_seconds_us: int = 0
+    draining: int = 0           # 1: shutting down, give it no new work
+
+
+@dataclass
+class Leaving:
+    """Worker -> router, the last message of a worker that drained: it holds nothing the router
+    should wait for; what it still held is handed back (retried elsewhere where allowed)."""
+    worker_id: str
+    message: str = ""
 
 
 @dataclass
@@ -99,7 +115,7 @@ class Abort:
 
 MESSAGES: dict[str, type] = {c.__name__: c for c in
                              (Register, Registered, RegisterRefused, NotRegistered, Heartbeat, Prefill, Tokens,
-                              Failed, Abort)}
+                              Failed, Abort, Leaving)}
 
 
 def encode(msg) -> bytes:

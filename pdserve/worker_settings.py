@@ -22,10 +22,14 @@ class WorkerSettings:
     # Testing aid: sleep this long before every engine step, so that a test can hold requests
     # in a phase (prefilling, decoding) long enough to break something there. 0 in production.
     debug_step_delay_s: float = 0.0
+    # On SIGTERM: finish what this worker holds for up to this long, then hand the rest back.
+    shutdown_timeout_s: float = 30.0
 
     def __post_init__(self):
         if self.kv_lease_s <= 0 or self.heartbeat_s <= 0:
             raise ValueError("kv_lease_s and heartbeat_s must be positive")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError("shutdown_timeout_s must not be negative")
         if self.debug_step_delay_s < 0:
             raise ValueError("debug_step_delay_s must not be negative")
         if not self.worker_id:

@@ -14,6 +14,10 @@ reported to the router with `Failed`. A control frame that cannot be decoded, or
 handling fails, is logged and dropped: nothing a socket receives stops this loop. If the
 router restarted and no longer knows this worker, every request is dropped and the worker
 registers again (see worker_link).
+
+Shutdown (SIGTERM): the worker heartbeats `draining` (the router sends nothing new), goes on
+until it holds nothing or `shutdown_timeout_s` has passed, frees what is left and tells the
+router `Leaving`, which retries those requests elsewhere (or fails them) at once.
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ import zmq
 from engine import LLMEngine, RequestRejected, SamplingParams
 from kvtransfer import KVLayout, TransferStatus, make_sender
 from pdserve import wire
+from pdserve.logs import rid as for_request
 from pdserve.security import CurveKeys
+from pdserve.transfer_stats import TransferStats
 from pdserve.worker_link import RegistrationRefused, RouterLink
 from pdserve.worker_settings import WorkerSettings
 
@@ -62,6 +68,8 @@ class PrefillWorker:
         self.targets: dict[str, wire.Prefill] = {}   # request id -> its Prefill (until the KV is handed off)
         self.transfers: set[str] = set()             # KV offered, blocks held
         self.peers: dict[str, str] = {}              # decode worker -> incarnation we completed a handshake with
+        self.transfer_stats = TransferStats(self.sender)
+        self.draining = False
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -70,7 +78,10 @@ class PrefillWorker:
                                          max_model_len=self.engine.max_model_len, pid=os.getpid(),
                                          incarnation=self.incarnation),
                            timeout_s=self.s.register_timeout_s)
-        log.info("%s registered with the router at %s", self.s.worker_id, self.s.router_address)
+        e = self.engine
+        log.info("%s ready: %d KV blocks x %d = %d tokens, max_model_len %d; registered with the router at %s",
+                 self.s.worker_id, e.num_total_blocks, self.layout.block_size, e.num_total_blocks * self.layout.block_size,
+                 e.max_model_len, self.s.router_address)
 
     def run(self, stop: threading.Event | None = None) -> None:
         self.start()
@@ -78,8 +89,26 @@ class PrefillWorker:
         try:
             while not stop.is_set():
                 self.run_once()
+            self.drain(self.s.shutdown_timeout_s)
         finally:
             self.close()
+
+    def holds(self) -> list[str]:
+        return list(self.engine.seqs) + list(self.transfers)
+
+    def drain(self, timeout_s: float) -> None:
+        """Finish what this worker holds (bounded by `timeout_s`), then leave the router."""
+        self.draining = True
+        self.link.heartbeat_soon()
+        log.info("%s draining: %d requests held, up to %.0f s", self.s.worker_id, len(self.holds()), timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self.holds() and time.monotonic() < deadline:
+            self.run_once()
+        left = self.holds()
+        if left:
+            log.warning("%s: shutdown timeout, handing back %d requests", self.s.worker_id, len(left))
+            self.abort_all()
+        self.link.send(wire.Leaving(self.s.worker_id, f"handed back {len(left)} requests" if left else ""))
 
     def run_once(self) -> None:
         busy = self.engine.has_unfinished()
@@ -102,7 +131,8 @@ class PrefillWorker:
             queued = sum(q.num_tokens - q.num_computed_tokens for q in list(sch.waiting) + sch.running)
             self.link.send(wire.Heartbeat(self.s.worker_id, len(sch.running), len(sch.waiting),
                                           self.engine.num_free_blocks, self.engine.num_total_blocks,
-                                          len(self.transfers), queued))
+                                          len(self.transfers), queued, draining=int(self.draining),
+                                          **self.transfer_stats.heartbeat_fields()))
 
     def close(self) -> None:
         self.sender.close()
@@ -121,8 +151,11 @@ class PrefillWorker:
                 params = SamplingParams(**msg.params)
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, prefill_only=True)
             except (RequestRejected, ValueError, TypeError) as e:
+                log.info("refused: %s", e, extra=for_request(msg.request_id))
                 self.link.send(wire.Failed(msg.request_id, str(e), 400))
                 return
+            log.debug("prefill of %d prompt tokens, KV to %s", len(msg.prompt_token_ids), msg.decode_worker,
+                      extra=for_request(msg.request_id))
             self.targets[msg.request_id] = msg
         elif isinstance(msg, wire.Abort):
             self._abort(msg.request_ids)
@@ -162,19 +195,27 @@ class PrefillWorker:
             self.sender.offer(msg.decode_worker, rid, seq_blocks, len(msg.prompt_token_ids), meta,
                               lease_s=self.s.kv_lease_s)
         except Exception as e:  # handshake refused or timed out, peer gone: this request cannot go on
-            log.error("KV hand-off of %s to %s failed: %s", rid, msg.decode_worker, e)
+            log.error("KV hand-off of %s to %s failed: %s", rid, msg.decode_worker, e, extra=for_request(rid))
+            self.transfer_stats.failed()
             self.engine.release_kv(rid)
             self.link.send(wire.Failed(rid, f"KV hand-off to {msg.decode_worker} failed: {e}", 503))
             return
         self.transfers.add(rid)
+        self.transfer_stats.started(rid)
+        log.debug("first token sent, KV (%d blocks) offered to %s", len(seq_blocks), msg.decode_worker,
+                  extra=for_request(rid))
 
     def _transfer_ended(self, ev) -> None:
         if ev.request_id not in self.transfers:
             return
         self.transfers.discard(ev.request_id)
         self.engine.release_kv(ev.request_id)
+        self.transfer_stats.ended(ev.request_id, None if ev.status is TransferStatus.CANCELLED
+                                  else ev.status is TransferStatus.DONE)
+        log.debug("KV transfer %s", ev.status.value, extra=for_request(ev.request_id))
         if ev.status not in (TransferStatus.DONE, TransferStatus.CANCELLED):
-            log.warning("KV transfer of %s ended %s: %s", ev.request_id, ev.status.value, ev.error)
+            log.warning("KV transfer of %s ended %s: %s", ev.request_id, ev.status.value, ev.error,
+                        extra=for_request(ev.request_id))
             self.link.send(wire.Failed(ev.request_id, f"KV transfer {ev.status.value}: {ev.error or 'no ACK'}", 503))
 
 

@@ -19,17 +19,18 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import protocol as P
+from pdserve.logs import current_request_id
 from pdserve.security import keys_from
 
 from .admission import Admission
-from .edge import ApiKeyGuard, BodyLimit
+from .edge import ApiKeyGuard, BodyLimit, DrainGuard, RequestId
 from .errors import APIError, error_body, install_error_handlers
 from .generation import Chunk, generate
 from .hub import WorkerHub
-from .metrics import Metrics
+from .metrics import CONTENT_TYPE, Metrics
 from .registry import WorkerRegistry
 from .settings import RouterSettings
 
@@ -52,8 +53,10 @@ class Router:
         self.vocab_size = cfg.vocab_size
         self.config_max_len = settings.max_model_len or cfg.max_position_embeddings
         self.registry = WorkerRegistry(settings.policy, settings.worker_timeout_s)
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.served_model_name)
         self.hub: WorkerHub | None = None
+        self.draining = False   # SIGTERM: no new requests (server.py)
+        self.in_flight = 0      # API requests being served (edge.DrainGuard counts them)
 
     @property
     def max_model_len(self) -> int:
@@ -107,7 +110,8 @@ class Router:
         return d
 
     def stream(self, prompt: list[int], params: dict, stops: list[str]) -> AsyncIterator[Chunk]:
-        return generate(self.hub, self.tokenizer, self.settings, prompt, params, stops, metrics=self.metrics)
+        return generate(self.hub, self.tokenizer, self.settings, prompt, params, stops,
+                        request_id=current_request_id.get(), metrics=self.metrics)
 
 
 async def _next(request: Request, chunks: AsyncIterator[Chunk]) -> Chunk:
@@ -171,6 +175,7 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
                                admission=Admission(settings.max_queued_requests, settings.max_queued_tokens),
                                curve=keys_from(settings.curve_keys), insecure=settings.insecure)
         router.hub.start()
+        router.metrics.attach(router.hub, router.registry)
         log.info("router control endpoint: %s", router.hub.address)
         try:
             yield
@@ -182,7 +187,9 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     if settings.api_key:
-        app.add_middleware(ApiKeyGuard, api_key=settings.api_key)  # added last: runs first
+        app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
+    app.add_middleware(DrainGuard, drain=router)
+    app.add_middleware(RequestId)  # added last: runs first
 
     @app.get("/health")
     async def health():
@@ -193,6 +200,10 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
         hub = router.hub
         load = {"requests_in_flight": len(hub.requests) if hub else 0,
                 "queued_requests": hub.admission.requests if hub else 0}
+        if router.draining:
+            body = error_body("shutting down", "service_unavailable")
+            body.update(load, workers=workers)
+            return JSONResponse(body, status_code=503)
         if p and d:
             return {"status": "ok", "prefill_workers": p, "decode_workers": d, **load, "workers": workers}
         body = error_body(f"not ready: {p} live prefill and {d} live decode workers", "service_unavailable")
@@ -201,8 +212,7 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(router.metrics.render(router.hub, router.registry),
-                                 media_type="text/plain; version=0.0.4")
+        return Response(router.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():

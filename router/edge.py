@@ -1,4 +1,13 @@
-"""Two guards in front of the HTTP handlers, as plain ASGI middleware: the API key, the body size.
+"""What runs in front of the HTTP handlers, as plain ASGI middleware: the request id, the drain
+guard, the API key, the body size.
+
+`RequestId`: the client's `X-Request-Id` when it sent a usable one (up to 128 printable
+ASCII characters, no spaces), else a new one; it is returned in the response's
+`X-Request-Id`, set as `pdserve.logs.current_request_id` while the request is served (every
+log line names it), and becomes the request's id on the wire, so worker logs name it too.
+
+`DrainGuard`: once the router drains (SIGTERM), `/v1/*` and `/generate` are answered 503
+with `Retry-After`; it counts the API requests in flight, which the drain waits for.
 
 `ApiKeyGuard`: with a key configured, `/v1/*` and `/generate` need `Authorization: Bearer
 <key>` (what OpenAI clients send); `/health`, `/metrics` and the docs stay open. The key is
@@ -14,6 +23,10 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
+import uuid
+
+from pdserve.logs import current_request_id
 
 from .errors import error_body
 
@@ -92,3 +105,47 @@ class BodyLimit:
 
     async def _too_large(self, send) -> None:
         await _reply(send, 413, f"Request body is larger than {self.max_bytes} bytes", "request_too_large")
+
+
+_USABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+class RequestId:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = next((v for n, v in scope.get("headers", ()) if n == b"x-request-id"), b"")
+        rid = given.decode("ascii", "replace") if _USABLE_ID.fullmatch(given.decode("latin-1")) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(msg):
+            if msg["type"] == "http.response.start":
+                msg = dict(msg, headers=[*msg.get("headers", ()), (b"x-request-id", rid.encode())])
+            await send(msg)
+
+        token = current_request_id.set(rid)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            current_request_id.reset(token)
+
+
+class DrainGuard:
+    def __init__(self, app, drain):
+        self.app = app
+        self.drain = drain  # has .draining (bool) and .in_flight (int)
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        if scope["type"] != "http" or not _protected(scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        if self.drain.draining:
+            return await _reply(send, 503, "the server is shutting down; retry on another replica",
+                                "service_unavailable", None, [(b"retry-after", b"5")])
+        self.drain.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.drain.in_flight -= 1

@@ -11,6 +11,7 @@ gone), the workers holding the request are told to free it and the router forget
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from .request import RequestState
 from .settings import RouterSettings
 from .stop import StopStringMatcher
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Chunk:
@@ -38,7 +41,10 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                    params: dict, stop_strings: list[str], request_id: str | None = None,
                    metrics: Metrics | None = None) -> AsyncIterator[Chunk]:
     metrics = metrics or Metrics()
-    state = RequestState(request_id or uuid.uuid4().hex, prompt_token_ids, params)
+    rid = request_id or uuid.uuid4().hex
+    if rid in hub.requests:  # a client reusing its X-Request-Id while the first is in flight
+        rid = f"{rid}-{uuid.uuid4().hex[:8]}"
+    state = RequestState(rid, prompt_token_ids, params)
     try:
         await hub.submit(state)
     except Overloaded as e:
@@ -47,6 +53,12 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
     except LookupError as e:
         metrics.count("rejected_no_worker")
         raise APIError(f"no capacity to serve the request: {e}", 503, headers={"Retry-After": "1"}) from None
+    metrics.queue.observe(time.monotonic() - state.created)
+    metrics.prompt_tokens.inc(len(prompt_token_ids))
+    log.info("request %s: %d prompt tokens, max_tokens %s, on %s -> %s", rid, len(prompt_token_ids),
+             params.get("max_tokens"), state.prefill_worker, state.decode_worker)
+    last_token_at = None
+    finish = None
     outcome = "cancelled"  # unless it ends otherwise: the client went away or a stop string ended it
     detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens=True)
     stops = StopStringMatcher(stop_strings) if stop_strings else None
@@ -74,6 +86,14 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                         ev.message += f"; no other prefill worker to retry on ({e})"
                 outcome = "error"
                 raise APIError(ev.message, ev.code)
+            now = time.monotonic()
+            if ev.token_ids:
+                if last_token_at is None:
+                    metrics.ttft.observe(now - state.created)
+                else:
+                    metrics.itl.observe(now - last_token_at)
+                last_token_at = now
+                metrics.generation_tokens.inc(len(ev.token_ids))
             generated += len(ev.token_ids)
             text = detok.add(ev.token_ids)
             finish = ev.finish_reason
@@ -93,11 +113,16 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                 # A stop string ends the request here while the workers may still be decoding.
                 ended = ev.finish_reason is not None
                 outcome = "finished"
+                metrics.e2e.observe(time.monotonic() - state.created)
+                metrics.success(finish)
             yield Chunk(text, ev.token_ids, finish, generated)
             if finish is not None:
                 return
     finally:
         metrics.count(outcome)
+        log.info("request %s %s%s: %d prompt + %d generated tokens in %.3f s", rid, outcome,
+                 f" ({finish})" if outcome == "finished" else "", len(prompt_token_ids), generated,
+                 time.monotonic() - state.created)
         if ended:
             hub.finish(state)
         else:

@@ -16,6 +16,10 @@ or belonged to a previous router) are answered with an `Abort`, so an orphan nev
 to its max_tokens; a heartbeat from a worker the router does not know is answered
 `NotRegistered`, and the worker registers again.
 
+Shutdown: a worker that drains heartbeats `draining` (it gets no new work) and ends with
+`Leaving`; whatever it still held then fails at once, or is retried like after a crash,
+instead of waiting for the heartbeat timeout.
+
 Identity: the ZeroMQ routing id of a worker's connection is its worker id, and a message
 counts only from the connection of that id (a heartbeat for p0 from elsewhere is dropped).
 """
@@ -190,6 +194,12 @@ class WorkerHub:
                 st.on_error(msg.message, msg.code)
         elif isinstance(msg, wire.Register):
             await self._on_register(sender, msg)
+        elif isinstance(msg, wire.Leaving):
+            w = self.registry.workers.get(sender)
+            if msg.worker_id == sender and w is not None:
+                log.info("%s worker %s left (drained)%s", w.role, sender, f": {msg.message}" if msg.message else "")
+                self._fail_requests(w, f"{w.role} worker {sender} shut down")
+                self.registry.remove(sender)
         else:
             log.warning("ignored unexpected %s from %s", type(msg).__name__, sender)
 

@@ -39,8 +39,13 @@ class WorkerInfo:
                 "kv_address": self.kv_address or None, "requests_in_flight": len(self.outstanding),
                 "requests_total": self.requests_total, "running": hb.running if hb else 0,
                 "waiting": hb.waiting if hb else 0, "queued_tokens": hb.queued_tokens if hb else 0,
-                "transfers": hb.transfers if hb else 0,
+                "transfers": hb.transfers if hb else 0, "draining": self.draining,
                 "free_blocks": hb.free_blocks if hb else self.num_blocks, "total_blocks": self.num_blocks}
+
+    @property
+    def draining(self) -> bool:
+        """The worker is shutting down: it finishes what it holds and gets nothing new."""
+        return bool(self.heartbeat and self.heartbeat.draining)
 
     @property
     def load(self) -> tuple[int, int]:
@@ -88,6 +93,9 @@ class WorkerRegistry:
         w.last_seen, w.heartbeat = self.clock(), msg
         return True
 
+    def remove(self, worker_id: str) -> WorkerInfo | None:
+        return self.workers.pop(worker_id, None)
+
     def seen(self, worker_id: str) -> None:
         w = self.workers.get(worker_id)
         if w is not None:
@@ -106,7 +114,8 @@ class WorkerRegistry:
         return bool(self.alive("prefill")) and bool(self.alive("decode"))
 
     def pick(self, role: str, exclude: set[str] = frozenset()) -> WorkerInfo | None:
-        live = sorted((w for w in self.alive(role) if w.worker_id not in exclude), key=lambda w: w.worker_id)
+        live = sorted((w for w in self.alive(role) if w.worker_id not in exclude and not w.draining),
+                      key=lambda w: w.worker_id)
         if not live:
             return None
         if self.policy == "least_loaded":

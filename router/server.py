@@ -1,0 +1,51 @@
+"""Runs the router's app under uvicorn with a graceful drain on SIGTERM (or Ctrl-C).
+
+The first signal starts the drain: the API answers 503 (edge.DrainGuard) and /health 503, so
+a load balancer takes this router out, while the requests already admitted run to their end.
+When none is left, or `shutdown_timeout_s` has passed, uvicorn stops; requests still
+running then are cancelled, which aborts them on their workers. A second signal exits at
+once. uvicorn's own handler would stop listening at the first signal, so that new clients
+get a refused connection instead of a 503; this one keeps the socket open while draining.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, router, shutdown_timeout_s: float):
+        super().__init__(config)
+        self.router = router
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._deadline: float | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.router.draining:
+            log.warning("second signal: exiting without waiting for %d requests", self.router.in_flight)
+            self.should_exit = self.force_exit = True
+            return
+        self.router.draining = True
+        self._deadline = time.monotonic() + self.shutdown_timeout_s
+        log.info("draining: refusing new requests, waiting up to %.0f s for %d in flight",
+                 self.shutdown_timeout_s, self.router.in_flight)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._deadline is not None and not self.should_exit:
+            if self.router.in_flight == 0:
+                log.info("drained: no request in flight")
+                self.should_exit = True
+            elif time.monotonic() >= self._deadline:
+                log.warning("shutdown timeout: cancelling %d requests still in flight", self.router.in_flight)
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def run_http(app, host: str, port: int, shutdown_timeout_s: float) -> None:
+    # Connections still open once drained (idle keep-alive ones) get a second to close.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+    DrainingServer(config, app.state.router, shutdown_timeout_s).run()
