@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pdserve import cli, roles
 
@@ -51,3 +52,21 @@ def test_shipped_configs_parse(path):
 def test_missing_required_names_the_flag():
     with pytest.raises(SystemExit, match="--router"):
         roles.require(parse(["prefill", "--model", "/m"]), "model", "router")
+
+
+def test_every_flag_is_a_config_key_and_flags_win(tmp_path):
+    """Each option of each role is accepted in its section; the operations flags take effect from
+    the file and are overridden on the command line."""
+    parsers = cli._build_parser().role_parsers
+    for role, p in parsers.items():
+        keys = sorted(a.dest for a in p._actions if a.dest not in ("help", "config"))
+        f = tmp_path / f"{role}.yaml"
+        f.write_text(yaml.safe_dump({role: {k: p.get_default(k) for k in keys}}))
+        assert set(roles.load_config(str(f), role, parsers)) == set(keys)
+    f = tmp_path / "ops.yaml"
+    f.write_text("log_format: json\nlog_level: debug\nshutdown_timeout: 7\nserve:\n  shutdown-timeout: 9\n")
+    a = parse(["decode", "--config", str(f)])
+    assert (a.log_format, a.log_level, a.shutdown_timeout) == ("json", "DEBUG", 7)
+    assert parse(["serve", "--config", str(f)]).shutdown_timeout == 9
+    a = parse(["serve", "--config", str(f), "--shutdown-timeout", "3", "--log-format", "text"])
+    assert (a.shutdown_timeout, a.log_format) == (3, "text")
