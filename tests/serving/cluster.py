@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,6 +132,7 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)  # logs, ipc sockets
 
 
 def completion(url: str, prompt: str = "Hello there", max_tokens: int = 4, timeout: float = 60, **kw) -> httpx.Response:
