@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import tempfile
 import time
 
@@ -207,3 +208,4 @@ def test_worker_control_sockets_survive_garbage(demo_model):
         c.stop()
         fake.close()
         ctx.term()
+        shutil.rmtree(run_dir, ignore_errors=True)
