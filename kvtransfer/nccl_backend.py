@@ -57,7 +57,7 @@ from .zmq_backend import ZmqKVReceiver, ZmqKVSender
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NCCL_CHUNK_BYTES = 32 << 20  # bigger than zmq's: per-chunk overhead vs ~150+ GB/s links
+DEFAULT_NCCL_CHUNK_BYTES = 64 << 20  # per-chunk control costs ~ms: on H200s a 64 MiB request moved 23 GB/s in one chunk, 17 in two
 _ORPHAN_RECV_S = 30.0  # deadline of a recv for a transfer the receiver no longer knows
 
 
