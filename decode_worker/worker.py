@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -37,13 +36,14 @@ from pdserve import wire
 from pdserve.logs import rid as for_request
 from pdserve.security import CurveKeys, check_bind
 from pdserve.transfer_stats import TransferStats
-from pdserve.worker_link import RegistrationRefused, RouterLink
+from pdserve.worker_link import RouterLink
+from pdserve.worker_loop import WorkerLoop
 from pdserve.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerLoop):
     role = "decode"
 
     def __init__(self, settings: WorkerSettings, engine: LLMEngine | None = None, *,
@@ -86,45 +86,14 @@ class DecodeWorker:
                  e.num_total_blocks * self.layout.block_size, e.max_model_len, self.s.router_address,
                  self.receiver.address)
 
-    def run(self, stop: threading.Event | None = None) -> None:
-        self.start()
-        stop = stop or threading.Event()
-        try:
-            while not stop.is_set():
-                self.run_once()
-            self.drain(self.s.shutdown_timeout_s)
-        finally:
-            self.close()
-
     def holds(self) -> list[str]:
         return list(self.offers) + list(self.receiving) + list(self.engine.seqs)
-
-    def drain(self, timeout_s: float) -> None:
-        """Finish what this worker holds (bounded by `timeout_s`), then leave the router."""
-        self.draining = True
-        self.link.heartbeat_soon()
-        log.info("%s draining: %d requests held, up to %.0f s", self.s.worker_id, len(self.holds()), timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while self.holds() and time.monotonic() < deadline:
-            self.run_once()
-        left = self.holds()
-        if left:
-            log.warning("%s: shutdown timeout, handing back %d requests", self.s.worker_id, len(left))
-            self.abort_all()
-        self.link.send(wire.Leaving(self.s.worker_id, f"handed back {len(left)} requests" if left else ""))
 
     def run_once(self) -> None:
         # Never spin: an idle loop that polls without waiting starves the transfer thread of
         # the GIL. While KV is arriving, wake every millisecond to admit it promptly.
         wait_ms = 0 if self.engine.has_unfinished() else (1 if self.receiving or self.offers else 5)
-        for msg in self.link.recv(timeout_ms=wait_ms):
-            try:
-                if not self.link.control(msg, self.abort_all):
-                    self._handle(msg)
-            except RegistrationRefused:
-                raise
-            except Exception:  # a well-formed message with absurd contents must not stop the worker
-                log.exception("dropped a %s that could not be handled", type(msg).__name__)
+        self.handle_messages(wait_ms)
         for offer in self.receiver.poll_offers():
             self.offers[offer.request_id] = offer
         for ev in self.receiver.poll():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import uuid
 
@@ -35,7 +34,8 @@ from pdserve import wire
 from pdserve.logs import rid as for_request
 from pdserve.security import CurveKeys
 from pdserve.transfer_stats import TransferStats
-from pdserve.worker_link import RegistrationRefused, RouterLink
+from pdserve.worker_link import RouterLink
+from pdserve.worker_loop import WorkerLoop
 from pdserve.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 3.0
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerLoop):
     role = "prefill"
 
     def __init__(self, settings: WorkerSettings, engine: LLMEngine | None = None, *,
@@ -83,43 +83,11 @@ class PrefillWorker:
                  self.s.worker_id, e.num_total_blocks, self.layout.block_size, e.num_total_blocks * self.layout.block_size,
                  e.max_model_len, self.s.router_address)
 
-    def run(self, stop: threading.Event | None = None) -> None:
-        self.start()
-        stop = stop or threading.Event()
-        try:
-            while not stop.is_set():
-                self.run_once()
-            self.drain(self.s.shutdown_timeout_s)
-        finally:
-            self.close()
-
     def holds(self) -> list[str]:
         return list(self.engine.seqs) + list(self.transfers)
 
-    def drain(self, timeout_s: float) -> None:
-        """Finish what this worker holds (bounded by `timeout_s`), then leave the router."""
-        self.draining = True
-        self.link.heartbeat_soon()
-        log.info("%s draining: %d requests held, up to %.0f s", self.s.worker_id, len(self.holds()), timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while self.holds() and time.monotonic() < deadline:
-            self.run_once()
-        left = self.holds()
-        if left:
-            log.warning("%s: shutdown timeout, handing back %d requests", self.s.worker_id, len(left))
-            self.abort_all()
-        self.link.send(wire.Leaving(self.s.worker_id, f"handed back {len(left)} requests" if left else ""))
-
     def run_once(self) -> None:
-        busy = self.engine.has_unfinished()
-        for msg in self.link.recv(timeout_ms=0 if busy else 5):
-            try:
-                if not self.link.control(msg, self.abort_all):
-                    self._handle(msg)
-            except RegistrationRefused:
-                raise
-            except Exception:  # a well-formed message with absurd contents must not stop the worker
-                log.exception("dropped a %s that could not be handled", type(msg).__name__)
+        self.handle_messages(0 if self.engine.has_unfinished() else 5)
         if self.engine.has_unfinished():
             if self.s.debug_step_delay_s:
                 time.sleep(self.s.debug_step_delay_s)
