@@ -31,6 +31,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64, padded with block 0
     decode_context_mask: torch.Tensor | None  # [B, max_blocks * block_size] bool, True where valid
     decode_context_lens: torch.Tensor | None = None  # [B] int32
+    # Decode rows sorted by context length and cut into groups (row start, row end, blocks):
+    # each group pads only to its own longest context. None: one group of all rows.
+    decode_groups: list[tuple[int, int, int]] | None = None
     # The whole batch in the layout fused kernels take (sequences in the same order):
     query_start_loc: torch.Tensor | None = None   # [S + 1] int32, cumulative new-token counts
     seq_lens: torch.Tensor | None = None          # [S] int32, context length (cached + new) per sequence
@@ -72,7 +75,11 @@ class TorchAttention:
             out[start : start + qlen] = self._prefill(q[start : start + qlen], kc, vc)
         if meta.decode_block_tables is not None:
             p = meta.num_prefill_tokens
-            out[p:] = self._decode(q[p:], k_blocks, v_blocks, meta.decode_block_tables, meta.decode_context_mask)
+            tables, mask = meta.decode_block_tables, meta.decode_context_mask
+            bs = k_blocks.shape[1]
+            for a, b, nb in meta.decode_groups or [(0, tables.shape[0], tables.shape[1])]:
+                out[p + a : p + b] = self._decode(q[p + a : p + b], k_blocks, v_blocks, tables[a:b, :nb],
+                                                  mask[a:b, : nb * bs])
         return out
 
     def _prefill(self, q, k, v):

@@ -110,7 +110,9 @@ class ModelRunner:
         """Packs the batch (prefill-like sequences first, then decodes) into flat tensors."""
         # One new token attends over its cached context like a decode, whatever its phase.
         prefills = [s for s in batch if s.num_new_tokens > 1]
-        decodes = [s for s in batch if s.num_new_tokens == 1]
+        # Decodes shortest context first: the torch backend pads each group of similar lengths
+        # only to its own longest (the fused kernels do not care about the order).
+        decodes = sorted((s for s in batch if s.num_new_tokens == 1), key=lambda s: s.seq.num_computed_tokens)
         ordered = prefills + decodes
         bs = self.block_size
         ids: list[int] = []
@@ -126,7 +128,7 @@ class ModelRunner:
         num_prefill_tokens = sum(s.num_new_tokens for s in prefills)
         dev = self.device
         ctx_lens, tables_p = [], []
-        dec_tables = dec_mask = dec_lens = None
+        dec_tables = dec_mask = dec_lens = dec_groups = None
         if self.attn_name == "torch":  # the reference backend's own layout; fused kernels skip it
             t = 0
             for s in prefills:
@@ -146,6 +148,7 @@ class ModelRunner:
                 dec_mask = (torch.arange(max_blocks * bs)[None, :] < lens_t[:, None]).to(dev)            # [B, M*bs]
                 dec_tables = tables.to(dev)
                 dec_lens = lens_t.to(torch.int32).to(dev)
+                dec_groups = _length_groups(lens, bs)
         all_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in ordered]
         all_q = [s.num_new_tokens for s in ordered]
         width = -(-max(all_lens) // bs)
@@ -155,6 +158,7 @@ class ModelRunner:
             prefill_query_starts=q_starts, prefill_query_lens=q_lens, prefill_context_lens=ctx_lens,
             prefill_block_tables=tables_p, num_prefill_tokens=num_prefill_tokens,
             decode_block_tables=dec_tables, decode_context_mask=dec_mask, decode_context_lens=dec_lens,
+            decode_groups=dec_groups,
             query_start_loc=torch.tensor([0] + list(itertools.accumulate(all_q)), dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(all_lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in all_tables], dtype=torch.int32, device=dev),
@@ -205,3 +209,15 @@ class ModelRunner:
             return ordered, hidden.new_empty(0, self.model_cfg.vocab_size), []
         logits = self.model.compute_logits(hidden[torch.tensor(ends, device=self.device)])
         return ordered, logits, rows
+
+
+def _length_groups(lens: list[int], block_size: int, ratio: float = 1.5, min_rows: int = 4) -> list[tuple[int, int, int]]:
+    """Cuts ascending context lengths into (start, end, blocks) groups whose longest is at most
+    `ratio` times their shortest (groups of fewer than `min_rows` rows are not split off, since
+    each group costs a kernel launch per layer)."""
+    groups, start = [], 0
+    for i in range(1, len(lens) + 1):
+        if i == len(lens) or (lens[i] > ratio * lens[start] and i - start >= min_rows):
+            groups.append((start, i, -(-lens[i - 1] // block_size)))
+            start = i
+    return groups
