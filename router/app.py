@@ -166,6 +166,31 @@ def _sse(first: Chunk, rest: AsyncIterator[Chunk], start: list[dict], on_chunk, 
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class _Shape:
+    """How one OpenAI endpoint spells its objects: the whole response, a stream piece (text or a
+    finish reason), the usage chunk, and the events that open a stream."""
+
+    def __init__(self, whole, piece, usage, start: list[dict]):
+        self.whole, self.piece, self.usage, self.start = whole, piece, usage, start
+
+    @classmethod
+    def chat(cls, rid: str, model: str) -> "_Shape":
+        created = P.now()
+        return cls(lambda text, reason, usage: P.chat_completion(rid, model, created, text, reason, usage),
+                   lambda text, reason: P.chat_chunk(rid, model, created, text, reason),
+                   lambda usage: P.chat_usage_chunk(rid, model, created, usage),
+                   [P.chat_role_chunk(rid, model, created)])
+
+    @classmethod
+    def text(cls, rid: str, model: str) -> "_Shape":
+        created = P.now()
+        # The last chunk of a text stream carries text "" with its finish reason.
+        return cls(lambda text, reason, usage: P.completion(rid, model, created, text, reason, usage),
+                   lambda text, reason: P.completion_chunk(rid, model, created, text or "", reason),
+                   lambda usage: P.completion_usage_chunk(rid, model, created, usage),
+                   [])
+
+
 def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
     router = Router(settings, tokenizer)
 
@@ -220,32 +245,36 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
             "id": settings.served_model_name, "object": "model", "created": 0, "owned_by": "pdserve",
             "root": settings.model, "max_model_len": router.max_model_len}]}
 
+    async def openai_response(request: Request, prompt: list[int], chunks: AsyncIterator[Chunk], stream: bool,
+                              include_usage: bool, shape: "_Shape"):
+        """One chat or text completion, whole or as SSE; `shape` builds the endpoint's objects."""
+        try:
+            if not stream:
+                text, last = await _collect(request, chunks)
+                return shape.whole(text, last.finish_reason, P.usage_dict(len(prompt), last.num_generated))
+            first = await _next(request, chunks)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+
+        def on_chunk(c: Chunk):
+            return [shape.piece(c.text, None)] if c.text else []
+
+        def on_end(c: Chunk):
+            evs = [shape.piece(None, c.finish_reason)]
+            if include_usage:
+                evs.append(shape.usage(P.usage_dict(len(prompt), c.num_generated)))
+            return evs
+
+        return _sse(first, chunks, shape.start, on_chunk, on_end)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         router.check_model(req.model)
         prompt = router.chat_prompt(req)
         fields = req.sampling_fields()
         chunks = router.stream(prompt, router.params(fields, prompt, "messages"), fields.stop_strings)
-        rid, created, model = P.chat_completion_id(), P.now(), settings.served_model_name
-        try:
-            if not req.stream:
-                text, last = await _collect(request, chunks)
-                return P.chat_completion(rid, model, created, text, last.finish_reason,
-                                         P.usage_dict(len(prompt), last.num_generated))
-            first = await _next(request, chunks)
-        except ClientGone:
-            return JSONResponse({}, status_code=499)
-
-        def on_chunk(c: Chunk):
-            return [P.chat_chunk(rid, model, created, c.text)] if c.text else []
-
-        def on_end(c: Chunk):
-            evs = [P.chat_chunk(rid, model, created, None, c.finish_reason)]
-            if req.include_usage:
-                evs.append(P.chat_usage_chunk(rid, model, created, P.usage_dict(len(prompt), c.num_generated)))
-            return evs
-
-        return _sse(first, chunks, [P.chat_role_chunk(rid, model, created)], on_chunk, on_end)
+        return await openai_response(request, prompt, chunks, req.stream, req.include_usage,
+                                     _Shape.chat(P.chat_completion_id(), settings.served_model_name))
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
@@ -253,26 +282,8 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
         prompt = router.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
         fields = req.sampling_fields()
         chunks = router.stream(prompt, router.params(fields, prompt, "prompt"), fields.stop_strings)
-        rid, created, model = P.completion_id(), P.now(), settings.served_model_name
-        try:
-            if not req.stream:
-                text, last = await _collect(request, chunks)
-                return P.completion(rid, model, created, text, last.finish_reason,
-                                    P.usage_dict(len(prompt), last.num_generated))
-            first = await _next(request, chunks)
-        except ClientGone:
-            return JSONResponse({}, status_code=499)
-
-        def on_chunk(c: Chunk):
-            return [P.completion_chunk(rid, model, created, c.text)] if c.text else []
-
-        def on_end(c: Chunk):
-            evs = [P.completion_chunk(rid, model, created, "", c.finish_reason)]
-            if req.include_usage:
-                evs.append(P.completion_usage_chunk(rid, model, created, P.usage_dict(len(prompt), c.num_generated)))
-            return evs
-
-        return _sse(first, chunks, [], on_chunk, on_end)
+        return await openai_response(request, prompt, chunks, req.stream, req.include_usage,
+                                     _Shape.text(P.completion_id(), settings.served_model_name))
 
     @app.post("/generate")
     async def generate_api(req: P.GenerateRequest, request: Request):
