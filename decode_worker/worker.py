@@ -25,16 +25,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from collections import OrderedDict
 
 import zmq
 
 from engine import LLMEngine, RequestRejected, SamplingParams
-from kvtransfer import KVLayout, TransferStatus, make_receiver
+from kvtransfer import TransferStatus, make_receiver
 from pdserve import wire
 from pdserve.logs import rid as for_request
-from pdserve.security import CurveKeys, check_bind
+from pdserve.security import check_bind
 from pdserve.transfer_stats import TransferStats
 from pdserve.worker_link import RouterLink
 from pdserve.worker_loop import WorkerLoop
@@ -48,13 +47,8 @@ class DecodeWorker(WorkerLoop):
 
     def __init__(self, settings: WorkerSettings, engine: LLMEngine | None = None, *,
                  ctx: zmq.Context | None = None, transfer_options: dict | None = None):
-        self.s = settings
-        self.incarnation = uuid.uuid4().hex  # this process's start, as the router and peers tell it
-        self.engine = engine or LLMEngine(settings.model, device=settings.device, dtype=settings.dtype,
-                                          **settings.engine)
-        self.layout = KVLayout.from_cache(self.engine.runner.kv_cache, settings.model)
-        self.ctx = ctx or zmq.Context.instance()
-        keys = CurveKeys.load(settings.curve_keys) if settings.curve_keys else None
+        super().__init__(settings, engine, ctx)
+        keys = self.keys
         transfer_options = dict(transfer_options or {})
         self._kv_ctx = self._zap = None
         if settings.kv_transport != "inproc":
@@ -70,7 +64,6 @@ class DecodeWorker(WorkerLoop):
         self.receiving: set[str] = set()                        # accepted, KV on its way
         self.aborted: set[str] = set()                          # aborted while receiving
         self.transfer_stats = TransferStats(self.receiver)
-        self.draining = False
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:

@@ -9,14 +9,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 
+import zmq
+
+from engine import LLMEngine
+from kvtransfer import KVLayout
 from pdserve import wire
+from pdserve.security import CurveKeys
 from pdserve.worker_link import RegistrationRefused
+from pdserve.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
 class WorkerLoop:
+    def __init__(self, settings: WorkerSettings, engine: LLMEngine | None, ctx: zmq.Context | None):
+        """What every worker has before its sockets: settings, engine, KV layout, keys."""
+        self.s = settings
+        self.incarnation = uuid.uuid4().hex  # this process's start, as the router and peers tell it
+        self.engine = engine or LLMEngine(settings.model, device=settings.device, dtype=settings.dtype,
+                                          **settings.engine)
+        self.layout = KVLayout.from_cache(self.engine.runner.kv_cache, settings.model)
+        self.ctx = ctx or zmq.Context.instance()
+        self.keys = CurveKeys.load(settings.curve_keys) if settings.curve_keys else None
+        self.draining = False
+
     def run(self, stop: threading.Event | None = None) -> None:
         self.start()
         stop = stop or threading.Event()

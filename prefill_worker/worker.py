@@ -24,15 +24,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 
 import zmq
 
 from engine import LLMEngine, RequestRejected, SamplingParams
-from kvtransfer import KVLayout, TransferStatus, make_sender
+from kvtransfer import TransferStatus, make_sender
 from pdserve import wire
 from pdserve.logs import rid as for_request
-from pdserve.security import CurveKeys
 from pdserve.transfer_stats import TransferStats
 from pdserve.worker_link import RouterLink
 from pdserve.worker_loop import WorkerLoop
@@ -50,13 +48,8 @@ class PrefillWorker(WorkerLoop):
 
     def __init__(self, settings: WorkerSettings, engine: LLMEngine | None = None, *,
                  ctx: zmq.Context | None = None, transfer_options: dict | None = None):
-        self.s = settings
-        self.incarnation = uuid.uuid4().hex  # this process's start, as the router and peers tell it
-        self.engine = engine or LLMEngine(settings.model, device=settings.device, dtype=settings.dtype,
-                                          **settings.engine)
-        self.layout = layout_of(self.engine, settings.model)
-        self.ctx = ctx or zmq.Context.instance()
-        keys = CurveKeys.load(settings.curve_keys) if settings.curve_keys else None
+        super().__init__(settings, engine, ctx)
+        keys = self.keys
         self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id, curve=keys)
         transfer_options = dict(transfer_options or {})
         self._kv_ctx = None
@@ -69,7 +62,6 @@ class PrefillWorker(WorkerLoop):
         self.transfers: set[str] = set()             # KV offered, blocks held
         self.peers: dict[str, str] = {}              # decode worker -> incarnation we completed a handshake with
         self.transfer_stats = TransferStats(self.sender)
-        self.draining = False
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -186,6 +178,3 @@ class PrefillWorker(WorkerLoop):
                         extra=for_request(ev.request_id))
             self.link.send(wire.Failed(ev.request_id, f"KV transfer {ev.status.value}: {ev.error or 'no ACK'}", 503))
 
-
-def layout_of(engine: LLMEngine, model_name: str) -> KVLayout:
-    return KVLayout.from_cache(engine.runner.kv_cache, model_name)
