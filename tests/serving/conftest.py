@@ -55,10 +55,10 @@ class Server:
         self.url, self.procs, self.model = url, procs, model
 
 
-def start_serve(model: str, *extra: str) -> Server:
+def start_serve(model: str, *extra: str, **popen_kw) -> Server:
     port = free_port()
     p = pdserve("serve", "--model", model, "--port", str(port), "--num-kv-blocks", "256",
-                "--served-model-name", "demo", *extra)
+                "--served-model-name", "demo", *extra, **popen_kw)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, [p])
@@ -73,3 +73,16 @@ def server(demo_model):
     s = start_serve(demo_model)
     yield s
     stop(s.procs)
+
+
+@pytest.fixture(scope="module")
+def cluster(demo_model):
+    """A 1P1D deployment with a slow model (tests.serving.cluster.slow_cluster), one per module;
+    modules that need other flags define their own `cluster`."""
+    from tests.serving.cluster import slow_cluster
+
+    c = slow_cluster(demo_model)
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -9,21 +9,9 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
-from tests.serving.cluster import (LONG_PROMPT, RawClient, Stream, holder, occupy_decoders, slow_cluster,
-                                   wait_for)
+from tests.serving.cluster import LONG_PROMPT, RawClient, Stream, holder, occupy_decoders, wait_for
 
 LIMIT_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def cluster(demo_model):
-    c = slow_cluster(demo_model)
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 def stream_body(prompt: str, max_tokens: int) -> dict:

@@ -17,20 +17,9 @@ import signal
 import time
 
 import httpx
-import pytest
 
-from tests.serving.cluster import Cluster, Stream, completion, holder, occupy_decoders, wait_for
-
-from tests.serving.cluster import LONG_PROMPT, WORKER_TIMEOUT, slow_cluster
-
-
-@pytest.fixture(scope="module")
-def cluster(demo_model):
-    c = slow_cluster(demo_model)
-    try:
-        yield c
-    finally:
-        c.stop()
+from tests.serving.cluster import (LONG_PROMPT, WORKER_TIMEOUT, Cluster, Stream, completion, holder,
+                                   occupy_decoders, wait_for)
 
 
 def restore(c: Cluster, wid: str) -> None:

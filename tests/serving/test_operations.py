@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -14,26 +13,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving.conftest import free_port, stop, wait_healthy
+from tests.serving.conftest import start_serve, stop
 
 PROMPT = list(range(10, 50))   # 40 prompt tokens
 N, MAX_TOKENS = 4, 12
 
 
 def launch(model: str, log_path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = open(log_path, "ab")
-    p = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", str(port),
-                          "--num-kv-blocks", "256", "--served-model-name", "demo", *extra],
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, [p])
-    except Exception:
-        stop([p])
-        raise
-    return p, url
+    with open(log_path, "ab") as log:
+        server = start_serve(model, *extra, stdout=log, stderr=subprocess.STDOUT)
+    return server.procs[0], server.url
 
 
 def samples(url: str) -> dict[tuple, float]:
