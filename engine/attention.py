@@ -30,7 +30,6 @@ class AttentionMetadata:
     num_prefill_tokens: int              # decode tokens start here in the flat batch
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64, padded with block 0
     decode_context_mask: torch.Tensor | None  # [B, max_blocks * block_size] bool, True where valid
-    decode_context_lens: torch.Tensor | None = None  # [B] int32
     # Decode rows sorted by context length and cut into groups (row start, row end, blocks):
     # each group pads only to its own longest context. None: one group of all rows.
     decode_groups: list[tuple[int, int, int]] | None = None

@@ -128,7 +128,7 @@ class ModelRunner:
         num_prefill_tokens = sum(s.num_new_tokens for s in prefills)
         dev = self.device
         ctx_lens, tables_p = [], []
-        dec_tables = dec_mask = dec_lens = dec_groups = None
+        dec_tables = dec_mask = dec_groups = None
         if self.attn_name == "torch":  # the reference backend's own layout; fused kernels skip it
             t = 0
             for s in prefills:
@@ -147,7 +147,6 @@ class ModelRunner:
                 lens_t = torch.tensor(lens)
                 dec_mask = (torch.arange(max_blocks * bs)[None, :] < lens_t[:, None]).to(dev)            # [B, M*bs]
                 dec_tables = tables.to(dev)
-                dec_lens = lens_t.to(torch.int32).to(dev)
                 dec_groups = _length_groups(lens, bs)
         all_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in ordered]
         all_q = [s.num_new_tokens for s in ordered]
@@ -157,7 +156,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             prefill_query_starts=q_starts, prefill_query_lens=q_lens, prefill_context_lens=ctx_lens,
             prefill_block_tables=tables_p, num_prefill_tokens=num_prefill_tokens,
-            decode_block_tables=dec_tables, decode_context_mask=dec_mask, decode_context_lens=dec_lens,
+            decode_block_tables=dec_tables, decode_context_mask=dec_mask,
             decode_groups=dec_groups,
             query_start_loc=torch.tensor([0] + list(itertools.accumulate(all_q)), dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(all_lens, dtype=torch.int32, device=dev),
