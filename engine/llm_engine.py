@@ -58,6 +58,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.sampler = Sampler(self.device, cfg.seed)
         self.seqs: dict[str, Sequence] = {}       # every sequence this engine holds state for
+        # The last step's shape: (prompt tokens computed, sequences that decoded one token).
+        # Workers time steps against it to learn their prefill and decode speeds.
+        self.last_step: tuple[int, int] = (0, 0)
         self._arrival = itertools.count()
 
     # ---- requests ---------------------------------------------------------------------------
@@ -106,7 +109,10 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
         if not batch:
+            self.last_step = (0, 0)
             return []
+        decodes = sum(1 for s in batch if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens)
+        self.last_step = (sum(s.num_new_tokens for s in batch) - decodes, decodes)
         ordered, logits, rows = self.runner.run(batch)
         for s in ordered:
             s.seq.num_computed_tokens += s.num_new_tokens
