@@ -4,27 +4,34 @@ bulk KV bytes over a private 2-rank torch.distributed group per (sender, receive
 Message flow (sender = rank 0, receiver = rank 1; control frames are wire.py msgpack)::
 
     sender: DEALER                               receiver: ROUTER + TCPStore
-    HELLO(layout, pg_backend)            ->      layout + backend check
+    HELLO(layout, pg_backend, nccl_proto) ->     layout + backend check
                                          <-      PG_INIT(gid, store_port)  | HELLO_REFUSED
     both build ProcessGroup{NCCL,Gloo}(PrefixStore(gid, TCPStore), rank, 2) and move one
     warm-up element, on a helper thread (pgroup.py)
                                          <-      HELLO_OK  (group ready; connect() returns)
-    OFFER(rid, meta, lease)              ->      <- ACCEPT | REJECT
-    per chunk: gather, pg.send(seq), XFER(xid, rid, ranges, shape, seq)  ->
-                                                 pg.recv(staging buffer), posted in XFER order
-                                                 recv finished -> scatter into the blocks
+    OFFER(rid, meta, lease, chunk_bytes) ->
+                                                 accept(): plan the chunks, number them
+                                                 seq0.. seq0+n-1, post their recvs, and
+                                         <-      ACCEPT(seq0, nchunks, nblocks, chunk_bytes)
+    the same plan; per chunk: gather, pg.send(seq)   ==>  recv finished -> scatter
                                          <-      ACK       (after the last scatter finished)
     CANCEL either way aborts a transfer; BYE either way: this side dropped the pair, drop yours.
 
-Ordering: NCCL matches a pair's p2p ops by order (gloo by tag = seq), so the receiver posts exactly
-one recv per XFER, in seq order, even for a transfer that ended meanwhile (its bytes are received
-and dropped).  A gap or a malformed XFER desynchronises the pair, which is then broken.
+Why the receiver numbers the chunks: its recvs are posted when the engine accepts, so the bytes
+flow as soon as ACCEPT reaches the sender -- no per-chunk announcement, no second round trip.
+
+Ordering: NCCL matches a pair's p2p ops by order (gloo by tag = seq), so both sides post exactly
+one op per accepted seq, in seq order, even for a transfer that ended meanwhile: the receiver
+drops what it receives, the sender sends zeros (the blocks may already be freed).  A gap or a
+malformed ACCEPT desynchronises the pair, which is then broken.
 
 CUDA: the sender's gather waits on an event recorded on the caller's stream at offer(); gathers,
 scatters and the comm posts run on one side stream per endpoint (NCCL orders its own stream after
 it), so transfers overlap the engine's compute.  The receiver scatters a chunk only once its recv
 finished, waits (on the side stream) for an event recorded at accept(), and syncs the side stream
 before ACK and before any terminal event: the engine never gets back a block we still write.
+Block-id tensors are copied to the device on the I/O thread, never in offer()/accept() (a
+blocking copy there would wait for the engine's queued kernels).
 
 Failure.  Every posted op has a deadline: its transfer's lease (receiver: lease + grace).  A peer
 that dies (gloo: connection reset, seen at once) or stops receiving (NCCL: the op never completes)
@@ -41,10 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable
 
 import torch
@@ -53,16 +59,30 @@ import zmq
 from . import pgroup, wire
 from .base import KVLayout, KVTransferError, LayoutMismatch, TransferStatus
 from .pgroup import PairGroup
+from .receiver import _In
+from .sender import _Out
 from .zmq_backend import ZmqKVReceiver, ZmqKVSender
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NCCL_CHUNK_BYTES = 64 << 20  # per-chunk control costs ~ms: on H200s a 64 MiB request moved 23 GB/s in one chunk, 17 in two
-_ORPHAN_RECV_S = 30.0  # deadline of a recv for a transfer the receiver no longer knows
+_ORPHAN_S = 30.0  # deadline of an op for a transfer that ended (its bytes are dropped)
 
 
 def _side_stream(cache: torch.Tensor) -> "torch.cuda.Stream | None":
     return torch.cuda.Stream(cache.device) if cache.is_cuda else None
+
+
+_ACCEPT_PLAN = ("seq0", "nchunks", "nblocks", "chunk_bytes")  # ACCEPT fields of this backend
+_MAX_BLOCKS = 1 << 20  # sanity bound on an ACCEPT's nblocks (the sender may no longer know it)
+_NCCL_PROTO = 2  # 2: the receiver numbers chunks in ACCEPT (1 announced each chunk with XFER)
+
+
+def _int(msg: dict, key: str) -> int:
+    v = msg[key]
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{key} must be an int, got {v!r:.40}")
+    return v
 
 
 @dataclass(eq=False)
@@ -70,6 +90,8 @@ class _SPair:
     address: str
     group: PairGroup | None = None  # created on PG_INIT
     hello_ok: dict | None = None
+    # accepted chunks not yet posted, in seq order: (seq, transfer or None, chunk)
+    sends: deque[tuple[int, "_Out | None", wire.Chunk]] = field(default_factory=deque)
 
 
 class NcclKVSender(ZmqKVSender):
@@ -95,7 +117,7 @@ class NcclKVSender(ZmqKVSender):
 
     # -- handshake ---------------------------------------------------------------------------
     def _hello(self) -> dict:
-        return {**super()._hello(), "pg_backend": self._backend}
+        return {**super()._hello(), "pg_backend": self._backend, "nccl_proto": _NCCL_PROTO}
 
     def _t_connect(self, peer: str, address: str) -> None:
         super()._t_connect(peer, address)
@@ -157,38 +179,77 @@ class NcclKVSender(ZmqKVSender):
         g = pair.group if pair is not None else None
         return g if g is not None and g.ready and g.broken is None else None
 
-    def _t_writable(self, peer: str) -> bool:
-        g = self._group(peer)
-        return g is not None and g.pending() < self.max_inflight
+    def _offer_msg(self, out: _Out) -> dict:
+        return {**super()._offer_msg(out), "chunk_bytes": self.chunk_bytes}
 
-    def _t_wait(self, timeout_s: float, want_write: list) -> list:
-        # peers whose inflight window is full wait for the reaper's wake-up, not for POLLOUT
-        want = [p for p in want_write if self._ctrl.get(p) or self._t_writable(p)]
-        return super()._t_wait(timeout_s, want)
+    def _on_accept(self, peer: str, msg: dict, _: object) -> None:
+        """The receiver numbered the chunks and posted their recvs: queue one send per seq, of
+        the transfer's bytes while it lives, of zeros once it ended (the recvs are posted)."""
+        pair, g = self._pairs.get(peer), self._group(peer)
+        if pair is None or g is None:
+            return  # the pair is gone, and the receiver's recvs with it
+        try:
+            seq0, n, nblocks, chunk_bytes = (_int(msg, k) for k in _ACCEPT_PLAN)
+            if seq0 != g.next_seq or not 0 < nblocks <= _MAX_BLOCKS or chunk_bytes <= 0:
+                raise ValueError(f"seq0 {seq0} (expected {g.next_seq}), nblocks {nblocks}, "
+                                 f"chunk_bytes {chunk_bytes}")
+            plan = wire.plan_chunks(self.layout.num_layers, nblocks,
+                                    self.layout.block_layer_bytes, chunk_bytes)
+            if len(plan) != n:
+                raise ValueError(f"{n} chunks announced, the plan has {len(plan)}")
+        except (KeyError, TypeError, ValueError) as e:
+            return g.abort(f"bad ACCEPT for {msg['rid']}: {e}")  # desynced: _timers breaks it
+        g.next_seq += n
+        out = self._match(peer, msg)
+        if out is not None and (out.accepted or len(out.src_idx) != nblocks):
+            self._send_ctrl(peer, wire.make(wire.CANCEL, xid=out.xid, rid=out.rid,
+                                            reason="inconsistent ACCEPT"))
+            self._finish(out, TransferStatus.FAILED, f"inconsistent ACCEPT from {peer}")
+            out = None
+        if out is not None:
+            out.accepted, out.chunks = True, plan
+            with self._lock:
+                self._status[out.rid] = TransferStatus.SENDING
+        pair.sends.extend((seq0 + i, out, c) for i, c in enumerate(plan))
+        self._pump_sends(peer, pair)
+
+    def _pump(self) -> None:
+        for peer in self._pending_ctrl():
+            self._flush_ctrl(peer)
+        for peer, pair in list(self._pairs.items()):
+            self._pump_sends(peer, pair)
+
+    def _pump_sends(self, peer: str, pair: _SPair) -> None:
+        """Post queued sends in seq order while the inflight window has room."""
+        g = self._group(peer)
+        while pair.sends and g is not None and g.pending() < self.max_inflight \
+                and not self._data_paused:
+            seq, out, c = pair.sends.popleft()
+            live = out is not None and self._out.get(out.rid) is out
+            try:
+                data = self._gather(out, c) if live else self._zeros(c)
+                g.send(data, seq, out.deadline if live else time.monotonic() + _ORPHAN_S)
+            except Exception as e:
+                return g.abort(f"posting a send failed: {type(e).__name__}: {e}")
+            if live:
+                self.stats["chunks"] += 1
+                self.stats["bytes"] += data.numel() * data.element_size()
 
     def _gather(self, out, c) -> torch.Tensor:
         if self._xs is None:
-            return torch.index_select(self.kv_cache[c.l0:c.l1], 2, out.src_idx[c.b0:c.b1])
+            return super()._gather(out, c)
         with torch.cuda.stream(self._xs):
             if out.ready is not None:
                 self._xs.wait_event(out.ready)  # after the prefill that wrote the blocks
-            return torch.index_select(self.kv_cache[c.l0:c.l1], 2, out.src_idx[c.b0:c.b1])
+                out.ready = None  # once is enough: later gathers queue behind this one
+            return torch.index_select(self.kv_cache[c.l0:c.l1], 2,
+                                      out.src(self.kv_cache.device)[c.b0:c.b1])
 
-    def _t_send(self, peer: Hashable, msg: dict, payload: torch.Tensor | None = None) -> bool:
-        if payload is None:
-            return super()._t_send(peer, msg)
-        g = self._group(peer)  # type: ignore[arg-type]
-        if g is None:
-            return False
-        seq = g.next_seq
-        try:  # post first: no XFER may announce a send that never happened
-            g.send(payload, seq, self._out[msg["rid"]].deadline)
-        except Exception as e:
-            g.abort(f"posting a send failed: {type(e).__name__}: {e}")
-            return False
-        g.next_seq += 1
-        self._send_ctrl(peer, {**msg, "t": wire.XFER, "seq": seq})
-        return True
+    def _zeros(self, c: wire.Chunk) -> torch.Tensor:
+        """Stand-in for a chunk of a transfer that ended after its recvs were posted."""
+        shape = self.layout.chunk_shape(c.l1 - c.l0, c.b1 - c.b0)
+        with torch.cuda.stream(self._xs) if self._xs is not None else contextlib.nullcontext():
+            return torch.zeros(shape, dtype=self.kv_cache.dtype, device=self.kv_cache.device)
 
     def _timers(self, now: float) -> None:
         while self._setups:
@@ -226,17 +287,19 @@ class _RPair:
     name: str
     group: PairGroup
     setup_deadline: float
+    # accepted chunks whose recv is not posted yet, in seq order: (seq, rid, xid, chunk)
+    recvs: deque[tuple[int, str, int, wire.Chunk]] = field(default_factory=deque)
 
 
 class NcclKVReceiver(ZmqKVReceiver):
-    """Decode side.  Hosts the TCPStore where its senders' groups rendezvous.  A sender may have
-    at most ``max_posted`` chunks of at most ``max_chunk_bytes`` each in flight (staging memory
-    bound per sender; a sender beyond it breaks its pair)."""
+    """Decode side.  Hosts the TCPStore where its senders' groups rendezvous.  Chunks are at most
+    ``max_chunk_bytes`` (it caps the sender's chunk size) and at most ``max_posted`` recvs are
+    posted per sender (staging memory <= max_posted x max_chunk_bytes per sender)."""
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, name: str,
                  address: str | None = None, *, lease_grace_s: float = 1.0,
                  setup_timeout_s: float = 30.0, pg_timeout_s: float = 600.0,
-                 max_chunk_bytes: int = 256 << 20, max_posted: int = 32, rcvhwm: int = 64,
+                 max_chunk_bytes: int = 256 << 20, max_posted: int = 4, rcvhwm: int = 64,
                  io_threads: int = 1,
                  **zmq_kw: object) -> None:
         self._backend = pgroup.backend_for(kv_cache.device)
@@ -250,7 +313,7 @@ class NcclKVReceiver(ZmqKVReceiver):
         self._store = pgroup.serve_store(setup_timeout_s)
         super().__init__(kv_cache, layout, name, address, rcvhwm=rcvhwm,
                          lease_grace_s=lease_grace_s, io_threads=io_threads, **zmq_kw)
-        self._handlers.update({wire.XFER: self._on_xfer, wire.BYE: self._on_bye})
+        self._handlers.update({wire.BYE: self._on_bye})
 
     # -- handshake ---------------------------------------------------------------------------
     def _on_hello(self, key: Hashable, msg: dict, _: object) -> None:
@@ -261,6 +324,9 @@ class NcclKVReceiver(ZmqKVReceiver):
                     f"sender moves KV with {theirs!r}, this receiver with {self._backend!r} "
                     f"(cache on {self.kv_cache.device})" if theirs else
                     "sender speaks the plain zmq transport, this receiver nccl")
+            if msg.get("nccl_proto") != _NCCL_PROTO:
+                raise KVTransferError(f"sender speaks nccl protocol {msg.get('nccl_proto')!r}, "
+                                      f"this receiver {_NCCL_PROTO} (upgrade both)")
             KVLayout.from_dict(msg["layout"]).check_compatible(self.layout)
         except (KVTransferError, ValueError) as e:
             kind = ("layout" if isinstance(e, LayoutMismatch) else
@@ -302,6 +368,7 @@ class NcclKVReceiver(ZmqKVReceiver):
                     g.abort(f"recv failed: {op.error}")
                 else:
                     self._land(key, op.ctx, op.tensor)
+            self._post_recvs(key)
             if g.broken is not None:
                 self._break(key, g.broken)
 
@@ -311,52 +378,68 @@ class NcclKVReceiver(ZmqKVReceiver):
         self._send_ctrl(key, wire.make(wire.HELLO_REFUSED, error=error, kind="transport"))
 
     # -- data path ---------------------------------------------------------------------------
-    def _on_xfer(self, key: Hashable, msg: dict, _: object) -> None:
-        pair = self._pairs.get(key)  # type: ignore[arg-type]
-        g = pair.group if pair is not None else None
-        if g is None or not g.ready or g.broken is not None:
-            return self._drop(f"XFER from {key!r} without a live process group")
-        try:
-            shape = self._xfer_shape(msg, g)
-        except wire.WireError as e:  # we cannot post the matching recv: the pair is desynced
-            return g.abort(f"bad XFER: {e}")
-        g.next_seq += 1
-        inx = self._match(key, msg)
-        deadline = inx.deadline if inx is not None else time.monotonic() + _ORPHAN_RECV_S
-        try:
-            with g.stream_ctx():  # allocated on the side stream, reused only in its order
-                buf = torch.empty(shape, dtype=self._dtype, device=self.kv_cache.device)
-            g.recv(buf, msg["seq"], deadline, ctx=msg)
-        except Exception as e:
-            g.abort(f"posting a recv failed: {type(e).__name__}: {e}")
+    def _on_offer(self, key: Hashable, msg: dict, payload: object) -> None:
+        super()._on_offer(key, msg, payload)
+        inx = self._in.get(msg["rid"])
+        if inx is not None and inx.key == key and inx.xid == msg["xid"]:
+            cb = msg.get("chunk_bytes")
+            ok = isinstance(cb, int) and not isinstance(cb, bool) and cb > 0
+            inx.chunk_bytes = min(cb, self.max_chunk_bytes) if ok else self.max_chunk_bytes
 
-    def _xfer_shape(self, msg: dict, g: PairGroup) -> list[int]:
-        if msg["seq"] != g.next_seq:
-            raise wire.WireError(f"chunk seq {msg['seq']}, expected {g.next_seq}")
-        if g.pending() >= self.max_posted:
-            raise wire.WireError(f"more than {self.max_posted} chunks in flight")
-        l0, l1, b0, b1 = msg["l0"], msg["l1"], msg["b0"], msg["b1"]
-        if not (0 <= l0 < l1 <= self.layout.num_layers and 0 <= b0 < b1):
-            raise wire.WireError(f"range layers [{l0},{l1}) blocks [{b0},{b1})")
-        shape = self.layout.chunk_shape(l1 - l0, b1 - b0)
-        nbytes = math.prod(shape) * self._dtype.itemsize
-        if msg["dtype"] != self.layout.dtype or msg["shape"] != shape or msg["nbytes"] != nbytes \
-                or nbytes > self.max_chunk_bytes:
-            raise wire.WireError(f"header {msg['dtype']} {msg['shape']} {msg['nbytes']}B, "
-                                 f"expected {self.layout.dtype} {shape} {nbytes}B "
-                                 f"(max {self.max_chunk_bytes}B)")
-        return shape
+    def _accept_msg(self, inx: _In) -> dict:
+        """Plan the chunks, number them on the pair, queue their recvs (posted right after the
+        ACCEPT leaves: the sender's sends then match them without another message)."""
+        pair = self._pairs[inx.key]  # OFFERs come only from live pairs; _break drops their _In
+        g = pair.group
+        plan = wire.plan_chunks(self.layout.num_layers, inx.nblocks,
+                                self.layout.block_layer_bytes, inx.chunk_bytes)
+        seq0, inx.nchunks = g.next_seq, len(plan)
+        g.next_seq += len(plan)
+        pair.recvs.extend((seq0 + i, inx.rid, inx.xid, c) for i, c in enumerate(plan))
+        return {**super()._accept_msg(inx), "seq0": seq0, "nchunks": len(plan),
+                "nblocks": inx.nblocks, "chunk_bytes": inx.chunk_bytes}
 
-    def _land(self, key: bytes, msg: dict, buf: torch.Tensor) -> None:
-        """A recv finished: scatter it into the transfer's blocks (ReceiverCore checks ranges,
-        tracks coverage, syncs and ACKs when complete) -- unless the transfer ended meanwhile."""
-        inx = self._match(key, msg)
-        if inx is None or not inx.accepted:
+    def _post_recvs(self, key: bytes) -> None:
+        """Post queued recvs in seq order while the window has room; a recv of a transfer that
+        ended is still posted (the sender sends its seq regardless) and its bytes dropped."""
+        pair = self._pairs.get(key)
+        if pair is None or not pair.group.ready:
+            return
+        g = pair.group
+        while pair.recvs and g.broken is None and g.pending() < self.max_posted:
+            seq, rid, xid, c = pair.recvs.popleft()
+            inx = self._in.get(rid)
+            live = inx is not None and inx.key == key and inx.xid == xid
+            deadline = inx.deadline if live else time.monotonic() + _ORPHAN_S  # type: ignore
+            try:
+                with g.stream_ctx():  # allocated on the side stream, reused only in its order
+                    buf = torch.empty(self.layout.chunk_shape(c.l1 - c.l0, c.b1 - c.b0),
+                                      dtype=self._dtype, device=self.kv_cache.device)
+                g.recv(buf, seq, deadline, ctx=(rid, xid, c))
+            except Exception as e:
+                return g.abort(f"posting a recv failed: {type(e).__name__}: {e}")
+
+    def _land(self, key: bytes, ctx: tuple[str, int, wire.Chunk], buf: torch.Tensor) -> None:
+        """A recv finished: scatter it into the transfer's blocks, ACK after the last one --
+        unless the transfer ended meanwhile."""
+        rid, xid, c = ctx
+        inx = self._in.get(rid)
+        if inx is None or inx.key != key or inx.xid != xid or not inx.accepted:
             return
         with torch.cuda.stream(self._xs) if self._xs is not None else contextlib.nullcontext():
-            if (ev := self._ready.pop(inx.rid, None)) is not None:
+            if (ev := self._ready.pop(rid, None)) is not None:
                 self._xs.wait_event(ev)  # type: ignore[union-attr]
-            self._on_data(key, {**msg, "t": wire.DATA}, buf)
+            # [l1-l0, 2, num_blocks, ...] view of the cache; index_copy_ writes whole blocks
+            self.kv_cache[c.l0:c.l1].index_copy_(2, inx.dst(self.kv_cache.device)[c.b0:c.b1],
+                                                 buf)
+        inx.ncovered += 1  # each chunk lands once: its seq was posted once
+        self.stats["chunks"] += 1
+        self.stats["bytes"] += buf.numel() * buf.element_size()
+        if inx.ncovered == inx.nchunks:
+            if self._xs is not None:  # "DONE" promises the bytes are in memory, not queued
+                self._xs.synchronize()
+            self._send_ctrl(key, wire.make(wire.ACK, xid=inx.xid, rid=rid))
+            self._finish(inx, TransferStatus.DONE)
 
     def _on_bye(self, key: Hashable, msg: dict, _: object) -> None:
         if key in self._pairs:
@@ -388,6 +471,8 @@ class NcclKVReceiver(ZmqKVReceiver):
         if ready is not None:
             self._ready[rid] = ready
         super()._cmd_accept(rid, dst_idx)
+        if (inx := self._in.get(rid)) is not None:
+            self._post_recvs(inx.key)  # type: ignore[arg-type]
 
     def _emit(self, rid: str, status: TransferStatus, error: str | None = None) -> None:
         self._ready.pop(rid, None)

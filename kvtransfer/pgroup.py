@@ -81,7 +81,7 @@ class Op:
     work: Any              # torch.distributed Work
     deadline: float        # monotonic: not finished by then -> the group is broken
     tensor: torch.Tensor   # kept alive until the op finished (the backend reads/writes it)
-    ctx: Any = None        # caller's bookkeeping (the XFER header on the receiver)
+    ctx: Any = None        # caller's bookkeeping (the receiver: which chunk of what)
     error: str | None = None
 
 

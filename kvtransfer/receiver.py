@@ -31,9 +31,20 @@ class _In:
     nblocks: int
     deadline: float
     accepted: bool = False
-    dst_idx: torch.Tensor | None = None  # [nblocks] int64 on the cache device
+    dst_idx: torch.Tensor | None = None  # [nblocks] int64 on the CPU (from accept())
+    dst_dev: torch.Tensor | None = None  # dst_idx on the cache device (I/O thread, lazily)
     covered: torch.Tensor | None = None  # [num_layers, nblocks] bool: cells written so far
     ncovered: int = 0
+    chunk_bytes: int = 0  # nccl: the sender's chunk size (OFFER)
+    nchunks: int = 0      # nccl: chunks planned at accept
+
+    def dst(self, device: torch.device) -> torch.Tensor:
+        """dst_idx on ``device``, copied on the I/O thread's current stream the first time: a
+        blocking host->device copy in accept() would wait for the engine's queued kernels."""
+        if self.dst_dev is None:
+            assert self.dst_idx is not None
+            self.dst_dev = self.dst_idx.to(device, non_blocking=True)
+        return self.dst_dev
 
 
 class ReceiverCore(_Endpoint, KVReceiver):
@@ -79,8 +90,7 @@ class ReceiverCore(_Endpoint, KVReceiver):
                 raise ValueError(f"{request_id}: need {n} distinct block ids in "
                                  f"[0, {self.kv_cache.shape[2]}), got {list(block_ids)}")
             self._accepted.add(request_id)
-        self._command("accept", request_id,
-                      torch.tensor(ids, dtype=torch.long, device=self.kv_cache.device))
+        self._command("accept", request_id, torch.tensor(ids, dtype=torch.long))
 
     def reject(self, request_id: str, reason: str) -> None:
         with self._lock:
@@ -189,9 +199,11 @@ class ReceiverCore(_Endpoint, KVReceiver):
             self._drop(f"DATA {inx.rid}: {e}")
             return self._abort(inx, f"bad DATA chunk: {e}", "error")
         l0, l1, b0, b1 = msg["l0"], msg["l1"], msg["b0"], msg["b1"]
-        assert inx.dst_idx is not None and inx.covered is not None
+        if inx.covered is None:
+            inx.covered = torch.zeros(self.layout.num_layers, inx.nblocks, dtype=torch.bool)
         # [l1-l0, 2, num_blocks, ...] view of the cache; index_copy_ writes whole blocks in place.
-        self.kv_cache[l0:l1].index_copy_(2, inx.dst_idx[b0:b1], chunk.to(self.kv_cache.device))
+        self.kv_cache[l0:l1].index_copy_(2, inx.dst(self.kv_cache.device)[b0:b1],
+                                         chunk.to(self.kv_cache.device))
         cells = inx.covered[l0:l1, b0:b1]
         inx.ncovered += int((~cells).sum())
         cells.fill_(True)
@@ -234,8 +246,11 @@ class ReceiverCore(_Endpoint, KVReceiver):
                                                           "(expired or cancelled)")
         inx.accepted = True
         inx.dst_idx = dst_idx
-        inx.covered = torch.zeros(self.layout.num_layers, inx.nblocks, dtype=torch.bool)
-        self._send_ctrl(inx.key, wire.make(wire.ACCEPT, xid=inx.xid, rid=rid))
+        self._send_ctrl(inx.key, self._accept_msg(inx))
+
+    def _accept_msg(self, inx: _In) -> dict:
+        """The ACCEPT for ``inx``; backends may add fields (and plan the data path)."""
+        return wire.make(wire.ACCEPT, xid=inx.xid, rid=inx.rid)
 
     def _cmd_cancel(self, rid: str) -> None:
         inx = self._in.get(rid)

@@ -38,7 +38,7 @@ class _Out:
     xid: int
     rid: str
     peer: str
-    src_idx: torch.Tensor  # [nblocks] int64 on the cache device: the first nblocks src block ids
+    src_idx: torch.Tensor  # [nblocks] int64 on the CPU: the first nblocks src block ids
     num_tokens: int
     meta: dict
     deadline: float        # monotonic; lease end
@@ -46,6 +46,14 @@ class _Out:
     next_chunk: int = 0
     accepted: bool = False
     ready: "torch.cuda.Event | None" = None  # CUDA: recorded on the caller's stream at offer()
+    src_dev: torch.Tensor | None = None      # src_idx on the cache device (I/O thread, lazily)
+
+    def src(self, device: torch.device) -> torch.Tensor:
+        """src_idx on ``device``, copied on the I/O thread's current stream the first time: a
+        blocking host->device copy in offer() would wait for the engine's queued kernels."""
+        if self.src_dev is None:
+            self.src_dev = self.src_idx.to(device, non_blocking=True)
+        return self.src_dev
 
 
 class SenderCore(_Endpoint, KVSender):
@@ -105,8 +113,7 @@ class SenderCore(_Endpoint, KVSender):
         if not lease_s > 0:
             raise ValueError("lease_s must be > 0")
         wire.encode(meta)  # raise TypeError here, in the caller, if meta is not msgpack-able
-        out = _Out(next(self._xids), request_id, peer,
-                   torch.tensor(ids, dtype=torch.long, device=self.kv_cache.device),
+        out = _Out(next(self._xids), request_id, peer, torch.tensor(ids, dtype=torch.long),
                    num_tokens, meta, time.monotonic() + lease_s)
         with self._lock:
             if peer not in self._connected:
@@ -186,7 +193,8 @@ class SenderCore(_Endpoint, KVSender):
         so nothing of the cache is referenced once it ran).  Backends override it to stage."""
         if out.ready is not None:
             torch.cuda.current_stream(self.kv_cache.device).wait_event(out.ready)
-        return torch.index_select(self.kv_cache[c.l0:c.l1], 2, out.src_idx[c.b0:c.b1])
+        return torch.index_select(self.kv_cache[c.l0:c.l1], 2,
+                                  out.src(self.kv_cache.device)[c.b0:c.b1])
 
     def _hello(self) -> dict:
         return wire.make(wire.HELLO, name=self.name, layout=self.layout.to_dict())
@@ -272,10 +280,13 @@ class SenderCore(_Endpoint, KVSender):
         if out.peer not in self._hs or not self._hs[out.peer].done.is_set():
             return self._emit(out.rid, TransferStatus.FAILED, f"peer {out.peer} disconnected")
         self._out[out.rid] = out
+        self._send_ctrl(out.peer, self._offer_msg(out))
+
+    def _offer_msg(self, out: _Out) -> dict:
+        """The OFFER for ``out``; backends may add fields."""
         lease = max(0.0, out.deadline - time.monotonic())
-        self._send_ctrl(out.peer, wire.make(wire.OFFER, xid=out.xid, rid=out.rid,
-                                            num_tokens=out.num_tokens, nblocks=len(out.src_idx),
-                                            meta=out.meta, lease_s=lease))
+        return wire.make(wire.OFFER, xid=out.xid, rid=out.rid, num_tokens=out.num_tokens,
+                         nblocks=len(out.src_idx), meta=out.meta, lease_s=lease)
 
     def _cmd_cancel(self, rid: str) -> None:
         out = self._out.get(rid)

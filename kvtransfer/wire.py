@@ -11,9 +11,11 @@ never used, so a peer can at worst send garbage that ``decode`` rejects with Wir
     DATA{xid, rid, chunk, l0, l1, b0, b1, dtype, shape, nbytes} + one raw payload frame
     ACK{xid, rid}                 receiver -> sender   after the last DATA byte was written
     CANCEL{xid, rid, reason}      either way           abort / lease expired / bad data
-nccl backend only (nccl_backend.py), DATA then carries no payload frame:
+nccl backend only (nccl_backend.py; no DATA: the bytes move on the pair's process group):
     PG_INIT{gid, store_port}      receiver -> sender   layout OK: build the pair's process group
-    XFER{DATA fields, seq}        sender -> receiver   chunk ``seq`` follows on the process group
+    OFFER{..., chunk_bytes}       sender -> receiver   the sender's chunk size
+    ACCEPT{xid, rid, seq0, nchunks, nblocks, chunk_bytes}   the plan_chunks() the receiver
+                                                       posted recvs for, as seqs seq0, seq0+1, ..
     BYE{}                         either way           this side dropped the pair's group
 
 ``xid`` is a per-sender transfer number, so stale DATA for a reused request id is never written
@@ -33,7 +35,7 @@ PROTOCOL_VERSION = 1
 
 HELLO, HELLO_OK, HELLO_REFUSED = "HELLO", "HELLO_OK", "HELLO_REFUSED"
 OFFER, ACCEPT, REJECT, DATA, ACK, CANCEL = "OFFER", "ACCEPT", "REJECT", "DATA", "ACK", "CANCEL"
-PG_INIT, XFER, BYE = "PG_INIT", "XFER", "BYE"
+PG_INIT, BYE = "PG_INIT", "BYE"
 
 _XR = {"xid": int, "rid": str}
 # Required fields and their types per message type; extra fields are tolerated (forward compat).
@@ -50,7 +52,6 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     CANCEL: {**_XR, "reason": str},
 }
 SCHEMA[PG_INIT] = {"gid": str, "store_port": int}
-SCHEMA[XFER] = {**SCHEMA[DATA], "seq": int}
 SCHEMA[BYE] = {}
 
 

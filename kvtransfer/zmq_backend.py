@@ -217,7 +217,8 @@ class ZmqKVSender(SenderCore):
         with torch.cuda.stream(self._copy_stream):  # off the engine's stream
             if out.ready is not None:
                 self._copy_stream.wait_event(out.ready)
-            g = torch.index_select(self.kv_cache[c.l0:c.l1], 2, out.src_idx[c.b0:c.b1])
+            g = torch.index_select(self.kv_cache[c.l0:c.l1], 2,
+                                   out.src(self.kv_cache.device)[c.b0:c.b1])
             host = slot.buf[:g.numel() * g.element_size()].view(g.dtype).view(g.shape)
             host.copy_(g, non_blocking=True)
             copied = torch.cuda.Event()

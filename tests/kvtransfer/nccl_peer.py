@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from kvtransfer import TransferStatus, make_receiver, wire
+from kvtransfer import TransferStatus, make_receiver
 from kvtransfer.base import dtype_from_name
 
 from .conftest import layout_for
@@ -25,7 +25,7 @@ def serve(dtypes: list[str], dst_blocks: int, stall: bool, q_out: mp.Queue, q_in
         dst = torch.zeros(lay.chunk_shape(lay.num_layers, dst_blocks), dtype=lay.torch_dtype)
         r = make_receiver("nccl", dst, lay, f"decode-{name}")
         if stall:
-            r._handlers[wire.XFER] = lambda *a: None
+            r._post_recvs = lambda key: None
         receivers.append((r, dst))
         q_out.put(("addr", name, r.address))
     dst_of: dict[str, list[int]] = {}

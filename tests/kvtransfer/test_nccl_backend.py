@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from kvtransfer import (KVTransferError, NcclKVReceiver, NcclKVSender, TransferStatus,
-                        ZmqKVReceiver, ZmqKVSender, wire)
+                        ZmqKVReceiver, ZmqKVSender)
 from kvtransfer.base import dtype_from_name
 
 from . import nccl_peer
@@ -58,7 +58,7 @@ def test_private_gloo_group_per_pair(make_pair):
     assert g.gid == rpair.group.gid and (g.rank, rpair.group.rank) == (0, 1)
     assert not dist.is_initialized()  # the default group is never touched
     transfer_ok(p, "r", [3, 1], [0, 9])
-    assert g.next_seq == rpair.group.next_seq > 1  # every chunk announced was posted once
+    assert g.next_seq == rpair.group.next_seq > 1  # every chunk numbered was posted once
 
 
 def test_transport_mismatch_is_refused():
@@ -72,9 +72,44 @@ def test_transport_mismatch_is_refused():
             zs.connect("n", nr.address, timeout_s=5)
 
 
+
+def test_sender_of_another_nccl_protocol_is_refused():
+    """Guards: a sender that announces chunks (protocol 1) against a receiver that numbers them
+    at accept would wait for recvs that never come; refuse it at the handshake instead."""
+    lay = layout_for()
+    cache = rand_cache(lay, 4)
+    with NcclKVReceiver(cache.clone(), lay, "n") as nr, NcclKVSender(cache, lay, "old") as ns:
+        ns._hello = lambda: {k: v for k, v in NcclKVSender._hello(ns).items()
+                             if k != "nccl_proto"}
+        with pytest.raises(KVTransferError, match="nccl protocol"):
+            ns.connect("n", nr.address, timeout_s=5)
+
+
+def test_accept_out_of_seq_breaks_the_pair_then_reconnect(make_pair):
+    """An ACCEPT whose chunk numbers do not continue the pair's sequence would pair sends with
+    the wrong recvs: the sender breaks the pair, both sides fail the transfer and free blocks."""
+    p = make_pair()
+    plan = p.receiver._accept_msg
+
+    def skewed(inx):
+        msg = plan(inx)
+        return {**msg, "seq0": msg["seq0"] + 7}
+
+    p.receiver._accept_msg = skewed
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, [5, 6])
+    p.sender.offer(p.peer, "r", [0, 1], 8, {}, lease_s=10)
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv, timeout_s=5)
+    assert p.sent_status("r") is FAILED and p.recv_statuses("r") == [FAILED]
+    wait_until(lambda: offer_raises(p.sender, p.peer), what="the sender to drop the pair")
+    wait_until(lambda: not p.receiver._pairs, what="the receiver to drop the pair (BYE)")
+    check_untouched(p, set())
+    del p.receiver._accept_msg
+    p.sender.connect(p.peer, p.receiver.address, timeout_s=5)  # a fresh group
+    transfer_ok(p, "again", [0, 1], [5, 6])
+
 def test_cancel_mid_stream_keeps_the_pair_in_order(make_pair):
-    """Chunks already announced are still received (and dropped) after a cancel, so the next
-    transfer's recvs line up with its sends."""
+    """Chunks already numbered by ACCEPT are still sent (zeros) and received (dropped) after a
+    cancel, so the next transfer's recvs line up with its sends."""
     p = make_pair(sender_kw={"chunk_bytes": 512, "max_inflight": 2})  # 512 B = 1 block-layer
     p.on_offer = lambda off: p.receiver.accept(off.request_id, list(range(30)))
     p.sender.offer(p.peer, "big", list(range(30)), 120, {}, lease_s=10)  # 90 chunks
@@ -89,7 +124,7 @@ def test_cancel_mid_stream_keeps_the_pair_in_order(make_pair):
 
 def test_stalled_receiver_breaks_the_pair_then_reconnect(make_pair):
     p = make_pair(receiver_kw={"lease_grace_s": 0.2})
-    p.receiver._handlers[wire.XFER] = lambda *a: None  # announces arrive, no recv is posted
+    p.receiver._post_recvs = lambda key: None  # ACCEPT leaves, no recv is ever posted
     p.on_offer = lambda off: p.receiver.accept(off.request_id, [5, 6])
     p.sender.offer(p.peer, "r", [0, 1], 8, {}, lease_s=0.8)
     p.run_until(lambda: "r" in p.sent and "r" in p.recv, timeout_s=5)
@@ -97,7 +132,7 @@ def test_stalled_receiver_breaks_the_pair_then_reconnect(make_pair):
     wait_until(lambda: offer_raises(p.sender, p.peer), what="the sender to drop the pair")
     wait_until(lambda: not p.receiver._pairs, what="the receiver to drop the pair (BYE)")
     check_untouched(p, set())
-    p.receiver._handlers[wire.XFER] = p.receiver._on_xfer
+    del p.receiver._post_recvs
     p.sender.connect(p.peer, p.receiver.address, timeout_s=5)  # a fresh group
     transfer_ok(p, "again", [0, 1], [5, 6])
 
