@@ -222,8 +222,10 @@ class NcclKVSender(ZmqKVSender):
     def _pump_sends(self, peer: str, pair: _SPair) -> None:
         """Post queued sends in seq order while the inflight window has room."""
         g = self._group(peer)
-        while pair.sends and g is not None and g.pending() < self.max_inflight \
-                and not self._data_paused:
+        if g is None:
+            return
+        g.want_room = bool(pair.sends)  # before reading pending(): see PairGroup.lazy_wake
+        while pair.sends and g.pending() < self.max_inflight and not self._data_paused:
             seq, out, c = pair.sends.popleft()
             live = out is not None and self._out.get(out.rid) is out
             try:
@@ -234,6 +236,7 @@ class NcclKVSender(ZmqKVSender):
             if live:
                 self.stats["chunks"] += 1
                 self.stats["bytes"] += data.numel() * data.element_size()
+        g.want_room = bool(pair.sends)
 
     def _gather(self, out, c) -> torch.Tensor:
         if self._xs is None:
