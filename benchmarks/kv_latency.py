@@ -16,7 +16,8 @@ on Linux), so each request is split into:
     total          offer() -> prefill DONE
 
 Engine loops poll every --engine-sleep-us (an engine does work between polls), which adds about
-half that to each of the three engine-visible steps.  Prints one row per size (medians in ms)
+half that to each of the three engine-visible steps; ``--engine wait`` blocks in the endpoint's
+wait() instead (up to the same time), which returns as soon as there is something to poll.  Prints one row per size (medians in ms)
 and whether the last request's bytes arrived intact.
 """
 from __future__ import annotations
@@ -52,8 +53,15 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha1(t.contiguous().cpu().view(torch.uint8).numpy()).hexdigest()
 
 
+def _idle(endpoint, engine: str, sleep_s: float) -> None:
+    if engine == "wait":
+        endpoint.wait(sleep_s)
+    else:
+        time.sleep(sleep_s)
+
+
 def _receiver(backend: str, layout: KVLayout, device: str, nblocks: int, sleep_s: float,
-              q_out: mp.Queue, q_in: mp.Queue) -> None:
+              engine: str, q_out: mp.Queue, q_in: mp.Queue) -> None:
     torch.set_num_threads(1)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -80,11 +88,11 @@ def _receiver(backend: str, layout: KVLayout, device: str, nblocks: int, sleep_s
                 digest = _digest(dst[:, :, ids]) if ev.request_id.endswith("check") else ""
                 q_out.put((ev.request_id, ev.status.value, st[0], st[1], time.monotonic(),
                            digest))
-            time.sleep(sleep_s)
+            _idle(r, engine, sleep_s)
 
 
 def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: int,
-        sleep_s: float) -> None:
+        sleep_s: float, engine: str = "sleep") -> None:
     src_dev = "cuda:0" if device == "cuda" else "cpu"
     dst_dev = ("cuda:1" if torch.cuda.device_count() > 1 else "cuda:0") if device == "cuda" \
         else "cpu"
@@ -92,13 +100,13 @@ def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: in
     ctx = mp.get_context("spawn")
     q_out, q_in = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_receiver, daemon=True,
-                        args=(backend, layout, dst_dev, top, sleep_s, q_out, q_in))
+                        args=(backend, layout, dst_dev, top, sleep_s, engine, q_out, q_in))
     child.start()
     try:
         src = _cache(layout, top, src_dev, fill=True)
         with make_sender(backend, src, layout, "lat-prefill") as s:
             s.connect("d", q_out.get(timeout=120), timeout_s=120)
-            print(f"{backend} {src_dev}->{dst_dev}, engine loops sleep {sleep_s * 1e6:.0f} us, "
+            print(f"{backend} {src_dev}->{dst_dev}, engine loops {engine} {sleep_s * 1e6:.0f} us, "
                   f"{iters} sequential requests per size; medians in ms", flush=True)
             print(f"{'blocks':>6} {'KiB':>8} {'offer->seen':>11} {'accept->done':>12} "
                   f"{'done->ack':>9} {'total':>7} {'p90':>7} {'min':>7}  intact", flush=True)
@@ -117,7 +125,7 @@ def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: in
                         evs = s.poll()
                         ev = evs[0] if evs else None
                         if ev is None:
-                            time.sleep(sleep_s)
+                            _idle(s, engine, sleep_s)
                     t3 = time.monotonic()
                     if ev is None or ev.status is not TransferStatus.DONE:
                         raise RuntimeError(f"{rid}: {ev}")
@@ -148,12 +156,14 @@ def main() -> None:
     ap.add_argument("--blocks", default="1,4,16", help="request sizes in blocks, comma-separated")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--engine-sleep-us", type=float, default=50.0)
+    ap.add_argument("--engine", choices=["sleep", "wait"], default="sleep",
+                    help="how an idle engine loop waits between polls")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sizes = [int(b) for b in args.blocks.split(",")]
     for backend in (["nccl", "zmq"] if args.backend == "both" else [args.backend]):
         run(backend, LAYOUTS[args.layout], args.device, sizes, args.iters,
-            args.engine_sleep_us * 1e-6)
+            args.engine_sleep_us * 1e-6, args.engine)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -194,6 +195,12 @@ class KVSender(ABC):
     def status(self, request_id: str) -> TransferStatus | None:
         """OFFERED/SENDING while live, the terminal status until polled, else None."""
 
+    def wait(self, timeout_s: float) -> bool:
+        """Block up to ``timeout_s`` until poll() has events; True if it has.  An idle engine
+        should wait here rather than sleep, so it sees a finished transfer at once."""
+        time.sleep(timeout_s)
+        return True
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -226,6 +233,13 @@ class KVReceiver(ABC):
     def poll(self) -> list[TransferEvent]:
         """DONE: blocks hold the KV.  FAILED/CANCELLED: free the blocks.  EXPIRED/CANCELLED for an
         offer never accepted: forget the offer."""
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block up to ``timeout_s`` until poll() or poll_offers() has something; True if so.
+        An idle engine should wait here rather than sleep, so it sees an offer or a finished
+        transfer at once."""
+        time.sleep(timeout_s)
+        return True
 
     @abstractmethod
     def close(self) -> None: ...

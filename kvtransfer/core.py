@@ -46,6 +46,7 @@ class _Endpoint:
         self._ctrl: dict[Hashable, deque[dict]] = {}  # per peer: control msgs the socket refused
         self._lock = threading.Lock()                  # guards engine-visible state + events
         self._events: list[TransferEvent] = []
+        self._pending = threading.Event()  # set while the engine has something to poll
         self._stop = threading.Event()
         self._closed = False
         self._handlers: dict[str, Callable[[Hashable, dict, Payload], None]] = {}
@@ -75,6 +76,17 @@ class _Endpoint:
         with self._lock:
             self._events.append(TransferEvent(rid, status, error))
             self._on_emit_locked(rid, status)
+            self._pending.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block up to ``timeout_s`` until the engine has something to poll; False on timeout
+        (True may rarely be spurious: an unseen offer that vanished)."""
+        return self._pending.wait(timeout_s)
+
+    def _drained_locked(self) -> None:
+        """The engine polled: clear the wait() signal unless more is already waiting."""
+        if not self._events:
+            self._pending.clear()
 
     def _on_emit_locked(self, rid: str, status: TransferStatus) -> None: pass
 

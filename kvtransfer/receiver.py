@@ -75,6 +75,7 @@ class ReceiverCore(_Endpoint, KVReceiver):
             offers = list(self._new.values())
             self._new.clear()
             self._seen.update((o.request_id, o) for o in offers)
+            self._drained_locked()
         return offers
 
     def accept(self, request_id: str, block_ids: list[int]) -> None:
@@ -112,7 +113,12 @@ class ReceiverCore(_Endpoint, KVReceiver):
             for ev in events:
                 self._seen.pop(ev.request_id, None)
                 self._accepted.discard(ev.request_id)
+            self._drained_locked()
         return events
+
+    def _drained_locked(self) -> None:
+        if not self._events and not self._new:
+            self._pending.clear()
 
     # -- I/O thread --------------------------------------------------------------------------
     def _iteration(self) -> None:
@@ -187,6 +193,7 @@ class ReceiverCore(_Endpoint, KVReceiver):
                             time.monotonic() + float(msg["lease_s"]) + self.lease_grace_s)
         with self._lock:
             self._new[rid] = KVOffer(rid, msg["num_tokens"], msg["meta"], self._peers[key])
+            self._pending.set()
 
     def _on_data(self, key: Hashable, msg: dict, payload: Payload) -> None:
         inx = self._match(key, msg)

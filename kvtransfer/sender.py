@@ -134,6 +134,7 @@ class SenderCore(_Endpoint, KVSender):
             events, self._events = self._events, []
             for ev in events:
                 self._status.pop(ev.request_id, None)
+            self._drained_locked()
         return events
 
     def status(self, request_id: str) -> TransferStatus | None:

@@ -10,7 +10,7 @@ import torch
 from kvtransfer import KVTransferError, LayoutMismatch, TransferStatus, blocks_needed
 from kvtransfer.wire import plan_chunks
 
-from .conftest import as_bytes, layout_for, wait_until
+from .conftest import TIMEOUT_S as TIMEOUT, as_bytes, layout_for, wait_until
 
 DONE, EXPIRED, FAILED, CANCELLED = (TransferStatus.DONE, TransferStatus.EXPIRED,
                                     TransferStatus.FAILED, TransferStatus.CANCELLED)
@@ -217,3 +217,24 @@ def test_argument_errors(make_pair):
     p.sender.close()
     with pytest.raises(KVTransferError):
         p.sender.offer(p.peer, "r2", [0], 1, {}, lease_s=1)
+
+
+def test_wait_wakes_on_offer_and_done_and_times_out(make_pair):
+    """wait() is what lets an idle engine block instead of sleeping: it must return as soon as
+    there is an offer or an event, and only after the full timeout when there is none."""
+    p = make_pair()
+    for endpoint in (p.sender, p.receiver):
+        t0 = time.monotonic()
+        assert endpoint.wait(0.2) is False
+        assert time.monotonic() - t0 >= 0.19
+    p.sender.offer(p.peer, "r", [3, 1], 8, {}, lease_s=10)
+    assert p.receiver.wait(TIMEOUT) is True
+    (off,) = p.receiver.poll_offers()
+    assert p.receiver.wait(0.05) is False  # drained
+    p.receiver.accept(off.request_id, [0, 9])
+    assert p.receiver.wait(TIMEOUT) is True
+    assert [e.status for e in p.receiver.poll()] == [DONE]
+    assert p.sender.wait(TIMEOUT) is True
+    assert [e.status for e in p.sender.poll()] == [DONE]
+    assert p.sender.wait(0.05) is False and p.receiver.wait(0.05) is False
+    check_copied(p, [3, 1], [0, 9])
