@@ -441,8 +441,8 @@ class NcclKVReceiver(ZmqKVReceiver):
         if inx.ncovered == inx.nchunks:
             if self._xs is not None:  # "DONE" promises the bytes are in memory, not queued
                 self._xs.synchronize()
+            self._finish(inx, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
             self._send_ctrl(key, wire.make(wire.ACK, xid=inx.xid, rid=rid))
-            self._finish(inx, TransferStatus.DONE)
 
     def _on_bye(self, key: Hashable, msg: dict, _: object) -> None:
         if key in self._pairs:

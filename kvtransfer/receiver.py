@@ -219,8 +219,8 @@ class ReceiverCore(_Endpoint, KVReceiver):
         if inx.ncovered == inx.covered.numel():
             if self.kv_cache.is_cuda:  # "DONE" promises the bytes are in memory, not queued
                 torch.cuda.current_stream(self.kv_cache.device).synchronize()
+            self._finish(inx, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
             self._send_ctrl(key, wire.make(wire.ACK, xid=inx.xid, rid=inx.rid))
-            self._finish(inx, TransferStatus.DONE)
 
     def _check_chunk(self, inx: _In, msg: dict, payload: Payload) -> torch.Tensor:
         l0, l1, b0, b1 = msg["l0"], msg["l1"], msg["b0"], msg["b1"]
