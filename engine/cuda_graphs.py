@@ -14,6 +14,8 @@ import logging
 import torch
 
 from .attention import AttentionMetadata
+from .decode_inputs import DecodeInputs
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +32,18 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size)
         dev = kv_cache.device
         b = self.max_batch
-        # Static inputs: replays read whatever these hold.
-        self.input_ids = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((b,), -1, dtype=torch.int64, device=dev)
+        # Static inputs: replays read whatever these hold. ids, positions and slots are the
+        # rows of one tensor so that one copy fills them.
+        self._dev64 = torch.zeros(3, b, dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.slot_mapping = self._dev64
+        self.slot_mapping.fill_(-1)
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        # Host staging, pinned, so one step's inputs reach the GPU in two async copies:
-        # [ids | positions | slots] as int64 rows, then [seq_lens | block tables] as int32.
-        self._host64 = torch.zeros(3, b, dtype=torch.int64).pin_memory()
-        self._host32 = torch.zeros(b, 1 + self.max_blocks, dtype=torch.int32).pin_memory()
-        self._np64, self._np32 = self._host64.numpy(), self._host32.numpy()
+        # Host staging, pinned on a GPU, so one step's inputs reach it in three async copies.
+        self.inputs = DecodeInputs(b, self.max_blocks, block_size, pin=dev.type == "cuda")
 
     def _meta(self, n: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -78,28 +78,17 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    @torch.inference_mode()
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """Logits [n, V] of one decode step for n sequences (n <= the largest bucket)."""
-        n = len(token_ids)
+    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [n, V] of one decode step for n sequences (n <= the largest bucket), each
+        computing its last token."""
+        n = len(seqs)
         b = self.bucket(n)
-        width = max(len(t) for t in tables)
-        h64, h32 = self._np64, self._np32
-        # The previous step's copies out of these buffers finished: its logits were read on
-        # the host (the sampler syncs) before this step was scheduled.
-        h64[0, :n], h64[1, :n], h64[2, :n] = token_ids, positions, slots
-        h64[:, n:b] = 0
-        h64[2, n:b] = -1              # padding rows write nowhere...
-        h32[:n, 0] = seq_lens
-        h32[n:b, 0] = 1               # ...and attend one key of block 0
-        h32[:b, 1 : 1 + width] = 0
-        for i, t in enumerate(tables):
-            h32[i, 1 : 1 + len(t)] = t
-        self.input_ids[:b].copy_(self._host64[0, :b], non_blocking=True)
-        self.positions[:b].copy_(self._host64[1, :b], non_blocking=True)
-        self.slot_mapping[:b].copy_(self._host64[2, :b], non_blocking=True)
-        self.seq_lens[:b].copy_(self._host32[:b, 0], non_blocking=True)
-        self.block_tables[:b, :width].copy_(self._host32[:b, 1 : 1 + width], non_blocking=True)
+        # The previous step's copies out of the host buffers finished: its logits were read
+        # on the host (the sampler syncs) before this step was scheduled.
+        width = self.inputs.fill(seqs, b)
+        h = self.inputs
+        self._dev64[:, :b].copy_(h.host64[:, :b], non_blocking=True)
+        self.seq_lens[:b].copy_(h.lens[:b], non_blocking=True)
+        self.block_tables[:b, :width].copy_(h.tables[:b, :width], non_blocking=True)
         self.graphs[b].replay()
         return self.outputs[b][:n]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ from .scheduler import Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
+
+_GREEDY = operator.attrgetter("greedy")
 
 
 class RequestRejected(ValueError):
@@ -111,22 +114,45 @@ class LLMEngine:
         if not batch:
             self.last_step = (0, 0)
             return []
-        decodes = sum(1 for s in batch if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens)
-        self.last_step = (sum(s.num_new_tokens for s in batch) - decodes, decodes)
         ordered, logits, rows = self.runner.run(batch)
+        num_tokens = decodes = 0
         for s in ordered:
-            s.seq.num_computed_tokens += s.num_new_tokens
+            seq, n = s.seq, s.num_new_tokens
+            num_tokens += n
+            if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                decodes += 1
+            seq.num_computed_tokens += n
+        self.last_step = (num_tokens - decodes, decodes)
         seqs = [ordered[j].seq for j in rows]
-        tokens = self.sampler(logits, [q.params for q in seqs], [q.num_output_tokens for q in seqs]) if seqs else []
+        if not seqs:
+            return []
+        params = [q.params for q in seqs]
+        if all(map(_GREEDY, params)):
+            tokens = self.sampler.greedy(logits)
+        else:
+            tokens = self.sampler(logits, params, [q.num_output_tokens for q in seqs])
+        return self._append_tokens(seqs, tokens)
+
+    def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> list[StepOutput]:
+        """Appends each sequence's new token, applies stop conditions, frees what finished."""
         outputs = []
+        eos, max_len = self.model_cfg.eos_token_ids, self.max_model_len
         for seq, tok in zip(seqs, tokens):
-            seq.token_ids.append(tok)
-            reason = self._finish_reason(seq, tok)
-            handoff = reason is None and seq.prefill_only
-            if reason is not None or handoff:
-                self._finish(seq, reason, keep_kv=handoff)
-            outputs.append(StepOutput(seq.request_id, [tok], reason is not None or handoff, reason, handoff,
-                                      seq.num_output_tokens - 1))
+            ids = seq.token_ids
+            ids.append(tok)
+            p = seq.params
+            index = len(ids) - seq.num_prompt_tokens - 1
+            # One cheap test for the common case (nothing ends); the exact reason below.
+            if (index + 1 >= p.max_tokens or len(ids) >= max_len or seq.prefill_only or tok in eos
+                    or (p.stop_token_ids and tok in p.stop_token_ids)):
+                reason = self._finish_reason(seq, tok)
+                handoff = reason is None and seq.prefill_only
+                if reason is not None or handoff:
+                    self._finish(seq, reason, keep_kv=handoff)
+                outputs.append(StepOutput(seq.request_id, [tok], reason is not None or handoff, reason, handoff,
+                                          index))
+            else:
+                outputs.append(StepOutput(seq.request_id, [tok], False, None, False, index))
         return outputs
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:

@@ -167,19 +167,6 @@ class ModelRunner:
         positions = torch.tensor(pos, dtype=torch.int64, device=dev)
         return ordered, input_ids, positions, meta
 
-    def _run_graph(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        bs = self.block_size
-        ids, pos, slots, lens, tables = [], [], [], [], []
-        for s in batch:
-            seq = s.seq
-            p = seq.num_computed_tokens          # position of the one new token
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(seq.block_table[: p // bs + 1])
-        return self.graphs.run(ids, pos, slots, lens, tables)  # model dtype: the sampler upcasts if it samples
-
     @torch.inference_mode()
     def all_logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Logits at every scheduled position ([T, V], the packed order of `prepare`); for scoring
@@ -187,13 +174,21 @@ class ModelRunner:
         _, input_ids, positions, meta = self.prepare(batch)
         return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, meta)).float()
 
-    @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor, list[int]]:
+    def run(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor, list[int] | range]:
         """Runs the batch; returns (ordered batch, logits [S, V] of the rows that sample, which
         entries of the ordered batch those rows belong to)."""
-        if self.graphs is not None and len(batch) <= self.graphs.max_batch and all(
-                s.num_new_tokens == 1 for s in batch):
-            return batch, self._run_graph(batch), list(range(len(batch)))
+        if self.graphs is not None and len(batch) <= self.graphs.max_batch:
+            seqs = [s.seq for s in batch]
+            # Only a batch of decodes (each computes its last token, and so samples) replays a
+            # graph; a one-token chunk of a longer prompt does not sample.
+            if all(s.num_new_tokens == 1 for s in batch) and all(
+                    q.num_computed_tokens + 1 == len(q.token_ids) for q in seqs):
+                # model dtype: the sampler upcasts if it samples
+                return batch, self.graphs.run(seqs), range(len(batch))
+        with torch.inference_mode():
+            return self._run_eager(batch)
+
+    def _run_eager(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor, list[int]]:
         ordered, input_ids, positions, meta = self.prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)            # [T, hidden]
         # Only sequences whose last known token was just computed sample a new token; a

@@ -26,6 +26,11 @@ class Sampler:
         self._gen.manual_seed(seed)
         self._seeded = torch.Generator(device=device)
 
+    @staticmethod
+    def greedy(logits: torch.Tensor) -> list[int]:
+        """The argmax of each row of logits [S, V]: what `__call__` gives when no row samples."""
+        return logits.argmax(dim=-1).tolist()
+
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
         """logits: [S, V]; params[i] and indices[i] (tokens generated so far) for row i."""

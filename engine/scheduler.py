@@ -21,7 +21,7 @@ from .block_pool import BlockPool, blocks_needed
 from .sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)  # one per scheduled sequence per step: slots make them cheaper to build
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int   # computed this step, starting at seq.num_computed_tokens
@@ -63,11 +63,13 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         preempted = False
+        running, bs = self.running, self.pool.block_size
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if (seq.num_computed_tokens + n) <= len(seq.block_table) * self.pool.block_size:
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            c = seq.num_computed_tokens
+            n = min(len(seq.token_ids) - c, budget)
+            if c + n <= len(seq.block_table) * bs:
                 # Fast path, most decode steps: the tokens fit the blocks the sequence holds.
                 out.append(ScheduledSeq(seq, n))
                 budget -= n

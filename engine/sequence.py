@@ -44,7 +44,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: queue membership and removal must not compare fields
 class Sequence:
     request_id: str
     token_ids: list[int]          # prompt followed by every generated token

@@ -52,3 +52,20 @@ def test_graphs_equal_eager(tmp_path):
     graphs = LLM(str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=256).generate(ps, sp)
     eager = LLM(str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=256, enforce_eager=True).generate(ps, sp)
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
+
+
+def test_graphs_equal_eager_as_the_batch_changes(tmp_path):
+    """The graphs' host inputs are kept from step to step (`DecodeInputs`): sequences that
+    finish at different steps, join mid-decode and are preempted must not leave stale rows."""
+    make_checkpoint(tmp_path, "llama")
+    ps = prompts(24, seed=6)
+    g = torch.Generator().manual_seed(6)
+    sp = [SamplingParams(max_tokens=int(m), temperature=0, ignore_eos=True) for m in torch.randint(1, 40, (24,), generator=g)]
+    kw = dict(device="cuda", dtype="float32", num_kv_blocks=60, block_size=4, max_num_batched_tokens=128,
+              max_num_seqs=16)
+    llm = LLM(str(tmp_path), **kw)
+    graphs = llm.generate(ps, sp)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
+    eager = LLM(str(tmp_path), enforce_eager=True, **kw).generate(ps, sp)
+    assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]

@@ -1,0 +1,139 @@
+"""The decode step's host inputs (`DecodeInputs`) and the CUDA-graph path of the engine, on CPU.
+
+`DecodeInputs` keeps rows from step to step; each step's buffers must equal inputs built
+from scratch, however the batch changes (sequences growing into new blocks, finishing,
+joining, preempted and back with new blocks). The engine test runs the graph path with a
+stand-in for the captured graphs that runs the forward eagerly on the static inputs.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from engine.block_pool import BlockPool
+from engine.decode_inputs import DecodeInputs
+from engine.sequence import SamplingParams, Sequence
+
+
+def reference(seqs, bs):
+    """The inputs as the engine built them before `DecodeInputs`: every row from scratch."""
+    rows = []
+    for q in seqs:
+        p = q.num_computed_tokens
+        rows.append((q.token_ids[p], p, q.block_table[p // bs] * bs + p % bs, p + 1, q.block_table[: p // bs + 1]))
+    return rows
+
+
+def check(inp: DecodeInputs, seqs, padded, bs):
+    width = inp.fill(seqs, padded)
+    ref = reference(seqs, bs)
+    assert width == max(len(r[4]) for r in ref)
+    ids, pos, slots = inp.host64[:, :padded].tolist()
+    lens, tables = inp.lens[:padded].tolist(), inp.tables[:padded, :width].tolist()
+    for i, (tok, p, slot, n, table) in enumerate(ref):
+        assert (ids[i], pos[i], slots[i], lens[i]) == (tok, p, slot, n)
+        assert tables[i][: len(table)] == table
+    for i in range(len(seqs), padded):  # padding: writes nowhere, attends one key of block 0
+        assert (ids[i], pos[i], slots[i], lens[i], tables[i][0]) == (0, 0, -1, 1, 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fill_equals_inputs_built_from_scratch(seed):
+    rng = random.Random(seed)
+    bs, pool = 4, BlockPool(400, 4)
+    inp = DecodeInputs(max_batch=16, max_blocks=64, block_size=bs)
+    running: list[Sequence] = []
+    made = 0
+    for step in range(300):
+        # Churn: finish some, preempt one (its blocks come back as a new table), admit some.
+        for q in list(running):
+            if rng.random() < 0.03:
+                running.remove(q)
+                pool.free(q)
+        if running and rng.random() < 0.05:
+            q = rng.choice(running)
+            pool.free(q)
+            q.num_computed_tokens = q.num_tokens - 1
+            pool.allocate(q, q.num_tokens)
+        while len(running) < 16 and rng.random() < 0.3:
+            n = rng.randint(1, 40)
+            q = Sequence(f"r{made}", [rng.randrange(100) for _ in range(n)], n, SamplingParams())
+            made += 1
+            q.num_computed_tokens = n - 1
+            pool.allocate(q, n)
+            running.insert(rng.randrange(len(running) + 1), q)
+        if not running:
+            continue
+        for q in running:  # what the scheduler does: blocks for the token computed this step
+            pool.allocate(q, q.num_computed_tokens + 1)
+        batch = list(running) if rng.random() < 0.9 else rng.sample(running, rng.randint(1, len(running)))
+        check(inp, batch, min(16, len(batch) + rng.randrange(3)), bs)
+        for q in running:  # the step's token is computed, a new one sampled
+            q.num_computed_tokens += 1
+            q.token_ids.append(rng.randrange(100))
+    assert made > 30
+
+
+# ---- the engine's graph path on CPU ---------------------------------------------------------
+
+class EagerReplay:
+    """Stands in for one captured graph: a replay runs the forward on the static inputs."""
+
+    def __init__(self, graphs, n: int):
+        self.graphs, self.n = graphs, n
+
+    def replay(self) -> None:
+        with torch.inference_mode():
+            self.graphs.outputs[self.n].copy_(self.graphs._forward(self.n))
+
+
+def cpu_graphs(engine):
+    from engine.cuda_graphs import DecodeGraphs
+
+    r = engine.runner
+    g = DecodeGraphs(r.model, r.kv_cache, r.block_size, r.max_model_len, (1, 2, 4, 8))
+    for n in g.buckets:
+        g.graphs[n] = EagerReplay(g, n)
+        g.outputs[n] = torch.empty(n, r.model_cfg.vocab_size, dtype=r.dtype)
+    r.graphs = g
+    return g
+
+
+def test_engine_graph_path_on_cpu_equals_eager(tmp_path):
+    """Greedy tokens through the graph path (DecodeInputs, DecodeGraphs.run) equal the eager
+    path's: sequences finish at different steps, join mid-decode, and get preempted."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from engine import LLM, SamplingParams
+    from engine.attention_triton import _unified_attention_kernel
+    from tests.engine.conftest import make_checkpoint
+
+    if not torch.cuda.is_available():
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(_unified_attention_kernel, InterpretedFunction):
+            pytest.skip("engine.attention_triton was imported before TRITON_INTERPRET=1 was set")
+    make_checkpoint(tmp_path, "llama")
+    g = torch.Generator().manual_seed(7)
+    ps = [torch.randint(3, 211, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (10,), generator=g)]
+    params = [SamplingParams(max_tokens=int(m), temperature=0, ignore_eos=True)
+              for m in torch.randint(1, 16, (10,), generator=g)]
+    outs = {}
+    for graphs in (False, True):
+        llm = LLM(str(tmp_path), device="cpu", dtype="float32", num_kv_blocks=16, block_size=4,
+                  max_num_batched_tokens=32, max_num_seqs=8, attention_backend="triton",
+                  max_model_len=32)  # the graphs attend up to it: short keeps the interpreter quick
+        if graphs:
+            used = cpu_graphs(llm.engine)
+            replays = [0]
+            run = used.run
+            used.run = lambda seqs: (replays.__setitem__(0, replays[0] + 1), run(seqs))[1]
+        outs[graphs] = [o.token_ids for o in llm.generate(ps, params)]
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
+    assert outs[True] == outs[False]
+    assert replays[0] >= 8
