@@ -19,6 +19,11 @@ Message flow (same for every backend)::
     sender.poll() -> DONE                            receiver.poll() -> DONE
     CANCEL (either direction) aborts: sender.cancel(), lease expiry, bad data, close().
 
+Offer early: ``offer(..., ready=False)`` when the prefill starts lets the decode side reserve
+blocks and accept while the KV is still being computed; ``ready(rid)`` once it is written sends
+READY, and the data follows as soon as the offer is (or was) accepted.  The lease runs from
+offer(), so it must cover the prefill too.
+
 Every offer ends in exactly one terminal sender event (DONE / EXPIRED / FAILED / CANCELLED); after
 it the prefill engine may free the source blocks.  Every ``accept()`` ends in exactly one terminal
 receiver event (DONE / FAILED / CANCELLED); on DONE the blocks hold the KV, otherwise free them.
@@ -180,8 +185,14 @@ class KVSender(ABC):
 
     @abstractmethod
     def offer(self, peer: str, request_id: str, block_ids: list[int], num_tokens: int,
-              meta: dict, lease_s: float) -> None:
-        """Offer the request's KV to ``peer``; returns immediately."""
+              meta: dict, lease_s: float, ready: bool = True) -> None:
+        """Offer the request's KV to ``peer``; returns immediately.  ready=False: the blocks are
+        still being written; nothing is read from them before ready(request_id)."""
+
+    def ready(self, request_id: str) -> None:
+        """The KV of an offer made with ready=False is now written (CUDA: queued on the caller's
+        current stream); its bytes move once the receiver accepted.  No-op once it ended."""
+        raise NotImplementedError
 
     @abstractmethod
     def cancel(self, request_id: str) -> None:

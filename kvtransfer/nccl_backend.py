@@ -13,6 +13,8 @@ Message flow (sender = rank 0, receiver = rank 1; control frames are wire.py msg
                                                  accept(): plan the chunks, number them
                                                  seq0.. seq0+n-1, post their recvs, and
                                          <-      ACCEPT(seq0, nchunks, nblocks, chunk_bytes)
+    (offer early: OFFER(ready=False) is accepted with a bare ACCEPT, no recvs posted;
+     READY -> then the receiver plans and posts as above and sends the numbered ACCEPT)
     the same plan; per chunk: gather, pg.send(seq)   ==>  recv finished -> scatter
                                          <-      ACK       (after the last scatter finished)
     CANCEL either way aborts a transfer; BYE either way: this side dropped the pair, drop yours.
@@ -182,9 +184,20 @@ class NcclKVSender(ZmqKVSender):
     def _offer_msg(self, out: _Out) -> dict:
         return {**super()._offer_msg(out), "chunk_bytes": self.chunk_bytes}
 
+    def _start_data(self, out: _Out) -> None:
+        pass  # the receiver plans the chunks (numbered ACCEPT); nothing goes through _rr
+
     def _on_accept(self, peer: str, msg: dict, _: object) -> None:
         """The receiver numbered the chunks and posted their recvs: queue one send per seq, of
-        the transfer's bytes while it lives, of zeros once it ended (the recvs are posted)."""
+        the transfer's bytes while it lives, of zeros once it ended (the recvs are posted).
+        A bare ACCEPT (no numbers) accepts an early offer; the numbers follow its READY."""
+        if "seq0" not in msg:
+            out = self._match(peer, msg)
+            if out is not None and not out.accepted:
+                out.accepted = True
+                with self._lock:
+                    self._status[out.rid] = TransferStatus.SENDING
+            return
         pair, g = self._pairs.get(peer), self._group(peer)
         if pair is None or g is None:
             return  # the pair is gone, and the receiver's recvs with it
@@ -201,7 +214,7 @@ class NcclKVSender(ZmqKVSender):
             return g.abort(f"bad ACCEPT for {msg['rid']}: {e}")  # desynced: _timers breaks it
         g.next_seq += n
         out = self._match(peer, msg)
-        if out is not None and (out.accepted or len(out.src_idx) != nblocks):
+        if out is not None and (out.chunks or not out.kv_ready or len(out.src_idx) != nblocks):
             self._send_ctrl(peer, wire.make(wire.CANCEL, xid=out.xid, rid=out.rid,
                                             reason="inconsistent ACCEPT"))
             self._finish(out, TransferStatus.FAILED, f"inconsistent ACCEPT from {peer}")
@@ -391,7 +404,11 @@ class NcclKVReceiver(ZmqKVReceiver):
 
     def _accept_msg(self, inx: _In) -> dict:
         """Plan the chunks, number them on the pair, queue their recvs (posted right after the
-        ACCEPT leaves: the sender's sends then match them without another message)."""
+        ACCEPT leaves: the sender's sends then match them without another message).  An early
+        offer whose KV is not written yet gets a bare ACCEPT: a recv posted now would hold up
+        every later chunk of the pair (NCCL matches in order) until its prefill finished."""
+        if not inx.kv_ready:
+            return super()._accept_msg(inx)
         pair = self._pairs[inx.key]  # OFFERs come only from live pairs; _break drops their _In
         g = pair.group
         plan = wire.plan_chunks(self.layout.num_layers, inx.nblocks,
@@ -401,6 +418,11 @@ class NcclKVReceiver(ZmqKVReceiver):
         pair.recvs.extend((seq0 + i, inx.rid, inx.xid, c) for i, c in enumerate(plan))
         return {**super()._accept_msg(inx), "seq0": seq0, "nchunks": len(plan),
                 "nblocks": inx.nblocks, "chunk_bytes": inx.chunk_bytes}
+
+    def _kv_ready(self, inx: _In) -> None:
+        if inx.accepted and not inx.nchunks:  # accepted early: plan, ACCEPT with numbers, post
+            self._send_ctrl(inx.key, self._accept_msg(inx))
+            self._post_recvs(inx.key)  # type: ignore[arg-type]
 
     def _post_recvs(self, key: bytes) -> None:
         """Post queued recvs in seq order while the window has room; a recv of a transfer that

@@ -2,6 +2,7 @@
 
     HELLO -> layout check -> HELLO_OK | HELLO_REFUSED(mismatch message)
     OFFER -> queued for poll_offers();  accept() -> ACCEPT;  reject() -> REJECT
+    OFFER(ready=False) is accepted alike; READY (the KV is written) may come before or after
     DATA chunks are validated and written into the accepted blocks; when every (layer, block)
     cell is covered -> ACK + DONE.  CANCEL / lease expiry / bad data -> FAILED or CANCELLED.
 """
@@ -35,6 +36,7 @@ class _In:
     dst_dev: torch.Tensor | None = None  # dst_idx on the cache device (I/O thread, lazily)
     covered: torch.Tensor | None = None  # [num_layers, nblocks] bool: cells written so far
     ncovered: int = 0
+    kv_ready: bool = True  # False for an early offer until its READY
     chunk_bytes: int = 0  # nccl: the sender's chunk size (OFFER)
     nchunks: int = 0      # nccl: chunks planned at accept
 
@@ -67,7 +69,8 @@ class ReceiverCore(_Endpoint, KVReceiver):
         self._in: dict[str, _In] = {}
         self._peers: dict[Hashable, str] = {}  # handshaken sender key -> name
         self._handlers = {wire.HELLO: self._on_hello, wire.OFFER: self._on_offer,
-                          wire.DATA: self._on_data, wire.CANCEL: self._on_cancel}
+                          wire.DATA: self._on_data, wire.CANCEL: self._on_cancel,
+                          wire.READY: self._on_ready}
 
     # -- public API (engine thread) -----------------------------------------------------------
     def poll_offers(self) -> list[KVOffer]:
@@ -190,7 +193,8 @@ class ReceiverCore(_Endpoint, KVReceiver):
             self._drop(f"OFFER {rid}: {reason}")
             return self._send_ctrl(key, wire.make(wire.REJECT, xid=xid, rid=rid, reason=reason))
         self._in[rid] = _In(key, self._peers[key], xid, rid, msg["num_tokens"], msg["nblocks"],
-                            time.monotonic() + float(msg["lease_s"]) + self.lease_grace_s)
+                            time.monotonic() + float(msg["lease_s"]) + self.lease_grace_s,
+                            kv_ready=msg.get("ready", True) is not False)
         with self._lock:
             self._new[rid] = KVOffer(rid, msg["num_tokens"], msg["meta"], self._peers[key])
             self._pending.set()
@@ -240,6 +244,15 @@ class ReceiverCore(_Endpoint, KVReceiver):
         if payload is None:
             raise wire.WireError("missing payload")
         return wire.tensor_from_buffer(payload, dtype_from_name(msg["dtype"]), shape)
+
+    def _on_ready(self, key: Hashable, msg: dict, _: Payload) -> None:
+        inx = self._match(key, msg)
+        if inx is not None and not inx.kv_ready:
+            inx.kv_ready = True
+            self._kv_ready(inx)
+
+    def _kv_ready(self, inx: _In) -> None:
+        """Hook: an early offer's KV is written (DATA follows by itself once accepted)."""
 
     def _on_cancel(self, key: Hashable, msg: dict, _: Payload) -> None:
         if inx := self._match(key, msg):

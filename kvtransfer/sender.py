@@ -2,6 +2,7 @@
 
     connect(): HELLO -> (HELLO_OK | HELLO_REFUSED)      offer(): OFFER -> (ACCEPT | REJECT)
     after ACCEPT: DATA chunks, round-robin across accepted requests -> ACK -> DONE
+    offer(ready=False): no DATA, even once accepted, until ready(): READY -> DATA chunks
     lease runs out before ACK: CANCEL(expired) -> EXPIRED;  cancel(): CANCEL -> CANCELLED
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ class _Out:
     chunks: list[wire.Chunk] = field(default_factory=list)
     next_chunk: int = 0
     accepted: bool = False
+    kv_ready: bool = True  # False from offer(ready=False) until ready()
     ready: "torch.cuda.Event | None" = None  # CUDA: recorded on the caller's stream at offer()
     src_dev: torch.Tensor | None = None      # src_idx on the cache device (I/O thread, lazily)
 
@@ -102,7 +104,7 @@ class SenderCore(_Endpoint, KVSender):
             self._connected.add(peer)
 
     def offer(self, peer: str, request_id: str, block_ids: list[int], num_tokens: int,
-              meta: dict, lease_s: float) -> None:
+              meta: dict, lease_s: float, ready: bool = True) -> None:
         n = blocks_needed(num_tokens, self.layout.block_size) if num_tokens > 0 else 0
         if n == 0 or len(block_ids) < n:
             raise ValueError(f"{request_id}: {num_tokens} tokens need {n} >= 1 blocks, "
@@ -114,17 +116,27 @@ class SenderCore(_Endpoint, KVSender):
             raise ValueError("lease_s must be > 0")
         wire.encode(meta)  # raise TypeError here, in the caller, if meta is not msgpack-able
         out = _Out(next(self._xids), request_id, peer, torch.tensor(ids, dtype=torch.long),
-                   num_tokens, meta, time.monotonic() + lease_s)
+                   num_tokens, meta, time.monotonic() + lease_s, kv_ready=ready)
         with self._lock:
             if peer not in self._connected:
                 raise KVTransferError(f"not connected to peer {peer!r}")
             if request_id in self._status:
                 raise ValueError(f"request {request_id!r} already offered and not yet finished")
             self._status[request_id] = TransferStatus.OFFERED
-        if self.kv_cache.is_cuda:  # the gather must not overtake the prefill that wrote the blocks
-            out.ready = torch.cuda.Event()
-            out.ready.record(torch.cuda.current_stream(self.kv_cache.device))
+        if ready:
+            out.ready = self._record_ready()
         self._command("offer", out)
+
+    def ready(self, request_id: str) -> None:
+        self._command("ready", request_id, self._record_ready())
+
+    def _record_ready(self) -> "torch.cuda.Event | None":
+        """CUDA: the gather must not overtake the prefill that wrote the blocks."""
+        if not self.kv_cache.is_cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.kv_cache.device))
+        return ev
 
     def cancel(self, request_id: str) -> None:
         self._command("cancel", request_id)
@@ -239,11 +251,16 @@ class SenderCore(_Endpoint, KVSender):
         if out is None or out.accepted:
             return
         out.accepted = True
-        out.chunks = wire.plan_chunks(self.layout.num_layers, len(out.src_idx),
-                                      self.layout.block_layer_bytes, self.chunk_bytes)
-        self._rr.setdefault(peer, deque()).append(out)
         with self._lock:
             self._status[out.rid] = TransferStatus.SENDING
+        if out.kv_ready:
+            self._start_data(out)
+
+    def _start_data(self, out: _Out) -> None:
+        """Accepted and written: queue the chunks for _pump."""
+        out.chunks = wire.plan_chunks(self.layout.num_layers, len(out.src_idx),
+                                      self.layout.block_layer_bytes, self.chunk_bytes)
+        self._rr.setdefault(out.peer, deque()).append(out)
 
     def _on_reject(self, peer: str, msg: dict, _: Payload) -> None:
         if out := self._match(peer, msg):
@@ -287,7 +304,17 @@ class SenderCore(_Endpoint, KVSender):
         """The OFFER for ``out``; backends may add fields."""
         lease = max(0.0, out.deadline - time.monotonic())
         return wire.make(wire.OFFER, xid=out.xid, rid=out.rid, num_tokens=out.num_tokens,
-                         nblocks=len(out.src_idx), meta=out.meta, lease_s=lease)
+                         nblocks=len(out.src_idx), meta=out.meta, lease_s=lease,
+                         ready=out.kv_ready)
+
+    def _cmd_ready(self, rid: str, ev: "torch.cuda.Event | None") -> None:
+        out = self._out.get(rid)
+        if out is None or out.kv_ready:
+            return  # ended (expired, cancelled, failed) or ready twice
+        out.kv_ready, out.ready = True, ev
+        self._send_ctrl(out.peer, wire.make(wire.READY, xid=out.xid, rid=rid))
+        if out.accepted:
+            self._start_data(out)
 
     def _cmd_cancel(self, rid: str) -> None:
         out = self._out.get(rid)

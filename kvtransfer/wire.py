@@ -6,10 +6,12 @@ never used, so a peer can at worst send garbage that ``decode`` rejects with Wir
     HELLO{name, layout}           sender -> receiver   handshake, layout = KVLayout.to_dict()
     HELLO_OK{name, layout}        receiver -> sender
     HELLO_REFUSED{error, kind}    receiver -> sender   kind "layout" (error = mismatch message)
-    OFFER{xid, rid, num_tokens, nblocks, meta, lease_s}
+    OFFER{xid, rid, num_tokens, nblocks, meta, lease_s, ready?}   ready False: KV still being
+                                                       written; READY follows (offer early)
     ACCEPT{xid, rid} / REJECT{xid, rid, reason}        receiver -> sender
     DATA{xid, rid, chunk, l0, l1, b0, b1, dtype, shape, nbytes} + one raw payload frame
     ACK{xid, rid}                 receiver -> sender   after the last DATA byte was written
+    READY{xid, rid}               sender -> receiver   an offer made with ready=False: KV written
     CANCEL{xid, rid, reason}      either way           abort / lease expired / bad data
 nccl backend only (nccl_backend.py; no DATA: the bytes move on the pair's process group):
     PG_INIT{gid, store_port}      receiver -> sender   layout OK: build the pair's process group
@@ -35,6 +37,7 @@ PROTOCOL_VERSION = 1
 
 HELLO, HELLO_OK, HELLO_REFUSED = "HELLO", "HELLO_OK", "HELLO_REFUSED"
 OFFER, ACCEPT, REJECT, DATA, ACK, CANCEL = "OFFER", "ACCEPT", "REJECT", "DATA", "ACK", "CANCEL"
+READY = "READY"
 PG_INIT, BYE = "PG_INIT", "BYE"
 
 _XR = {"xid": int, "rid": str}
@@ -50,6 +53,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
            "shape": list, "nbytes": int},
     ACK: _XR,
     CANCEL: {**_XR, "reason": str},
+    READY: _XR,
 }
 SCHEMA[PG_INIT] = {"gid": str, "store_port": int}
 SCHEMA[BYE] = {}

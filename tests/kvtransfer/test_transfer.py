@@ -238,3 +238,81 @@ def test_wait_wakes_on_offer_and_done_and_times_out(make_pair):
     assert [e.status for e in p.sender.poll()] == [DONE]
     assert p.sender.wait(0.05) is False and p.receiver.wait(0.05) is False
     check_copied(p, [3, 1], [0, 9])
+
+
+# -- offer early: offer(ready=False) when the prefill starts, ready() when its KV is written ----
+def _prefill_writes(p, src_ids: list[int], seed: int) -> None:
+    """Stand-in for the prefill kernels writing the offered blocks after offer()."""
+    g = torch.Generator().manual_seed(seed)
+    fresh = torch.randn(p.src[:, :, src_ids].shape, generator=g).to(p.src.dtype)
+    p.src[:, :, src_ids] = fresh
+
+
+def test_offer_early_moves_the_kv_written_before_ready(make_pair):
+    p = make_pair()
+    src_ids, dst_ids = [3, 1, 4], [0, 9, 5]
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, dst_ids)
+    p.sender.offer(p.peer, "r", src_ids, 10, {"first": 1}, lease_s=10, ready=False)
+    p.run_until(lambda: p.sender.status("r") is TransferStatus.SENDING, what="ACCEPT")
+    deadline = time.monotonic() + 0.3  # accepted, but nothing moves before ready()
+    p.run_until(lambda: time.monotonic() > deadline)
+    assert "r" not in p.recv and p.sender.stats["chunks"] == 0
+    check_untouched(p, set())
+    _prefill_writes(p, src_ids, seed=11)
+    p.sender.ready("r")
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    assert p.sent_status("r") is DONE and p.recv_statuses("r") == [DONE]
+    check_copied(p, src_ids, dst_ids)  # the bytes written after offer(), bit for bit
+    check_untouched(p, set(dst_ids))
+    p.sender.ready("r")  # after the end: no-op
+
+
+def test_offer_early_ready_before_accept(make_pair):
+    p = make_pair()
+    p.sender.offer(p.peer, "r", [2, 6], 8, {}, lease_s=10, ready=False)
+    _prefill_writes(p, [2, 6], seed=12)
+    p.sender.ready("r")
+    p.run_until(lambda: "r" in p.offers, what="offer")
+    p.receiver.accept("r", [7, 8])
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    assert p.sent_status("r") is DONE and p.recv_statuses("r") == [DONE]
+    check_copied(p, [2, 6], [7, 8])
+
+
+def test_offer_early_does_not_hold_up_later_offers(make_pair):
+    """An accepted early offer waiting for its prefill must not delay a ready one behind it."""
+    p = make_pair()
+    plans = {"early": ([0, 1], [10, 11]), "now": ([5], [20]), "later": ([8, 9], [30, 31])}
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, plans[off.request_id][1])
+    p.sender.offer(p.peer, "early", plans["early"][0], 8, {}, lease_s=10, ready=False)
+    p.run_until(lambda: p.sender.status("early") is TransferStatus.SENDING, what="ACCEPT")
+    for rid in ("now", "later"):
+        p.sender.offer(p.peer, rid, plans[rid][0], 4 * len(plans[rid][0]), {}, lease_s=10)
+    p.run_until(lambda: "now" in p.recv and "later" in p.recv)
+    assert "early" not in p.recv and "early" not in p.sent
+    _prefill_writes(p, plans["early"][0], seed=13)
+    p.sender.ready("early")
+    p.run_until(lambda: len(p.sent) == 3 and len(p.recv) == 3)
+    for rid, (src_ids, dst_ids) in plans.items():
+        assert p.sent_status(rid) is DONE and p.recv_statuses(rid) == [DONE], rid
+        check_copied(p, src_ids, dst_ids)
+
+
+def test_offer_early_cancel_or_expiry_before_ready(make_pair):
+    p = make_pair(receiver_kw={"lease_grace_s": 0.2})
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, [3] if off.request_id == "c"
+                                               else [4])
+    p.sender.offer(p.peer, "c", [0], 2, {}, lease_s=10, ready=False)
+    p.sender.offer(p.peer, "e", [1], 2, {}, lease_s=0.5, ready=False)
+    p.run_until(lambda: all(p.sender.status(r) is TransferStatus.SENDING for r in "ce"))
+    p.sender.cancel("c")
+    p.run_until(lambda: all(r in p.sent and r in p.recv for r in "ce"), timeout_s=5)
+    assert p.sent_status("c") is CANCELLED and p.recv_statuses("c") == [CANCELLED]
+    assert p.sent_status("e") is EXPIRED and p.recv_statuses("e") == [FAILED]  # free block 4
+    p.sender.ready("c")  # ended: no-op
+    check_untouched(p, set())
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, [6, 7])
+    p.sender.offer(p.peer, "next", [5, 2], 8, {}, lease_s=10)  # the pair is still in order
+    p.run_until(lambda: "next" in p.sent and "next" in p.recv)
+    assert p.sent_status("next") is DONE
+    check_copied(p, [5, 2], [6, 7])
