@@ -15,6 +15,10 @@ on Linux), so each request is split into:
     done->ack      decode DONE polled until the prefill engine polled DONE
     total          offer() -> prefill DONE
 
+``--early`` offers with ready=False, waits until the offer is accepted, then calls ready(), as a
+prefill worker offering when its prefill starts would: accept->done and total then run from
+ready() (the OFFER/ACCEPT exchange hid behind the prefill).
+
 Engine loops poll every --engine-sleep-us (an engine does work between polls), which adds about
 half that to each of the three engine-visible steps; ``--engine wait`` blocks in the endpoint's
 wait() instead (up to the same time), which returns as soon as there is something to poll.  Prints one row per size (medians in ms)
@@ -92,7 +96,7 @@ def _receiver(backend: str, layout: KVLayout, device: str, nblocks: int, sleep_s
 
 
 def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: int,
-        sleep_s: float, engine: str = "sleep") -> None:
+        sleep_s: float, engine: str = "sleep", early: bool = False) -> None:
     src_dev = "cuda:0" if device == "cuda" else "cpu"
     dst_dev = ("cuda:1" if torch.cuda.device_count() > 1 else "cuda:0") if device == "cuda" \
         else "cpu"
@@ -108,7 +112,8 @@ def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: in
             s.connect("d", q_out.get(timeout=120), timeout_s=120)
             print(f"{backend} {src_dev}->{dst_dev}, engine loops {engine} {sleep_s * 1e6:.0f} us, "
                   f"{iters} sequential requests per size; medians in ms", flush=True)
-            print(f"{'blocks':>6} {'KiB':>8} {'offer->seen':>11} {'accept->done':>12} "
+            step = "ready->done" if early else "accept->done"
+            print(f"{'blocks':>6} {'KiB':>8} {'offer->seen':>11} {step:>12} "
                   f"{'done->ack':>9} {'total':>7} {'p90':>7} {'min':>7}  intact", flush=True)
             for n in sizes:
                 src_ids = list(range(0, 2 * n, 2))   # a gather with holes
@@ -118,9 +123,17 @@ def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: in
                     rid = f"{n}-{i}" + ("-check" if i == iters + 2 else "")
                     t0 = time.monotonic()
                     s.offer("d", rid, src_ids, n * layout.block_size, {"dst": dst_ids},
-                            lease_s=30)
-                    ev = None
+                            lease_s=30, ready=not early)
                     deadline = t0 + 60
+                    t_ready = t0
+                    if early:  # the prefill runs; the decode side accepts meanwhile
+                        while s.status(rid) is not TransferStatus.SENDING:
+                            if time.monotonic() > deadline:
+                                raise RuntimeError(f"{rid}: never accepted")
+                            _idle(s, engine, sleep_s)
+                        t_ready = time.monotonic()
+                        s.ready(rid)
+                    ev = None
                     while ev is None and time.monotonic() < deadline:
                         evs = s.poll()
                         ev = evs[0] if evs else None
@@ -133,7 +146,8 @@ def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: in
                     assert got[0] == rid and got[1] == "done", got
                     _, _, seen, accepted, rdone, digest = got
                     if i >= 3:
-                        rows.append((seen - t0, rdone - accepted, t3 - rdone, t3 - t0))
+                        start = t_ready if early else accepted
+                        rows.append((seen - t0, rdone - start, t3 - rdone, t3 - t_ready))
                 intact = digest == _digest(src[:, :, src_ids])
                 med = [statistics.median(c) * 1e3 for c in zip(*rows)]
                 tot = sorted(r[3] * 1e3 for r in rows)
@@ -158,12 +172,14 @@ def main() -> None:
     ap.add_argument("--engine-sleep-us", type=float, default=50.0)
     ap.add_argument("--engine", choices=["sleep", "wait"], default="sleep",
                     help="how an idle engine loop waits between polls")
+    ap.add_argument("--early", action="store_true",
+                    help="offer(ready=False), then ready() once accepted; times from ready()")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sizes = [int(b) for b in args.blocks.split(",")]
     for backend in (["nccl", "zmq"] if args.backend == "both" else [args.backend]):
         run(backend, LAYOUTS[args.layout], args.device, sizes, args.iters,
-            args.engine_sleep_us * 1e-6, args.engine)
+            args.engine_sleep_us * 1e-6, args.engine, args.early)
 
 
 if __name__ == "__main__":
