@@ -208,7 +208,8 @@ class KVSender(ABC):
 
     def wait(self, timeout_s: float) -> bool:
         """Block up to ``timeout_s`` until poll() has events; True if it has.  An idle engine
-        should wait here rather than sleep, so it sees a finished transfer at once."""
+        should wait here (or on fileno(), where backends have one) rather than sleep, so it sees
+        a finished transfer at once."""
         time.sleep(timeout_s)
         return True
 

@@ -11,13 +11,16 @@ Threading model (why it is safe to hand out the cache):
     Since that single thread both reads/writes blocks and emits terminal events, once the engine
     sees a terminal event for a request the thread will never touch that request's blocks again.
   * Events reach the engine through a lock-protected list drained by poll().  Engines should not
-    spin on poll() without sleeping: a spinning thread starves the I/O thread of the GIL.
+    spin on poll() without sleeping: a spinning thread starves the I/O thread of the GIL.  An
+    idle engine blocks in wait(timeout), or polls fileno() (readable while there is something to
+    poll) together with its own sockets, e.g. in a zmq.Poller.
 
 Hooks are called on the I/O thread, except _t_wake (any thread) and _t_release (after it exited).
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -47,6 +50,9 @@ class _Endpoint:
         self._lock = threading.Lock()                  # guards engine-visible state + events
         self._events: list[TransferEvent] = []
         self._pending = threading.Event()  # set while the engine has something to poll
+        self._signal_r, self._signal_w = os.pipe()  # readable while _pending is set
+        os.set_blocking(self._signal_r, False)
+        os.set_blocking(self._signal_w, False)
         self._stop = threading.Event()
         self._closed = False
         self._handlers: dict[str, Callable[[Hashable, dict, Payload], None]] = {}
@@ -76,7 +82,18 @@ class _Endpoint:
         with self._lock:
             self._events.append(TransferEvent(rid, status, error))
             self._on_emit_locked(rid, status)
+            self._signal_locked()
+
+    def _signal_locked(self) -> None:
+        if not self._pending.is_set() and self._signal_w >= 0:
             self._pending.set()
+            os.write(self._signal_w, b"x")  # one byte per set/clear cycle: never fills the pipe
+
+    def fileno(self) -> int:
+        """A file descriptor that is readable while poll() (receiver: or poll_offers()) has
+        something, for an engine that waits on several things at once (select, zmq.Poller).
+        Only the endpoint reads from it; valid until close()."""
+        return self._signal_r
 
     def wait(self, timeout_s: float) -> bool:
         """Block up to ``timeout_s`` until the engine has something to poll; False on timeout
@@ -86,7 +103,15 @@ class _Endpoint:
     def _drained_locked(self) -> None:
         """The engine polled: clear the wait() signal unless more is already waiting."""
         if not self._events:
+            self._clear_locked()
+
+    def _clear_locked(self) -> None:
+        if self._pending.is_set() and self._signal_r >= 0:
             self._pending.clear()
+            try:
+                os.read(self._signal_r, 64)
+            except BlockingIOError:
+                pass
 
     def _on_emit_locked(self, rid: str, status: TransferStatus) -> None: pass
 
@@ -156,3 +181,7 @@ class _Endpoint:
             self._thread.join(timeout=5.0)
         if not self._thread.is_alive():
             self._t_release()
+            with self._lock:  # poll() after close() must never touch a reused descriptor
+                os.close(self._signal_r)
+                os.close(self._signal_w)
+                self._signal_r = self._signal_w = -1

@@ -121,7 +121,7 @@ class ReceiverCore(_Endpoint, KVReceiver):
 
     def _drained_locked(self) -> None:
         if not self._events and not self._new:
-            self._pending.clear()
+            self._clear_locked()
 
     # -- I/O thread --------------------------------------------------------------------------
     def _iteration(self) -> None:
@@ -197,7 +197,7 @@ class ReceiverCore(_Endpoint, KVReceiver):
                             kv_ready=msg.get("ready", True) is not False)
         with self._lock:
             self._new[rid] = KVOffer(rid, msg["num_tokens"], msg["meta"], self._peers[key])
-            self._pending.set()
+            self._signal_locked()
 
     def _on_data(self, key: Hashable, msg: dict, payload: Payload) -> None:
         inx = self._match(key, msg)

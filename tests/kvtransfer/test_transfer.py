@@ -316,3 +316,28 @@ def test_offer_early_cancel_or_expiry_before_ready(make_pair):
     p.run_until(lambda: "next" in p.sent and "next" in p.recv)
     assert p.sent_status("next") is DONE
     check_copied(p, [5, 2], [6, 7])
+
+
+def test_fileno_is_readable_exactly_while_there_is_something_to_poll(make_pair):
+    """An engine can select() on fileno() beside its own sockets instead of sleeping."""
+    import select
+
+    p = make_pair()
+
+    def readable(endpoint, timeout_s: float) -> bool:
+        return bool(select.select([endpoint.fileno()], [], [], timeout_s)[0])
+
+    assert not readable(p.receiver, 0.1) and not readable(p.sender, 0.0)
+    p.sender.offer(p.peer, "r", [4], 3, {}, lease_s=10)
+    assert readable(p.receiver, TIMEOUT)
+    assert readable(p.receiver, 0.0)  # stays readable until polled
+    (off,) = p.receiver.poll_offers()
+    assert not readable(p.receiver, 0.05)
+    p.receiver.accept(off.request_id, [2])
+    assert readable(p.receiver, TIMEOUT) and readable(p.sender, TIMEOUT)
+    assert [e.status for e in p.receiver.poll()] == [DONE]
+    assert [e.status for e in p.sender.poll()] == [DONE]
+    assert not readable(p.receiver, 0.05) and not readable(p.sender, 0.0)
+    check_copied(p, [4], [2])
+    p.receiver.close()
+    assert p.receiver.poll() == [] and p.receiver.poll_offers() == []  # no fd touched
