@@ -60,10 +60,12 @@ def test_graphs_equal_eager_as_the_batch_changes(tmp_path):
     make_checkpoint(tmp_path, "llama")
     ps = prompts(24, seed=6)
     g = torch.Generator().manual_seed(6)
-    sp = [SamplingParams(max_tokens=int(m), temperature=0, ignore_eos=True) for m in torch.randint(1, 40, (24,), generator=g)]
+    sp = [SamplingParams(max_tokens=int(m), temperature=0, ignore_eos=True)
+          for m in torch.randint(1, 40, (24,), generator=g)]
     kw = dict(device="cuda", dtype="float32", num_kv_blocks=60, block_size=4, max_num_batched_tokens=128,
               max_num_seqs=16)
     llm = LLM(str(tmp_path), **kw)
+    assert llm.engine.runner.graphs is not None
     graphs = llm.generate(ps, sp)
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
