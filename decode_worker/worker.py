@@ -1,5 +1,11 @@
 """Decode worker: admits handed-off sequences, decodes them in one continuous batch.
 
+It also prefills, when the router places a request's prefill on it (adaptive mode: the
+`Prefill` names this worker as its own decode worker): the request then runs here from
+prompt to end like in a colocated engine, its prompt chunks mixed into the decode steps.
+A `both` worker (`BothWorker`, colocated and adaptive modes) is a decode worker that also
+prefills for other decode workers and hands their KV off like a prefill worker.
+
 A request's path through this process:
 
     KV offer from a prefill worker (carries the request: prompt, first token, params)
@@ -15,6 +21,11 @@ run out, which matters when the prefill worker died mid-transfer), a running seq
 dropped. A failed transfer frees the reserved blocks and is reported with `Failed`. A control
 frame that cannot be decoded or handled is logged and dropped. If the router restarted and
 no longer knows this worker, every request is dropped and the worker registers again.
+
+A request prefilled here (`Prefill` naming this worker):
+
+    router `Prefill` -> engine waiting -> running (prompt chunks, then one token per step)
+      -> finished or aborted -> blocks freed
 
 Shutdown (SIGTERM): the worker heartbeats `draining` (no new requests are placed here), goes
 on decoding until it holds nothing or `shutdown_timeout_s` has passed, frees what is left and
@@ -32,6 +43,7 @@ import zmq
 from engine import LLMEngine, RequestRejected, SamplingParams
 from kvtransfer import TransferStatus, make_receiver
 from pdserve import wire
+from prefill_worker.handoff import KVHandOff
 from pdserve.logs import rid as for_request
 from pdserve.security import check_bind
 from pdserve.transfer_stats import TransferStats
@@ -64,6 +76,7 @@ class DecodeWorker(WorkerLoop):
         self.receiving: set[str] = set()                        # accepted, KV on its way
         self.aborted: set[str] = set()                          # aborted while receiving
         self.transfer_stats = TransferStats(self.receiver)
+        self.handoff = KVHandOff(self, transfer_options) if self.role == "both" else None
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,7 +93,10 @@ class DecodeWorker(WorkerLoop):
                  self.receiver.address)
 
     def holds(self) -> list[str]:
-        return list(self.offers) + list(self.receiving) + list(self.engine.seqs)
+        return list(self.offers) + list(self.receiving) + list(self.engine.seqs) + self._sending()
+
+    def _sending(self) -> list[str]:
+        return list(self.handoff.transfers) if self.handoff else []
 
     def run_once(self) -> None:
         # Never spin: an idle loop that polls without waiting starves the transfer thread of
@@ -95,7 +111,7 @@ class DecodeWorker(WorkerLoop):
         if self.engine.has_unfinished():
             if self.s.debug_step_delay_s:
                 time.sleep(self.s.debug_step_delay_s)
-            outs = self.engine.step()
+            outs = self.step_engine()
             for o in outs:
                 if o.finish_reason is not None:
                     log.debug("finished (%s) after %d tokens", o.finish_reason, o.index + len(o.new_token_ids),
@@ -103,14 +119,27 @@ class DecodeWorker(WorkerLoop):
             if outs:
                 self.link.send(wire.Tokens(self.s.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
                                                               for o in outs]))
+            if self.handoff:
+                self.handoff.emit(outs)
+        if self.handoff:
+            self.handoff.poll()
         if self.link.heartbeat_due(self.s.heartbeat_s):
             sch = self.engine.scheduler
+            transfer = self.transfer_stats.heartbeat_fields()
+            if self.handoff:  # KV both received and sent: one set of figures for both directions
+                sent = self.handoff.stats.heartbeat_fields()
+                transfer = {k: [a + b for a, b in zip(v, sent[k])] if isinstance(v, list) else v + sent[k]
+                            for k, v in transfer.items()}
             self.link.send(wire.Heartbeat(self.s.worker_id, len(sch.running), len(sch.waiting) + len(self.offers),
                                           self.engine.num_free_blocks, self.engine.num_total_blocks,
-                                          len(self.receiving), sum(o.num_tokens for o in self.offers.values()),
-                                          draining=int(self.draining), **self.transfer_stats.heartbeat_fields()))
+                                          len(self.receiving) + len(self._sending()),
+                                          sum(o.num_tokens for o in self.offers.values()) + self.prefill_backlog(),
+                                          draining=int(self.draining), **transfer,
+                                          **self.speed_fields(self.handoff.stats if self.handoff else None)))
 
     def close(self) -> None:
+        if self.handoff:
+            self.handoff.close()
         self.receiver.close()
         self.link.close()
         if self._zap is not None:
@@ -119,14 +148,36 @@ class DecodeWorker(WorkerLoop):
 
     def abort_all(self) -> None:
         """Drop every request this worker holds (their router is gone)."""
-        self._abort(list(self.offers) + list(self.receiving) + list(self.engine.seqs))
+        self._abort(list(self.offers) + list(self.receiving) + list(self.engine.seqs) + self._sending())
 
     # ---- messages and transfers -------------------------------------------------------------
     def _handle(self, msg) -> None:
         if isinstance(msg, wire.Abort):
             self._abort(msg.request_ids)
+        elif isinstance(msg, wire.Prefill):
+            self._prefill(msg)
         else:
             log.warning("ignored unexpected %s", type(msg).__name__)
+
+    def _prefill(self, msg: wire.Prefill) -> None:
+        """A request placed here to prefill: decoded here too when this worker is its decode
+        worker, else (a `both` worker) handed off to the decode worker it names."""
+        local = msg.decode_worker == self.s.worker_id
+        if not local and self.handoff is None:
+            self.link.send(wire.Failed(msg.request_id, f"decode worker {self.s.worker_id} cannot prefill "
+                                                       f"for {msg.decode_worker}", 400))
+            return
+        try:
+            params = SamplingParams(**msg.params)
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, prefill_only=not local)
+        except (RequestRejected, ValueError, TypeError) as e:
+            log.info("refused: %s", e, extra=for_request(msg.request_id))
+            self.link.send(wire.Failed(msg.request_id, str(e), 400))
+            return
+        if not local:
+            self.handoff.expect(msg)
+        log.debug("prefill of %d prompt tokens, %s", len(msg.prompt_token_ids),
+                  "decoded here" if local else f"KV to {msg.decode_worker}", extra=for_request(msg.request_id))
 
     def _abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -135,6 +186,8 @@ class DecodeWorker(WorkerLoop):
                     self.receiver.reject(rid, "aborted")
                 except ValueError:  # its lease ran out at this very moment: nothing left to reject
                     pass
+            elif self.handoff and self.handoff.abort(rid):
+                pass                           # its blocks are freed when the sender reports the end
             elif rid in self.receiving:
                 if rid not in self.aborted:
                     self.aborted.add(rid)      # the blocks are freed when the transfer reports its end,
@@ -165,7 +218,7 @@ class DecodeWorker(WorkerLoop):
             del self.offers[rid]
             self.receiver.accept(rid, blocks)
             self.receiving.add(rid)
-            self.transfer_stats.started(rid)
+            self.transfer_stats.started(rid, len(prompt))
             log.debug("KV offer accepted: %d prompt tokens into %d blocks", len(prompt), len(blocks),
                       extra=for_request(rid))
 
@@ -188,3 +241,9 @@ class DecodeWorker(WorkerLoop):
         if rid not in self.aborted and ev.status is not TransferStatus.CANCELLED:
             self.link.send(wire.Failed(rid, f"KV transfer {ev.status.value}: {ev.error or ''}", 503))
         self.aborted.discard(rid)
+
+
+class BothWorker(DecodeWorker):
+    """Prefills and decodes in one engine (colocated and adaptive modes): decodes what it
+    prefills, receives KV prefilled elsewhere, and sends KV of what it prefills for others."""
+    role = "both"

@@ -1,9 +1,16 @@
-"""The process roles behind `pdserve router|prefill|decode|serve`: argument sets and entry points.
+"""The process roles behind `pdserve router|prefill|decode|both|serve`: argument sets and entry points.
 
 `serve` runs the router in this process and each worker as its own OS process
 (`python -m pdserve prefill ...`, so `ps` shows the role), on one host, talking over
 ipc:// sockets in a private temporary folder. The single-role commands are for
 spreading roles over hosts; their addresses come from flags.
+
+Modes (`--mode`, router and serve): `disaggregated` (prefill and decode pools), `colocated`
+(workers of role `both`, each request prefilled and decoded on one of them, its prompt
+chunks mixed into the decode steps) and `adaptive` (workers of role `both`; per request the
+router prefills on the decode worker itself or on another worker, see router/placement.py).
+`serve` starts as many workers in every mode (`--prefill-workers` + `--decode-workers`), so
+the modes compare at equal GPU count.
 """
 from __future__ import annotations
 
@@ -48,6 +55,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
     p.add_argument("--routing-policy", default="round_robin", choices=["round_robin", "least_loaded"])
+    p.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated", "adaptive"],
+                   help="where prefills run: a prefill pool, the decode worker (workers of role both), "
+                        "or either, decided per request from measured speeds")
     p.add_argument("--worker-timeout", type=float, default=5.0, help="seconds without a heartbeat before a worker is dead")
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of every request in seconds")
     p.add_argument("--first-token-timeout", type=float, default=300.0, help="longest wait for a first token (s)")
@@ -92,7 +102,7 @@ def router_settings(args, control_address: str):
     from router.settings import RouterSettings
 
     return RouterSettings(model=args.model, served_model_name=args.served_model_name, host=args.host,
-                          port=args.port, control_address=control_address, policy=args.routing_policy,
+                          port=args.port, control_address=control_address, policy=args.routing_policy, mode=args.mode,
                           worker_timeout_s=args.worker_timeout, request_timeout_s=args.request_timeout,
                           first_token_timeout_s=args.first_token_timeout,
                           next_token_timeout_s=args.next_token_timeout, max_model_len=args.max_model_len,
@@ -164,6 +174,8 @@ def cmd_worker(args) -> int:
                               shutdown_timeout_s=args.shutdown_timeout)
     if args.command == "prefill":
         from prefill_worker.worker import PrefillWorker as Worker
+    elif args.command == "both":
+        from decode_worker.worker import BothWorker as Worker
     else:
         from decode_worker.worker import DecodeWorker as Worker
     stop = threading.Event()
@@ -186,7 +198,7 @@ def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
     add_model_args(p)
     p.add_argument("--router", default=None, help="the router's control endpoint, e.g. tcp://10.0.0.1:5557 (required)")
     p.add_argument("--worker-id", default=f"{role}-{os.getpid()}")
-    if role == "decode":
+    if role in ("decode", "both"):
         p.add_argument("--kv-address", default="tcp://127.0.0.1:0",
                        help="where prefill workers send KV (tcp://HOST:PORT across hosts, ipc://PATH on one)")
     add_worker_timing_args(p)
@@ -255,21 +267,21 @@ def cmd_serve(args) -> int:
             common += [flag, str(v)]
     gpus = gpu_placement(args)
     procs: list[subprocess.Popen] = []
-    for role, n in (("prefill", args.prefill_workers), ("decode", args.decode_workers)):
+    for role, n, i0, pool in worker_plan(args):
         for i in range(n):
-            cmd = [sys.executable, "-m", "pdserve", role, "--worker-id", f"{role}-{i}"] + common
-            if role == "decode":
-                cmd += ["--kv-address", f"ipc://{run_dir}/kv-{role}-{i}"]
+            cmd = [sys.executable, "-m", "pdserve", role, "--worker-id", f"{role}-{i0 + i}"] + common
+            if role != "prefill":
+                cmd += ["--kv-address", f"ipc://{run_dir}/kv-{role}-{i0 + i}"]
             env = dict(os.environ)
-            if gpus[role]:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[role][i % len(gpus[role])]
-                log.info("%s-%d on GPU %s", role, i, env["CUDA_VISIBLE_DEVICES"])
+            if gpus[pool]:
+                env["CUDA_VISIBLE_DEVICES"] = visible_device(gpus[pool][i % len(gpus[pool])])
+                log.info("%s-%d on GPU %s", role, i0 + i, env["CUDA_VISIBLE_DEVICES"])
             procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_set_parent_death_signal))
     settings = router_settings(args, control)
     _warn_if_open(settings)
     app = create_app(settings)
     print(f"pdserve: serving {settings.served_model_name} on http://{args.host}:{args.port} "
-          f"({args.prefill_workers} prefill, {args.decode_workers} decode workers; ready once /health is 200)",
+          f"({_describe_workers(args)}, {args.mode}; ready once /health is 200)",
           flush=True)
     try:
         run_http(app, args.host, args.port, args.shutdown_timeout)  # returns once drained (SIGINT/SIGTERM)
@@ -282,6 +294,31 @@ def cmd_serve(args) -> int:
         except OSError:
             pass
     return 0
+
+
+def worker_plan(args) -> list[tuple[str, int, int, str]]:
+    """(role, count, first index, GPU pool) per group of workers `serve` starts: the prefill and
+    decode pools in disaggregated mode; in the other modes as many `both` workers, placed on
+    the GPUs the pools would have had (so `--prefill-gpus 0 --decode-gpus 1` still means two GPUs)."""
+    if args.mode == "disaggregated":
+        return [("prefill", args.prefill_workers, 0, "prefill"), ("decode", args.decode_workers, 0, "decode")]
+    return [("both", args.prefill_workers, 0, "prefill"),
+            ("both", args.decode_workers, args.prefill_workers, "decode")]
+
+
+def _describe_workers(args) -> str:
+    if args.mode == "disaggregated":
+        return f"{args.prefill_workers} prefill, {args.decode_workers} decode workers"
+    return f"{args.prefill_workers + args.decode_workers} workers of role both"
+
+
+def visible_device(index: str) -> str:
+    """GPU `index` as this process sees it, spelled for a child: through CUDA_VISIBLE_DEVICES
+    when that is set (`CUDA_VISIBLE_DEVICES=2,3 pdserve serve --prefill-gpus 0` uses GPU 2)."""
+    seen = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if seen and index.isdigit() and int(index) < len(seen):
+        return seen[int(index)]
+    return index
 
 
 def gpu_placement(args) -> dict[str, list[str]]:
@@ -324,7 +361,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-gpus", default=None, help="GPU ids for decode workers, e.g. 1 or 2,3")
 
 
-ROLE_COMMANDS = ("serve", "router", "prefill", "decode")
+ROLE_COMMANDS = ("serve", "router", "prefill", "decode", "both")
 
 
 def load_config(path: str, role: str, parsers: dict[str, argparse.ArgumentParser]) -> dict:
@@ -379,8 +416,9 @@ def register(sub) -> dict[str, argparse.ArgumentParser]:
                    help="ZeroMQ endpoint workers connect to (non-loopback only on a trusted network)")
     p.set_defaults(func=cmd_router)
     parsers["router"] = p
-    for role in ("prefill", "decode"):
-        p = sub.add_parser(role, help=f"one {role} worker")
+    for role in ("prefill", "decode", "both"):
+        p = sub.add_parser(role, help=f"one {role} worker" if role != "both" else
+                           "one worker that prefills and decodes (colocated and adaptive modes)")
         add_worker_args(p, role)
         p.set_defaults(func=cmd_worker)
         parsers[role] = p

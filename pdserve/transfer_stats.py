@@ -19,20 +19,24 @@ class TransferStats:
         self.failures = 0
         self.buckets = [0] * (len(KV_TRANSFER_BUCKETS) + 1)
         self.seconds_us = 0
-        self._started: dict[str, float] = {}
+        self.ns_per_token = 0.0           # moving average over completed transfers (0: none yet)
+        self._started: dict[str, tuple[float, int]] = {}
 
-    def started(self, request_id: str) -> None:
-        self._started[request_id] = time.monotonic()
+    def started(self, request_id: str, num_tokens: int = 0) -> None:
+        self._started[request_id] = (time.monotonic(), num_tokens)
 
     def ended(self, request_id: str, ok: bool | None) -> None:
         """ok: True (done, timed), False (failed), None (cancelled: neither)."""
-        t0 = self._started.pop(request_id, None)
+        t0, tokens = self._started.pop(request_id, (None, 0))
         if ok is False:
             self.failures += 1
         elif ok and t0 is not None:
             dt = time.monotonic() - t0
             self.buckets[bisect.bisect_left(KV_TRANSFER_BUCKETS, dt)] += 1
             self.seconds_us += int(dt * 1e6)
+            if tokens > 0:
+                x = dt * 1e9 / tokens
+                self.ns_per_token = x if not self.ns_per_token else 0.8 * self.ns_per_token + 0.2 * x
 
     def failed(self) -> None:
         self.failures += 1

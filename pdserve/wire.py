@@ -31,7 +31,7 @@ class WireError(ValueError):
 @dataclass
 class Register:
     worker_id: str
-    role: str                   # "prefill" | "decode"
+    role: str                   # "prefill" | "decode" | "both" (prefills and decodes, sends and receives KV)
     layout: dict                # kvtransfer.KVLayout.to_dict()
     kv_address: str = ""        # decode workers: where prefill workers send KV
     num_blocks: int = 0
@@ -74,6 +74,11 @@ class Heartbeat:
     kv_transfer_buckets: list[int] = field(default_factory=list)
     kv_transfer_seconds_us: int = 0
     draining: int = 0           # 1: shutting down, give it no new work
+    # Measured speeds (moving averages; 0: not measured yet), for the router's adaptive placement:
+    # engine time per prompt token, of a step that decodes only, and KV sent per token.
+    prefill_ns_per_token: int = 0
+    decode_step_us: int = 0
+    kv_send_ns_per_token: int = 0
 
 
 @dataclass

@@ -34,6 +34,10 @@ class WorkerLoop:
         self.ctx = ctx or zmq.Context.instance()
         self.keys = CurveKeys.load(settings.curve_keys) if settings.curve_keys else None
         self.draining = False
+        # Measured speeds for the router's adaptive placement (seconds; 0: not measured yet).
+        self.prefill_s_per_token = 0.0
+        self.decode_step_s = 0.0
+        self._unsynced = (0, 0.0)   # prompt tokens and seconds of steps that returned no tokens
 
     def run(self, stop: threading.Event | None = None) -> None:
         self.start()
@@ -59,6 +63,37 @@ class WorkerLoop:
             self.abort_all()
         self.link.send(wire.Leaving(self.s.worker_id, f"handed back {len(left)} requests" if left else ""))
 
+    def step_engine(self) -> list:
+        """One engine step, timed: steps that decode only teach `decode_step_s`, steps that
+        compute prompt tokens teach `prefill_s_per_token` (less the decode share of the step).
+        A step that samples nothing (a prompt chunk short of the prompt's end) never waits for
+        the device, so its prompt tokens are counted with the next step that does."""
+        t0 = time.perf_counter()
+        outs = self.engine.step()
+        dt = time.perf_counter() - t0
+        p, d = self.engine.last_step
+        p0, dt0 = self._unsynced
+        if not outs:
+            self._unsynced = (p0 + p, dt0 + dt)
+            return outs
+        p, dt, self._unsynced = p + p0, dt + dt0, (0, 0.0)
+        if p == 0 and d > 0:
+            self.decode_step_s = _average(self.decode_step_s, dt)
+        elif p >= 16:  # fewer: the fixed cost of a step would pass for the prompt's
+            self.prefill_s_per_token = _average(self.prefill_s_per_token, max(dt - (self.decode_step_s if d else 0), 0) / p)
+        return outs
+
+    def speed_fields(self, stats=None) -> dict:
+        """The heartbeat's measured speeds (`stats`: the TransferStats of sent KV, if any)."""
+        return {"prefill_ns_per_token": int(self.prefill_s_per_token * 1e9),
+                "decode_step_us": int(self.decode_step_s * 1e6),
+                "kv_send_ns_per_token": int(stats.ns_per_token) if stats is not None else 0}
+
+    def prefill_backlog(self) -> int:
+        """Prompt tokens this engine holds and has not computed yet."""
+        sch = self.engine.scheduler
+        return sum(max(q.num_prompt_tokens - q.num_computed_tokens, 0) for q in list(sch.waiting) + sch.running)
+
     def handle_messages(self, timeout_ms: int) -> None:
         """Every control message waiting (after up to `timeout_ms` for the first)."""
         for msg in self.link.recv(timeout_ms=timeout_ms):
@@ -69,3 +104,7 @@ class WorkerLoop:
                 raise
             except Exception:  # a well-formed message with absurd contents must not stop the worker
                 log.exception("dropped a %s that could not be handled", type(msg).__name__)
+
+
+def _average(old: float, new: float, weight: float = 0.2) -> float:
+    return new if old == 0 else (1 - weight) * old + weight * new

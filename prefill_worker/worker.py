@@ -28,19 +28,15 @@ import time
 import zmq
 
 from engine import LLMEngine, RequestRejected, SamplingParams
-from kvtransfer import TransferStatus, make_sender
 from pdserve import wire
 from pdserve.logs import rid as for_request
-from pdserve.transfer_stats import TransferStats
 from pdserve.worker_link import RouterLink
 from pdserve.worker_loop import WorkerLoop
 from pdserve.worker_settings import WorkerSettings
 
-log = logging.getLogger(__name__)
+from .handoff import KVHandOff
 
-# A handshake blocks this loop (and its heartbeats): an unresponsive peer must not make the
-# router think this worker died, so keep it well under the router's worker timeout.
-HANDSHAKE_TIMEOUT_S = 3.0
+log = logging.getLogger(__name__)
 
 
 class PrefillWorker(WorkerLoop):
@@ -49,19 +45,8 @@ class PrefillWorker(WorkerLoop):
     def __init__(self, settings: WorkerSettings, engine: LLMEngine | None = None, *,
                  ctx: zmq.Context | None = None, transfer_options: dict | None = None):
         super().__init__(settings, engine, ctx)
-        keys = self.keys
-        self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id, curve=keys)
-        transfer_options = dict(transfer_options or {})
-        self._kv_ctx = None
-        if keys is not None and settings.kv_transport != "inproc":
-            # KV sockets made on this context are CURVE clients of the deployment key.
-            self._kv_ctx = transfer_options["context"] = keys.client_context(io_threads=4)
-        self.sender = make_sender(settings.kv_transport, self.engine.runner.kv_cache, self.layout,
-                                  settings.worker_id, **transfer_options)
-        self.targets: dict[str, wire.Prefill] = {}   # request id -> its Prefill (until the KV is handed off)
-        self.transfers: set[str] = set()             # KV offered, blocks held
-        self.peers: dict[str, str] = {}              # decode worker -> incarnation we completed a handshake with
-        self.transfer_stats = TransferStats(self.sender)
+        self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id, curve=self.keys)
+        self.handoff = KVHandOff(self, transfer_options or {})
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -76,7 +61,7 @@ class PrefillWorker(WorkerLoop):
                  e.max_model_len, self.s.router_address)
 
     def holds(self) -> list[str]:
-        return list(self.engine.seqs) + list(self.transfers)
+        return list(self.engine.seqs) + list(self.handoff.transfers)
 
     def run_once(self) -> None:
         self.handle_messages(0 if self.engine.has_unfinished() else 5)
@@ -84,25 +69,23 @@ class PrefillWorker(WorkerLoop):
             if self.s.debug_step_delay_s:
                 time.sleep(self.s.debug_step_delay_s)
             self._step()
-        for ev in self.sender.poll():
-            self._transfer_ended(ev)
+        self.handoff.poll()
         if self.link.heartbeat_due(self.s.heartbeat_s):
             sch = self.engine.scheduler
-            queued = sum(q.num_tokens - q.num_computed_tokens for q in list(sch.waiting) + sch.running)
+            stats = self.handoff.stats
             self.link.send(wire.Heartbeat(self.s.worker_id, len(sch.running), len(sch.waiting),
                                           self.engine.num_free_blocks, self.engine.num_total_blocks,
-                                          len(self.transfers), queued, draining=int(self.draining),
-                                          **self.transfer_stats.heartbeat_fields()))
+                                          len(self.handoff.transfers), self.prefill_backlog(),
+                                          draining=int(self.draining), **stats.heartbeat_fields(),
+                                          **self.speed_fields(stats)))
 
     def close(self) -> None:
-        self.sender.close()
+        self.handoff.close()
         self.link.close()
-        if self._kv_ctx is not None:
-            self._kv_ctx.term()
 
     def abort_all(self) -> None:
         """Drop every request this worker holds (their router is gone)."""
-        self._abort(list(self.engine.seqs) + list(self.transfers))
+        self._abort(list(self.engine.seqs) + list(self.handoff.transfers))
 
     # ---- messages ---------------------------------------------------------------------------
     def _handle(self, msg) -> None:
@@ -116,7 +99,7 @@ class PrefillWorker(WorkerLoop):
                 return
             log.debug("prefill of %d prompt tokens, KV to %s", len(msg.prompt_token_ids), msg.decode_worker,
                       extra=for_request(msg.request_id))
-            self.targets[msg.request_id] = msg
+            self.handoff.expect(msg)
         elif isinstance(msg, wire.Abort):
             self._abort(msg.request_ids)
         else:
@@ -124,57 +107,13 @@ class PrefillWorker(WorkerLoop):
 
     def _abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            self.targets.pop(rid, None)
-            if rid in self.transfers:
-                self.sender.cancel(rid)   # blocks are freed when the sender reports it
-            else:
+            if not self.handoff.abort(rid):   # a transfer's blocks are freed when the sender reports its end
                 self.engine.abort(rid)
-        self.link.heartbeat_soon()        # the router sees the freed blocks within a turn
+        self.link.heartbeat_soon()            # the router sees the freed blocks within a turn
 
     def _step(self) -> None:
-        items = []
-        for out in self.engine.step():
-            items.append([out.request_id, out.index, out.new_token_ids, out.finish_reason])
-            if out.handoff:
-                self._hand_off(out.request_id, out.new_token_ids[0])
-            else:
-                self.targets.pop(out.request_id, None)
-        if items:
-            self.link.send(wire.Tokens(self.s.worker_id, items))
-
-    def _hand_off(self, rid: str, first_token: int) -> None:
-        msg = self.targets.pop(rid)
-        try:
-            if self.peers.get(msg.decode_worker) != msg.decode_incarnation:
-                # New peer, or it restarted: its receiver has forgotten our handshake.
-                self.peers.pop(msg.decode_worker, None)
-                self.sender.connect(msg.decode_worker, msg.decode_kv_address, timeout_s=HANDSHAKE_TIMEOUT_S)
-                self.peers[msg.decode_worker] = msg.decode_incarnation
-            seq_blocks = self.engine.kv_block_ids(rid)
-            meta = {"prompt_token_ids": msg.prompt_token_ids, "first_token": first_token, "params": msg.params}
-            self.sender.offer(msg.decode_worker, rid, seq_blocks, len(msg.prompt_token_ids), meta,
-                              lease_s=self.s.kv_lease_s)
-        except Exception as e:  # handshake refused or timed out, peer gone: this request cannot go on
-            log.error("KV hand-off of %s to %s failed: %s", rid, msg.decode_worker, e, extra=for_request(rid))
-            self.transfer_stats.failed()
-            self.engine.release_kv(rid)
-            self.link.send(wire.Failed(rid, f"KV hand-off to {msg.decode_worker} failed: {e}", 503))
-            return
-        self.transfers.add(rid)
-        self.transfer_stats.started(rid)
-        log.debug("first token sent, KV (%d blocks) offered to %s", len(seq_blocks), msg.decode_worker,
-                  extra=for_request(rid))
-
-    def _transfer_ended(self, ev) -> None:
-        if ev.request_id not in self.transfers:
-            return
-        self.transfers.discard(ev.request_id)
-        self.engine.release_kv(ev.request_id)
-        self.transfer_stats.ended(ev.request_id, None if ev.status is TransferStatus.CANCELLED
-                                  else ev.status is TransferStatus.DONE)
-        log.debug("KV transfer %s", ev.status.value, extra=for_request(ev.request_id))
-        if ev.status not in (TransferStatus.DONE, TransferStatus.CANCELLED):
-            log.warning("KV transfer of %s ended %s: %s", ev.request_id, ev.status.value, ev.error,
-                        extra=for_request(ev.request_id))
-            self.link.send(wire.Failed(ev.request_id, f"KV transfer {ev.status.value}: {ev.error or 'no ACK'}", 503))
-
+        outs = self.step_engine()
+        if outs:
+            self.link.send(wire.Tokens(self.s.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
+                                                          for o in outs]))
+        self.handoff.emit(outs)

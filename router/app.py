@@ -198,6 +198,7 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         router.hub = WorkerHub(router.registry, settings.control_address,
                                admission=Admission(settings.max_queued_requests, settings.max_queued_tokens),
+                               mode=settings.mode,
                                curve=keys_from(settings.curve_keys), insecure=settings.insecure)
         router.hub.start()
         router.metrics.attach(router.hub, router.registry)
@@ -218,20 +219,23 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        """200 while at least one prefill and one decode worker are alive; lists every worker."""
+        """200 while the live workers can serve in the router's mode (disaggregated: one that
+        prefills and one that decodes; colocated, adaptive: one that decodes); lists every worker."""
         reg = router.registry
         p, d = len(reg.alive("prefill")), len(reg.alive("decode"))
         workers = [w.describe(reg.is_alive(w)) for w in sorted(reg.workers.values(), key=lambda w: w.worker_id)]
         hub = router.hub
-        load = {"requests_in_flight": len(hub.requests) if hub else 0,
-                "queued_requests": hub.admission.requests if hub else 0}
+        load = {"mode": settings.mode, "requests_in_flight": len(hub.requests) if hub else 0,
+                "queued_requests": hub.admission.requests if hub else 0,
+                "placements": dict(hub.placements) if hub else {}}
         if router.draining:
             body = error_body("shutting down", "service_unavailable")
             body.update(load, workers=workers)
             return JSONResponse(body, status_code=503)
-        if p and d:
+        why = reg.not_ready(settings.mode)
+        if why is None:
             return {"status": "ok", "prefill_workers": p, "decode_workers": d, **load, "workers": workers}
-        body = error_body(f"not ready: {p} live prefill and {d} live decode workers", "service_unavailable")
+        body = error_body(f"not ready: {why}", "service_unavailable")
         body.update(load, workers=workers)
         return JSONResponse(body, status_code=503)
 

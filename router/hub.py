@@ -1,7 +1,9 @@
 """The router's side of the control plane: one ZeroMQ ROUTER socket all workers connect to.
 
 It registers workers (again after they restart, or after the router did), records
-heartbeats, places requests (`Prefill` to a prefill worker naming a decode worker), routes
+heartbeats, places requests (`Prefill` to the worker that prefills, naming the one that
+decodes: another worker in disaggregated mode, the same in colocated mode, either in
+adaptive mode as `placement.choose_prefill` decides), routes
 each worker's `Tokens` and `Failed` to the request they belong to, sends `Abort`s, and
 fails the requests of workers that go silent. Requests are `RequestState`s in
 `self.requests`: the one table the router keeps, emptied as each request ends.
@@ -36,7 +38,8 @@ from pdserve.droplog import DropLog
 from pdserve.security import CurveKeys, check_bind
 
 from .admission import Admission
-from .registry import WorkerInfo, WorkerRegistry
+from .placement import Candidate, choose_prefill
+from .registry import MODES, WorkerInfo, WorkerRegistry
 from .request import Event, RequestState
 
 __all__ = ["WorkerHub", "RequestState", "Event"]
@@ -46,8 +49,13 @@ log = logging.getLogger(__name__)
 
 class WorkerHub:
     def __init__(self, registry: WorkerRegistry, address: str, ctx: zmq.asyncio.Context | None = None, *,
-                 admission: Admission | None = None, curve: CurveKeys | None = None, insecure: bool = False):
+                 admission: Admission | None = None, curve: CurveKeys | None = None, insecure: bool = False,
+                 mode: str = "disaggregated"):
         check_bind(address, curve, insecure, "the router's control socket")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.mode = mode
+        self.placements = {"local": 0, "handed_off": 0}   # where prefills ran: on the decode worker or not
         self.registry = registry
         self.admission = admission or Admission(10**9, 10**12)
         self.ctx = ctx or zmq.asyncio.Context()
@@ -119,22 +127,52 @@ class WorkerHub:
     async def _place(self, state: RequestState, exclude: set[str]) -> None:
         exclude = set(exclude)
         for _ in range(2):  # an unreachable prefill worker is skipped once
-            pw = self.registry.pick("prefill", exclude)
-            dw = self.registry.pick("decode")
-            if pw is None or dw is None:
-                raise LookupError("no live " + ("prefill" if pw is None else "decode") + " worker")
+            pw, dw = self._choose(state, exclude)
             state.prefill_worker, state.decode_worker = pw.worker_id, dw.worker_id
             self.requests[state.request_id] = state
-            for w in (pw, dw):
+            for w in {pw.worker_id: pw, dw.worker_id: dw}.values():
                 w.outstanding.add(state.request_id)
                 w.requests_total += 1
             msg = wire.Prefill(state.request_id, state.prompt_token_ids, state.params, dw.worker_id, dw.kv_address,
                                dw.incarnation)
             if await self._send(pw.worker_id, msg):
+                self.placements["local" if pw is dw else "handed_off"] += 1
                 return
             self._forget(state)
             exclude.add(pw.worker_id)
         raise LookupError("no reachable prefill worker")
+
+    def _choose(self, state: RequestState, exclude: set[str]) -> tuple[WorkerInfo, WorkerInfo]:
+        """(prefill worker, decode worker) for the request in this router's mode."""
+        reg = self.registry
+        if self.mode == "disaggregated":
+            pw, dw = reg.pick("prefill", exclude), reg.pick("decode")
+            if pw is None or dw is None:
+                raise LookupError("no live " + ("prefill" if pw is None else "decode") + " worker")
+            return pw, dw
+        dw = reg.pick("decode", exclude)
+        if dw is None:
+            raise LookupError("no live decode worker")
+        if self.mode == "colocated":
+            return dw, dw
+        others = [self._candidate(w) for w in reg.candidates("prefill", exclude | {dw.worker_id})]
+        pw, costs = choose_prefill(self._candidate(dw), others, len(state.prompt_token_ids))
+        log.debug("request %s: prefill on %s (estimated costs %s)", state.request_id, pw.worker_id,
+                  {k: round(v * 1e3, 2) for k, v in costs.items()})
+        return pw, dw
+
+    def _candidate(self, w: WorkerInfo) -> Candidate:
+        """What this router has placed on `w`: prompt tokens still to prefill, sequences to decode."""
+        backlog = running = 0
+        for rid in w.outstanding:
+            st = self.requests.get(rid)
+            if st is None:
+                continue
+            if st.prefill_worker == w.worker_id and st.first_token_at is None:
+                backlog += len(st.prompt_token_ids)
+            if st.decode_worker == w.worker_id:
+                running += 1
+        return Candidate(w, backlog, running)
 
     def finish(self, state: RequestState) -> None:
         """Forget the request (it ended or was abandoned); idempotent."""
@@ -251,7 +289,7 @@ class WorkerHub:
             st = self.requests.get(rid)
             if st is None:
                 continue
-            retryable = w.role == "prefill" and st.prefill_worker == w.worker_id and st.first_token_at is None
+            retryable = st.prefill_worker == w.worker_id and st.first_token_at is None
             st.on_error(why, 503, retry_from=w.worker_id if retryable else None)
         w.outstanding.clear()
 

@@ -1,5 +1,10 @@
 """The router's view of the workers: who is registered, alive, how loaded; which one to pick.
 
+Roles: a `prefill` worker prefills and hands the KV off; a `decode` worker decodes what it
+receives, and prefills requests it also decodes when the router places them so (colocated
+and adaptive modes); a `both` worker does all of that and also prefills for other decode
+workers.
+
 A worker is alive while its heartbeats arrive within `worker_timeout_s`; a dead worker gets
 no new work, and is alive again as soon as it heartbeats again (it was hung, or cut off).
 A worker that registers under an id already known replaces the old entry (a restart). All workers of a
@@ -16,6 +21,10 @@ from kvtransfer import KVLayout, LayoutMismatch
 from pdserve import wire
 
 POLICIES = ("round_robin", "least_loaded")
+MODES = ("disaggregated", "colocated", "adaptive")
+ROLES = ("prefill", "decode", "both")
+# Which roles can do a job: prefill a request for another worker, or decode (and prefill its own).
+CAN = {"prefill": ("prefill", "both"), "decode": ("decode", "both")}
 
 
 @dataclass
@@ -40,7 +49,11 @@ class WorkerInfo:
                 "requests_total": self.requests_total, "running": hb.running if hb else 0,
                 "waiting": hb.waiting if hb else 0, "queued_tokens": hb.queued_tokens if hb else 0,
                 "transfers": hb.transfers if hb else 0, "draining": self.draining,
-                "free_blocks": hb.free_blocks if hb else self.num_blocks, "total_blocks": self.num_blocks}
+                "free_blocks": hb.free_blocks if hb else self.num_blocks, "total_blocks": self.num_blocks,
+                # measured speeds (0: not yet): engine time per prompt token, decode-only step, KV sent per token
+                "prefill_us_per_token": hb.prefill_ns_per_token / 1e3 if hb else 0,
+                "decode_step_ms": hb.decode_step_us / 1e3 if hb else 0,
+                "kv_send_us_per_token": hb.kv_send_ns_per_token / 1e3 if hb else 0}
 
     @property
     def draining(self) -> bool:
@@ -62,17 +75,17 @@ class WorkerRegistry:
         self.worker_timeout_s = worker_timeout_s
         self.clock = clock
         self.workers: dict[str, WorkerInfo] = {}
-        self._rr = {role: itertools.count() for role in ("prefill", "decode")}
+        self._rr = {job: itertools.count() for job in CAN}
 
     def register(self, msg: wire.Register) -> str | None:
         """Adds (or replaces) a worker; returns the reason when it is refused."""
-        if msg.role not in ("prefill", "decode"):
+        if msg.role not in ROLES:
             return f"unknown role {msg.role!r}"
         try:
             layout = KVLayout.from_dict(msg.layout)
         except ValueError as e:
             return f"bad layout: {e}"
-        if msg.role == "decode" and not msg.kv_address:
+        if msg.role in CAN["decode"] and not msg.kv_address:
             return "a decode worker must give its kv_address"
         for other in self.alive():
             if other.worker_id == msg.worker_id:
@@ -104,20 +117,31 @@ class WorkerRegistry:
     def is_alive(self, w: WorkerInfo) -> bool:
         return self.clock() - w.last_seen <= self.worker_timeout_s
 
-    def alive(self, role: str | None = None) -> list[WorkerInfo]:
-        return [w for w in self.workers.values() if (role is None or w.role == role) and self.is_alive(w)]
+    def alive(self, job: str | None = None) -> list[WorkerInfo]:
+        """Live workers that can do `job` ("prefill" or "decode"; None: all)."""
+        roles = CAN[job] if job else ROLES
+        return [w for w in self.workers.values() if w.role in roles and self.is_alive(w)]
 
     def dead(self) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if not self.is_alive(w)]
 
-    def healthy(self) -> bool:
-        return bool(self.alive("prefill")) and bool(self.alive("decode"))
+    def not_ready(self, mode: str) -> str | None:
+        """Why requests cannot be served in `mode` now, or None: disaggregation needs a live
+        worker for each job; colocated and adaptive need a worker that decodes."""
+        p, d = len(self.alive("prefill")), len(self.alive("decode"))
+        if d and (p or mode != "disaggregated"):
+            return None
+        return f"{p} live prefill and {d} live decode workers" if mode == "disaggregated" else "no live decode worker"
 
-    def pick(self, role: str, exclude: set[str] = frozenset()) -> WorkerInfo | None:
-        live = sorted((w for w in self.alive(role) if w.worker_id not in exclude and not w.draining),
-                      key=lambda w: w.worker_id)
+    def pick(self, job: str, exclude: set[str] = frozenset()) -> WorkerInfo | None:
+        live = self.candidates(job, exclude)
         if not live:
             return None
         if self.policy == "least_loaded":
             return min(live, key=lambda w: w.load)  # ties: lowest id, stable across calls
-        return live[next(self._rr[role]) % len(live)]
+        return live[next(self._rr[job]) % len(live)]
+
+    def candidates(self, job: str, exclude: set[str] = frozenset()) -> list[WorkerInfo]:
+        """Live, not draining workers that can do `job`, by id."""
+        return sorted((w for w in self.alive(job) if w.worker_id not in exclude and not w.draining),
+                      key=lambda w: w.worker_id)

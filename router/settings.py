@@ -12,6 +12,7 @@ class RouterSettings:
     port: int = 8000
     control_address: str = "tcp://127.0.0.1:0"   # ZeroMQ endpoint the workers connect to
     policy: str = "round_robin"
+    mode: str = "disaggregated"             # where prefills run: router.registry.MODES, router.placement
     worker_timeout_s: float = 5.0
     request_timeout_s: float = 600.0
     first_token_timeout_s: float = 300.0
@@ -37,5 +38,9 @@ class RouterSettings:
                 raise ValueError(f"{name} must be positive")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError("max_tokens_cap must be >= 1")
+        from .registry import MODES
+
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.api_key == "":
             self.api_key = None

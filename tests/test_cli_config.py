@@ -70,3 +70,14 @@ def test_every_flag_is_a_config_key_and_flags_win(tmp_path):
     assert parse(["serve", "--config", str(f)]).shutdown_timeout == 9
     a = parse(["serve", "--config", str(f), "--shutdown-timeout", "3", "--log-format", "text"])
     assert (a.shutdown_timeout, a.log_format) == (3, "text")
+
+
+def test_gpu_indices_go_through_cuda_visible_devices(monkeypatch):
+    from pdserve.roles import visible_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_device("1") == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert [visible_device(i) for i in ("0", "1", "5")] == ["2", "3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-abc,GPU-def")
+    assert visible_device("1") == "GPU-def"

@@ -1,4 +1,4 @@
-"""`pdserve serve` with the prefill worker on GPU 0 and the decode worker on GPU 1, via `openai`."""
+"""`pdserve serve` on GPUs 0 and 1 (prefill and decode workers, or two `both` workers), via `openai`."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -14,10 +14,11 @@ from tests.serving.conftest import start_serve, stop
 pytestmark = requires_two_gpus
 
 
-@pytest.mark.parametrize("transport", ["zmq", "nccl"])
-def test_two_gpu_serve_matches_transformers(demo_model, transport):
+@pytest.mark.parametrize("transport,mode", [("zmq", "disaggregated"), ("nccl", "disaggregated"),
+                                            ("nccl", "colocated"), ("nccl", "adaptive")])
+def test_two_gpu_serve_matches_transformers(demo_model, transport, mode):
     s = start_serve(demo_model, "--device", "cuda", "--dtype", "float32", "--prefill-gpus", "0",
-                    "--decode-gpus", "1", "--kv-transport", transport)
+                    "--decode-gpus", "1", "--kv-transport", transport, "--mode", mode)
     try:
         tok = AutoTokenizer.from_pretrained(demo_model)
         hf = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).cuda().eval()

@@ -7,30 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-
-@pytest.fixture(scope="module")
-def reference(demo_model):
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
-
-    def greedy(ids: list[int], n: int) -> list[int]:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        return out[0, len(ids):].tolist()
-
-    def chat_ids(messages) -> list[int]:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tok.encode(text, add_special_tokens=False)
-
-    def text(ids: list[int]) -> str:
-        return tok.decode(ids, skip_special_tokens=True)
-
-    return type("Ref", (), {"tok": tok, "greedy": staticmethod(greedy), "chat_ids": staticmethod(chat_ids),
-                            "text": staticmethod(text)})
 
 
 def client(server) -> openai.OpenAI:
