@@ -66,8 +66,13 @@ def write_model(path: str) -> None:
                    p + "mlp.down_proj.weight": w(h, i),
                    p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
                    p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
+    tok = build_tokenizer(cfg.vocab_size, 8192)
+    # The demo tokenizer knows far fewer tokens than the vocabulary: zero the embedding rows
+    # (tied: also the lm_head rows) of the ids it cannot spell, so that sampling picks tokens
+    # that decode to text and a streaming client sees every token as content.
+    sd["model.embed_tokens.weight"][len(tok):] = 0
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    build_tokenizer(cfg.vocab_size, 8192).save_pretrained(path)
+    tok.save_pretrained(path)
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:
