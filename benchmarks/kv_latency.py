@@ -21,8 +21,8 @@ ready() (the OFFER/ACCEPT exchange hid behind the prefill).
 
 Engine loops poll every --engine-sleep-us (an engine does work between polls), which adds about
 half that to each of the three engine-visible steps; ``--engine wait`` blocks in the endpoint's
-wait() instead (up to the same time), which returns as soon as there is something to poll.  Prints one row per size (medians in ms)
-and whether the last request's bytes arrived intact.
+wait() instead (up to the same time), which returns as soon as there is something to poll.
+Prints one row per size (medians in ms) and whether the last request's bytes arrived intact.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A private 2-rank torch.distributed group per KV (sender, receiver) pair, for nccl_backend.py.
+"""A private 2-rank torch.distributed group per KV (sender, receiver) pair, for the nccl backend.
 
 Why not ``init_process_group``: prefill and decode workers are independent processes that meet
 at run time, any number of each, so there is no fixed world.  Instead every pair builds its own
@@ -37,6 +37,8 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 GLOO, NCCL = "gloo", "nccl"
+NCCL_PROTO = 2  # 2: the receiver numbers chunks in ACCEPT (1 announced each chunk with XFER)
+ORPHAN_S = 30.0  # deadline of an op for a transfer that ended (its bytes are dropped)
 _NCCL_POLL_S = 20e-6  # reaper poll interval for NCCL work (there is no fd or callback to wait on)
 _PR_SET_TIMERSLACK = 29  # linux prctl: how late the kernel may fire this thread's timed sleeps
 _TAG_MASK = (1 << 30) - 1  # gloo tags are uint32; NCCL ignores them (it matches by order)
@@ -44,6 +46,11 @@ _TAG_MASK = (1 << 30) - 1  # gloo tags are uint32; NCCL ignores them (it matches
 
 def backend_for(device: torch.device) -> str:
     return NCCL if device.type == "cuda" else GLOO
+
+
+def side_stream(cache: torch.Tensor) -> "torch.cuda.Stream | None":
+    """The stream an endpoint gathers, scatters and posts on (CUDA caches only)."""
+    return torch.cuda.Stream(cache.device) if cache.is_cuda else None
 
 
 def host_of(address: str) -> str:

@@ -1,0 +1,235 @@
+"""Decode side of the nccl backend (protocol: nccl_backend.py): hosts the rendezvous store,
+numbers each accepted transfer's chunks and posts their recvs, scatters what lands."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import torch
+
+from . import pgroup, wire
+from .base import KVLayout, KVTransferError, LayoutMismatch, TransferStatus
+from .pgroup import PairGroup
+from .receiver import _In
+from .zmq_backend import ZmqKVReceiver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _RPair:
+    name: str
+    group: PairGroup
+    setup_deadline: float
+    # accepted chunks whose recv is not posted yet, in seq order: (seq, rid, xid, chunk)
+    recvs: deque[tuple[int, str, int, wire.Chunk]] = field(default_factory=deque)
+
+
+class NcclKVReceiver(ZmqKVReceiver):
+    """Decode side.  Hosts the TCPStore where its senders' groups rendezvous.  Chunks are at most
+    ``max_chunk_bytes`` (it caps the sender's chunk size) and at most ``max_posted`` recvs are
+    posted per sender (staging memory <= max_posted x max_chunk_bytes per sender)."""
+
+    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, name: str,
+                 address: str | None = None, *, lease_grace_s: float = 1.0,
+                 setup_timeout_s: float = 30.0, pg_timeout_s: float = 600.0,
+                 max_chunk_bytes: int = 256 << 20, max_posted: int = 4, rcvhwm: int = 64,
+                 io_threads: int = 1,
+                 **zmq_kw: object) -> None:
+        self._backend = pgroup.backend_for(kv_cache.device)
+        self._timeouts = (setup_timeout_s, pg_timeout_s)
+        self._local = pgroup.is_local(pgroup.host_of(address or "tcp://127.0.0.1:0"))
+        self.max_chunk_bytes, self.max_posted = max_chunk_bytes, max_posted
+        self._xs = pgroup.side_stream(kv_cache)
+        self._pairs: dict[bytes, _RPair] = {}
+        self._setups: deque[tuple[bytes, PairGroup]] = deque()
+        self._ready: dict[str, torch.cuda.Event] = {}  # rid -> event recorded at accept()
+        self._store = pgroup.serve_store(setup_timeout_s)
+        super().__init__(kv_cache, layout, name, address, rcvhwm=rcvhwm,
+                         lease_grace_s=lease_grace_s, io_threads=io_threads, **zmq_kw)
+        self._handlers.update({wire.BYE: self._on_bye})
+
+    # -- handshake ---------------------------------------------------------------------------
+    def _on_hello(self, key: Hashable, msg: dict, _: object) -> None:
+        theirs = msg.get("pg_backend")
+        try:
+            if theirs != self._backend:
+                raise KVTransferError(
+                    f"sender moves KV with {theirs!r}, this receiver with {self._backend!r} "
+                    f"(cache on {self.kv_cache.device})" if theirs else
+                    "sender speaks the plain zmq transport, this receiver nccl")
+            if msg.get("nccl_proto") != pgroup.NCCL_PROTO:
+                raise KVTransferError(f"sender speaks nccl protocol {msg.get('nccl_proto')!r}, "
+                                      f"this receiver {pgroup.NCCL_PROTO} (upgrade both)")
+            KVLayout.from_dict(msg["layout"]).check_compatible(self.layout)
+        except (KVTransferError, ValueError) as e:
+            kind = ("layout" if isinstance(e, LayoutMismatch) else
+                    "transport" if isinstance(e, KVTransferError) else "protocol")
+            log.warning("%s: refused sender %r: %s", self.name, msg["name"], e)
+            return self._send_ctrl(key, wire.make(wire.HELLO_REFUSED, error=str(e), kind=kind))
+        if key in self._pairs:
+            self._break(key, "sender handshook again", tell=False)
+        assert isinstance(key, bytes)
+        g = PairGroup(key.hex(), 1, self.kv_cache.device, self._t_wake, self._xs)
+        self._pairs[key] = _RPair(msg["name"], g, time.monotonic() + self._timeouts[0])
+        g.start_setup("127.0.0.1", self._store.port, self._local, *self._timeouts,
+                      on_done=lambda g, k=key: (self._setups.append((k, g)), self._t_wake()))
+        self._send_ctrl(key, wire.make(wire.PG_INIT, gid=g.gid, store_port=self._store.port))
+
+    def _iteration(self) -> None:
+        super()._iteration()
+        while self._setups:
+            key, g = self._setups.popleft()
+            pair = self._pairs.get(key)
+            if pair is None or pair.group is not g:
+                g.abort("stale setup")
+            elif g.ready:
+                self._peers[key] = pair.name  # OFFERs are admitted from now on
+                self._send_ctrl(key, wire.make(wire.HELLO_OK, name=self.name,
+                                               layout=self.layout.to_dict()))
+            else:
+                self._refuse_setup(key, f"process group setup failed: {g.error}")
+        now = time.monotonic()
+        for key, pair in list(self._pairs.items()):
+            g = pair.group
+            if not g.ready:
+                if now > pair.setup_deadline and g.error is None:
+                    self._refuse_setup(key, "process group setup timed out")
+                continue
+            while g.done and g.broken is None:
+                op = g.done.popleft()
+                if op.error is not None:
+                    g.abort(f"recv failed: {op.error}")
+                else:
+                    self._land(key, op.ctx, op.tensor)
+            self._post_recvs(key)
+            if g.broken is not None:
+                self._break(key, g.broken)
+
+    def _refuse_setup(self, key: bytes, error: str) -> None:
+        self._pairs.pop(key).group.abort(error)
+        log.warning("%s: %s", self.name, error)
+        self._send_ctrl(key, wire.make(wire.HELLO_REFUSED, error=error, kind="transport"))
+
+    # -- data path ---------------------------------------------------------------------------
+    def _on_offer(self, key: Hashable, msg: dict, payload: object) -> None:
+        super()._on_offer(key, msg, payload)
+        inx = self._in.get(msg["rid"])
+        if inx is not None and inx.key == key and inx.xid == msg["xid"]:
+            cb = msg.get("chunk_bytes")
+            ok = isinstance(cb, int) and not isinstance(cb, bool) and cb > 0
+            inx.chunk_bytes = min(cb, self.max_chunk_bytes) if ok else self.max_chunk_bytes
+
+    def _accept_msg(self, inx: _In) -> dict:
+        """Plan the chunks, number them on the pair, queue their recvs (posted right after the
+        ACCEPT leaves: the sender's sends then match them without another message).  An early
+        offer whose KV is not written yet gets a bare ACCEPT: a recv posted now would hold up
+        every later chunk of the pair (NCCL matches in order) until its prefill finished."""
+        if not inx.kv_ready:
+            return super()._accept_msg(inx)
+        pair = self._pairs[inx.key]  # OFFERs come only from live pairs; _break drops their _In
+        g = pair.group
+        plan = wire.plan_chunks(self.layout.num_layers, inx.nblocks,
+                                self.layout.block_layer_bytes, inx.chunk_bytes)
+        seq0, inx.nchunks = g.next_seq, len(plan)
+        g.next_seq += len(plan)
+        pair.recvs.extend((seq0 + i, inx.rid, inx.xid, c) for i, c in enumerate(plan))
+        return {**super()._accept_msg(inx), "seq0": seq0, "nchunks": len(plan),
+                "nblocks": inx.nblocks, "chunk_bytes": inx.chunk_bytes}
+
+    def _kv_ready(self, inx: _In) -> None:
+        if inx.accepted and not inx.nchunks:  # accepted early: plan, ACCEPT with numbers, post
+            self._send_ctrl(inx.key, self._accept_msg(inx))
+            self._post_recvs(inx.key)  # type: ignore[arg-type]
+
+    def _post_recvs(self, key: bytes) -> None:
+        """Post queued recvs in seq order while the window has room; a recv of a transfer that
+        ended is still posted (the sender sends its seq regardless) and its bytes dropped."""
+        pair = self._pairs.get(key)
+        if pair is None or not pair.group.ready:
+            return
+        g = pair.group
+        while pair.recvs and g.broken is None and g.pending() < self.max_posted:
+            seq, rid, xid, c = pair.recvs.popleft()
+            inx = self._in.get(rid)
+            live = inx is not None and inx.key == key and inx.xid == xid
+            deadline = inx.deadline if inx is not None and live else \
+                time.monotonic() + pgroup.ORPHAN_S
+            try:
+                with g.stream_ctx():  # allocated on the side stream, reused only in its order
+                    buf = torch.empty(self.layout.chunk_shape(c.l1 - c.l0, c.b1 - c.b0),
+                                      dtype=self._dtype, device=self.kv_cache.device)
+                g.recv(buf, seq, deadline, ctx=(rid, xid, c))
+            except Exception as e:
+                return g.abort(f"posting a recv failed: {type(e).__name__}: {e}")
+
+    def _land(self, key: bytes, ctx: tuple[str, int, wire.Chunk], buf: torch.Tensor) -> None:
+        """A recv finished: scatter it into the transfer's blocks, ACK after the last one --
+        unless the transfer ended meanwhile."""
+        rid, xid, c = ctx
+        inx = self._in.get(rid)
+        if inx is None or inx.key != key or inx.xid != xid or not inx.accepted:
+            return
+        with torch.cuda.stream(self._xs) if self._xs is not None else contextlib.nullcontext():
+            if (ev := self._ready.pop(rid, None)) is not None:
+                self._xs.wait_event(ev)  # type: ignore[union-attr]
+            # [l1-l0, 2, num_blocks, ...] view of the cache; index_copy_ writes whole blocks
+            self.kv_cache[c.l0:c.l1].index_copy_(2, inx.dst(self.kv_cache.device)[c.b0:c.b1],
+                                                 buf)
+        inx.ncovered += 1  # each chunk lands once: its seq was posted once
+        self.stats["chunks"] += 1
+        self.stats["bytes"] += buf.numel() * buf.element_size()
+        if inx.ncovered == inx.nchunks:
+            if self._xs is not None:  # "DONE" promises the bytes are in memory, not queued
+                self._xs.synchronize()
+            self._finish(inx, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
+            self._send_ctrl(key, wire.make(wire.ACK, xid=inx.xid, rid=rid))
+
+    def _on_bye(self, key: Hashable, msg: dict, _: object) -> None:
+        if key in self._pairs:
+            self._break(key, "the sender closed the pair", tell=False)  # type: ignore[arg-type]
+
+    def _break(self, key: bytes, why: str, tell: bool = True) -> None:
+        pair = self._pairs.pop(key, None)
+        if pair is not None:
+            pair.group.abort(why)
+            log.log(logging.WARNING if tell else logging.INFO, "%s: KV transport from %s "
+                    "dropped: %s", self.name, pair.name, why)
+        self._peers.pop(key, None)
+        for inx in [i for i in self._in.values() if i.key == key]:
+            self._abort(inx, f"KV transport broken: {why}",
+                        "error" if inx.accepted else "cancelled", tell=tell)
+        if tell:  # the sender drops its side at once instead of at its next lease expiry
+            self._send_ctrl(key, wire.make(wire.BYE))
+
+    # -- CUDA ordering -----------------------------------------------------------------------
+    def _command(self, *cmd: object) -> None:
+        if cmd[0] == "accept" and self._xs is not None:  # engine thread, engine's stream
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.kv_cache.device))
+            cmd = (*cmd, ev)
+        super()._command(*cmd)
+
+    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor,
+                    ready: "torch.cuda.Event | None" = None) -> None:
+        if ready is not None:
+            self._ready[rid] = ready
+        super()._cmd_accept(rid, dst_idx)
+        if (inx := self._in.get(rid)) is not None:
+            self._post_recvs(inx.key)  # type: ignore[arg-type]
+
+    def _emit(self, rid: str, status: TransferStatus, error: str | None = None) -> None:
+        self._ready.pop(rid, None)
+        if self._xs is not None and status is not TransferStatus.DONE:
+            self._xs.synchronize()  # a scatter into rid's blocks may still be queued
+        super()._emit(rid, status, error)
+
+    def _t_close(self) -> None:
+        for pair in self._pairs.values():
+            pair.group.abort("receiver closed")
+        self._pairs.clear()
+        super()._t_close()
