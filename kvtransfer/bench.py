@@ -3,6 +3,7 @@
     python -m kvtransfer.bench                                    # zmq, CPU caches, tcp loopback
     python -m kvtransfer.bench --backend nccl --device cuda       # cuda:0 -> cuda:1 over NCCL
     python -m kvtransfer.bench --backend zmq --device cuda        # GPU caches through sockets
+    python -m kvtransfer.bench --engine wait   # engine loops block in wait() instead of sleeping
 
 The receiver runs in a spawned child (cuda:1 when there are two GPUs), the sender here (cuda:0).
 Times offer() -> sender DONE (OFFER -> ACCEPT -> bytes -> ACK) for one request of --mib MiB
@@ -39,8 +40,17 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha1(t.contiguous().cpu().view(torch.uint8).numpy()).hexdigest()
 
 
+def _idle(endpoint, engine: str) -> None:
+    """Between polls: "sleep" 200 us (an engine busy elsewhere), or "wait" up to that long in
+    the endpoint's wait(), which returns as soon as there is something to poll."""
+    if engine == "wait":
+        endpoint.wait(0.0002)
+    else:
+        time.sleep(0.0002)  # an engine does work between polls; spinning starves the GIL
+
+
 def _receiver(backend: str, device: str, nblocks: int, address: str, kw: dict,
-              q_out: mp.Queue, q_in: mp.Queue) -> None:
+              q_out: mp.Queue, q_in: mp.Queue, engine: str = "sleep") -> None:
     torch.set_num_threads(1)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -56,12 +66,13 @@ def _receiver(backend: str, device: str, nblocks: int, address: str, kw: dict,
                 ids = dst_ids.pop(ev.request_id)
                 if ev.status is TransferStatus.DONE and ev.request_id == "check":
                     q_out.put(_digest(dst[:, :, ids]))
-            time.sleep(0.0002)  # an engine does work between polls; spinning starves the GIL
+            _idle(r, engine)
 
 
 def measure(backend: str = "zmq", device: str = "cpu", mib: int = 64,
             chunk_mib: float | None = None, iters: int = 5, burst: int = 8,
-            address: str = "tcp://127.0.0.1:0", sender_kw: dict | None = None) -> dict:
+            address: str = "tcp://127.0.0.1:0", sender_kw: dict | None = None,
+            engine: str = "sleep") -> dict:
     """Run the benchmark; returns {"median", "best", "burst"} in GB/s and "intact"."""
     nblocks = max(1, (mib << 20) // (LAYOUT.block_layer_bytes * LAYOUT.num_layers))
     nbytes = nblocks * LAYOUT.block_layer_bytes * LAYOUT.num_layers
@@ -76,7 +87,7 @@ def measure(backend: str = "zmq", device: str = "cpu", mib: int = 64,
     ctx = mp.get_context("spawn")
     q_out, q_in = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_receiver, daemon=True,
-                        args=(backend, dst_dev, nblocks, address, {}, q_out, q_in))
+                        args=(backend, dst_dev, nblocks, address, {}, q_out, q_in, engine))
     child.start()
     try:
         src = _cache(2 * nblocks, src_dev, fill=True)
@@ -94,7 +105,7 @@ def measure(backend: str = "zmq", device: str = "cpu", mib: int = 64,
                 deadline = time.monotonic() + 120
                 while len(done) < len(rids) and time.monotonic() < deadline:
                     done.update((e.request_id, e) for e in s.poll())
-                    time.sleep(0.0002)
+                    _idle(s, engine)
                 dt = time.perf_counter() - t0
                 bad = [e for e in done.values() if e.status is not TransferStatus.DONE]
                 if bad or len(done) < len(rids):
@@ -132,11 +143,13 @@ def main() -> None:
     ap.add_argument("--num-streams", type=int, default=None, help="zmq: DATA sockets per peer")
     ap.add_argument("--address", default="tcp://127.0.0.1:0", help="receiver bind address")
     ap.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    ap.add_argument("--engine", choices=["sleep", "wait"], default="sleep",
+                    help="engine loops between polls: sleep 200 us, or wait() up to 200 us")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the I/O threads do the copies; keep torch from oversubscribing
     kw = {"num_streams": args.num_streams} if args.num_streams is not None else {}
     res = measure(args.backend, args.device, args.mib, args.chunk_mib, args.iters, args.burst,
-                  args.address, kw)
+                  args.address, kw, args.engine)
     if args.json:
         nbytes = args.mib << 20
         print(json.dumps({"backend": args.backend, "device": args.device, "MiB": args.mib,
