@@ -10,22 +10,26 @@ Message flow (sender = rank 0, receiver = rank 1; control frames are wire.py msg
     warm-up element, on a helper thread (pgroup.py)
                                          <-      HELLO_OK  (group ready; connect() returns)
     OFFER(rid, meta, lease, chunk_bytes) ->
-                                                 accept(): plan the chunks, number them
-                                                 seq0.. seq0+n-1, post their recvs, and
-                                         <-      ACCEPT(seq0, nchunks, nblocks, chunk_bytes)
-    (offer early: OFFER(ready=False) is accepted with a bare ACCEPT, no recvs posted;
-     READY -> then the receiver plans and posts as above and sends the numbered ACCEPT)
-    the same plan; per chunk: gather, pg.send(seq)   ==>  recv finished -> scatter
+                                         <-      ACCEPT    accept(): plan the chunks, number
+                                         <-      RECVS(seq0, [[rid, xid, ranges], ...])
+                                                 the next few (round-robin across accepted
+                                                 transfers, max_posted in flight), post recvs
+    per RECVS chunk: gather, pg.send(seq)  ==>   recv finished -> scatter, number and post
+                                         <-      RECVS ...  the next chunks as the window frees
                                          <-      ACK       (after the last scatter finished)
+    offer early: OFFER(ready=False) is ACCEPTed but gets no RECVS until READY ->
     CANCEL either way aborts a transfer; BYE either way: this side dropped the pair, drop yours.
 
-Why the receiver numbers the chunks: its recvs are posted when the engine accepts, so the bytes
-flow as soon as ACCEPT reaches the sender -- no per-chunk announcement, no second round trip.
+Why the receiver numbers the chunks: its recvs are posted the moment the engine accepts and the
+numbers travel with the ACCEPT, so the bytes flow as soon as they reach the sender -- no
+announcement from the sender and no second round trip before the first byte.  Numbering only
+as many chunks as it has recvs posted keeps requests interleaved (a small one is not queued
+behind a big one) and bounds what a cancel wastes.
 
 Ordering: NCCL matches a pair's p2p ops by order (gloo by tag = seq), so both sides post exactly
-one op per accepted seq, in seq order, even for a transfer that ended meanwhile: the receiver
-drops what it receives, the sender sends zeros (the blocks may already be freed).  A gap or a
-malformed ACCEPT desynchronises the pair, which is then broken.
+one op per seq, in seq order, even for a transfer that ended meanwhile: the receiver drops what
+it receives, the sender sends zeros (its blocks may already be freed).  A gap or a malformed
+RECVS desynchronises the pair, which is then broken.
 
 CUDA: the sender's gather waits on an event recorded on the caller's stream at offer(); gathers,
 scatters and the comm posts run on one side stream per endpoint (NCCL orders its own stream after

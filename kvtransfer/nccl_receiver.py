@@ -1,5 +1,6 @@
 """Decode side of the nccl backend (protocol: nccl_backend.py): hosts the rendezvous store,
-numbers each accepted transfer's chunks and posts their recvs, scatters what lands."""
+numbers accepted transfers' chunks round-robin as its recv window allows (RECVS tells the
+sender), scatters what lands and ACKs."""
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,8 @@ class _RPair:
     name: str
     group: PairGroup
     setup_deadline: float
-    # accepted chunks whose recv is not posted yet, in seq order: (seq, rid, xid, chunk)
-    recvs: deque[tuple[int, str, int, wire.Chunk]] = field(default_factory=deque)
+    # accepted, written transfers with chunks not yet numbered, served round-robin
+    active: deque[_In] = field(default_factory=deque)
 
 
 class NcclKVReceiver(ZmqKVReceiver):
@@ -124,48 +125,69 @@ class NcclKVReceiver(ZmqKVReceiver):
             ok = isinstance(cb, int) and not isinstance(cb, bool) and cb > 0
             inx.chunk_bytes = min(cb, self.max_chunk_bytes) if ok else self.max_chunk_bytes
 
-    def _accept_msg(self, inx: _In) -> dict:
-        """Plan the chunks, number them on the pair, queue their recvs (posted right after the
-        ACCEPT leaves: the sender's sends then match them without another message).  An early
-        offer whose KV is not written yet gets a bare ACCEPT: a recv posted now would hold up
-        every later chunk of the pair (NCCL matches in order) until its prefill finished."""
-        if not inx.kv_ready:
-            return super()._accept_msg(inx)
-        pair = self._pairs[inx.key]  # OFFERs come only from live pairs; _break drops their _In
-        g = pair.group
-        plan = wire.plan_chunks(self.layout.num_layers, inx.nblocks,
-                                self.layout.block_layer_bytes, inx.chunk_bytes)
-        seq0, inx.nchunks = g.next_seq, len(plan)
-        g.next_seq += len(plan)
-        pair.recvs.extend((seq0 + i, inx.rid, inx.xid, c) for i, c in enumerate(plan))
-        return {**super()._accept_msg(inx), "seq0": seq0, "nchunks": len(plan),
-                "nblocks": inx.nblocks, "chunk_bytes": inx.chunk_bytes}
+    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor,
+                    ready: "torch.cuda.Event | None" = None) -> None:
+        if ready is not None:
+            self._ready[rid] = ready
+        super()._cmd_accept(rid, dst_idx)
+        inx = self._in.get(rid)
+        if inx is not None and inx.accepted and inx.kv_ready:
+            self._activate(inx)
 
     def _kv_ready(self, inx: _In) -> None:
-        if inx.accepted and not inx.nchunks:  # accepted early: plan, ACCEPT with numbers, post
-            self._send_ctrl(inx.key, self._accept_msg(inx))
-            self._post_recvs(inx.key)  # type: ignore[arg-type]
+        if inx.accepted:  # accepted early, before its prefill had finished
+            self._activate(inx)
+
+    def _activate(self, inx: _In) -> None:
+        """Accepted and written: plan the chunks and queue the transfer for recvs.  An early
+        offer is activated only at its READY: a recv posted for it sooner would hold up every
+        later chunk of the pair (NCCL matches in order) until its prefill finished."""
+        pair = self._pairs[inx.key]  # type: ignore[index]  # OFFERs only come from live pairs
+        inx.plan = wire.plan_chunks(self.layout.num_layers, inx.nblocks,
+                                    self.layout.block_layer_bytes, inx.chunk_bytes)
+        inx.nchunks = len(inx.plan)
+        pair.active.append(inx)
+        self._post_recvs(inx.key)  # type: ignore[arg-type]
 
     def _post_recvs(self, key: bytes) -> None:
-        """Post queued recvs in seq order while the window has room; a recv of a transfer that
-        ended is still posted (the sender sends its seq regardless) and its bytes dropped."""
+        """While the window has room, number the next chunk of each active transfer in turn
+        (round-robin: a small request is not queued behind a big one), tell the sender which
+        seq is which chunk (RECVS), then post the recvs.  A transfer that ended gets no more
+        numbers; recvs already posted for it still complete (the sender sends zeros)."""
         pair = self._pairs.get(key)
-        if pair is None or not pair.group.ready:
+        if pair is None or not pair.group.ready or pair.group.broken is not None:
             return
         g = pair.group
-        while pair.recvs and g.broken is None and g.pending() < self.max_posted:
-            seq, rid, xid, c = pair.recvs.popleft()
-            inx = self._in.get(rid)
-            live = inx is not None and inx.key == key and inx.xid == xid
-            deadline = inx.deadline if inx is not None and live else \
-                time.monotonic() + pgroup.ORPHAN_S
+        picked: list[tuple[_In, wire.Chunk]] = []
+        while pair.active and g.pending() + len(picked) < self.max_posted:
+            inx = pair.active.popleft()
+            if self._in.get(inx.rid) is not inx:
+                continue  # ended: its remaining chunks are never numbered
+            assert inx.plan is not None
+            picked.append((inx, inx.plan[inx.nposted]))
+            inx.nposted += 1
+            if inx.nposted < inx.nchunks:
+                pair.active.append(inx)
+        if not picked:
+            return
+        seq0 = g.next_seq
+        g.next_seq += len(picked)
+        self._send_ctrl(key, self._recvs_msg(seq0, [[inx.rid, inx.xid, c.l0, c.l1, c.b0, c.b1]
+                                                    for inx, c in picked]))
+        for seq, (inx, c) in enumerate(picked, seq0):
             try:
-                with g.stream_ctx():  # allocated on the side stream, reused only in its order
-                    buf = torch.empty(self.layout.chunk_shape(c.l1 - c.l0, c.b1 - c.b0),
-                                      dtype=self._dtype, device=self.kv_cache.device)
-                g.recv(buf, seq, deadline, ctx=(rid, xid, c))
+                self._post_recv(g, seq, inx, c)
             except Exception as e:
                 return g.abort(f"posting a recv failed: {type(e).__name__}: {e}")
+
+    def _post_recv(self, g: PairGroup, seq: int, inx: _In, c: wire.Chunk) -> None:
+        with g.stream_ctx():  # allocated on the side stream, reused only in its order
+            buf = torch.empty(self.layout.chunk_shape(c.l1 - c.l0, c.b1 - c.b0),
+                              dtype=self._dtype, device=self.kv_cache.device)
+        g.recv(buf, seq, inx.deadline, ctx=(inx.rid, inx.xid, c))
+
+    def _recvs_msg(self, seq0: int, chunks: list[list]) -> dict:
+        return wire.make(wire.RECVS, seq0=seq0, chunks=chunks)
 
     def _land(self, key: bytes, ctx: tuple[str, int, wire.Chunk], buf: torch.Tensor) -> None:
         """A recv finished: scatter it into the transfer's blocks, ACK after the last one --
@@ -214,13 +236,6 @@ class NcclKVReceiver(ZmqKVReceiver):
             cmd = (*cmd, ev)
         super()._command(*cmd)
 
-    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor,
-                    ready: "torch.cuda.Event | None" = None) -> None:
-        if ready is not None:
-            self._ready[rid] = ready
-        super()._cmd_accept(rid, dst_idx)
-        if (inx := self._in.get(rid)) is not None:
-            self._post_recvs(inx.key)  # type: ignore[arg-type]
 
     def _emit(self, rid: str, status: TransferStatus, error: str | None = None) -> None:
         self._ready.pop(rid, None)

@@ -1,5 +1,5 @@
 """Prefill side of the nccl backend (protocol: nccl_backend.py): the handshake builds the pair's
-process group; a numbered ACCEPT queues one send per chunk, posted in seq order."""
+process group; each RECVS from the receiver queues one send per chunk, posted in seq order."""
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 # with a per-chunk XFER message, H200s moved a 64 MiB request at 23 GB/s in one chunk, 17 in two
 DEFAULT_NCCL_CHUNK_BYTES = 64 << 20
 
-_ACCEPT_PLAN = ("seq0", "nchunks", "nblocks", "chunk_bytes")  # ACCEPT fields of this backend
-_MAX_BLOCKS = 1 << 20  # sanity bound on an ACCEPT's nblocks (the sender may no longer know it)
 
 
 def _int(msg: dict, key: str) -> int:
@@ -61,7 +59,8 @@ class NcclKVSender(ZmqKVSender):
         self._setups: deque[tuple[str, PairGroup]] = deque()  # setup threads -> I/O thread
         super().__init__(kv_cache, layout, name, chunk_bytes=chunk_bytes, sndhwm=sndhwm,
                          num_streams=0, pinned_buffers=0, **zmq_kw)  # zmq_kw: context=...
-        self._handlers.update({wire.PG_INIT: self._on_pg_init, wire.BYE: self._on_bye})
+        self._handlers.update({wire.PG_INIT: self._on_pg_init, wire.BYE: self._on_bye,
+                               wire.RECVS: self._on_recvs})
 
     # -- handshake ---------------------------------------------------------------------------
     def _hello(self) -> dict:
@@ -131,46 +130,47 @@ class NcclKVSender(ZmqKVSender):
         return {**super()._offer_msg(out), "chunk_bytes": self.chunk_bytes}
 
     def _start_data(self, out: _Out) -> None:
-        pass  # the receiver plans the chunks (numbered ACCEPT); nothing goes through _rr
+        pass  # the receiver picks and numbers the chunks (RECVS); nothing goes through _rr
 
-    def _on_accept(self, peer: str, msg: dict, _: object) -> None:
-        """The receiver numbered the chunks and posted their recvs: queue one send per seq, of
-        the transfer's bytes while it lives, of zeros once it ended (the recvs are posted).
-        A bare ACCEPT (no numbers) accepts an early offer; the numbers follow its READY."""
-        if "seq0" not in msg:
-            out = self._match(peer, msg)
-            if out is not None and not out.accepted:
-                out.accepted = True
-                with self._lock:
-                    self._status[out.rid] = TransferStatus.SENDING
-            return
+    def _on_recvs(self, peer: str, msg: dict, _: object) -> None:
+        """The receiver posted recvs seq0, seq0+1, ... for these chunks: queue one send each, in
+        that order -- of the transfer's bytes while it lives, of zeros once it ended."""
         pair, g = self._pairs.get(peer), self._group(peer)
         if pair is None or g is None:
             return  # the pair is gone, and the receiver's recvs with it
         try:
-            seq0, n, nblocks, chunk_bytes = (_int(msg, k) for k in _ACCEPT_PLAN)
-            if seq0 != g.next_seq or not 0 < nblocks <= _MAX_BLOCKS or chunk_bytes <= 0:
-                raise ValueError(f"seq0 {seq0} (expected {g.next_seq}), nblocks {nblocks}, "
-                                 f"chunk_bytes {chunk_bytes}")
-            plan = wire.plan_chunks(self.layout.num_layers, nblocks,
-                                    self.layout.block_layer_bytes, chunk_bytes)
-            if len(plan) != n:
-                raise ValueError(f"{n} chunks announced, the plan has {len(plan)}")
+            seq0 = _int(msg, "seq0")
+            if seq0 != g.next_seq:
+                raise ValueError(f"seq0 {seq0}, expected {g.next_seq}")
+            items = [self._recvs_item(it) for it in msg["chunks"]]
         except (KeyError, TypeError, ValueError) as e:
-            return g.abort(f"bad ACCEPT for {msg['rid']}: {e}")  # desynced: _timers breaks it
-        g.next_seq += n
-        out = self._match(peer, msg)
-        if out is not None and (out.chunks or not out.kv_ready or len(out.src_idx) != nblocks):
-            self._send_ctrl(peer, wire.make(wire.CANCEL, xid=out.xid, rid=out.rid,
-                                            reason="inconsistent ACCEPT"))
-            self._finish(out, TransferStatus.FAILED, f"inconsistent ACCEPT from {peer}")
-            out = None
-        if out is not None:
-            out.accepted, out.chunks = True, plan
-            with self._lock:
-                self._status[out.rid] = TransferStatus.SENDING
-        pair.sends.extend((seq0 + i, out, c) for i, c in enumerate(plan))
+            return g.abort(f"bad RECVS: {e}")  # desynced: _timers breaks the pair
+        g.next_seq += len(items)
+        for i, (rid, xid, c) in enumerate(items):
+            out = self._out.get(rid)
+            if out is not None and (out.xid != xid or out.peer != peer):
+                out = None  # a finished transfer's; the request id was offered again since
+            if out is not None and (not out.accepted or not out.kv_ready
+                                    or c.b1 > len(out.src_idx)):
+                self._send_ctrl(peer, wire.make(wire.CANCEL, xid=out.xid, rid=rid,
+                                                reason="inconsistent RECVS"))
+                self._finish(out, TransferStatus.FAILED, f"inconsistent RECVS from {peer}")
+                out = None
+            pair.sends.append((seq0 + i, out, c))
         self._pump_sends(peer, pair)
+
+    def _recvs_item(self, item: object) -> tuple[str, int, wire.Chunk]:
+        """[rid, xid, l0, l1, b0, b1] -> (rid, xid, chunk), checked against the layout and the
+        largest chunk this sender allows (a zeros stand-in is allocated from it)."""
+        if not isinstance(item, list) or len(item) != 6 or not isinstance(item[0], str) or \
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in item[1:]):
+            raise ValueError(f"chunk {item!r:.80}")
+        rid, xid, l0, l1, b0, b1 = item
+        nbytes = (l1 - l0) * (b1 - b0) * self.layout.block_layer_bytes
+        if not (0 <= l0 < l1 <= self.layout.num_layers and 0 <= b0 < b1) \
+                or nbytes > max(self.chunk_bytes, self.layout.block_layer_bytes):
+            raise ValueError(f"chunk layers [{l0},{l1}) blocks [{b0},{b1})")
+        return rid, xid, wire.Chunk(-1, l0, l1, b0, b1)
 
     def _pump(self) -> None:
         for peer in self._pending_ctrl():
@@ -195,6 +195,8 @@ class NcclKVSender(ZmqKVSender):
             if live:
                 self.stats["chunks"] += 1
                 self.stats["bytes"] += data.numel() * data.element_size()
+            else:
+                self.stats["zero_chunks"] = self.stats.get("zero_chunks", 0) + 1
         g.want_room = bool(pair.sends)
 
     def _gather(self, out, c) -> torch.Tensor:

@@ -38,7 +38,9 @@ class _In:
     ncovered: int = 0
     kv_ready: bool = True  # False for an early offer until its READY
     chunk_bytes: int = 0  # nccl: the sender's chunk size (OFFER)
-    nchunks: int = 0      # nccl: chunks planned at accept
+    plan: list[wire.Chunk] | None = None  # nccl: the chunks, planned once accepted and written
+    nchunks: int = 0      # nccl: len(plan)
+    nposted: int = 0      # nccl: plan[:nposted] have recvs numbered and posted
 
     def dst(self, device: torch.device) -> torch.Tensor:
         """dst_idx on ``device``, copied on the I/O thread's current stream the first time: a

@@ -16,8 +16,8 @@ never used, so a peer can at worst send garbage that ``decode`` rejects with Wir
 nccl backend only (nccl_backend.py; no DATA: the bytes move on the pair's process group):
     PG_INIT{gid, store_port}      receiver -> sender   layout OK: build the pair's process group
     OFFER{..., chunk_bytes}       sender -> receiver   the sender's chunk size
-    ACCEPT{xid, rid, seq0, nchunks, nblocks, chunk_bytes}   the plan_chunks() the receiver
-                                                       posted recvs for, as seqs seq0, seq0+1, ..
+    RECVS{seq0, chunks}           receiver -> sender   recvs seq0, seq0+1, ... are posted for
+                                                       chunks [[rid, xid, l0, l1, b0, b1], ...]
     BYE{}                         either way           this side dropped the pair's group
 
 ``xid`` is a per-sender transfer number, so stale DATA for a reused request id is never written
@@ -38,7 +38,7 @@ PROTOCOL_VERSION = 1
 HELLO, HELLO_OK, HELLO_REFUSED = "HELLO", "HELLO_OK", "HELLO_REFUSED"
 OFFER, ACCEPT, REJECT, DATA, ACK, CANCEL = "OFFER", "ACCEPT", "REJECT", "DATA", "ACK", "CANCEL"
 READY = "READY"
-PG_INIT, BYE = "PG_INIT", "BYE"
+PG_INIT, BYE, RECVS = "PG_INIT", "BYE", "RECVS"
 
 _XR = {"xid": int, "rid": str}
 # Required fields and their types per message type; extra fields are tolerated (forward compat).
@@ -57,6 +57,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 SCHEMA[PG_INIT] = {"gid": str, "store_port": int}
 SCHEMA[BYE] = {}
+SCHEMA[RECVS] = {"seq0": int, "chunks": list}
 
 
 class WireError(ValueError):

@@ -25,7 +25,7 @@ def serve(dtypes: list[str], dst_blocks: int, stall: bool, q_out: mp.Queue, q_in
         dst = torch.zeros(lay.chunk_shape(lay.num_layers, dst_blocks), dtype=lay.torch_dtype)
         r = make_receiver("nccl", dst, lay, f"decode-{name}")
         if stall:
-            r._post_recvs = lambda key: None
+            r._post_recv = lambda *a: None
         receivers.append((r, dst))
         q_out.put(("addr", name, r.address))
     dst_of: dict[str, list[int]] = {}

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from kvtransfer import (KVTransferError, NcclKVReceiver, NcclKVSender, TransferStatus,
-                        ZmqKVReceiver, ZmqKVSender)
+                        ZmqKVReceiver, ZmqKVSender, wire)
 from kvtransfer.base import dtype_from_name
 
 from . import nccl_peer
@@ -85,17 +85,12 @@ def test_sender_of_another_nccl_protocol_is_refused():
             ns.connect("n", nr.address, timeout_s=5)
 
 
-def test_accept_out_of_seq_breaks_the_pair_then_reconnect(make_pair):
-    """An ACCEPT whose chunk numbers do not continue the pair's sequence would pair sends with
-    the wrong recvs: the sender breaks the pair, both sides fail the transfer and free blocks."""
+def test_recvs_out_of_seq_breaks_the_pair_then_reconnect(make_pair):
+    """Chunk numbers that do not continue the pair's sequence would pair sends with the wrong
+    recvs: the sender breaks the pair, both sides fail the transfer and free blocks."""
     p = make_pair()
-    plan = p.receiver._accept_msg
-
-    def skewed(inx):
-        msg = plan(inx)
-        return {**msg, "seq0": msg["seq0"] + 7}
-
-    p.receiver._accept_msg = skewed
+    p.receiver._recvs_msg = lambda seq0, chunks: wire.make(wire.RECVS, seq0=seq0 + 7,
+                                                            chunks=chunks)
     p.on_offer = lambda off: p.receiver.accept(off.request_id, [5, 6])
     p.sender.offer(p.peer, "r", [0, 1], 8, {}, lease_s=10)
     p.run_until(lambda: "r" in p.sent and "r" in p.recv, timeout_s=5)
@@ -103,13 +98,34 @@ def test_accept_out_of_seq_breaks_the_pair_then_reconnect(make_pair):
     wait_until(lambda: offer_raises(p.sender, p.peer), what="the sender to drop the pair")
     wait_until(lambda: not p.receiver._pairs, what="the receiver to drop the pair (BYE)")
     check_untouched(p, set())
-    del p.receiver._accept_msg
+    del p.receiver._recvs_msg
     p.sender.connect(p.peer, p.receiver.address, timeout_s=5)  # a fresh group
     transfer_ok(p, "again", [0, 1], [5, 6])
 
+
+def test_small_request_is_not_queued_behind_a_big_one(make_pair):
+    """Guards: numbering every chunk at accept made a 1-chunk request wait for all 90 chunks of
+    a request accepted just before it; chunks are numbered round-robin instead."""
+    p = make_pair(sender_kw={"chunk_bytes": 512, "max_inflight": 2})  # 512 B = 1 block-layer
+    plans = {"big": (list(range(30)), list(range(30))), "small": ([31], [39])}
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, plans[off.request_id][1])
+    p.sender._data_paused = True  # both accepted before a byte moves
+    p.sender.offer(p.peer, "big", plans["big"][0], 120, {}, lease_s=10)  # 90 chunks
+    p.run_until(lambda: p.sender.status("big") is TransferStatus.SENDING, what="ACCEPT")
+    p.sender.offer(p.peer, "small", plans["small"][0], 1, {}, lease_s=10)
+    p.run_until(lambda: p.sender.status("small") is TransferStatus.SENDING, what="ACCEPT")
+    p.sender._data_paused = False
+    p.run_until(lambda: "small" in p.recv)
+    assert "big" not in p.recv and p.receiver.stats["chunks"] < 20
+    p.run_until(lambda: len(p.sent) == 2 and len(p.recv) == 2)
+    for rid, (src_ids, dst_ids) in plans.items():
+        assert p.sent_status(rid) is DONE and p.recv_statuses(rid) == [DONE], rid
+        check_copied(p, src_ids, dst_ids)
+
+
 def test_cancel_mid_stream_keeps_the_pair_in_order(make_pair):
-    """Chunks already numbered by ACCEPT are still sent (zeros) and received (dropped) after a
-    cancel, so the next transfer's recvs line up with its sends."""
+    """Chunks already numbered are still sent (zeros) and received (dropped) after a cancel, so
+    the next transfer's recvs line up with its sends; chunks not yet numbered never move."""
     p = make_pair(sender_kw={"chunk_bytes": 512, "max_inflight": 2})  # 512 B = 1 block-layer
     p.on_offer = lambda off: p.receiver.accept(off.request_id, list(range(30)))
     p.sender.offer(p.peer, "big", list(range(30)), 120, {}, lease_s=10)  # 90 chunks
@@ -120,11 +136,13 @@ def test_cancel_mid_stream_keeps_the_pair_in_order(make_pair):
     transfer_ok(p, "after", [31, 7, 2], [39, 35, 30])
     g, (rp,) = p.sender._pairs[p.peer].group, p.receiver._pairs.values()
     wait_until(lambda: g.next_seq == rp.group.next_seq and not rp.group.pending())
+    assert p.sender.stats.get("zero_chunks", 0) <= p.receiver.max_posted
+    assert p.sender.stats["chunks"] + p.sender.stats.get("zero_chunks", 0) < 90
 
 
 def test_stalled_receiver_breaks_the_pair_then_reconnect(make_pair):
     p = make_pair(receiver_kw={"lease_grace_s": 0.2})
-    p.receiver._post_recvs = lambda key: None  # ACCEPT leaves, no recv is ever posted
+    p.receiver._post_recv = lambda *a: None  # chunks are numbered, no recv is ever posted
     p.on_offer = lambda off: p.receiver.accept(off.request_id, [5, 6])
     p.sender.offer(p.peer, "r", [0, 1], 8, {}, lease_s=0.8)
     p.run_until(lambda: "r" in p.sent and "r" in p.recv, timeout_s=5)
@@ -132,7 +150,7 @@ def test_stalled_receiver_breaks_the_pair_then_reconnect(make_pair):
     wait_until(lambda: offer_raises(p.sender, p.peer), what="the sender to drop the pair")
     wait_until(lambda: not p.receiver._pairs, what="the receiver to drop the pair (BYE)")
     check_untouched(p, set())
-    del p.receiver._post_recvs
+    del p.receiver._post_recv
     p.sender.connect(p.peer, p.receiver.address, timeout_s=5)  # a fresh group
     transfer_ok(p, "again", [0, 1], [5, 6])
 
