@@ -66,13 +66,26 @@ def write_model(path: str) -> None:
                    p + "mlp.down_proj.weight": w(h, i),
                    p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
                    p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
-    tok = build_tokenizer(cfg.vocab_size, 8192)
-    # The demo tokenizer knows far fewer tokens than the vocabulary: zero the embedding rows
-    # (tied: also the lm_head rows) of the ids it cannot spell, so that sampling picks tokens
-    # that decode to text and a streaming client sees every token as content.
-    sd["model.embed_tokens.weight"][len(tok):] = 0
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    tok.save_pretrained(path)
+    build_tokenizer(cfg.vocab_size, 8192).save_pretrained(path)
+    spell_reserved_tokens(path)
+
+
+def spell_reserved_tokens(path: str) -> None:
+    """The demo tokenizer fills the vocabulary past its trained tokens with special
+    `<|reserved_N|>` tokens, which detokenize to nothing (skip_special_tokens): a random
+    model samples them nearly always, and a streaming client would see no content. Here they
+    become ordinary tokens that spell their names."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        f = os.path.join(path, name)
+        with open(f) as fh:
+            d = json.load(fh)
+        entries = d.get("added_tokens") or list((d.get("added_tokens_decoder") or {}).values())
+        for t in entries:
+            if t.get("content", "").startswith("<|reserved_"):
+                t["special"] = False
+        with open(f, "w") as fh:
+            json.dump(d, fh)
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:
