@@ -20,9 +20,10 @@ Message flow (same for every backend)::
     CANCEL (either direction) aborts: sender.cancel(), lease expiry, bad data, close().
 
 Offer early: ``offer(..., ready=False)`` when the prefill starts lets the decode side reserve
-blocks and accept while the KV is still being computed; ``ready(rid)`` once it is written sends
-READY, and the data follows as soon as the offer is (or was) accepted.  The lease runs from
-offer(), so it must cover the prefill too.
+blocks and accept while the KV is still being computed; ``ready(rid, meta)`` once it is written
+sends READY, and the data follows as soon as the offer is (or was) accepted.  What only the
+prefill knows (the first token) goes in ready()'s meta and arrives on the receiver's DONE event.
+The lease runs from offer(), so it must cover the prefill too.
 
 Every offer ends in exactly one terminal sender event (DONE / EXPIRED / FAILED / CANCELLED); after
 it the prefill engine may free the source blocks.  Every ``accept()`` ends in exactly one terminal
@@ -170,6 +171,7 @@ class TransferEvent:
     request_id: str
     status: TransferStatus
     error: str | None = None
+    meta: dict | None = None  # receiver DONE of an early offer: the meta passed to ready(), if any
 
 
 class KVSender(ABC):
@@ -189,9 +191,11 @@ class KVSender(ABC):
         """Offer the request's KV to ``peer``; returns immediately.  ready=False: the blocks are
         still being written; nothing is read from them before ready(request_id)."""
 
-    def ready(self, request_id: str) -> None:
+    def ready(self, request_id: str, meta: dict | None = None) -> None:
         """The KV of an offer made with ready=False is now written (CUDA: queued on the caller's
-        current stream); its bytes move once the receiver accepted.  No-op once it ended."""
+        current stream); its bytes move once the receiver accepted.  ``meta`` (msgpack-able,
+        e.g. the first sampled token, unknown at offer time) reaches the decode side on its DONE
+        event.  No-op once the offer ended."""
         raise NotImplementedError
 
     @abstractmethod

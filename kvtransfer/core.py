@@ -78,9 +78,10 @@ class _Endpoint:
         self._cmds.append(cmd)
         self._t_wake()
 
-    def _emit(self, rid: str, status: TransferStatus, error: str | None = None) -> None:
+    def _emit(self, rid: str, status: TransferStatus, error: str | None = None,
+              meta: dict | None = None) -> None:
         with self._lock:
-            self._events.append(TransferEvent(rid, status, error))
+            self._events.append(TransferEvent(rid, status, error, meta))
             self._on_emit_locked(rid, status)
             self._signal_locked()
 

@@ -237,11 +237,12 @@ class NcclKVReceiver(ZmqKVReceiver):
         super()._command(*cmd)
 
 
-    def _emit(self, rid: str, status: TransferStatus, error: str | None = None) -> None:
+    def _emit(self, rid: str, status: TransferStatus, error: str | None = None,
+              meta: dict | None = None) -> None:
         self._ready.pop(rid, None)
         if self._xs is not None and status is not TransferStatus.DONE:
             self._xs.synchronize()  # a scatter into rid's blocks may still be queued
-        super()._emit(rid, status, error)
+        super()._emit(rid, status, error, meta)
 
     def _t_close(self) -> None:
         for pair in self._pairs.values():

@@ -37,6 +37,7 @@ class _In:
     covered: torch.Tensor | None = None  # [num_layers, nblocks] bool: cells written so far
     ncovered: int = 0
     kv_ready: bool = True  # False for an early offer until its READY
+    meta: dict | None = None  # an early offer's meta from its READY, for the DONE event
     chunk_bytes: int = 0  # nccl: the sender's chunk size (OFFER)
     plan: list[wire.Chunk] | None = None  # nccl: the chunks, planned once accepted and written
     nchunks: int = 0      # nccl: len(plan)
@@ -144,7 +145,7 @@ class ReceiverCore(_Endpoint, KVReceiver):
         with self._lock:
             if not inx.accepted and self._new.pop(inx.rid, None) is not None:
                 return
-        self._emit(inx.rid, status, error)
+        self._emit(inx.rid, status, error, inx.meta if status is TransferStatus.DONE else None)
 
     def _abort(self, inx: _In, reason: str, why: str, tell: bool = True) -> None:
         """why: "expired" (lease) -> FAILED if accepted else EXPIRED; "cancelled" (by the
@@ -251,6 +252,8 @@ class ReceiverCore(_Endpoint, KVReceiver):
         inx = self._match(key, msg)
         if inx is not None and not inx.kv_ready:
             inx.kv_ready = True
+            if isinstance(msg.get("meta"), dict):
+                inx.meta = msg["meta"]
             self._kv_ready(inx)
 
     def _kv_ready(self, inx: _In) -> None:

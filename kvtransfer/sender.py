@@ -127,8 +127,10 @@ class SenderCore(_Endpoint, KVSender):
             out.ready = self._record_ready()
         self._command("offer", out)
 
-    def ready(self, request_id: str) -> None:
-        self._command("ready", request_id, self._record_ready())
+    def ready(self, request_id: str, meta: dict | None = None) -> None:
+        if meta is not None:
+            wire.encode(meta)  # raise TypeError here, in the caller, if it is not msgpack-able
+        self._command("ready", request_id, self._record_ready(), meta)
 
     def _record_ready(self) -> "torch.cuda.Event | None":
         """CUDA: the gather must not overtake the prefill that wrote the blocks."""
@@ -307,12 +309,13 @@ class SenderCore(_Endpoint, KVSender):
                          nblocks=len(out.src_idx), meta=out.meta, lease_s=lease,
                          ready=out.kv_ready)
 
-    def _cmd_ready(self, rid: str, ev: "torch.cuda.Event | None") -> None:
+    def _cmd_ready(self, rid: str, ev: "torch.cuda.Event | None", meta: dict | None) -> None:
         out = self._out.get(rid)
         if out is None or out.kv_ready:
             return  # ended (expired, cancelled, failed) or ready twice
         out.kv_ready, out.ready = True, ev
-        self._send_ctrl(out.peer, wire.make(wire.READY, xid=out.xid, rid=rid))
+        extra = {} if meta is None else {"meta": meta}
+        self._send_ctrl(out.peer, wire.make(wire.READY, xid=out.xid, rid=rid, **extra))
         if out.accepted:
             self._start_data(out)
 

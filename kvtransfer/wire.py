@@ -11,7 +11,7 @@ never used, so a peer can at worst send garbage that ``decode`` rejects with Wir
     ACCEPT{xid, rid} / REJECT{xid, rid, reason}        receiver -> sender
     DATA{xid, rid, chunk, l0, l1, b0, b1, dtype, shape, nbytes} + one raw payload frame
     ACK{xid, rid}                 receiver -> sender   after the last DATA byte was written
-    READY{xid, rid}               sender -> receiver   an offer made with ready=False: KV written
+    READY{xid, rid, meta?}        sender -> receiver   an offer made with ready=False: KV written
     CANCEL{xid, rid, reason}      either way           abort / lease expired / bad data
 nccl backend only (nccl_backend.py; no DATA: the bytes move on the pair's process group):
     PG_INIT{gid, store_port}      receiver -> sender   layout OK: build the pair's process group

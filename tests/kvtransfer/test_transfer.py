@@ -259,9 +259,13 @@ def test_offer_early_moves_the_kv_written_before_ready(make_pair):
     assert "r" not in p.recv and p.sender.stats["chunks"] == 0
     check_untouched(p, set())
     _prefill_writes(p, src_ids, seed=11)
-    p.sender.ready("r")
+    with pytest.raises(TypeError):
+        p.sender.ready("r", meta={"x": object()})  # not msgpack-able: refused in the caller
+    p.sender.ready("r", meta={"first": 1, "first_token": 42})  # known only after the prefill
     p.run_until(lambda: "r" in p.sent and "r" in p.recv)
     assert p.sent_status("r") is DONE and p.recv_statuses("r") == [DONE]
+    assert p.offers["r"].meta == {"first": 1}  # what offer() said
+    assert p.recv["r"][0].meta == {"first": 1, "first_token": 42}  # what ready() added
     check_copied(p, src_ids, dst_ids)  # the bytes written after offer(), bit for bit
     check_untouched(p, set(dst_ids))
     p.sender.ready("r")  # after the end: no-op
@@ -296,6 +300,7 @@ def test_offer_early_does_not_hold_up_later_offers(make_pair):
     for rid, (src_ids, dst_ids) in plans.items():
         assert p.sent_status(rid) is DONE and p.recv_statuses(rid) == [DONE], rid
         check_copied(p, src_ids, dst_ids)
+    assert [p.recv[r][0].meta for r in plans] == [None, None, None]  # ready() without meta
 
 
 def test_offer_early_cancel_or_expiry_before_ready(make_pair):
