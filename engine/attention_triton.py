@@ -39,6 +39,20 @@
      `_reduce_splits_kernel` (grid (T, H)) merges them. Splits are a function of shapes
      and max_seq_len only, so a captured CUDA graph replays them unchanged.
 
+Compiled variants. Triton compiles one kernel per distinct set of constexprs and launch
+options, and by default also per "specialisation" of integer arguments (== 1, divisible by
+16). A compile takes ~1 s and, met on the serving path, stalls every request of the worker,
+so the set a process can meet is bounded and compiled up front (`precompile`, called by the
+model runner on CUDA):
+   - the integers that vary per batch (`num_seqs`, the block-table row stride) are marked
+     `do_not_specialize`; the other integer arguments (strides of q, out and the cache) are
+     fixed by the model and keep their specialisation (the contiguous-D hints matter);
+   - the split count is a power of two (`num_kv_splits`): S <= log2(_MAX_SPLITS) + 1 = 6 values;
+   - `pick_config` gives the decode configuration or a power-of-two BLOCK_M in
+     [max(16, G), 128] (64 for head_dim > 128): C <= 1 + 4 configurations.
+   So a model meets at most C x S <= 30 attention variants and S - 1 <= 5 reductions (plus one
+   `_reshape_and_cache_kernel`, whose arguments are all fixed by the model).
+
 Nothing in `forward` reads device values on the host, and `max_query_len`/`max_seq_len`
 only choose the configuration and the split count: passing upper bounds (as a CUDA graph
 does) stays correct. Rows of `out` that belong to no sequence (tokens past
@@ -136,7 +150,7 @@ def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest s with first_tile(s) <= pid, first_tile(s) = qsl[s] // BLOCK_Q + s (= qsl[s]
     when BLOCK_Q == 1). Sequences with no tokens own one empty slot (or none) before the next."""
     lo: tl.int32 = 0
-    hi: tl.int32 = num_seqs   # a tensor even when num_seqs == 1 is specialised to a constant
+    hi: tl.int32 = num_seqs   # a tensor even if num_seqs were specialised to a constant
     while lo < hi:
         mid = (lo + hi) // 2
         first = tl.load(qsl_ptr + mid)
@@ -195,7 +209,9 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+# num_seqs and stride_bt change from batch to batch: specialising on them (== 1, % 16) would
+# compile new variants while serving (see the module docstring).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     part_out_ptr, part_lse_ptr,           # [T, H, NUM_SPLITS, D_P] f32, [T, H, NUM_SPLITS] f32
@@ -280,7 +296,7 @@ def _unified_attention_kernel(
         tl.store(part_out_ptr + part[:, None] * D_P + offs_d[None, :], o, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _reduce_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr,  # see above; out [T, H, D]
     qsl_ptr, num_seqs: tl.int32,
@@ -321,6 +337,10 @@ def _pow2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
 
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
 def pick_config(*, dtype: torch.dtype, head_dim: int, group: int, max_query_len: int) -> dict:
     """Tile shapes and launch options (see the module docstring). Checked by compiling for
     sm_90 with ptxas: none of these spill registers."""
@@ -343,11 +363,35 @@ def pick_config(*, dtype: torch.dtype, head_dim: int, group: int, max_query_len:
 
 def num_kv_splits(*, num_q_programs: int, max_seq_len: int, num_sms: int) -> int:
     """Split each tile's keys when the (q tile, KV head) programs would leave SMs idle:
-    aim for about two programs per SM, each split keeping >= _MIN_KEYS_PER_SPLIT keys."""
+    aim for about two programs per SM, each split keeping >= _MIN_KEYS_PER_SPLIT keys.
+    Always a power of two (rounded down, so never more splits than either bound allows):
+    NUM_SPLITS is a constexpr, and each distinct value is a kernel to compile."""
     target = 2 * num_sms
     if num_q_programs >= target:
         return 1
-    return max(1, min(-(-target // max(num_q_programs, 1)), max_seq_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
+    return _pow2_floor(min(-(-target // max(num_q_programs, 1)), max_seq_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
+
+
+def split_counts(*, num_kv_heads: int, max_seq_len: int, num_sms: int) -> list[int]:
+    """Every split count `num_kv_splits` can return for this model: the powers of two up to its
+    value for the fewest programs (one q tile per KV head) and the longest context."""
+    top = num_kv_splits(num_q_programs=num_kv_heads, max_seq_len=max_seq_len, num_sms=num_sms)
+    return [1 << i for i in range(top.bit_length())]
+
+
+def reachable_configs(*, dtype: torch.dtype, head_dim: int, group: int) -> list[tuple[int, dict]]:
+    """(a max_query_len that selects it, config) for each distinct `pick_config` result.
+    pick_config depends on max_query_len only through next_power_of_2(max_query_len * group),
+    and next_power_of_2(2x) == 2 next_power_of_2(x), so powers of two of max_query_len reach
+    every BLOCK_M; past 2048 (>= 128 rows for any group) nothing changes."""
+    out, seen = [], set()
+    for max_query_len in (1 << i for i in range(12)):
+        cfg = pick_config(dtype=dtype, head_dim=head_dim, group=group, max_query_len=max_query_len)
+        key = tuple(sorted(cfg.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append((max_query_len, cfg))
+    return out
 
 
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -418,6 +462,33 @@ def unified_attention(
     return out
 
 
+def precompile(*, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+               device: torch.device, max_seq_len: int) -> int:
+    """Launches each attention variant this model can meet while serving (`reachable_configs`
+    x `split_counts`, and the split reductions) once on a one-token dummy batch, so Triton
+    compiles them now rather than mid-run. Returns the number of variants launched.
+
+    The dummies specialise like the engine's real arguments: contiguous q and out, a cache laid
+    out as one layer of the runner's cache, int32 metadata (sizes do not matter: the integers
+    that vary per batch are not specialised). `_reshape_and_cache_kernel` has a single variant
+    per model and is compiled by the runner's first forward.
+    """
+    g, d = num_heads // num_kv_heads, head_dim
+    q = torch.zeros(1, num_heads, d, dtype=dtype, device=device)                       # [T=1, H, D]
+    out = torch.empty_like(q)
+    cache = torch.zeros(2, 1, block_size, num_kv_heads, d, dtype=dtype, device=device)  # [2, N=1, bs, Hkv, D]
+    qsl = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    block_tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    splits = split_counts(num_kv_heads=num_kv_heads, max_seq_len=max_seq_len, num_sms=_num_sms(device))
+    configs = reachable_configs(dtype=dtype, head_dim=d, group=g)
+    for max_query_len, _ in configs:
+        for n in splits:
+            unified_attention(q, cache[0], cache[1], out, qsl, seq_lens, block_tables, max_query_len,
+                              max_seq_len, d ** -0.5, num_splits=n)
+    return len(configs) * len(splits) + len(splits) - 1
+
+
 class TritonAttention:
     """Paged attention through the Triton kernels above (CUDA; the Triton interpreter on CPU)."""
 
@@ -431,6 +502,11 @@ class TritonAttention:
         self.group = num_heads // num_kv_heads
         self.scale = scale
         self.num_splits = num_splits
+
+    def warmup(self, *, block_size: int, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> int:
+        """Compiles every kernel variant serving can meet (see `precompile`); returns their number."""
+        return precompile(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                          block_size=block_size, dtype=dtype, device=device, max_seq_len=max_seq_len)
 
     def forward(
         self,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 
 import torch
 
@@ -41,6 +42,12 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %s)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
                  dtype)
+        if device.type == "cuda" and attn.name == "triton":
+            # Compile every attention kernel variant now: a step meeting a new one mid-run would
+            # stall every request on this worker for the compile (~1 s).
+            t0 = time.perf_counter()
+            n = attn.warmup(block_size=self.block_size, dtype=dtype, device=device, max_seq_len=max_model_len)
+            log.info("Triton attention: %d kernel variants ready in %.1f s", n, time.perf_counter() - t0)
         self.graphs = None
         if device.type == "cuda" and attn.name == "triton" and not cfg.enforce_eager:
             from .cuda_graphs import DecodeGraphs

@@ -5,7 +5,9 @@ first imported, so this module sets it unless a GPU is present (then the kernels
 """
 from __future__ import annotations
 
+import inspect
 import os
+import random
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from engine.attention import TorchAttention, make_attention  # noqa: E402
-from engine.attention_triton import TritonAttention, num_kv_splits, pick_config  # noqa: E402
+import engine.attention_triton as at  # noqa: E402
+from engine.attention_triton import TritonAttention, num_kv_splits, pick_config, precompile  # noqa: E402
 from tests.engine.attention_cases import check_against_torch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,8 +110,94 @@ def test_heuristics():
     assert odd["BLOCK_Q"] * 7 <= odd["BLOCK_M"]
     # 64 seqs x 8 KV heads = 512 programs fill 132 SMs: no split; 4 seqs get split.
     assert num_kv_splits(num_q_programs=512, max_seq_len=1024, num_sms=132) == 1
-    assert num_kv_splits(num_q_programs=32, max_seq_len=8192, num_sms=132) == 9
+    assert num_kv_splits(num_q_programs=32, max_seq_len=8192, num_sms=132) == 8   # 9, rounded down
     assert num_kv_splits(num_q_programs=32, max_seq_len=200, num_sms=132) == 1
+
+
+def test_num_kv_splits_are_powers_of_two():
+    for sms in (1, 16, 78, 114, 132):
+        for programs in (*range(1, 300), 512, 4096):
+            for max_seq_len in (1, 127, 128, 200, 383, 1000, 4096, 8191, 32768, 10**6):
+                n = num_kv_splits(num_q_programs=programs, max_seq_len=max_seq_len, num_sms=sms)
+                assert n >= 1 and n & (n - 1) == 0 and n <= at._MAX_SPLITS
+                assert n == 1 or (programs < 2 * sms and max_seq_len // n >= at._MIN_KEYS_PER_SPLIT)
+                assert n in at.split_counts(num_kv_heads=1, max_seq_len=max_seq_len, num_sms=sms)
+
+
+@pytest.mark.parametrize("num_splits", [1 << i for i in range(at._MAX_SPLITS.bit_length())])
+def test_power_of_two_splits_match_torch(num_splits):
+    # Most of the 32 splits of these short contexts are empty: they must merge as nothing.
+    run_both([(40, 1), (0, 1), (7, 1), (63, 1)], group=2, block_size=4, num_splits=num_splits, pad_seqs=(1,),
+             pad_tokens=1)
+    if num_splits <= 4:
+        run_both(MIXED, group=2, block_size=4, num_splits=num_splits, pad_seqs=(3,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_precompile_runs(dtype):
+    # The interpreter compiles nothing; this runs the launches and their arguments.
+    n = precompile(num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, dtype=dtype, device=DEVICE,
+                   max_seq_len=512)
+    configs = at.reachable_configs(dtype=dtype, head_dim=16, group=2)
+    assert len(configs) == (2 if dtype == torch.float32 else 5)
+    assert n == len(configs) * 3 + 2                # splits 1, 2, 4 (512 keys // 128)
+
+
+class _RecordingKernel:
+    """Stands in for a Triton kernel: records what Triton keys its compiled variants on
+    (constexprs, launch options, and the == 1 / % 16 specialisation of the integer arguments
+    not marked do_not_specialize) and runs nothing."""
+
+    def __init__(self, kernel, keys: set):
+        self.name, self.keys = kernel.fn.__name__, keys
+        self.params = list(inspect.signature(kernel.fn).parameters)
+        dns = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize")
+        self.dns = set(dns or ())
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            ints = tuple((name, a == 1, a % 16 == 0) for name, a in zip(self.params, args)
+                         if isinstance(a, int) and name not in self.dns)
+            self.keys.add((self.name, ints, tuple(sorted(kwargs.items()))))
+        return launch
+
+
+@pytest.mark.parametrize("dtype,hkv,group,head_dim", [
+    (torch.bfloat16, 8, 4, 128), (torch.bfloat16, 4, 7, 128), (torch.bfloat16, 2, 8, 256),
+    (torch.float16, 8, 1, 64), (torch.float32, 4, 4, 128)])
+def test_serving_meets_only_precompiled_variants(monkeypatch, dtype, hkv, group, head_dim):
+    """Regression: colocated serving stalled every request for ~1 s, again and again, because
+    batches of new shapes (split count, query length, num_seqs, block-table width) made Triton
+    compile new kernel variants mid-run. Random ragged batches must only meet the variants that
+    `precompile` launches. Meta tensors: nothing runs, only the launch arguments are recorded."""
+    keys: set = set()
+    for name in ("_unified_attention_kernel", "_reduce_splits_kernel"):
+        monkeypatch.setattr(at, name, _RecordingKernel(getattr(at, name), keys))
+    meta_dev, bs, max_len = torch.device("meta"), 16, 8192
+    n = precompile(num_heads=hkv * group, num_kv_heads=hkv, head_dim=head_dim, block_size=bs, dtype=dtype,
+                   device=meta_dev, max_seq_len=max_len)
+    assert len(keys) == n <= 35
+    precompiled = set(keys)
+    rnd = random.Random(0)
+    h = hkv * group
+    cache = torch.empty(2, 64, bs, hkv, head_dim, dtype=dtype, device=meta_dev)
+    for step in range(400):
+        num_seqs = rnd.choice([1, 2, 3, 5, 8, 16, 17, 32, 64, 100, 256])
+        q_lens = [rnd.choice([1, 1, 1, 2, 3, 15, 16, 64, 500, 2048]) if rnd.random() < 0.3 else 1
+                  for _ in range(num_seqs)]
+        seq_lens = [rnd.randint(qn, max_len) for qn in q_lens]
+        t = sum(q_lens) + rnd.choice([0, 0, 3])       # trailing padding tokens
+        width = -(-max(seq_lens) // bs) + rnd.choice([0, 1, 7])
+        graph_bounds = all(qn == 1 for qn in q_lens) and rnd.random() < 0.5   # as DecodeGraphs launches
+        q = torch.empty(t, h, head_dim, dtype=dtype, device=meta_dev)
+        at.unified_attention(
+            q, cache[0], cache[1], torch.empty_like(q),
+            torch.empty(num_seqs + 1, dtype=torch.int32, device=meta_dev),
+            torch.empty(num_seqs, dtype=torch.int32, device=meta_dev),
+            torch.empty(num_seqs, width, dtype=torch.int32, device=meta_dev),
+            max(q_lens), max_len if graph_bounds else max(seq_lens), head_dim ** -0.5)
+        assert keys <= precompiled, f"step {step}: new variant {sorted(keys - precompiled)[:1]}"
+    assert len(keys) > n // 2      # the batches did reach the variants
 
 
 def test_make_attention_selection():
