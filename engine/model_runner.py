@@ -45,9 +45,13 @@ class ModelRunner:
         if device.type == "cuda" and attn.name == "triton":
             # Compile every attention kernel variant now: a step meeting a new one mid-run would
             # stall every request on this worker for the compile (~1 s).
+            # An optimisation only: if it fails, the kernels still compile on first use.
             t0 = time.perf_counter()
-            n = attn.warmup(block_size=self.block_size, dtype=dtype, device=device, max_seq_len=max_model_len)
-            log.info("Triton attention: %d kernel variants ready in %.1f s", n, time.perf_counter() - t0)
+            try:
+                n = attn.warmup(block_size=self.block_size, dtype=dtype, device=device, max_seq_len=max_model_len)
+                log.info("Triton attention: %d kernel variants ready in %.1f s", n, time.perf_counter() - t0)
+            except Exception as e:
+                log.warning("Triton attention precompile failed (%s); variants compile on first use", e)
         self.graphs = None
         if device.type == "cuda" and attn.name == "triton" and not cfg.enforce_eager:
             from .cuda_graphs import DecodeGraphs
