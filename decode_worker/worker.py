@@ -116,9 +116,7 @@ class DecodeWorker(WorkerLoop):
                 if o.finish_reason is not None:
                     log.debug("finished (%s) after %d tokens", o.finish_reason, o.index + len(o.new_token_ids),
                               extra=for_request(o.request_id))
-            if outs:
-                self.link.send(wire.Tokens(self.s.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
-                                                              for o in outs]))
+            self.send_tokens(outs)
             if self.handoff:
                 self.handoff.emit(outs)
         if self.handoff:
@@ -146,38 +144,14 @@ class DecodeWorker(WorkerLoop):
             self._zap.stop()
             self._kv_ctx.term()
 
-    def abort_all(self) -> None:
-        """Drop every request this worker holds (their router is gone)."""
-        self._abort(list(self.offers) + list(self.receiving) + list(self.engine.seqs) + self._sending())
-
     # ---- messages and transfers -------------------------------------------------------------
     def _handle(self, msg) -> None:
         if isinstance(msg, wire.Abort):
             self._abort(msg.request_ids)
         elif isinstance(msg, wire.Prefill):
-            self._prefill(msg)
+            self.prefill(msg)
         else:
             log.warning("ignored unexpected %s", type(msg).__name__)
-
-    def _prefill(self, msg: wire.Prefill) -> None:
-        """A request placed here to prefill: decoded here too when this worker is its decode
-        worker, else (a `both` worker) handed off to the decode worker it names."""
-        local = msg.decode_worker == self.s.worker_id
-        if not local and self.handoff is None:
-            self.link.send(wire.Failed(msg.request_id, f"decode worker {self.s.worker_id} cannot prefill "
-                                                       f"for {msg.decode_worker}", 400))
-            return
-        try:
-            params = SamplingParams(**msg.params)
-            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, prefill_only=not local)
-        except (RequestRejected, ValueError, TypeError) as e:
-            log.info("refused: %s", e, extra=for_request(msg.request_id))
-            self.link.send(wire.Failed(msg.request_id, str(e), 400))
-            return
-        if not local:
-            self.handoff.expect(msg)
-        log.debug("prefill of %d prompt tokens, %s", len(msg.prompt_token_ids),
-                  "decoded here" if local else f"KV to {msg.decode_worker}", extra=for_request(msg.request_id))
 
     def _abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:

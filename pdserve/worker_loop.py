@@ -2,7 +2,8 @@
 
 A worker subclass defines `start()` (register), `run_once()` (one pass: messages, transfers,
 an engine step, a heartbeat), `_handle(msg)` (its own messages), `holds()` (the request ids
-it still has state for), `abort_all()` and `close()`.
+it still has state for), `_abort(request_ids)` and `close()`; one that prefills for others
+sets `self.handoff` (prefill_worker.handoff.KVHandOff).
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import uuid
 
 import zmq
 
-from engine import LLMEngine
+from engine import LLMEngine, RequestRejected, SamplingParams
 from kvtransfer import KVLayout
 from pdserve import wire
+from pdserve.logs import rid as for_request
 from pdserve.security import CurveKeys
 from pdserve.worker_link import RegistrationRefused
 from pdserve.worker_settings import WorkerSettings
@@ -34,6 +36,7 @@ class WorkerLoop:
         self.ctx = ctx or zmq.Context.instance()
         self.keys = CurveKeys.load(settings.curve_keys) if settings.curve_keys else None
         self.draining = False
+        self.handoff = None          # a KVHandOff where this worker prefills for other workers
         # Measured speeds for the router's adaptive placement (seconds; 0: not measured yet).
         self.prefill_s_per_token = 0.0
         self.decode_step_s = 0.0
@@ -62,6 +65,36 @@ class WorkerLoop:
             log.warning("%s: shutdown timeout, handing back %d requests", self.s.worker_id, len(left))
             self.abort_all()
         self.link.send(wire.Leaving(self.s.worker_id, f"handed back {len(left)} requests" if left else ""))
+
+    def abort_all(self) -> None:
+        """Drop every request this worker holds (their router is gone)."""
+        self._abort(self.holds())
+
+    def prefill(self, msg: wire.Prefill) -> None:
+        """A request placed here to prefill: decoded here too when this worker is its decode
+        worker, else handed off to the decode worker it names (workers with a `handoff`)."""
+        local = msg.decode_worker == self.s.worker_id
+        if not local and self.handoff is None:
+            self.link.send(wire.Failed(msg.request_id, f"worker {self.s.worker_id} cannot prefill "
+                                                       f"for {msg.decode_worker}", 400))
+            return
+        try:
+            params = SamplingParams(**msg.params)
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, prefill_only=not local)
+        except (RequestRejected, ValueError, TypeError) as e:
+            log.info("refused: %s", e, extra=for_request(msg.request_id))
+            self.link.send(wire.Failed(msg.request_id, str(e), 400))
+            return
+        if not local:
+            self.handoff.expect(msg)
+        log.debug("prefill of %d prompt tokens, %s", len(msg.prompt_token_ids),
+                  "decoded here" if local else f"KV to {msg.decode_worker}", extra=for_request(msg.request_id))
+
+    def send_tokens(self, outs: list) -> None:
+        """One `Tokens` message with a step's new tokens (nothing when there are none)."""
+        if outs:
+            self.link.send(wire.Tokens(self.s.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
+                                                          for o in outs]))
 
     def step_engine(self) -> list:
         """One engine step, timed: steps that decode only teach `decode_step_s`, steps that

@@ -27,9 +27,8 @@ import time
 
 import zmq
 
-from engine import LLMEngine, RequestRejected, SamplingParams
+from engine import LLMEngine
 from pdserve import wire
-from pdserve.logs import rid as for_request
 from pdserve.worker_link import RouterLink
 from pdserve.worker_loop import WorkerLoop
 from pdserve.worker_settings import WorkerSettings
@@ -83,23 +82,10 @@ class PrefillWorker(WorkerLoop):
         self.handoff.close()
         self.link.close()
 
-    def abort_all(self) -> None:
-        """Drop every request this worker holds (their router is gone)."""
-        self._abort(list(self.engine.seqs) + list(self.handoff.transfers))
-
     # ---- messages ---------------------------------------------------------------------------
     def _handle(self, msg) -> None:
         if isinstance(msg, wire.Prefill):
-            try:
-                params = SamplingParams(**msg.params)
-                self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, prefill_only=True)
-            except (RequestRejected, ValueError, TypeError) as e:
-                log.info("refused: %s", e, extra=for_request(msg.request_id))
-                self.link.send(wire.Failed(msg.request_id, str(e), 400))
-                return
-            log.debug("prefill of %d prompt tokens, KV to %s", len(msg.prompt_token_ids), msg.decode_worker,
-                      extra=for_request(msg.request_id))
-            self.handoff.expect(msg)
+            self.prefill(msg)      # never this worker's own to decode: always handed off
         elif isinstance(msg, wire.Abort):
             self._abort(msg.request_ids)
         else:
@@ -113,7 +99,5 @@ class PrefillWorker(WorkerLoop):
 
     def _step(self) -> None:
         outs = self.step_engine()
-        if outs:
-            self.link.send(wire.Tokens(self.s.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
-                                                          for o in outs]))
+        self.send_tokens(outs)
         self.handoff.emit(outs)
