@@ -223,11 +223,17 @@ class ReceiverCore(_Endpoint, KVReceiver):
         cells.fill_(True)
         self.stats["chunks"] += 1
         self.stats["bytes"] += msg["nbytes"]
-        if inx.ncovered == inx.covered.numel():
-            if self.kv_cache.is_cuda:  # "DONE" promises the bytes are in memory, not queued
-                torch.cuda.current_stream(self.kv_cache.device).synchronize()
-            self._finish(inx, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
-            self._send_ctrl(key, wire.make(wire.ACK, xid=inx.xid, rid=inx.rid))
+        self._finish_if_complete(inx)
+
+    def _finish_if_complete(self, inx: _In) -> None:
+        """DONE once every cell is written and, for an early offer, its READY has come: data
+        sockets may overtake READY on the control socket, and READY carries the DONE's meta."""
+        if not inx.kv_ready or inx.covered is None or inx.ncovered != inx.covered.numel():
+            return
+        if self.kv_cache.is_cuda:  # "DONE" promises the bytes are in memory, not queued
+            torch.cuda.current_stream(self.kv_cache.device).synchronize()
+        self._finish(inx, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
+        self._send_ctrl(inx.key, wire.make(wire.ACK, xid=inx.xid, rid=inx.rid))
 
     def _check_chunk(self, inx: _In, msg: dict, payload: Payload) -> torch.Tensor:
         l0, l1, b0, b1 = msg["l0"], msg["l1"], msg["b0"], msg["b1"]
@@ -255,6 +261,7 @@ class ReceiverCore(_Endpoint, KVReceiver):
             if isinstance(msg.get("meta"), dict):
                 inx.meta = msg["meta"]
             self._kv_ready(inx)
+            self._finish_if_complete(inx)
 
     def _kv_ready(self, inx: _In) -> None:
         """Hook: an early offer's KV is written (DATA follows by itself once accepted)."""

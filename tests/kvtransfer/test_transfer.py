@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from kvtransfer import KVTransferError, LayoutMismatch, TransferStatus, blocks_needed
+from kvtransfer import KVTransferError, LayoutMismatch, TransferStatus, blocks_needed, wire
 from kvtransfer.wire import plan_chunks
 
 from .conftest import TIMEOUT_S as TIMEOUT, as_bytes, layout_for, wait_until
@@ -269,6 +269,40 @@ def test_offer_early_moves_the_kv_written_before_ready(make_pair):
     check_copied(p, src_ids, dst_ids)  # the bytes written after offer(), bit for bit
     check_untouched(p, set(dst_ids))
     p.sender.ready("r")  # after the end: no-op
+
+
+def test_offer_early_done_waits_for_ready_overtaken_by_data(kind, make_pair, monkeypatch):
+    """zmq sends DATA on data sockets and READY on the control socket, so every chunk may land
+    before READY (CI saw it): DONE must wait for READY, which carries the meta the decode needs."""
+    if kind != "inproc":
+        pytest.skip("the reordering is forced through the inproc hub")
+    p = make_pair()
+    held: list[tuple] = []
+    deliver = type(p.receiver._hub)._deliver
+
+    def reorder(hub, to, frm, header, payload):
+        if wire.decode(header)["t"] == wire.READY and not held:
+            held.append((to, frm, header, payload))  # held back until the test lets it go
+            return True
+        return deliver(hub, to, frm, header, payload)
+
+    monkeypatch.setattr(type(p.receiver._hub), "_deliver", reorder)
+    src_ids, dst_ids = [3, 1, 4], [0, 9, 5]
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, dst_ids)
+    p.sender.offer(p.peer, "r", src_ids, 10, {"first": 1}, lease_s=10, ready=False)
+    p.run_until(lambda: p.sender.status("r") is TransferStatus.SENDING, what="ACCEPT")
+    _prefill_writes(p, src_ids, seed=5)
+    p.sender.ready("r", meta={"first": 1, "first_token": 7})
+    p.run_until(lambda: held and p.receiver.stats["chunks"] == p.sender.stats["chunks"] > 0,
+                what="all DATA, READY held")
+    deadline = time.monotonic() + 0.2
+    p.run_until(lambda: time.monotonic() > deadline)
+    assert "r" not in p.recv  # every byte is here, but not the READY and its meta
+    deliver(p.receiver._hub, *held[0])
+    p.run_until(lambda: "r" in p.recv and "r" in p.sent)
+    assert p.recv_statuses("r") == [DONE] and p.sent_status("r") is DONE
+    assert p.recv["r"][0].meta == {"first": 1, "first_token": 7}
+    check_copied(p, src_ids, dst_ids)
 
 
 def test_offer_early_ready_before_accept(make_pair):
