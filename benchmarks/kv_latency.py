@@ -21,7 +21,10 @@ ready() (the OFFER/ACCEPT exchange hid behind the prefill).
 
 Engine loops poll every --engine-sleep-us (an engine does work between polls), which adds about
 half that to each of the three engine-visible steps; ``--engine wait`` blocks in the endpoint's
-wait() instead (up to the same time), which returns as soon as there is something to poll.
+wait() instead (up to the same time), which returns as soon as there is something to poll;
+``--engine busy`` runs Python for that long between polls, holding the GIL like an engine
+step's host work, so the transfer thread gets the GIL only at the interpreter's switch interval
+(``--switch-interval``, Python's default 5 ms; pdserve workers set 0.5 ms).
 Prints one row per size (medians in ms) and whether the last request's bytes arrived intact.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ import hashlib
 import multiprocessing as mp
 import queue
 import statistics
+import sys
 import time
 
 import torch
@@ -60,13 +64,18 @@ def _digest(t: torch.Tensor) -> str:
 def _idle(endpoint, engine: str, sleep_s: float) -> None:
     if engine == "wait":
         endpoint.wait(sleep_s)
+    elif engine == "busy":
+        end = time.perf_counter() + sleep_s
+        while time.perf_counter() < end:
+            pass
     else:
         time.sleep(sleep_s)
 
 
 def _receiver(backend: str, layout: KVLayout, device: str, nblocks: int, sleep_s: float,
-              engine: str, q_out: mp.Queue, q_in: mp.Queue) -> None:
+              engine: str, switch_s: float, q_out: mp.Queue, q_in: mp.Queue) -> None:
     torch.set_num_threads(1)
+    sys.setswitchinterval(switch_s)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     dst = _cache(layout, nblocks, device, fill=False)
@@ -96,7 +105,9 @@ def _receiver(backend: str, layout: KVLayout, device: str, nblocks: int, sleep_s
 
 
 def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: int,
-        sleep_s: float, engine: str = "sleep", early: bool = False) -> None:
+        sleep_s: float, engine: str = "sleep", early: bool = False,
+        switch_s: float = 0.005) -> None:
+    sys.setswitchinterval(switch_s)
     src_dev = "cuda:0" if device == "cuda" else "cpu"
     dst_dev = ("cuda:1" if torch.cuda.device_count() > 1 else "cuda:0") if device == "cuda" \
         else "cpu"
@@ -104,13 +115,15 @@ def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: in
     ctx = mp.get_context("spawn")
     q_out, q_in = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_receiver, daemon=True,
-                        args=(backend, layout, dst_dev, top, sleep_s, engine, q_out, q_in))
+                        args=(backend, layout, dst_dev, top, sleep_s, engine, switch_s, q_out,
+                              q_in))
     child.start()
     try:
         src = _cache(layout, top, src_dev, fill=True)
         with make_sender(backend, src, layout, "lat-prefill") as s:
             s.connect("d", q_out.get(timeout=120), timeout_s=120)
             print(f"{backend} {src_dev}->{dst_dev}, engine loops {engine} {sleep_s * 1e6:.0f} us, "
+                  f"switch interval {switch_s * 1e3:g} ms, "
                   f"{iters} sequential requests per size; medians in ms", flush=True)
             step = "ready->done" if early else "accept->done"
             print(f"{'blocks':>6} {'KiB':>8} {'offer->seen':>11} {step:>12} "
@@ -170,8 +183,10 @@ def main() -> None:
     ap.add_argument("--blocks", default="1,4,16", help="request sizes in blocks, comma-separated")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--engine-sleep-us", type=float, default=50.0)
-    ap.add_argument("--engine", choices=["sleep", "wait"], default="sleep",
-                    help="how an idle engine loop waits between polls")
+    ap.add_argument("--engine", choices=["sleep", "wait", "busy"], default="sleep",
+                    help="what an engine loop does between polls")
+    ap.add_argument("--switch-interval", type=float, default=0.005,
+                    help="sys.setswitchinterval in both processes (s)")
     ap.add_argument("--early", action="store_true",
                     help="offer(ready=False), then ready() once accepted; times from ready()")
     args = ap.parse_args()
@@ -179,7 +194,7 @@ def main() -> None:
     sizes = [int(b) for b in args.blocks.split(",")]
     for backend in (["nccl", "zmq"] if args.backend == "both" else [args.backend]):
         run(backend, LAYOUTS[args.layout], args.device, sizes, args.iters,
-            args.engine_sleep_us * 1e-6, args.engine, args.early)
+            args.engine_sleep_us * 1e-6, args.engine, args.early, args.switch_interval)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ prefills for other decode workers and hands their KV off like a prefill worker.
 
 A request's path through this process:
 
-    KV offer from a prefill worker (carries the request: prompt, first token, params)
+    KV offer from a prefill worker (carries the request: prompt, params, and the first
+    token, unless offered while the prefill ran: then the transfer's DONE brings it)
       -> waiting for free blocks (FIFO, bounded by the offer's lease)
       -> blocks reserved, offer accepted, KV received into them
       -> running batch: one token per step; every step's new tokens go to the router in
@@ -77,6 +78,9 @@ class DecodeWorker(WorkerLoop):
         self.aborted: set[str] = set()                          # aborted while receiving
         self.transfer_stats = TransferStats(self.receiver)
         self.handoff = KVHandOff(self, transfer_options) if self.role == "both" else None
+        self.watch(self.receiver)
+        if self.handoff:
+            self.watch(self.handoff.sender)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -100,9 +104,8 @@ class DecodeWorker(WorkerLoop):
 
     def run_once(self) -> None:
         # Never spin: an idle loop that polls without waiting starves the transfer thread of
-        # the GIL. While KV is arriving, wake every millisecond to admit it promptly.
-        wait_ms = 0 if self.engine.has_unfinished() else (1 if self.receiving or self.offers else 5)
-        self.handle_messages(wait_ms)
+        # the GIL. The wait ends at once when an offer or a finished transfer is there to poll.
+        self.handle_messages(0 if self.engine.has_unfinished() else 5)
         for offer in self.receiver.poll_offers():
             self.offers[offer.request_id] = offer
         for ev in self.receiver.poll():
@@ -176,7 +179,9 @@ class DecodeWorker(WorkerLoop):
             rid, offer = next(iter(self.offers.items()))
             meta = offer.meta
             try:
-                prompt, first = list(meta["prompt_token_ids"]), int(meta["first_token"])
+                prompt = list(meta["prompt_token_ids"])
+                first = meta.get("first_token")  # absent from an early offer: its DONE brings it
+                first = None if first is None else int(first)
                 params = SamplingParams(**meta["params"])
                 if not self.engine.can_reserve(len(prompt)):
                     return
@@ -208,12 +213,17 @@ class DecodeWorker(WorkerLoop):
                                   else ev.status is TransferStatus.DONE)
         if ev.status not in (TransferStatus.DONE, TransferStatus.CANCELLED):
             log.warning("KV transfer ended %s: %s", ev.status.value, ev.error or "", extra=for_request(rid))
+        error = f"KV transfer {ev.status.value}: {ev.error or ''}"
         if ev.status is TransferStatus.DONE and rid not in self.aborted:
-            self.engine.activate_import(rid)
-            return
+            try:
+                self.engine.activate_import(rid, (ev.meta or {}).get("first_token"))
+                return
+            except (TypeError, ValueError) as e:
+                log.warning("KV arrived unusable: %s", e, extra=for_request(rid))
+                error = f"KV transfer done, but {e}"
         self.engine.abort(rid)
         if rid not in self.aborted and ev.status is not TransferStatus.CANCELLED:
-            self.link.send(wire.Failed(rid, f"KV transfer {ev.status.value}: {ev.error or ''}", 503))
+            self.link.send(wire.Failed(rid, error, 503))
         self.aborted.discard(rid)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,10 @@ class LLMEngine:
         # The last step's shape: (prompt tokens computed, sequences that decoded one token).
         # Workers time steps against it to learn their prefill and decode speeds.
         self.last_step: tuple[int, int] = (0, 0)
+        # Called inside step(), after scheduling and before the model runs, with the request id
+        # and block ids of every prefill-only sequence whose last prompt chunk is in the step:
+        # its KV can be offered to a decode worker while it is computed (set by the worker).
+        self.on_last_chunk: Callable[[str, list[int]], None] | None = None
         self._arrival = itertools.count()
 
     # ---- requests ---------------------------------------------------------------------------
@@ -114,6 +119,11 @@ class LLMEngine:
         if not batch:
             self.last_step = (0, 0)
             return []
+        if self.on_last_chunk is not None:
+            for s in batch:
+                q = s.seq
+                if q.prefill_only and q.num_computed_tokens + s.num_new_tokens == q.num_prompt_tokens:
+                    self.on_last_chunk(q.request_id, list(q.block_table))
         ordered, logits, rows = self.runner.run(batch)
         num_tokens = decodes = 0
         for s in ordered:
@@ -181,21 +191,22 @@ class LLMEngine:
         """The prefill side is done with a finished sequence's KV (acknowledged or expired)."""
         self.abort(request_id)
 
-    def reserve_import(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+    def reserve_import(self, request_id: str, prompt_token_ids: list[int], first_token: int | None,
                        params: SamplingParams) -> list[int] | None:
         """Allocate blocks for a sequence prefilled elsewhere; None when they are not free now.
 
-        The sequence holds prompt + first token; the KV of the prompt arrives into the
-        returned blocks, and the first token's KV is computed by the next decode step.
+        The blocks hold prompt + first token: the KV of the prompt arrives into them, and the
+        first token's KV is computed by the next decode step. The first token may still be
+        unknown (the KV was offered while the prefill ran); activate_import() then brings it.
         """
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(len(prompt_token_ids), params)
-        seq = Sequence(request_id, list(prompt_token_ids) + [first_token], len(prompt_token_ids), params,
-                       arrival=next(self._arrival))
-        if not self.pool.can_allocate(seq, seq.num_tokens):
+        tokens = list(prompt_token_ids) + ([] if first_token is None else [int(first_token)])
+        seq = Sequence(request_id, tokens, len(prompt_token_ids), params, arrival=next(self._arrival))
+        if not self.pool.can_allocate(seq, seq.num_prompt_tokens + 1):
             return None
-        self.pool.allocate(seq, seq.num_tokens)
+        self.pool.allocate(seq, seq.num_prompt_tokens + 1)
         self.seqs[request_id] = seq
         return list(seq.block_table)
 
@@ -203,9 +214,16 @@ class LLMEngine:
         return (blocks_needed(num_prompt_tokens + 1, self.pool.block_size) <= self.pool.num_free
                 and len(self.scheduler.running) < self.cfg.max_num_seqs)
 
-    def activate_import(self, request_id: str) -> None:
-        """The KV has arrived: the sequence joins the running batch at its first token."""
+    def activate_import(self, request_id: str, first_token: int | None = None) -> None:
+        """The KV has arrived: the sequence joins the running batch at its first token (given
+        here when reserve_import() did not have it; ValueError when neither had it)."""
         seq = self.seqs[request_id]
+        if seq.num_tokens == seq.num_prompt_tokens:
+            if first_token is None:
+                raise ValueError("the first token never came with the KV")
+            if not 0 <= int(first_token) < self.model_cfg.vocab_size:
+                raise ValueError(f"first token {first_token} is outside the vocabulary")
+            seq.token_ids.append(int(first_token))
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.scheduler.add_running(seq)
 

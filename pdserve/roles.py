@@ -164,10 +164,15 @@ def cmd_worker(args) -> int:
     _setup_logging(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The KV transfer runs on its own thread: a message for it (an ACCEPT, a finished chunk) waits
+    # for the engine loop to hand over the GIL, by default up to 5 ms, which a transfer of a few
+    # milliseconds cannot afford.
+    sys.setswitchinterval(0.0005)
     settings = WorkerSettings(model=args.model, router_address=args.router, worker_id=args.worker_id,
                               device=args.device, dtype=args.dtype, kv_transport=args.kv_transport,
                               kv_address=getattr(args, "kv_address", "tcp://127.0.0.1:0"),
-                              kv_lease_s=args.kv_lease, heartbeat_s=args.heartbeat_interval,
+                              kv_lease_s=args.kv_lease, kv_offer_early=args.kv_offer == "early",
+                              heartbeat_s=args.heartbeat_interval,
                               engine=engine_options(args),
                               curve_keys=args.curve_keys or os.environ.get("PDSERVE_CURVE_KEYS") or None,
                               insecure=args.insecure, debug_step_delay_s=args.debug_step_delay,
@@ -207,6 +212,9 @@ def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
 def add_worker_timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-lease", type=float, default=30.0,
                    help="prefill: seconds a handed-off KV is held without the decode worker's ACK")
+    p.add_argument("--kv-offer", choices=("early", "late"), default="early",
+                   help="prefill: offer a request's KV to its decode worker when its last prompt chunk is "
+                        "scheduled (early: blocks are reserved while it is computed) or after the prefill")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
     p.add_argument("--debug-step-delay", type=float, default=0.0,
                    help="testing aid: sleep this long before every engine step (simulates a slow model)")
@@ -254,7 +262,7 @@ def cmd_serve(args) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // n_workers)
     common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
               "--kv-transport", args.kv_transport, "--router", control, "--threads", str(threads),
-              "--kv-lease", str(args.kv_lease), "--heartbeat-interval", str(args.heartbeat_interval),
+              "--kv-lease", str(args.kv_lease), "--kv-offer", args.kv_offer, "--heartbeat-interval", str(args.heartbeat_interval),
               "--debug-step-delay", str(args.debug_step_delay), "--log-format", args.log_format,
               "--log-level", args.log_level, "--shutdown-timeout", str(args.shutdown_timeout)]
     if args.curve_keys:

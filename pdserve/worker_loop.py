@@ -127,8 +127,15 @@ class WorkerLoop:
         sch = self.engine.scheduler
         return sum(max(q.num_prompt_tokens - q.num_computed_tokens, 0) for q in list(sch.waiting) + sch.running)
 
+    def watch(self, endpoint) -> None:
+        """Wake the loop's wait for router messages also when the KV endpoint has something to
+        poll (an offer, a finished transfer), so that an idle worker sees it at once."""
+        if hasattr(endpoint, "fileno"):
+            self.link.poller.register(endpoint.fileno(), zmq.POLLIN)
+
     def handle_messages(self, timeout_ms: int) -> None:
-        """Every control message waiting (after up to `timeout_ms` for the first)."""
+        """Every control message waiting (after up to `timeout_ms` for the first, or until a
+        watched KV endpoint has something)."""
         for msg in self.link.recv(timeout_ms=timeout_ms):
             try:
                 if not self.link.control(msg, self.abort_all):

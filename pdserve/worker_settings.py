@@ -14,6 +14,7 @@ class WorkerSettings:
     kv_transport: str = "zmq"
     kv_address: str = "tcp://127.0.0.1:0"   # decode: where to receive KV (port 0: any free port)
     kv_lease_s: float = 30.0            # prefill: how long a handed-off KV is held without an ACK
+    kv_offer_early: bool = True         # prefill: offer KV when its last chunk is scheduled, not after
     heartbeat_s: float = 1.0
     register_timeout_s: float = 60.0
     engine: dict = field(default_factory=dict)   # engine.EngineConfig overrides

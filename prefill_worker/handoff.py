@@ -1,10 +1,16 @@
 """The sending half of a KV hand-off, shared by prefill workers and `both` workers.
 
-A request placed here for prefill with its decode worker elsewhere is `expect`ed; when the
-engine's step ends its prefill (`StepOutput.handoff`), `emit` offers the KV to the decode
-worker named in the request's `Prefill` and the blocks stay held until the transfer ends
-(ACK, lease out, failure, cancel), which `poll` notices and turns into freed blocks and, on
-failure, a `Failed` to the router.
+A request placed here for prefill with its decode worker elsewhere is `expect`ed. Its KV is
+offered to the decode worker named in its `Prefill` as soon as the engine schedules the step
+that computes its last prompt chunk (`offer(..., ready=False)`, from the engine's
+`on_last_chunk` hook): the decode worker reserves blocks and accepts while the prompt is
+computed, so only the bytes are left once the prefill ends. When the step ends the prefill,
+`emit` marks the offer ready with the first token (the decode worker learns it from the
+transfer's DONE), or cancels it when that token already ended the request. With
+`kv_offer_early` off (or when the early offer could not be made), the KV is offered after
+the prefill instead, first token in the offer. Either way the blocks stay held until the
+transfer ends (ACK, lease out, failure, cancel), which `poll` notices and turns into freed
+blocks and, on failure, a `Failed` to the router.
 """
 from __future__ import annotations
 
@@ -35,47 +41,83 @@ class KVHandOff:
                                   worker.s.worker_id, **options)
         self.targets: dict[str, wire.Prefill] = {}   # request id -> its Prefill (until the KV is handed off)
         self.transfers: set[str] = set()             # KV offered, blocks held
+        self.early: set[str] = set()                 # offered while prefilling, not marked ready yet
         self.peers: dict[str, str] = {}              # decode worker -> incarnation we completed a handshake with
         self.stats = TransferStats(self.sender)
+        if worker.s.kv_offer_early:
+            worker.engine.on_last_chunk = self._offer_early
 
     def expect(self, msg: wire.Prefill) -> None:
         self.targets[msg.request_id] = msg
 
     def emit(self, outs) -> None:
-        """After an engine step: offers the KV of every prefill that ended with a hand-off."""
+        """After an engine step: every prefill it ended is handed off (or its offer dropped)."""
         for out in outs:
-            if out.handoff:
-                self._hand_off(out.request_id, out.new_token_ids[0])
+            rid = out.request_id
+            if rid in self.early:
+                self.early.discard(rid)
+                msg = self.targets.pop(rid)
+                if out.handoff:
+                    self.sender.ready(rid, meta={"first_token": out.new_token_ids[0]})
+                    self.stats.started(rid, len(msg.prompt_token_ids))  # what the decode worker waits for
+                else:  # its first token ended it: the engine freed the blocks, nothing was read from them
+                    self.sender.cancel(rid)
+            elif out.handoff:
+                self._hand_off(rid, out.new_token_ids[0])
             else:
-                self.targets.pop(out.request_id, None)
+                self.targets.pop(rid, None)
 
     def poll(self) -> None:
         for ev in self.sender.poll():
             self._ended(ev)
 
     def abort(self, rid: str) -> bool:
-        """Forgets the request's hand-off; True when a transfer was cancelled (the sender frees
-        the blocks when it reports the end), False when the engine still holds it."""
+        """Forgets the request's hand-off; True when a transfer was cancelled and the sender
+        frees the blocks when it reports the end, False when the engine must free them now."""
         self.targets.pop(rid, None)
-        if rid in self.transfers:
-            self.sender.cancel(rid)
-            return True
-        return False
+        if rid not in self.transfers:
+            return False
+        self.sender.cancel(rid)
+        if rid in self.early:  # still prefilling here; the sender reads nothing before ready()
+            self.early.discard(rid)
+            return False
+        return True
 
     def close(self) -> None:
         self.sender.close()
         if self._kv_ctx is not None:
             self._kv_ctx.term()
 
+    def _connect(self, msg: wire.Prefill) -> None:
+        if self.peers.get(msg.decode_worker) != msg.decode_incarnation:
+            # New peer, or it restarted: its receiver has forgotten our handshake.
+            self.peers.pop(msg.decode_worker, None)
+            self.sender.connect(msg.decode_worker, msg.decode_kv_address, timeout_s=HANDSHAKE_TIMEOUT_S)
+            self.peers[msg.decode_worker] = msg.decode_incarnation
+
+    def _offer_early(self, rid: str, block_ids: list[int]) -> None:
+        """Engine hook: the step about to run computes the last prompt chunk of `rid`."""
+        msg = self.targets.get(rid)
+        if msg is None or rid in self.transfers:
+            return
+        try:
+            self._connect(msg)
+            self.sender.offer(msg.decode_worker, rid, block_ids, len(msg.prompt_token_ids),
+                              {"prompt_token_ids": msg.prompt_token_ids, "params": msg.params},
+                              lease_s=self.w.s.kv_lease_s, ready=False)
+        except Exception as e:  # offered after the prefill instead, where a failure ends the request
+            log.warning("early KV offer to %s failed: %s", msg.decode_worker, e, extra=for_request(rid))
+            return
+        self.transfers.add(rid)
+        self.early.add(rid)
+        log.debug("KV (%d blocks) offered to %s while its last chunk is computed", len(block_ids),
+                  msg.decode_worker, extra=for_request(rid))
+
     def _hand_off(self, rid: str, first_token: int) -> None:
         w = self.w
         msg = self.targets.pop(rid)
         try:
-            if self.peers.get(msg.decode_worker) != msg.decode_incarnation:
-                # New peer, or it restarted: its receiver has forgotten our handshake.
-                self.peers.pop(msg.decode_worker, None)
-                self.sender.connect(msg.decode_worker, msg.decode_kv_address, timeout_s=HANDSHAKE_TIMEOUT_S)
-                self.peers[msg.decode_worker] = msg.decode_incarnation
+            self._connect(msg)
             seq_blocks = w.engine.kv_block_ids(rid)
             meta = {"prompt_token_ids": msg.prompt_token_ids, "first_token": first_token, "params": msg.params}
             self.sender.offer(msg.decode_worker, rid, seq_blocks, len(msg.prompt_token_ids), meta,

@@ -3,9 +3,13 @@
 A request's path through this process:
 
     router `Prefill` -> engine waiting -> engine running (prefill, chunked if long)
+      -> last chunk scheduled: KV offered to the named decode worker, not ready yet (it
+         reserves blocks and accepts while the chunk is computed; `--kv-offer late`: the
+         offer comes after the first token instead)
       -> first token sampled: `Tokens` to the router at once (TTFT does not wait for KV)
-      -> ended by that token?  blocks freed, done
-      -> else KV offered to the named decode worker (blocks held, bounded by a lease)
+      -> ended by that token?  offer cancelled, blocks freed, done
+      -> else the offer is marked ready with the first token: the bytes move (blocks held,
+         bounded by a lease)
       -> decode ACKs (or the lease runs out, or the transfer fails) -> blocks freed
 
 An `Abort` from the router frees the request wherever it is (a transfer in flight is
@@ -46,6 +50,7 @@ class PrefillWorker(WorkerLoop):
         super().__init__(settings, engine, ctx)
         self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id, curve=self.keys)
         self.handoff = KVHandOff(self, transfer_options or {})
+        self.watch(self.handoff.sender)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -60,7 +65,7 @@ class PrefillWorker(WorkerLoop):
                  e.max_model_len, self.s.router_address)
 
     def holds(self) -> list[str]:
-        return list(self.engine.seqs) + list(self.handoff.transfers)
+        return list(self.engine.seqs.keys() | self.handoff.transfers)
 
     def run_once(self) -> None:
         self.handle_messages(0 if self.engine.has_unfinished() else 5)

@@ -7,32 +7,49 @@ from engine import LLM, LLMEngine, SamplingParams
 from tests.engine.conftest import make_checkpoint
 
 
-@pytest.mark.parametrize("seed", [None, 7])
-def test_prefill_here_decode_there_equals_one_engine(tmp_path, seed):
+@pytest.mark.parametrize("seed,early", [(None, False), (7, False), (None, True), (7, True)])
+def test_prefill_here_decode_there_equals_one_engine(tmp_path, seed, early):
+    """early: blocks reserved before the first token exists (offered while prefilling), the
+    first token given when the KV has arrived."""
     make_checkpoint(tmp_path, "qwen3")
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41], list(range(50, 90))]
     temp = 0.0 if seed is None else 1.0
     params = SamplingParams(max_tokens=9, temperature=temp, seed=seed, ignore_eos=True)
     expected = [o.token_ids for o in LLM(str(tmp_path), device="cpu", num_kv_blocks=64).generate(prompts, params)]
 
-    pre = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=64, block_size=4)
+    pre = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
     dec = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=48, block_size=4)
+    scheduled: dict[str, list[int]] = {}
+
+    def last_chunk(rid: str, block_ids: list[int]) -> None:
+        assert rid not in scheduled and rid not in first  # once, in the step that ends the prefill
+        scheduled[rid] = block_ids
+
+    pre.on_last_chunk = last_chunk
     first = {}
     for i, p in enumerate(prompts):
         pre.add_request(f"r{i}", p, params, prefill_only=True)
     while pre.has_unfinished():
         for out in pre.step():
             assert out.finished and out.handoff and out.finish_reason is None
+            assert scheduled[out.request_id] == pre.kv_block_ids(out.request_id)
             first[out.request_id] = out.new_token_ids[0]
+    assert scheduled.keys() == first.keys()
     got = {}
     for i, p in enumerate(prompts):
         rid = f"r{i}"
         src = pre.kv_block_ids(rid)
-        dst = dec.reserve_import(rid, p, first[rid], params)
+        dst = dec.reserve_import(rid, p, None if early else first[rid], params)
+        assert len(dst) == -(-(len(p) + 1) // 4)  # room for the first token's KV too
         n = -(-len(p) // 4)  # blocks holding the prompt's KV
         dec.runner.kv_cache[:, :, dst[:n]] = pre.runner.kv_cache[:, :, src[:n]]
         pre.release_kv(rid)
-        dec.activate_import(rid)
+        if early:
+            with pytest.raises(ValueError, match="first token"):
+                dec.activate_import(rid)
+            dec.activate_import(rid, first[rid])
+        else:
+            dec.activate_import(rid)
         got[rid] = [first[rid]]
     while dec.has_unfinished():
         for out in dec.step():
