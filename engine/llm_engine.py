@@ -67,8 +67,9 @@ class LLMEngine:
         self.last_step: tuple[int, int] = (0, 0)
         # Called inside step(), after scheduling and before the model runs, with the request id
         # and block ids of every prefill-only sequence whose last prompt chunk is in the step:
-        # its KV can be offered to a decode worker while it is computed (set by the worker).
-        self.on_last_chunk: Callable[[str, list[int]], None] | None = None
+        # its KV can be offered to a decode worker while it is computed (set by the worker). It
+        # may return a callable, then called with n as the step's layers [0, n) are queued.
+        self.on_last_chunk: Callable[[str, list[int]], Callable[[int], None] | None] | None = None
         self._arrival = itertools.count()
 
     # ---- requests ---------------------------------------------------------------------------
@@ -119,12 +120,19 @@ class LLMEngine:
         if not batch:
             self.last_step = (0, 0)
             return []
+        on_layer = None
         if self.on_last_chunk is not None:
+            hooks = []
             for s in batch:
                 q = s.seq
                 if q.prefill_only and q.num_computed_tokens + s.num_new_tokens == q.num_prompt_tokens:
-                    self.on_last_chunk(q.request_id, list(q.block_table))
-        ordered, logits, rows = self.runner.run(batch)
+                    if (hook := self.on_last_chunk(q.request_id, list(q.block_table))) is not None:
+                        hooks.append(hook)
+            if hooks:
+                def on_layer(n: int) -> None:
+                    for hook in hooks:
+                        hook(n)
+        ordered, logits, rows = self.runner.run(batch, on_layer)
         num_tokens = decodes = 0
         for s in ordered:
             seq, n = s.seq, s.num_new_tokens

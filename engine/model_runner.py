@@ -185,9 +185,11 @@ class ModelRunner:
         _, input_ids, positions, meta = self.prepare(batch)
         return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, meta)).float()
 
-    def run(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor, list[int] | range]:
+    def run(self, batch: list[ScheduledSeq], on_layer=None) -> tuple[list[ScheduledSeq], torch.Tensor,
+                                                                     list[int] | range]:
         """Runs the batch; returns (ordered batch, logits [S, V] of the rows that sample, which
-        entries of the ordered batch those rows belong to)."""
+        entries of the ordered batch those rows belong to). `on_layer(n)`, if given, is called
+        as each layer's kernels are queued (not on a replayed decode graph)."""
         if self.graphs is not None and len(batch) <= self.graphs.max_batch:
             seqs = [s.seq for s in batch]
             # Only a batch of decodes (each computes its last token, and so samples) replays a
@@ -197,11 +199,12 @@ class ModelRunner:
                 # model dtype: the sampler upcasts if it samples
                 return batch, self.graphs.run(seqs), range(len(batch))
         with torch.inference_mode():
-            return self._run_eager(batch)
+            return self._run_eager(batch, on_layer)
 
-    def _run_eager(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor, list[int]]:
+    def _run_eager(self, batch: list[ScheduledSeq], on_layer=None) -> tuple[list[ScheduledSeq], torch.Tensor,
+                                                                            list[int]]:
         ordered, input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)            # [T, hidden]
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, on_layer)  # [T, hidden]
         # Only sequences whose last known token was just computed sample a new token; a
         # prefill chunk that stops short of the end produces no logits.
         ends, rows, t = [], [], 0

@@ -191,6 +191,12 @@ class KVSender(ABC):
         """Offer the request's KV to ``peer``; returns immediately.  ready=False: the blocks are
         still being written; nothing is read from them before ready(request_id)."""
 
+    def ready_layers(self, request_id: str, num_layers: int) -> None:
+        """Before ready(): layers [0, num_layers) of an offer made with ready=False are written
+        (CUDA: queued on the caller's current stream), so their bytes may move while the prefill
+        computes the rest -- layer by layer overlap.  The receiver's DONE still waits for
+        ready().  A hint: backends whose receiver numbers the chunks (nccl) ignore it."""
+
     def ready(self, request_id: str, meta: dict | None = None) -> None:
         """The KV of an offer made with ready=False is now written (CUDA: queued on the caller's
         current stream); its bytes move once the receiver accepted.  ``meta`` (msgpack-able,

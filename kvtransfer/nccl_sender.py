@@ -203,9 +203,8 @@ class NcclKVSender(ZmqKVSender):
         if self._xs is None:
             return super()._gather(out, c)
         with torch.cuda.stream(self._xs):
-            if out.ready is not None:
-                self._xs.wait_event(out.ready)  # after the prefill that wrote the blocks
-                out.ready = None  # once is enough: later gathers queue behind this one
+            if (ev := out.written(c)) is not None:
+                self._xs.wait_event(ev)  # after the prefill that wrote the blocks
             return torch.index_select(self.kv_cache[c.l0:c.l1], 2,
                                       out.src(self.kv_cache.device)[c.b0:c.b1])
 

@@ -3,6 +3,8 @@
     connect(): HELLO -> (HELLO_OK | HELLO_REFUSED)      offer(): OFFER -> (ACCEPT | REJECT)
     after ACCEPT: DATA chunks, round-robin across accepted requests -> ACK -> DONE
     offer(ready=False): no DATA, even once accepted, until ready(): READY -> DATA chunks
+    ready_layers(n) before ready(): DATA of layers [0, n) may go ahead (the receiver's DONE still
+    waits for READY); transports that number chunks on the receiver (nccl) wait for READY
     lease runs out before ACK: CANCEL(expired) -> EXPIRED;  cancel(): CANCEL -> CANCELLED
 """
 from __future__ import annotations
@@ -47,8 +49,20 @@ class _Out:
     next_chunk: int = 0
     accepted: bool = False
     kv_ready: bool = True  # False from offer(ready=False) until ready()
-    ready: "torch.cuda.Event | None" = None  # CUDA: recorded on the caller's stream at offer()
+    layers_ready: int = 0  # layers [0, layers_ready) are written: their chunks may be sent
+    # (layers written, CUDA event recorded on the caller's stream then, or None) per call of
+    # offer(ready=True), ready_layers() and ready(), in call order
+    marks: list[tuple[int, "torch.cuda.Event | None"]] = field(default_factory=list)
     src_dev: torch.Tensor | None = None      # src_idx on the cache device (I/O thread, lazily)
+
+    def written(self, c: wire.Chunk) -> "torch.cuda.Event | None":
+        """The event after which chunk ``c``'s layers are written (None: nothing to wait for)."""
+        return next((ev for n, ev in self.marks if n >= c.l1), None)
+
+    def sendable(self) -> bool:
+        """Chunks left, and the next one's layers are written (or queued to be, on CUDA)."""
+        return self.next_chunk < len(self.chunks) and \
+            self.chunks[self.next_chunk].l1 <= self.layers_ready
 
     def src(self, device: torch.device) -> torch.Tensor:
         """src_idx on ``device``, copied on the I/O thread's current stream the first time: a
@@ -124,13 +138,18 @@ class SenderCore(_Endpoint, KVSender):
                 raise ValueError(f"request {request_id!r} already offered and not yet finished")
             self._status[request_id] = TransferStatus.OFFERED
         if ready:
-            out.ready = self._record_ready()
+            out.layers_ready = self.layout.num_layers
+            out.marks.append((out.layers_ready, self._record_ready()))
         self._command("offer", out)
 
     def ready(self, request_id: str, meta: dict | None = None) -> None:
         if meta is not None:
             wire.encode(meta)  # raise TypeError here, in the caller, if it is not msgpack-able
         self._command("ready", request_id, self._record_ready(), meta)
+
+    def ready_layers(self, request_id: str, num_layers: int) -> None:
+        if 0 < num_layers < self.layout.num_layers:
+            self._command("ready_layers", request_id, num_layers, self._record_ready())
 
     def _record_ready(self) -> "torch.cuda.Event | None":
         """CUDA: the gather must not overtake the prefill that wrote the blocks."""
@@ -200,14 +219,14 @@ class SenderCore(_Endpoint, KVSender):
                 self.stats["chunks"] += 1
                 self.stats["bytes"] += hdr["nbytes"]
                 out.next_chunk += 1
-                if out.next_chunk < len(out.chunks):
-                    rr.append(out)
+                if out.sendable():
+                    rr.append(out)  # else back when more layers are ready (_cmd_ready_layers)
 
     def _gather(self, out: _Out, c: wire.Chunk) -> torch.Tensor:
         """Chunk ``c`` as a fresh [l1-l0, 2, b1-b0, block_size, H, D] tensor (index_select copies,
         so nothing of the cache is referenced once it ran).  Backends override it to stage."""
-        if out.ready is not None:
-            torch.cuda.current_stream(self.kv_cache.device).wait_event(out.ready)
+        if (ev := out.written(c)) is not None:
+            torch.cuda.current_stream(self.kv_cache.device).wait_event(ev)
         return torch.index_select(self.kv_cache[c.l0:c.l1], 2,
                                   out.src(self.kv_cache.device)[c.b0:c.b1])
 
@@ -255,14 +274,17 @@ class SenderCore(_Endpoint, KVSender):
         out.accepted = True
         with self._lock:
             self._status[out.rid] = TransferStatus.SENDING
-        if out.kv_ready:
+        if out.layers_ready:
             self._start_data(out)
 
     def _start_data(self, out: _Out) -> None:
-        """Accepted and written: queue the chunks for _pump."""
-        out.chunks = wire.plan_chunks(self.layout.num_layers, len(out.src_idx),
-                                      self.layout.block_layer_bytes, self.chunk_bytes)
-        self._rr.setdefault(out.peer, deque()).append(out)
+        """Accepted and (partly) written: queue the transfer for _pump while a chunk is ready."""
+        if not out.chunks:
+            out.chunks = wire.plan_chunks(self.layout.num_layers, len(out.src_idx),
+                                          self.layout.block_layer_bytes, self.chunk_bytes)
+        rr = self._rr.setdefault(out.peer, deque())
+        if out.sendable() and out not in rr:
+            rr.append(out)
 
     def _on_reject(self, peer: str, msg: dict, _: Payload) -> None:
         if out := self._match(peer, msg):
@@ -313,9 +335,19 @@ class SenderCore(_Endpoint, KVSender):
         out = self._out.get(rid)
         if out is None or out.kv_ready:
             return  # ended (expired, cancelled, failed) or ready twice
-        out.kv_ready, out.ready = True, ev
+        out.kv_ready, out.layers_ready = True, self.layout.num_layers
+        out.marks.append((out.layers_ready, ev))
         extra = {} if meta is None else {"meta": meta}
         self._send_ctrl(out.peer, wire.make(wire.READY, xid=out.xid, rid=rid, **extra))
+        if out.accepted:
+            self._start_data(out)
+
+    def _cmd_ready_layers(self, rid: str, n: int, ev: "torch.cuda.Event | None") -> None:
+        out = self._out.get(rid)
+        if out is None or n <= out.layers_ready:
+            return
+        out.layers_ready = n
+        out.marks.append((n, ev))
         if out.accepted:
             self._start_data(out)
 

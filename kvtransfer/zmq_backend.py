@@ -215,8 +215,8 @@ class ZmqKVSender(SenderCore):
         if slot is None:
             return super()._gather(out, c)
         with torch.cuda.stream(self._copy_stream):  # off the engine's stream
-            if out.ready is not None:
-                self._copy_stream.wait_event(out.ready)
+            if (ev := out.written(c)) is not None:
+                self._copy_stream.wait_event(ev)
             g = torch.index_select(self.kv_cache[c.l0:c.l1], 2,
                                    out.src(self.kv_cache.device)[c.b0:c.b1])
             host = slot.buf[:g.numel() * g.element_size()].view(g.dtype).view(g.shape)

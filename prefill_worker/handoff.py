@@ -4,7 +4,8 @@ A request placed here for prefill with its decode worker elsewhere is `expect`ed
 offered to the decode worker named in its `Prefill` as soon as the engine schedules the step
 that computes its last prompt chunk (`offer(..., ready=False)`, from the engine's
 `on_last_chunk` hook): the decode worker reserves blocks and accepts while the prompt is
-computed, so only the bytes are left once the prefill ends. When the step ends the prefill,
+computed, and each layer's KV moves as soon as the step has computed it (`ready_layers`, where
+the transport can: zmq; nccl moves it all after the step). When the step ends the prefill,
 `emit` marks the offer ready with the first token (the decode worker learns it from the
 transfer's DONE), or cancels it when that token already ended the request. With
 `kv_offer_early` off (or when the early offer could not be made), the KV is offered after
@@ -95,11 +96,12 @@ class KVHandOff:
             self.sender.connect(msg.decode_worker, msg.decode_kv_address, timeout_s=HANDSHAKE_TIMEOUT_S)
             self.peers[msg.decode_worker] = msg.decode_incarnation
 
-    def _offer_early(self, rid: str, block_ids: list[int]) -> None:
-        """Engine hook: the step about to run computes the last prompt chunk of `rid`."""
+    def _offer_early(self, rid: str, block_ids: list[int]):
+        """Engine hook: the step about to run computes the last prompt chunk of `rid`. Returns
+        the per-layer hook that lets each layer's KV move as soon as the step has computed it."""
         msg = self.targets.get(rid)
         if msg is None or rid in self.transfers:
-            return
+            return None
         try:
             self._connect(msg)
             self.sender.offer(msg.decode_worker, rid, block_ids, len(msg.prompt_token_ids),
@@ -107,11 +109,12 @@ class KVHandOff:
                               lease_s=self.w.s.kv_lease_s, ready=False)
         except Exception as e:  # offered after the prefill instead, where a failure ends the request
             log.warning("early KV offer to %s failed: %s", msg.decode_worker, e, extra=for_request(rid))
-            return
+            return None
         self.transfers.add(rid)
         self.early.add(rid)
         log.debug("KV (%d blocks) offered to %s while its last chunk is computed", len(block_ids),
                   msg.decode_worker, extra=for_request(rid))
+        return lambda n: self.sender.ready_layers(rid, n)
 
     def _hand_off(self, rid: str, first_token: int) -> None:
         w = self.w

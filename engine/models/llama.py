@@ -188,11 +188,14 @@ class LlamaForCausalLM(nn.Module):
     def init_rotary(self, max_positions: int, device) -> None:
         self.rotary = Rotary(self.cfg, max_positions, self.ops).to(device)
 
-    def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata, on_layer=None) -> torch.Tensor:
         # input_ids, positions: [T]; kv_cache: [L, 2, N, block, Hkv, D] -> hidden [T, hidden]
+        # on_layer(n): called once layers [0, n) are queued (their KV is written in stream order)
         x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
+            if on_layer is not None:
+                on_layer(i + 1)
         return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,10 @@
 """benchmarks/exposed_transfer.py --smoke: two real `pdserve serve`s (colocated and disaggregated)
 on the demo model, 3 requests each, and the result file checked against what the client must
-have seen.
-
-Opt-in (PDSERVE_BENCH_SMOKE=1): no other benchmark has a smoke test in the normal suite, and
-this one starts two servers (~35 s on 2 cores).
+have seen (~35 s on 2 cores).
 """
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +12,6 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "exposed_transfer.py"
-
-pytestmark = pytest.mark.skipif(not os.environ.get("PDSERVE_BENCH_SMOKE"),
-                                reason="benchmark smoke test: set PDSERVE_BENCH_SMOKE=1")
-
 
 @pytest.mark.timeout(150)
 def test_smoke_run_measures_every_request(demo_model, tmp_path):

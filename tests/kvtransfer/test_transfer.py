@@ -305,6 +305,66 @@ def test_offer_early_done_waits_for_ready_overtaken_by_data(kind, make_pair, mon
     check_copied(p, src_ids, dst_ids)
 
 
+def _after_ready_layers(p, kind: str, n: int, what: str) -> None:
+    """nccl ignores ready_layers (its receiver posts recvs at READY): nothing moves before ready()."""
+    if kind == "nccl":
+        deadline = time.monotonic() + 0.2
+        p.run_until(lambda: time.monotonic() > deadline)
+        assert p.receiver.stats["chunks"] == 0
+    else:
+        p.run_until(lambda: p.receiver.stats["chunks"] == n, what=what)
+
+
+def test_ready_layers_sends_written_layers_before_ready(kind, make_pair):
+    """Layer by layer: after ready_layers(n) the chunks of layers [0, n) move while the prefill
+    is still computing the rest; DONE (with ready()'s meta) waits for ready()."""
+    layout = layout_for(num_layers=4)
+    src_ids, dst_ids = [3, 1, 4], [0, 9, 5]
+    per_layer = len(src_ids) * layout.block_layer_bytes  # one chunk per layer
+    p = make_pair(layout=layout, sender_kw={"chunk_bytes": per_layer})
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, dst_ids)
+    p.sender.offer(p.peer, "r", src_ids, 12, {}, lease_s=10, ready=False)
+    p.run_until(lambda: p.sender.status("r") is TransferStatus.SENDING, what="ACCEPT")
+    p.src[:, :, src_ids] = 0  # the prefill has not written a thing yet
+    g = torch.Generator().manual_seed(3)
+    fresh = torch.randn(p.src[:, :, src_ids].shape, generator=g).to(p.src.dtype)
+    for n in (1, 3):  # layers computed so far: their bytes arrive, the others stay untouched
+        p.src[:n, :, src_ids] = fresh[:n]
+        p.sender.ready_layers("r", n)
+        _after_ready_layers(p, kind, n, f"{n} layers")
+        assert "r" not in p.recv  # no DONE before ready()
+        moved = 0 if kind == "nccl" else n
+        assert torch.equal(as_bytes(p.dst[:moved, :, dst_ids]), as_bytes(fresh[:moved]))
+        assert not as_bytes(p.dst[moved:]).any()
+    p.sender.ready_layers("r", 2)  # going back is a no-op
+    p.src[:, :, src_ids] = fresh
+    p.sender.ready("r", meta={"first_token": 5})
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    assert p.recv_statuses("r") == [DONE] and p.sent_status("r") is DONE
+    assert p.recv["r"][0].meta == {"first_token": 5}
+    assert p.sender.stats["chunks"] == 4  # each layer sent once
+    check_copied(p, src_ids, dst_ids)
+    check_untouched(p, set(dst_ids))
+
+
+def test_ready_layers_before_accept_and_after_cancel(kind, make_pair):
+    layout = layout_for(num_layers=4)
+    src_ids, dst_ids = [2, 7], [1, 3]
+    p = make_pair(layout=layout, sender_kw={"chunk_bytes": len(src_ids) * layout.block_layer_bytes})
+    p.sender.offer(p.peer, "r", src_ids, 8, {}, lease_s=10, ready=False)
+    p.run_until(lambda: "r" in p.offers, what="OFFER")
+    p.sender.ready_layers("r", 2)  # before the receiver accepted: sent once it does
+    p.receiver.accept("r", dst_ids)
+    _after_ready_layers(p, kind, 2, "2 layers after ACCEPT")
+    moved = 0 if kind == "nccl" else 2
+    assert torch.equal(as_bytes(p.dst[:moved, :, dst_ids]), as_bytes(p.src[:moved, :, src_ids]))
+    p.sender.cancel("r")  # e.g. the first token ended the request: the rest never moves
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    assert p.sent_status("r") is CANCELLED and p.recv_statuses("r") == [CANCELLED]
+    p.sender.ready_layers("r", 3)  # after the end: no-op
+    assert p.sender.stats["chunks"] == moved
+
+
 def test_offer_early_ready_before_accept(make_pair):
     p = make_pair()
     p.sender.offer(p.peer, "r", [2, 6], 8, {}, lease_s=10, ready=False)
