@@ -61,8 +61,8 @@ class KVHandOff:
                 if out.handoff:
                     self.sender.ready(rid, meta={"first_token": out.new_token_ids[0]})
                     self.stats.started(rid, len(msg.prompt_token_ids))  # what the decode worker waits for
-                else:  # its first token ended it: the engine freed the blocks, nothing was read from them
-                    self.sender.cancel(rid)
+                else:  # its first token ended it and the engine freed the blocks; layers sent so far
+                    self.sender.cancel(rid)  # are dropped by the receiver with the cancelled transfer
             elif out.handoff:
                 self._hand_off(rid, out.new_token_ids[0])
             else:
@@ -79,9 +79,9 @@ class KVHandOff:
         if rid not in self.transfers:
             return False
         self.sender.cancel(rid)
-        if rid in self.early:  # still prefilling here; the sender reads nothing before ready()
-            self.early.discard(rid)
-            return False
+        if rid in self.early:  # still prefilling here: freed now, like any prefill; a chunk the
+            self.early.discard(rid)  # sender still reads from the blocks belongs to a cancelled
+            return False             # transfer, which the receiver drops
         return True
 
     def close(self) -> None:
