@@ -191,6 +191,8 @@ class KVSender(ABC):
         """Offer the request's KV to ``peer``; returns immediately.  ready=False: the blocks are
         still being written; nothing is read from them before ready(request_id)."""
 
+    sends_layers_early = False  # whether ready_layers() lets bytes move before ready()
+
     def ready_layers(self, request_id: str, num_layers: int) -> None:
         """Before ready(): layers [0, num_layers) of an offer made with ready=False are written
         (CUDA: queued on the caller's current stream), so their bytes may move while the prefill

@@ -45,6 +45,7 @@ class NcclKVSender(ZmqKVSender):
     ``max_inflight`` are posted per peer (staging memory <= max_inflight x chunk_bytes)."""
 
     _close_linger_ms = 200  # let BYE leave before the control socket closes
+    sends_layers_early = False  # the receiver numbers chunks at READY (see nccl_receiver._activate)
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, name: str, *,
                  chunk_bytes: int = DEFAULT_NCCL_CHUNK_BYTES, max_inflight: int = 4,

@@ -76,6 +76,7 @@ class SenderCore(_Endpoint, KVSender):
     """Prefill-side state machine.  Subclasses add _t_connect/_t_disconnect + the _t_* hooks."""
 
     _HELLO_RETRY_S: float | None = None  # resend HELLO while unanswered (transports that drop)
+    sends_layers_early = True
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, name: str,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:

@@ -8,8 +8,9 @@ computed, and each layer's KV moves as soon as the step has computed it (`ready_
 the transport can: zmq; nccl moves it all after the step). When the step ends the prefill,
 `emit` marks the offer ready with the first token (the decode worker learns it from the
 transfer's DONE), or cancels it when that token already ended the request. With
-`kv_offer_early` off (or when the early offer could not be made), the KV is offered after
-the prefill instead, first token in the offer. Either way the blocks stay held until the
+`kv_offer_early` off, for the first hand-off to a decode worker (its handshake, up to 3 s, must
+not stall the step and the heartbeats with it) and when the early offer failed, the KV is
+offered after the prefill instead, first token in the offer. Either way the blocks stay held until the
 transfer ends (ACK, lease out, failure, cancel), which `poll` notices and turns into freed
 blocks and, on failure, a `Failed` to the router.
 """
@@ -62,7 +63,7 @@ class KVHandOff:
                     self.sender.ready(rid, meta={"first_token": out.new_token_ids[0]})
                     self.stats.started(rid, len(msg.prompt_token_ids))  # what the decode worker waits for
                 else:  # its first token ended it and the engine freed the blocks; layers sent so far
-                    self.sender.cancel(rid)  # are dropped by the receiver with the cancelled transfer
+                    self._drop_early(rid)  # are dropped by the receiver with the cancelled transfer
             elif out.handoff:
                 self._hand_off(rid, out.new_token_ids[0])
             else:
@@ -80,14 +81,21 @@ class KVHandOff:
             return False
         self.sender.cancel(rid)
         if rid in self.early:  # still prefilling here: freed now, like any prefill; a chunk the
-            self.early.discard(rid)  # sender still reads from the blocks belongs to a cancelled
-            return False             # transfer, which the receiver drops
+            self._drop_early(rid)  # sender still reads from the blocks belongs to a cancelled
+            return False           # transfer, which the receiver drops
         return True
 
     def close(self) -> None:
         self.sender.close()
         if self._kv_ctx is not None:
             self._kv_ctx.term()
+
+    def _drop_early(self, rid: str) -> None:
+        """Cancel an early offer whose blocks the engine frees itself: its end event then finds
+        nothing to release (and cannot release a later request reusing the id)."""
+        self.early.discard(rid)
+        self.transfers.discard(rid)
+        self.sender.cancel(rid)
 
     def _connect(self, msg: wire.Prefill) -> None:
         if self.peers.get(msg.decode_worker) != msg.decode_incarnation:
@@ -100,10 +108,9 @@ class KVHandOff:
         """Engine hook: the step about to run computes the last prompt chunk of `rid`. Returns
         the per-layer hook that lets each layer's KV move as soon as the step has computed it."""
         msg = self.targets.get(rid)
-        if msg is None or rid in self.transfers:
-            return None
+        if msg is None or rid in self.transfers or self.peers.get(msg.decode_worker) != msg.decode_incarnation:
+            return None  # a first handshake (up to 3 s) waits for after the step: offered late
         try:
-            self._connect(msg)
             self.sender.offer(msg.decode_worker, rid, block_ids, len(msg.prompt_token_ids),
                               {"prompt_token_ids": msg.prompt_token_ids, "params": msg.params},
                               lease_s=self.w.s.kv_lease_s, ready=False)
@@ -114,6 +121,8 @@ class KVHandOff:
         self.early.add(rid)
         log.debug("KV (%d blocks) offered to %s while its last chunk is computed", len(block_ids),
                   msg.decode_worker, extra=for_request(rid))
+        if not self.sender.sends_layers_early:
+            return None
         return lambda n: self.sender.ready_layers(rid, n)
 
     def _hand_off(self, rid: str, first_token: int) -> None:

@@ -20,10 +20,12 @@ def test_prefill_here_decode_there_equals_one_engine(tmp_path, seed, early):
     pre = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
     dec = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=48, block_size=4)
     scheduled: dict[str, list[int]] = {}
+    layers: dict[str, list[int]] = {}
 
-    def last_chunk(rid: str, block_ids: list[int]) -> None:
+    def last_chunk(rid: str, block_ids: list[int]):
         assert rid not in scheduled and rid not in first  # once, in the step that ends the prefill
         scheduled[rid] = block_ids
+        return layers.setdefault(rid, []).append  # the per-layer hook: called with 1..num_layers
 
     pre.on_last_chunk = last_chunk
     first = {}
@@ -35,6 +37,8 @@ def test_prefill_here_decode_there_equals_one_engine(tmp_path, seed, early):
             assert scheduled[out.request_id] == pre.kv_block_ids(out.request_id)
             first[out.request_id] = out.new_token_ids[0]
     assert scheduled.keys() == first.keys()
+    num_layers = pre.model_cfg.num_layers
+    assert all(v == list(range(1, num_layers + 1)) for v in layers.values()), layers
     got = {}
     for i, p in enumerate(prompts):
         rid = f"r{i}"
