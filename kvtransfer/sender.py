@@ -49,11 +49,15 @@ class _Out:
     next_chunk: int = 0
     accepted: bool = False
     kv_ready: bool = True  # False from offer(ready=False) until ready()
-    layers_ready: int = 0  # layers [0, layers_ready) are written: their chunks may be sent
     # (layers written, CUDA event recorded on the caller's stream then, or None) per call of
-    # offer(ready=True), ready_layers() and ready(), in call order
+    # offer(ready=True), ready_layers() and ready(), in call order: layer counts only grow
     marks: list[tuple[int, "torch.cuda.Event | None"]] = field(default_factory=list)
     src_dev: torch.Tensor | None = None      # src_idx on the cache device (I/O thread, lazily)
+
+    @property
+    def layers_ready(self) -> int:
+        """Layers [0, layers_ready) are written: their chunks may be sent."""
+        return self.marks[-1][0] if self.marks else 0
 
     def written(self, c: wire.Chunk) -> "torch.cuda.Event | None":
         """The event after which chunk ``c``'s layers are written (None: nothing to wait for)."""
@@ -139,8 +143,7 @@ class SenderCore(_Endpoint, KVSender):
                 raise ValueError(f"request {request_id!r} already offered and not yet finished")
             self._status[request_id] = TransferStatus.OFFERED
         if ready:
-            out.layers_ready = self.layout.num_layers
-            out.marks.append((out.layers_ready, self._record_ready()))
+            out.marks.append((self.layout.num_layers, self._record_ready()))
         self._command("offer", out)
 
     def ready(self, request_id: str, meta: dict | None = None) -> None:
@@ -336,8 +339,8 @@ class SenderCore(_Endpoint, KVSender):
         out = self._out.get(rid)
         if out is None or out.kv_ready:
             return  # ended (expired, cancelled, failed) or ready twice
-        out.kv_ready, out.layers_ready = True, self.layout.num_layers
-        out.marks.append((out.layers_ready, ev))
+        out.kv_ready = True
+        out.marks.append((self.layout.num_layers, ev))
         extra = {} if meta is None else {"meta": meta}
         self._send_ctrl(out.peer, wire.make(wire.READY, xid=out.xid, rid=rid, **extra))
         if out.accepted:
@@ -347,7 +350,6 @@ class SenderCore(_Endpoint, KVSender):
         out = self._out.get(rid)
         if out is None or n <= out.layers_ready:
             return
-        out.layers_ready = n
         out.marks.append((n, ev))
         if out.accepted:
             self._start_data(out)
