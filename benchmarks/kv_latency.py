@@ -30,7 +30,6 @@ Prints one row per size (medians in ms) and whether the last request's bytes arr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import multiprocessing as mp
 import queue
 import statistics
@@ -40,6 +39,7 @@ import time
 import torch
 
 from kvtransfer import KVLayout, TransferStatus, make_receiver, make_sender
+from kvtransfer.bench import digest, idle, make_cache
 
 LAYOUTS = {
     "tiny": KVLayout("bench", "bfloat16", num_layers=4, num_kv_heads=2, head_dim=16,
@@ -49,36 +49,13 @@ LAYOUTS = {
 }
 
 
-def _cache(layout: KVLayout, nblocks: int, device: str, fill: bool) -> torch.Tensor:
-    shape = layout.chunk_shape(layout.num_layers, nblocks)
-    if not fill:
-        return torch.zeros(shape, dtype=layout.torch_dtype, device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    return torch.randn(shape, generator=g, device=device).to(layout.torch_dtype)
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha1(t.contiguous().cpu().view(torch.uint8).numpy()).hexdigest()
-
-
-def _idle(endpoint, engine: str, sleep_s: float) -> None:
-    if engine == "wait":
-        endpoint.wait(sleep_s)
-    elif engine == "busy":
-        end = time.perf_counter() + sleep_s
-        while time.perf_counter() < end:
-            pass
-    else:
-        time.sleep(sleep_s)
-
-
 def _receiver(backend: str, layout: KVLayout, device: str, nblocks: int, sleep_s: float,
               engine: str, switch_s: float, q_out: mp.Queue, q_in: mp.Queue) -> None:
     torch.set_num_threads(1)
     sys.setswitchinterval(switch_s)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    dst = _cache(layout, nblocks, device, fill=False)
+    dst = make_cache(layout, nblocks, device, fill=False)
     with make_receiver(backend, dst, layout, "lat-decode") as r:
         q_out.put(r.address)
         stamps: dict[str, list[float]] = {}
@@ -98,10 +75,10 @@ def _receiver(backend: str, layout: KVLayout, device: str, nblocks: int, sleep_s
             for ev in r.poll():
                 ids = ids_of.pop(ev.request_id)
                 st = stamps.pop(ev.request_id)
-                digest = _digest(dst[:, :, ids]) if ev.request_id.endswith("check") else ""
+                landed = digest(dst[:, :, ids]) if ev.request_id.endswith("check") else ""
                 q_out.put((ev.request_id, ev.status.value, st[0], st[1], time.monotonic(),
-                           digest))
-            _idle(r, engine, sleep_s)
+                           landed))
+            idle(r, engine, sleep_s)
 
 
 def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: int,
@@ -119,7 +96,7 @@ def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: in
                               q_in))
     child.start()
     try:
-        src = _cache(layout, top, src_dev, fill=True)
+        src = make_cache(layout, top, src_dev, fill=True)
         with make_sender(backend, src, layout, "lat-prefill") as s:
             s.connect("d", q_out.get(timeout=120), timeout_s=120)
             print(f"{backend} {src_dev}->{dst_dev}, engine loops {engine} {sleep_s * 1e6:.0f} us, "
@@ -143,7 +120,7 @@ def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: in
                         while s.status(rid) is not TransferStatus.SENDING:
                             if time.monotonic() > deadline:
                                 raise RuntimeError(f"{rid}: never accepted")
-                            _idle(s, engine, sleep_s)
+                            idle(s, engine, sleep_s)
                         t_ready = time.monotonic()
                         s.ready(rid)
                     ev = None
@@ -151,17 +128,17 @@ def run(backend: str, layout: KVLayout, device: str, sizes: list[int], iters: in
                         evs = s.poll()
                         ev = evs[0] if evs else None
                         if ev is None:
-                            _idle(s, engine, sleep_s)
+                            idle(s, engine, sleep_s)
                     t3 = time.monotonic()
                     if ev is None or ev.status is not TransferStatus.DONE:
                         raise RuntimeError(f"{rid}: {ev}")
                     got = q_out.get(timeout=60)
                     assert got[0] == rid and got[1] == "done", got
-                    _, _, seen, accepted, rdone, digest = got
+                    _, _, seen, accepted, rdone, landed = got
                     if i >= 3:
                         start = t_ready if early else accepted
                         rows.append((seen - t0, rdone - start, t3 - rdone, t3 - t_ready))
-                intact = digest == _digest(src[:, :, src_ids])
+                intact = landed == digest(src[:, :, src_ids])
                 med = [statistics.median(c) * 1e3 for c in zip(*rows)]
                 tot = sorted(r[3] * 1e3 for r in rows)
                 kib = n * layout.block_layer_bytes * layout.num_layers / 1024

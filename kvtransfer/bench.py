@@ -28,25 +28,32 @@ from .base import KVLayout, TransferStatus, make_receiver, make_sender
 LAYOUT = KVLayout("bench", "bfloat16", num_layers=32, num_kv_heads=8, head_dim=128, block_size=16)
 
 
-def _cache(nblocks: int, device: str, fill: bool) -> torch.Tensor:
-    shape = LAYOUT.chunk_shape(LAYOUT.num_layers, nblocks)
+def make_cache(layout: KVLayout, nblocks: int, device: str, fill: bool) -> torch.Tensor:
+    """A KV cache of ``nblocks`` blocks: zeros, or (fill) seeded random values."""
+    shape = layout.chunk_shape(layout.num_layers, nblocks)
     if not fill:
-        return torch.zeros(shape, dtype=torch.bfloat16, device=device)
+        return torch.zeros(shape, dtype=layout.torch_dtype, device=device)
     g = torch.Generator(device=device).manual_seed(0)
-    return torch.randn(shape, generator=g, device=device).to(torch.bfloat16)
+    return torch.randn(shape, generator=g, device=device).to(layout.torch_dtype)
 
 
-def _digest(t: torch.Tensor) -> str:
+def digest(t: torch.Tensor) -> str:
     return hashlib.sha1(t.contiguous().cpu().view(torch.uint8).numpy()).hexdigest()
 
 
-def _idle(endpoint, engine: str) -> None:
-    """Between polls: "sleep" 200 us (an engine busy elsewhere), or "wait" up to that long in
-    the endpoint's wait(), which returns as soon as there is something to poll."""
+def idle(endpoint, engine: str, seconds: float = 0.0002) -> None:
+    """Between polls: "sleep" (an engine busy elsewhere, GIL released; spinning would starve the
+    transfer thread), "wait" up to that long in the endpoint's wait(), which returns as soon as
+    there is something to poll, or "busy": run Python that long, holding the GIL like an engine
+    step's host work."""
     if engine == "wait":
-        endpoint.wait(0.0002)
+        endpoint.wait(seconds)
+    elif engine == "busy":
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
     else:
-        time.sleep(0.0002)  # an engine does work between polls; spinning starves the GIL
+        time.sleep(seconds)
 
 
 def _receiver(backend: str, device: str, nblocks: int, address: str, kw: dict,
@@ -54,7 +61,7 @@ def _receiver(backend: str, device: str, nblocks: int, address: str, kw: dict,
     torch.set_num_threads(1)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    dst = _cache(2 * nblocks, device, fill=False)
+    dst = make_cache(LAYOUT, 2 * nblocks, device, fill=False)
     with make_receiver(backend, dst, LAYOUT, "bench-decode", address, **kw) as r:
         q_out.put(r.address)
         dst_ids: dict[str, list[int]] = {}
@@ -65,8 +72,8 @@ def _receiver(backend: str, device: str, nblocks: int, address: str, kw: dict,
             for ev in r.poll():
                 ids = dst_ids.pop(ev.request_id)
                 if ev.status is TransferStatus.DONE and ev.request_id == "check":
-                    q_out.put(_digest(dst[:, :, ids]))
-            _idle(r, engine)
+                    q_out.put(digest(dst[:, :, ids]))
+            idle(r, engine)
 
 
 def measure(backend: str = "zmq", device: str = "cpu", mib: int = 64,
@@ -90,7 +97,7 @@ def measure(backend: str = "zmq", device: str = "cpu", mib: int = 64,
                         args=(backend, dst_dev, nblocks, address, {}, q_out, q_in, engine))
     child.start()
     try:
-        src = _cache(2 * nblocks, src_dev, fill=True)
+        src = make_cache(LAYOUT, 2 * nblocks, src_dev, fill=True)
         src_ids = list(range(0, 2 * nblocks, 2))       # every other block: a gather with holes
         dst_ids = list(range(2 * nblocks - 1, 0, -2))  # and a scatter in reverse order
         with make_sender(backend, src, LAYOUT, "bench-prefill", **kw) as s:
@@ -105,7 +112,7 @@ def measure(backend: str = "zmq", device: str = "cpu", mib: int = 64,
                 deadline = time.monotonic() + 120
                 while len(done) < len(rids) and time.monotonic() < deadline:
                     done.update((e.request_id, e) for e in s.poll())
-                    _idle(s, engine)
+                    idle(s, engine)
                 dt = time.perf_counter() - t0
                 bad = [e for e in done.values() if e.status is not TransferStatus.DONE]
                 if bad or len(done) < len(rids):
@@ -116,7 +123,7 @@ def measure(backend: str = "zmq", device: str = "cpu", mib: int = 64,
             rates = [nbytes / run([f"seq-{i}"]) / 1e9 for i in range(iters)]
             burst_rate = burst * nbytes / run([f"burst-{i}" for i in range(burst)]) / 1e9
             run(["check"])
-            intact = q_out.get(timeout=60) == _digest(src[:, :, src_ids])
+            intact = q_out.get(timeout=60) == digest(src[:, :, src_ids])
     finally:
         q_in.put("stop")
         child.join(timeout=10)
