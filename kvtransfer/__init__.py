@@ -7,9 +7,9 @@ Backends: "zmq" (ZmqKVSender/ZmqKVReceiver), "nccl" (NcclKVSender/NcclKVReceiver
 zmq, KV bytes over NCCL between GPUs or gloo on CPU) and "inproc" (InprocKVSender/InprocKVReceiver,
 joined through an InprocHub).  Pick one by name with make_sender()/make_receiver().
 """
-from .base import (BACKENDS, KVLayout, KVOffer, KVReceiver, KVSender, KVTransferError,
-                   LayoutMismatch, TransferEvent, TransferStatus, blocks_needed, make_receiver,
-                   make_sender)
+from .base import (KVLayout, KVOffer, KVReceiver, KVSender, KVTransferError, LayoutMismatch,
+                   TransferEvent, TransferStatus, blocks_needed)
+from .factory import BACKENDS, make_receiver, make_sender
 from .inproc import InprocHub, InprocKVReceiver, InprocKVSender
 from .nccl_backend import NcclKVReceiver, NcclKVSender
 from .zmq_backend import ZmqKVReceiver, ZmqKVSender

@@ -45,7 +45,6 @@ import torch
 __all__ = [
     "KVLayout", "LayoutMismatch", "KVTransferError", "TransferStatus", "KVOffer", "TransferEvent",
     "KVSender", "KVReceiver", "blocks_needed", "dtype_name", "dtype_from_name",
-    "make_sender", "make_receiver", "BACKENDS",
 ]
 
 
@@ -273,31 +272,3 @@ class KVReceiver(ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-BACKENDS = ("inproc", "zmq", "nccl")
-
-
-def _backend(kind: str) -> tuple[type, type]:
-    if kind == "zmq":
-        from .zmq_backend import ZmqKVReceiver, ZmqKVSender
-        return ZmqKVSender, ZmqKVReceiver
-    if kind == "inproc":
-        from .inproc import InprocKVReceiver, InprocKVSender
-        return InprocKVSender, InprocKVReceiver
-    if kind == "nccl":
-        from .nccl_backend import NcclKVReceiver, NcclKVSender
-        return NcclKVSender, NcclKVReceiver
-    raise ValueError(f"unknown KV transfer backend {kind!r}; supported: {', '.join(BACKENDS)}")
-
-
-def make_sender(kind: str, kv_cache: torch.Tensor, layout: KVLayout, name: str,
-                **kwargs: Any) -> KVSender:
-    """kind "zmq", "nccl" (bulk bytes over NCCL/gloo p2p, control over zmq) or "inproc" (needs
-    hub=InprocHub); kwargs go to the backend."""
-    return _backend(kind)[0](kv_cache, layout, name, **kwargs)
-
-
-def make_receiver(kind: str, kv_cache: torch.Tensor, layout: KVLayout, name: str,
-                  address: str | None = None, **kwargs: Any) -> KVReceiver:
-    return _backend(kind)[1](kv_cache, layout, name, address, **kwargs)

@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from .base import KVLayout, TransferStatus, make_receiver, make_sender
+from .base import KVLayout, TransferStatus
+from .factory import make_receiver, make_sender
 
 LAYOUT = KVLayout("bench", "bfloat16", num_layers=32, num_kv_heads=8, head_dim=128, block_size=16)
 
