@@ -1,4 +1,4 @@
-"""KV-cache transfer interface: layout fingerprint, statuses, events, sender/receiver ABCs.
+"""The KV transfer interface: layout fingerprint, statuses, events, sender/receiver ABCs.
 
 A prefill worker owns a ``KVSender``; a decode worker owns a ``KVReceiver``.  Both wrap the
 worker's preallocated paged cache::
@@ -6,24 +6,14 @@ worker's preallocated paged cache::
     kv_cache: torch.Tensor  # [num_layers, 2 (K,V), num_blocks, block_size, num_kv_heads, head_dim]
 
 Moving request R copies ``src_cache[:, :, src_block_ids]`` into ``dst_cache[:, :, dst_block_ids]``
-(only the first ``ceil(num_tokens / block_size)`` blocks of each list are used).
-
-Message flow (same for every backend)::
-
-    sender.connect()   HELLO(layout)  ->            <- HELLO_OK | HELLO_REFUSED(mismatch message)
-    sender.offer()     OFFER(rid, num_tokens, meta, lease_s)  ->
-                                       receiver.poll_offers() -> receiver.accept(rid, dst_blocks)
-                                                    <- ACCEPT          (or <- REJECT(reason))
-                       DATA(chunk 0), DATA(chunk 1), ...  ->   written into dst blocks
-                                                    <- ACK             (after the last byte landed)
-    sender.poll() -> DONE                            receiver.poll() -> DONE
-    CANCEL (either direction) aborts: sender.cancel(), lease expiry, bad data, close().
+(only the first ``ceil(num_tokens / block_size)`` blocks of each list are used).  The messages
+that do it are drawn in frames.py; this module says what each call and event promises.
 
 Offer early: ``offer(..., ready=False)`` when the prefill starts lets the decode side reserve
 blocks and accept while the KV is still being computed; ``ready(rid, meta)`` once it is written
-sends READY, and the data follows as soon as the offer is (or was) accepted.  What only the
-prefill knows (the first token) goes in ready()'s meta and arrives on the receiver's DONE event.
-The lease runs from offer(), so it must cover the prefill too.
+lets the data follow as soon as the offer is (or was) accepted.  What only the prefill knows
+(the first token) goes in ready()'s meta and arrives on the receiver's DONE event.  The lease
+runs from offer(), so it must cover the prefill too.
 
 Every offer ends in exactly one terminal sender event (DONE / EXPIRED / FAILED / CANCELLED); after
 it the prefill engine may free the source blocks.  Every ``accept()`` ends in exactly one terminal

@@ -161,9 +161,11 @@ def main() -> None:
     if args.json:
         nbytes = args.mib << 20
         print(json.dumps({"backend": args.backend, "device": args.device, "MiB": args.mib,
-                          "GBps_one_request": round(res["median"], 2), "GBps_best": round(res["best"], 2),
+                          "GBps_one_request": round(res["median"], 2),
+                          "GBps_best": round(res["best"], 2),
                           f"GBps_{args.burst}_in_flight": round(res["burst"], 2),
-                          "ms_one_request": round(nbytes / res["median"] / 1e6, 3), "intact": res["intact"]}))
+                          "ms_one_request": round(nbytes / res["median"] / 1e6, 3),
+                          "intact": res["intact"]}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Transport-independent machinery shared by every KV transfer backend.
+"""What every KV transfer endpoint shares: its I/O thread, command queue, events and wake-ups.
 
-Flow: HELLO -> HELLO_OK, then per request OFFER -> ACCEPT -> DATA... -> ACK (see base.py/wire.py).
-SenderCore (sender.py) and ReceiverCore (receiver.py) hold the protocol state machines; a backend
-subclasses them and supplies the transport hooks (_t_*) declared on _Endpoint below.
+SenderCore (sender.py) and ReceiverCore (receiver.py) hold the protocol state machines (the
+message flow is drawn in frames.py); a backend subclasses them and supplies the transport hooks
+(_t_*) declared on _Endpoint below.
 
 Threading model (why it is safe to hand out the cache):
   * The engine thread calls the public methods.  They validate arguments, queue a command and wake

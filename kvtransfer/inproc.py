@@ -1,7 +1,7 @@
-"""In-process KV transfer backend for unit tests of the workers (no sockets).
+"""The "inproc" KV transfer backend: both endpoints in one process, joined through an InprocHub.
 
-Same protocol and state machines as the zmq backend (HELLO -> HELLO_OK; OFFER -> ACCEPT ->
-DATA... -> ACK; CANCEL), so leases, handshake checks and cancellation behave identically.  Only the
+For unit tests of the workers (no sockets).  Same protocol (frames.py) and state machines as the
+zmq backend, so leases, handshake checks and cancellation behave identically.  Only the
 transport differs: endpoints are joined by address through an ``InprocHub`` you create and pass to
 both sides (no module global, so tests stay isolated).  Control headers still round-trip through
 msgpack (a worker whose offer meta is not msgpack-able fails here exactly as it would over zmq);
@@ -17,7 +17,7 @@ from typing import Hashable
 
 import torch
 
-from . import wire
+from . import frames
 from .base import KVLayout
 from .core import DEFAULT_CHUNK_BYTES, Payload
 from .receiver import ReceiverCore
@@ -89,7 +89,7 @@ class _InprocTransport:
     def _t_send(self, key: Hashable, msg: dict, payload: torch.Tensor | None = None) -> bool:
         addr = self._addr_of(key)
         if addr is not None:
-            self._hub._deliver(addr, self._addr, wire.encode(msg), payload)
+            self._hub._deliver(addr, self._addr, frames.encode(msg), payload)
         return True  # no back-pressure on control messages; lost if the peer is gone
 
     def _t_wait(self, timeout_s: float, want_write: list) -> list[tuple[Hashable, dict, Payload]]:
@@ -105,10 +105,10 @@ class _InprocTransport:
             except IndexError:
                 break
             try:
-                msg = wire.decode(header)
-                if (msg["t"] == wire.DATA) != (payload is not None):
-                    raise wire.WireError(f"{msg['t']} with payload {type(payload).__name__}")
-            except wire.WireError as e:
+                msg = frames.decode(header)
+                if (msg["t"] == frames.DATA) != (payload is not None):
+                    raise frames.FrameError(f"{msg['t']} with payload {type(payload).__name__}")
+            except frames.FrameError as e:
                 self._drop(f"from {frm}: {e}")
                 continue
             out.append((self._key_of(frm), msg, payload))

@@ -1,30 +1,15 @@
-"""NCCL (GPU) / gloo (CPU) KV transfer backend: control over ZeroMQ exactly as the zmq backend,
-bulk KV bytes over a private 2-rank torch.distributed group per (sender, receiver) pair.
+"""The "nccl" KV transfer backend, and why it is built the way it is.
 
-Message flow (sender = rank 0, receiver = rank 1; control frames are wire.py msgpack)::
-
-    sender: DEALER                               receiver: ROUTER + TCPStore
-    HELLO(layout, pg_backend, nccl_proto) ->     layout + backend check
-                                         <-      PG_INIT(gid, store_port)  | HELLO_REFUSED
-    both build ProcessGroup{NCCL,Gloo}(PrefixStore(gid, TCPStore), rank, 2) and move one
-    warm-up element, on a helper thread (pgroup.py)
-                                         <-      HELLO_OK  (group ready; connect() returns)
-    OFFER(rid, meta, lease, chunk_bytes) ->
-                                         <-      ACCEPT    accept(): plan the chunks, number
-                                         <-      RECVS(seq0, [[rid, xid, ranges], ...])
-                                                 the next few (round-robin across accepted
-                                                 transfers, max_posted in flight), post recvs
-    per RECVS chunk: gather, pg.send(seq)  ==>   recv finished -> scatter, number and post
-                                         <-      RECVS ...  the next chunks as the window frees
-                                         <-      ACK       (after the last scatter finished)
-    offer early: OFFER(ready=False) is ACCEPTed but gets no RECVS until READY ->
-    CANCEL either way aborts a transfer; BYE either way: this side dropped the pair, drop yours.
+Control over ZeroMQ exactly as the zmq backend, bulk KV bytes over a private 2-rank
+torch.distributed group per (sender, receiver) pair: NCCL between GPUs, gloo on CPU caches.  The
+message flow is drawn in frames.py; the sender is nccl_sender.py, the receiver nccl_receiver.py,
+the pair's group pgroup.py.
 
 Why the receiver numbers the chunks: its recvs are posted the moment the engine accepts and the
-numbers travel with the ACCEPT, so the bytes flow as soon as they reach the sender -- no
-announcement from the sender and no second round trip before the first byte.  Numbering only
-as many chunks as it has recvs posted keeps requests interleaved (a small one is not queued
-behind a big one) and bounds what a cancel wastes.
+numbers (RECVS) follow the ACCEPT on the same socket, so the bytes flow as soon as they reach the
+sender -- no announcement from the sender and no second round trip before the first byte.
+Numbering only as many chunks as it has recvs posted keeps requests interleaved (a small one is
+not queued behind a big one) and bounds what a cancel wastes.
 
 Ordering: NCCL matches a pair's p2p ops by order (gloo by tag = seq), so both sides post exactly
 one op per seq, in seq order, even for a transfer that ended meanwhile: the receiver drops what

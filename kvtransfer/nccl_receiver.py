@@ -1,9 +1,10 @@
-"""Decode side of the nccl backend (protocol: nccl_backend.py): hosts the rendezvous store,
-numbers accepted transfers' chunks round-robin as its recv window allows (RECVS tells the
-sender), scatters what lands and ACKs."""
+"""The nccl backend's receiver: a zmq receiver that hosts the pairs' rendezvous store, numbers
+accepted transfers' chunks round-robin as its recv window allows (RECVS tells the sender),
+scatters what lands and ACKs.
+
+Flow: frames.py; why it is built so: nccl_backend.py."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import deque
@@ -12,22 +13,22 @@ from typing import Hashable
 
 import torch
 
-from . import pgroup, wire
+from . import frames, pgroup
 from .base import KVLayout, KVTransferError, LayoutMismatch, TransferStatus
 from .pgroup import PairGroup
-from .receiver import _In
+from .receiver import _Inbound
 from .zmq_backend import ZmqKVReceiver
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
-class _RPair:
+class _ReceiverPair:
     name: str
     group: PairGroup
     setup_deadline: float
     # accepted, written transfers with chunks not yet numbered, served round-robin
-    active: deque[_In] = field(default_factory=deque)
+    active: deque[_Inbound] = field(default_factory=deque)
 
 
 class NcclKVReceiver(ZmqKVReceiver):
@@ -45,14 +46,14 @@ class NcclKVReceiver(ZmqKVReceiver):
         self._timeouts = (setup_timeout_s, pg_timeout_s)
         self._local = pgroup.is_local(pgroup.host_of(address or "tcp://127.0.0.1:0"))
         self.max_chunk_bytes, self.max_posted = max_chunk_bytes, max_posted
-        self._xs = pgroup.side_stream(kv_cache)
-        self._pairs: dict[bytes, _RPair] = {}
+        self._side_stream = pgroup.side_stream(kv_cache)
+        self._pairs: dict[bytes, _ReceiverPair] = {}
         self._setups: deque[tuple[bytes, PairGroup]] = deque()
         self._ready: dict[str, torch.cuda.Event] = {}  # rid -> event recorded at accept()
         self._store = pgroup.serve_store(setup_timeout_s)
         super().__init__(kv_cache, layout, name, address, rcvhwm=rcvhwm,
                          lease_grace_s=lease_grace_s, io_threads=io_threads, **zmq_kw)
-        self._handlers.update({wire.BYE: self._on_bye})
+        self._handlers.update({frames.BYE: self._on_bye})
 
     # -- handshake ---------------------------------------------------------------------------
     def _on_hello(self, key: Hashable, msg: dict, _: object) -> None:
@@ -71,15 +72,15 @@ class NcclKVReceiver(ZmqKVReceiver):
             kind = ("layout" if isinstance(e, LayoutMismatch) else
                     "transport" if isinstance(e, KVTransferError) else "protocol")
             log.warning("%s: refused sender %r: %s", self.name, msg["name"], e)
-            return self._send_ctrl(key, wire.make(wire.HELLO_REFUSED, error=str(e), kind=kind))
+            return self._send_ctrl(key, frames.make(frames.HELLO_REFUSED, error=str(e), kind=kind))
         if key in self._pairs:
             self._break(key, "sender handshook again", tell=False)
         assert isinstance(key, bytes)
-        g = PairGroup(key.hex(), 1, self.kv_cache.device, self._t_wake, self._xs)
-        self._pairs[key] = _RPair(msg["name"], g, time.monotonic() + self._timeouts[0])
+        g = PairGroup(key.hex(), 1, self.kv_cache.device, self._t_wake, self._side_stream)
+        self._pairs[key] = _ReceiverPair(msg["name"], g, time.monotonic() + self._timeouts[0])
         g.start_setup("127.0.0.1", self._store.port, self._local, *self._timeouts,
                       on_done=lambda g, k=key: (self._setups.append((k, g)), self._t_wake()))
-        self._send_ctrl(key, wire.make(wire.PG_INIT, gid=g.gid, store_port=self._store.port))
+        self._send_ctrl(key, frames.make(frames.PG_INIT, gid=g.gid, store_port=self._store.port))
 
     def _iteration(self) -> None:
         super()._iteration()
@@ -90,8 +91,8 @@ class NcclKVReceiver(ZmqKVReceiver):
                 g.abort("stale setup")
             elif g.ready:
                 self._peers[key] = pair.name  # OFFERs are admitted from now on
-                self._send_ctrl(key, wire.make(wire.HELLO_OK, name=self.name,
-                                               layout=self.layout.to_dict()))
+                self._send_ctrl(key, frames.make(frames.HELLO_OK, name=self.name,
+                                                 layout=self.layout.to_dict()))
             else:
                 self._refuse_setup(key, f"process group setup failed: {g.error}")
         now = time.monotonic()
@@ -114,40 +115,40 @@ class NcclKVReceiver(ZmqKVReceiver):
     def _refuse_setup(self, key: bytes, error: str) -> None:
         self._pairs.pop(key).group.abort(error)
         log.warning("%s: %s", self.name, error)
-        self._send_ctrl(key, wire.make(wire.HELLO_REFUSED, error=error, kind="transport"))
+        self._send_ctrl(key, frames.make(frames.HELLO_REFUSED, error=error, kind="transport"))
 
     # -- data path ---------------------------------------------------------------------------
     def _on_offer(self, key: Hashable, msg: dict, payload: object) -> None:
         super()._on_offer(key, msg, payload)
-        inx = self._in.get(msg["rid"])
-        if inx is not None and inx.key == key and inx.xid == msg["xid"]:
+        inbound = self._in.get(msg["rid"])
+        if inbound is not None and inbound.key == key and inbound.xid == msg["xid"]:
             cb = msg.get("chunk_bytes")
             ok = isinstance(cb, int) and not isinstance(cb, bool) and cb > 0
-            inx.chunk_bytes = min(cb, self.max_chunk_bytes) if ok else self.max_chunk_bytes
+            inbound.chunk_bytes = min(cb, self.max_chunk_bytes) if ok else self.max_chunk_bytes
 
     def _cmd_accept(self, rid: str, dst_idx: torch.Tensor,
                     ready: "torch.cuda.Event | None" = None) -> None:
         if ready is not None:
             self._ready[rid] = ready
         super()._cmd_accept(rid, dst_idx)
-        inx = self._in.get(rid)
-        if inx is not None and inx.accepted and inx.kv_ready:
-            self._activate(inx)
+        inbound = self._in.get(rid)
+        if inbound is not None and inbound.accepted and inbound.kv_ready:
+            self._activate(inbound)
 
-    def _kv_ready(self, inx: _In) -> None:
-        if inx.accepted:  # accepted early, before its prefill had finished
-            self._activate(inx)
+    def _kv_ready(self, inbound: _Inbound) -> None:
+        if inbound.accepted:  # accepted early, before its prefill had finished
+            self._activate(inbound)
 
-    def _activate(self, inx: _In) -> None:
+    def _activate(self, inbound: _Inbound) -> None:
         """Accepted and written: plan the chunks and queue the transfer for recvs.  An early
         offer is activated only at its READY: a recv posted for it sooner would hold up every
         later chunk of the pair (NCCL matches in order) until its prefill finished."""
-        pair = self._pairs[inx.key]  # type: ignore[index]  # OFFERs only come from live pairs
-        inx.plan = wire.plan_chunks(self.layout.num_layers, inx.nblocks,
-                                    self.layout.block_layer_bytes, inx.chunk_bytes)
-        inx.nchunks = len(inx.plan)
-        pair.active.append(inx)
-        self._post_recvs(inx.key)  # type: ignore[arg-type]
+        pair = self._pairs[inbound.key]  # type: ignore[index]  # OFFERs only come from live pairs
+        inbound.plan = frames.plan_chunks(self.layout.num_layers, inbound.nblocks,
+                                          self.layout.block_layer_bytes, inbound.chunk_bytes)
+        inbound.nchunks = len(inbound.plan)
+        pair.active.append(inbound)
+        self._post_recvs(inbound.key)  # type: ignore[arg-type]
 
     def _post_recvs(self, key: bytes) -> None:
         """While the window has room, number the next chunk of each active transfer in turn
@@ -158,58 +159,58 @@ class NcclKVReceiver(ZmqKVReceiver):
         if pair is None or not pair.group.ready or pair.group.broken is not None:
             return
         g = pair.group
-        picked: list[tuple[_In, wire.Chunk]] = []
+        picked: list[tuple[_Inbound, frames.Chunk]] = []
         while pair.active and g.pending() + len(picked) < self.max_posted:
-            inx = pair.active.popleft()
-            if self._in.get(inx.rid) is not inx:
+            inbound = pair.active.popleft()
+            if self._in.get(inbound.rid) is not inbound:
                 continue  # ended: its remaining chunks are never numbered
-            assert inx.plan is not None
-            picked.append((inx, inx.plan[inx.nposted]))
-            inx.nposted += 1
-            if inx.nposted < inx.nchunks:
-                pair.active.append(inx)
+            assert inbound.plan is not None
+            picked.append((inbound, inbound.plan[inbound.nposted]))
+            inbound.nposted += 1
+            if inbound.nposted < inbound.nchunks:
+                pair.active.append(inbound)
         if not picked:
             return
         seq0 = g.next_seq
         g.next_seq += len(picked)
-        self._send_ctrl(key, self._recvs_msg(seq0, [[inx.rid, inx.xid, c.l0, c.l1, c.b0, c.b1]
-                                                    for inx, c in picked]))
-        for seq, (inx, c) in enumerate(picked, seq0):
+        self._send_ctrl(key, self._recvs_msg(seq0, [[i.rid, i.xid, c.l0, c.l1, c.b0, c.b1]
+                                                    for i, c in picked]))
+        for seq, (inbound, c) in enumerate(picked, seq0):
             try:
-                self._post_recv(g, seq, inx, c)
+                self._post_recv(g, seq, inbound, c)
             except Exception as e:
                 return g.abort(f"posting a recv failed: {type(e).__name__}: {e}")
 
-    def _post_recv(self, g: PairGroup, seq: int, inx: _In, c: wire.Chunk) -> None:
+    def _post_recv(self, g: PairGroup, seq: int, inbound: _Inbound, c: frames.Chunk) -> None:
         with g.stream_ctx():  # allocated on the side stream, reused only in its order
             buf = torch.empty(self.layout.chunk_shape(c.l1 - c.l0, c.b1 - c.b0),
                               dtype=self._dtype, device=self.kv_cache.device)
-        g.recv(buf, seq, inx.deadline, ctx=(inx.rid, inx.xid, c))
+        g.recv(buf, seq, inbound.deadline, ctx=(inbound.rid, inbound.xid, c))
 
     def _recvs_msg(self, seq0: int, chunks: list[list]) -> dict:
-        return wire.make(wire.RECVS, seq0=seq0, chunks=chunks)
+        return frames.make(frames.RECVS, seq0=seq0, chunks=chunks)
 
-    def _land(self, key: bytes, ctx: tuple[str, int, wire.Chunk], buf: torch.Tensor) -> None:
+    def _land(self, key: bytes, ctx: tuple[str, int, frames.Chunk], buf: torch.Tensor) -> None:
         """A recv finished: scatter it into the transfer's blocks, ACK after the last one --
         unless the transfer ended meanwhile."""
         rid, xid, c = ctx
-        inx = self._in.get(rid)
-        if inx is None or inx.key != key or inx.xid != xid or not inx.accepted:
+        inbound = self._in.get(rid)
+        if inbound is None or inbound.key != key or inbound.xid != xid or not inbound.accepted:
             return
-        with torch.cuda.stream(self._xs) if self._xs is not None else contextlib.nullcontext():
+        with pgroup.on_stream(self._side_stream):
             if (ev := self._ready.pop(rid, None)) is not None:
-                self._xs.wait_event(ev)  # type: ignore[union-attr]
+                self._side_stream.wait_event(ev)  # type: ignore[union-attr]
             # [l1-l0, 2, num_blocks, ...] view of the cache; index_copy_ writes whole blocks
-            self.kv_cache[c.l0:c.l1].index_copy_(2, inx.dst(self.kv_cache.device)[c.b0:c.b1],
-                                                 buf)
-        inx.ncovered += 1  # each chunk lands once: its seq was posted once
+            dst = inbound.dst(self.kv_cache.device)[c.b0:c.b1]
+            self.kv_cache[c.l0:c.l1].index_copy_(2, dst, buf)
+        inbound.ncovered += 1  # each chunk lands once: its seq was posted once
         self.stats["chunks"] += 1
         self.stats["bytes"] += buf.numel() * buf.element_size()
-        if inx.ncovered == inx.nchunks:
-            if self._xs is not None:  # "DONE" promises the bytes are in memory, not queued
-                self._xs.synchronize()
-            self._finish(inx, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
-            self._send_ctrl(key, wire.make(wire.ACK, xid=inx.xid, rid=rid))
+        if inbound.ncovered == inbound.nchunks:
+            if self._side_stream is not None:  # "DONE" promises the bytes are in memory, not queued
+                self._side_stream.synchronize()
+            self._finish(inbound, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
+            self._send_ctrl(key, frames.make(frames.ACK, xid=inbound.xid, rid=rid))
 
     def _on_bye(self, key: Hashable, msg: dict, _: object) -> None:
         if key in self._pairs:
@@ -222,15 +223,15 @@ class NcclKVReceiver(ZmqKVReceiver):
             log.log(logging.WARNING if tell else logging.INFO, "%s: KV transport from %s "
                     "dropped: %s", self.name, pair.name, why)
         self._peers.pop(key, None)
-        for inx in [i for i in self._in.values() if i.key == key]:
-            self._abort(inx, f"KV transport broken: {why}",
-                        "error" if inx.accepted else "cancelled", tell=tell)
+        for inbound in [i for i in self._in.values() if i.key == key]:
+            self._abort(inbound, f"KV transport broken: {why}",
+                        "error" if inbound.accepted else "cancelled", tell=tell)
         if tell:  # the sender drops its side at once instead of at its next lease expiry
-            self._send_ctrl(key, wire.make(wire.BYE))
+            self._send_ctrl(key, frames.make(frames.BYE))
 
     # -- CUDA ordering -----------------------------------------------------------------------
     def _command(self, *cmd: object) -> None:
-        if cmd[0] == "accept" and self._xs is not None:  # engine thread, engine's stream
+        if cmd[0] == "accept" and self._side_stream is not None:  # engine thread, engine's stream
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.kv_cache.device))
             cmd = (*cmd, ev)
@@ -240,8 +241,8 @@ class NcclKVReceiver(ZmqKVReceiver):
     def _emit(self, rid: str, status: TransferStatus, error: str | None = None,
               meta: dict | None = None) -> None:
         self._ready.pop(rid, None)
-        if self._xs is not None and status is not TransferStatus.DONE:
-            self._xs.synchronize()  # a scatter into rid's blocks may still be queued
+        if self._side_stream is not None and status is not TransferStatus.DONE:
+            self._side_stream.synchronize()  # a scatter into rid's blocks may still be queued
         super()._emit(rid, status, error, meta)
 
     def _t_close(self) -> None:

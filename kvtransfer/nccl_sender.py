@@ -1,8 +1,9 @@
-"""Prefill side of the nccl backend (protocol: nccl_backend.py): the handshake builds the pair's
-process group; each RECVS from the receiver queues one send per chunk, posted in seq order."""
+"""The nccl backend's sender: a zmq sender whose handshake builds the pair's process group and
+whose chunks go out as the receiver numbers them (RECVS), one send per seq, in seq order.
+
+Flow: frames.py; why it is built so: nccl_backend.py."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import deque
@@ -11,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from . import pgroup, wire
+from . import frames, pgroup
 from .base import KVLayout, KVTransferError, TransferStatus
 from .pgroup import PairGroup
-from .sender import _Out
+from .sender import _Outbound
 from .zmq_backend import ZmqKVSender
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,12 @@ def _int(msg: dict, key: str) -> int:
 
 
 @dataclass(eq=False)
-class _SPair:
+class _SenderPair:
     address: str
     group: PairGroup | None = None  # created on PG_INIT
     hello_ok: dict | None = None
     # accepted chunks not yet posted, in seq order: (seq, transfer or None, chunk)
-    sends: deque[tuple[int, "_Out | None", wire.Chunk]] = field(default_factory=deque)
+    sends: deque[tuple[int, "_Outbound | None", frames.Chunk]] = field(default_factory=deque)
 
 
 class NcclKVSender(ZmqKVSender):
@@ -55,13 +56,13 @@ class NcclKVSender(ZmqKVSender):
         self.max_inflight = max_inflight
         self._backend = pgroup.backend_for(kv_cache.device)
         self._timeouts = (setup_timeout_s, pg_timeout_s)
-        self._xs = pgroup.side_stream(kv_cache)
-        self._pairs: dict[str, _SPair] = {}
+        self._side_stream = pgroup.side_stream(kv_cache)
+        self._pairs: dict[str, _SenderPair] = {}
         self._setups: deque[tuple[str, PairGroup]] = deque()  # setup threads -> I/O thread
         super().__init__(kv_cache, layout, name, chunk_bytes=chunk_bytes, sndhwm=sndhwm,
                          num_streams=0, pinned_buffers=0, **zmq_kw)  # zmq_kw: context=...
-        self._handlers.update({wire.PG_INIT: self._on_pg_init, wire.BYE: self._on_bye,
-                               wire.RECVS: self._on_recvs})
+        self._handlers.update({frames.PG_INIT: self._on_pg_init, frames.BYE: self._on_bye,
+                               frames.RECVS: self._on_recvs})
 
     # -- handshake ---------------------------------------------------------------------------
     def _hello(self) -> dict:
@@ -69,40 +70,40 @@ class NcclKVSender(ZmqKVSender):
 
     def _t_connect(self, peer: str, address: str) -> None:
         super()._t_connect(peer, address)
-        self._pairs[peer] = _SPair(address)
+        self._pairs[peer] = _SenderPair(address)
 
     def _t_disconnect(self, peer: str) -> None:
         pair = self._pairs.pop(peer, None)
         if pair is not None:
-            self._t_send(peer, wire.make(wire.BYE))
+            self._t_send(peer, frames.make(frames.BYE))
             if pair.group is not None:
                 pair.group.abort("pair closed by the sender")
         super()._t_disconnect(peer)
 
     def _on_pg_init(self, peer: str, msg: dict, _: object) -> None:
-        pair, hs = self._pairs.get(peer), self._hs.get(peer)
+        pair, hs = self._pairs.get(peer), self._handshakes.get(peer)
         if pair is None or hs is None or hs.done.is_set() or pair.group is not None:
             return
         gid = self._socks[peer].getsockopt(zmq.ROUTING_ID).hex()
         if msg["gid"] != gid:
             return self._drop(f"PG_INIT for group {msg['gid']}, ours is {gid}")
         host = pgroup.host_of(pair.address)
-        pair.group = g = PairGroup(gid, 0, self.kv_cache.device, self._t_wake, self._xs)
+        pair.group = g = PairGroup(gid, 0, self.kv_cache.device, self._t_wake, self._side_stream)
         g.start_setup(host, msg["store_port"], pgroup.is_local(host), *self._timeouts,
                       on_done=lambda g, p=peer: (self._setups.append((p, g)), self._t_wake()))
 
     def _on_hello_ok(self, peer: str, msg: dict, payload: object) -> None:
-        pair, hs = self._pairs.get(peer), self._hs.get(peer)
+        pair, hs = self._pairs.get(peer), self._handshakes.get(peer)
         if pair is None or hs is None or hs.done.is_set():
             return
         if pair.group is None:
             return self._fail_handshake(peer, f"{peer} answered HELLO without PG_INIT: not an "
-                                              "nccl receiver (kv transport mismatch?)")
+                                        "nccl receiver (kv transport mismatch?)")
         pair.hello_ok = msg
         self._maybe_connected(peer)
 
     def _maybe_connected(self, peer: str) -> None:
-        pair, hs = self._pairs.get(peer), self._hs.get(peer)
+        pair, hs = self._pairs.get(peer), self._handshakes.get(peer)
         if pair is None or pair.group is None or hs is None or hs.done.is_set():
             return
         g = pair.group
@@ -116,7 +117,7 @@ class NcclKVSender(ZmqKVSender):
             self._break(peer, "the receiver dropped the pair")
 
     def _fail_handshake(self, peer: str, error: str) -> None:
-        hs = self._hs[peer]
+        hs = self._handshakes[peer]
         hs.error = KVTransferError(error)
         self._disconnect(peer, "handshake failed")
         hs.done.set()
@@ -127,10 +128,10 @@ class NcclKVSender(ZmqKVSender):
         g = pair.group if pair is not None else None
         return g if g is not None and g.ready and g.broken is None else None
 
-    def _offer_msg(self, out: _Out) -> dict:
+    def _offer_msg(self, out: _Outbound) -> dict:
         return {**super()._offer_msg(out), "chunk_bytes": self.chunk_bytes}
 
-    def _start_data(self, out: _Out) -> None:
+    def _start_data(self, out: _Outbound) -> None:
         pass  # the receiver picks and numbers the chunks (RECVS); nothing goes through _rr
 
     def _on_recvs(self, peer: str, msg: dict, _: object) -> None:
@@ -153,14 +154,14 @@ class NcclKVSender(ZmqKVSender):
                 out = None  # a finished transfer's; the request id was offered again since
             if out is not None and (not out.accepted or not out.kv_ready
                                     or c.b1 > len(out.src_idx)):
-                self._send_ctrl(peer, wire.make(wire.CANCEL, xid=out.xid, rid=rid,
-                                                reason="inconsistent RECVS"))
+                self._send_ctrl(peer, frames.make(frames.CANCEL, xid=out.xid, rid=rid,
+                                                  reason="inconsistent RECVS"))
                 self._finish(out, TransferStatus.FAILED, f"inconsistent RECVS from {peer}")
                 out = None
             pair.sends.append((seq0 + i, out, c))
         self._pump_sends(peer, pair)
 
-    def _recvs_item(self, item: object) -> tuple[str, int, wire.Chunk]:
+    def _recvs_item(self, item: object) -> tuple[str, int, frames.Chunk]:
         """[rid, xid, l0, l1, b0, b1] -> (rid, xid, chunk), checked against the layout and the
         largest chunk this sender allows (a zeros stand-in is allocated from it)."""
         if not isinstance(item, list) or len(item) != 6 or not isinstance(item[0], str) or \
@@ -171,7 +172,7 @@ class NcclKVSender(ZmqKVSender):
         if not (0 <= l0 < l1 <= self.layout.num_layers and 0 <= b0 < b1) \
                 or nbytes > max(self.chunk_bytes, self.layout.block_layer_bytes):
             raise ValueError(f"chunk layers [{l0},{l1}) blocks [{b0},{b1})")
-        return rid, xid, wire.Chunk(-1, l0, l1, b0, b1)
+        return rid, xid, frames.Chunk(-1, l0, l1, b0, b1)
 
     def _pump(self) -> None:
         for peer in self._pending_ctrl():
@@ -179,7 +180,7 @@ class NcclKVSender(ZmqKVSender):
         for peer, pair in list(self._pairs.items()):
             self._pump_sends(peer, pair)
 
-    def _pump_sends(self, peer: str, pair: _SPair) -> None:
+    def _pump_sends(self, peer: str, pair: _SenderPair) -> None:
         """Post queued sends in seq order while the inflight window has room."""
         g = self._group(peer)
         if g is None:
@@ -201,18 +202,18 @@ class NcclKVSender(ZmqKVSender):
         g.want_room = bool(pair.sends)
 
     def _gather(self, out, c) -> torch.Tensor:
-        if self._xs is None:
+        if self._side_stream is None:
             return super()._gather(out, c)
-        with torch.cuda.stream(self._xs):
+        with torch.cuda.stream(self._side_stream):
             if (ev := out.written(c)) is not None:
-                self._xs.wait_event(ev)  # after the prefill that wrote the blocks
+                self._side_stream.wait_event(ev)  # after the prefill that wrote the blocks
             return torch.index_select(self.kv_cache[c.l0:c.l1], 2,
                                       out.src(self.kv_cache.device)[c.b0:c.b1])
 
-    def _zeros(self, c: wire.Chunk) -> torch.Tensor:
+    def _zeros(self, c: frames.Chunk) -> torch.Tensor:
         """Stand-in for a chunk of a transfer that ended after its recvs were posted."""
         shape = self.layout.chunk_shape(c.l1 - c.l0, c.b1 - c.b0)
-        with torch.cuda.stream(self._xs) if self._xs is not None else contextlib.nullcontext():
+        with pgroup.on_stream(self._side_stream):
             return torch.zeros(shape, dtype=self.kv_cache.dtype, device=self.kv_cache.device)
 
     def _timers(self, now: float) -> None:
@@ -239,7 +240,7 @@ class NcclKVSender(ZmqKVSender):
                     self.name, peer, why)
         with self._lock:  # first, so an engine reacting to the FAILED events sees it
             self._connected.discard(peer)
-        hs = self._hs.get(peer)
+        hs = self._handshakes.get(peer)
         self._disconnect(peer, f"transport broken: {why}")  # FAILED for each transfer, BYE
         if hs is not None and not hs.done.is_set():  # a connect() still waiting
             hs.error = KVTransferError(f"KV transport to {peer} broken: {why}")

@@ -53,6 +53,11 @@ def side_stream(cache: torch.Tensor) -> "torch.cuda.Stream | None":
     return torch.cuda.Stream(cache.device) if cache.is_cuda else None
 
 
+def on_stream(stream: "torch.cuda.Stream | None") -> contextlib.AbstractContextManager:
+    """Queue CUDA work on ``stream`` inside the block (no-op for None: a CPU cache)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 def host_of(address: str) -> str:
     """Host at which the machine of a zmq endpoint is reached: tcp://h:p -> h; ipc://, inproc://
     and wildcard binds -> 127.0.0.1 (same machine)."""
@@ -192,8 +197,7 @@ class PairGroup:
         return len(self._ops)
 
     def stream_ctx(self) -> contextlib.AbstractContextManager:
-        return torch.cuda.stream(self.stream) if self.stream is not None else \
-            contextlib.nullcontext()
+        return on_stream(self.stream)
 
     def _post(self, fn: Callable, t: torch.Tensor, seq: int, deadline: float,
               ctx: Any = None) -> Op:

@@ -1,10 +1,11 @@
-"""Decode-side protocol state machine (transport-independent; see core.py for threading).
+"""The decode side's protocol state machine, for every transport.
 
-    HELLO -> layout check -> HELLO_OK | HELLO_REFUSED(mismatch message)
-    OFFER -> queued for poll_offers();  accept() -> ACCEPT;  reject() -> REJECT
-    OFFER(ready=False) is accepted alike; READY (the KV is written) may come before or after
-    DATA chunks are validated and written into the accepted blocks; when every (layer, block)
-    cell is covered -> ACK + DONE.  CANCEL / lease expiry / bad data -> FAILED or CANCELLED.
+Flow: frames.py; threads: core.py.
+
+One _Inbound per offer, from its OFFER to its terminal event: accepted or not, where its bytes
+go, which (layer, block) cells are written, whether its READY came.  DONE (and ACK) once every
+cell is written and, for an early offer, READY came; CANCEL, lease expiry or bad data end it
+FAILED, CANCELLED or (never accepted) EXPIRED.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Hashable
 
 import torch
 
-from . import wire
+from . import frames
 from .base import (KVLayout, KVOffer, KVReceiver, LayoutMismatch, TransferEvent, TransferStatus,
                    blocks_needed, dtype_from_name)
 from .core import MAX_WAIT_S, Payload, _Endpoint
@@ -23,7 +24,7 @@ from .core import MAX_WAIT_S, Payload, _Endpoint
 log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
-class _In:
+class _Inbound:
     key: Hashable          # transport address of the sender
     sender: str
     xid: int
@@ -39,7 +40,7 @@ class _In:
     kv_ready: bool = True  # False for an early offer until its READY
     meta: dict | None = None  # an early offer's meta from its READY, for the DONE event
     chunk_bytes: int = 0  # nccl: the sender's chunk size (OFFER)
-    plan: list[wire.Chunk] | None = None  # nccl: the chunks, planned once accepted and written
+    plan: list[frames.Chunk] | None = None  # nccl: the chunks, planned once accepted and written
     nchunks: int = 0      # nccl: len(plan)
     nposted: int = 0      # nccl: plan[:nposted] have recvs numbered and posted
 
@@ -69,11 +70,11 @@ class ReceiverCore(_Endpoint, KVReceiver):
         self._seen: dict[str, KVOffer] = {}   # returned, no terminal event polled yet
         self._accepted: set[str] = set()
         # I/O-thread state
-        self._in: dict[str, _In] = {}
+        self._in: dict[str, _Inbound] = {}
         self._peers: dict[Hashable, str] = {}  # handshaken sender key -> name
-        self._handlers = {wire.HELLO: self._on_hello, wire.OFFER: self._on_offer,
-                          wire.DATA: self._on_data, wire.CANCEL: self._on_cancel,
-                          wire.READY: self._on_ready}
+        self._handlers = {frames.HELLO: self._on_hello, frames.OFFER: self._on_offer,
+                          frames.DATA: self._on_data, frames.CANCEL: self._on_cancel,
+                          frames.READY: self._on_ready}
 
     # -- public API (engine thread) -----------------------------------------------------------
     def poll_offers(self) -> list[KVOffer]:
@@ -134,39 +135,43 @@ class ReceiverCore(_Endpoint, KVReceiver):
             self._dispatch(key, msg, payload)
         self._run_commands()
         now = time.monotonic()
-        for inx in [i for i in self._in.values() if now >= i.deadline]:
-            self._abort(inx, "lease expired at receiver", "expired")
+        for inbound in [i for i in self._in.values() if now >= i.deadline]:
+            self._abort(inbound, "lease expired at receiver", "expired")
         for key in self._pending_ctrl():
             self._flush_ctrl(key)
 
-    def _finish(self, inx: _In, status: TransferStatus, error: str | None = None) -> None:
+    def _finish(self, inbound: _Inbound, status: TransferStatus, error: str | None = None) -> None:
         """Forget a transfer.  An offer the engine never saw vanishes silently."""
-        del self._in[inx.rid]
+        del self._in[inbound.rid]
         with self._lock:
-            if not inx.accepted and self._new.pop(inx.rid, None) is not None:
+            if not inbound.accepted and self._new.pop(inbound.rid, None) is not None:
                 return
-        self._emit(inx.rid, status, error, inx.meta if status is TransferStatus.DONE else None)
+        meta = inbound.meta if status is TransferStatus.DONE else None
+        self._emit(inbound.rid, status, error, meta)
 
-    def _abort(self, inx: _In, reason: str, why: str, tell: bool = True) -> None:
+    def _tell(self, inbound: _Inbound, t: str, **fields: object) -> None:
+        """Send control message ``t`` about ``inbound`` to its sender."""
+        self._send_ctrl(inbound.key, frames.make(t, xid=inbound.xid, rid=inbound.rid, **fields))
+
+    def _abort(self, inbound: _Inbound, reason: str, why: str, tell: bool = True) -> None:
         """why: "expired" (lease) -> FAILED if accepted else EXPIRED; "cancelled" (by the
         sender) -> CANCELLED; "error" (bad data) -> FAILED."""
         if tell:
-            self._send_ctrl(inx.key, wire.make(wire.CANCEL, xid=inx.xid, rid=inx.rid, reason=reason,
-                                               expired=why == "expired"))
+            self._tell(inbound, frames.CANCEL, reason=reason, expired=why == "expired")
         if why == "cancelled":
             status = TransferStatus.CANCELLED
-        elif why == "expired" and not inx.accepted:
+        elif why == "expired" and not inbound.accepted:
             status = TransferStatus.EXPIRED
         else:
             status = TransferStatus.FAILED
-        self._finish(inx, status, reason)
+        self._finish(inbound, status, reason)
 
-    def _match(self, key: Hashable, msg: dict) -> _In | None:
-        inx = self._in.get(msg["rid"])
-        if inx is None or inx.key != key or inx.xid != msg["xid"]:
+    def _match(self, key: Hashable, msg: dict) -> _Inbound | None:
+        inbound = self._in.get(msg["rid"])
+        if inbound is None or inbound.key != key or inbound.xid != msg["xid"]:
             log.debug("%s: %s for unknown transfer %s", self.name, msg["t"], msg["rid"])
             return None
-        return inx
+        return inbound
 
     def _on_hello(self, key: Hashable, msg: dict, _: Payload) -> None:
         try:
@@ -175,10 +180,11 @@ class ReceiverCore(_Endpoint, KVReceiver):
         except (LayoutMismatch, ValueError) as e:
             kind = "layout" if isinstance(e, LayoutMismatch) else "protocol"
             log.warning("%s: refused sender %r: %s", self.name, msg["name"], e)
-            self._send_ctrl(key, wire.make(wire.HELLO_REFUSED, error=str(e), kind=kind))
+            self._send_ctrl(key, frames.make(frames.HELLO_REFUSED, error=str(e), kind=kind))
             return
         self._peers[key] = msg["name"]
-        self._send_ctrl(key, wire.make(wire.HELLO_OK, name=self.name, layout=self.layout.to_dict()))
+        self._send_ctrl(key, frames.make(frames.HELLO_OK, name=self.name,
+                                         layout=self.layout.to_dict()))
 
     def _on_offer(self, key: Hashable, msg: dict, _: Payload) -> None:
         rid, xid = msg["rid"], msg["xid"]
@@ -190,112 +196,112 @@ class ReceiverCore(_Endpoint, KVReceiver):
                 return  # duplicate delivery
             reason = f"request {rid} already has a pending transfer"
         elif msg["num_tokens"] < 1 or msg["nblocks"] != blocks_needed(msg["num_tokens"],
-                                                                        self.layout.block_size):
+                                                                      self.layout.block_size):
             reason = f"bad block count {msg['nblocks']} for {msg['num_tokens']} tokens"
         if reason:
             self._drop(f"OFFER {rid}: {reason}")
-            return self._send_ctrl(key, wire.make(wire.REJECT, xid=xid, rid=rid, reason=reason))
-        self._in[rid] = _In(key, self._peers[key], xid, rid, msg["num_tokens"], msg["nblocks"],
-                            time.monotonic() + float(msg["lease_s"]) + self.lease_grace_s,
-                            kv_ready=msg.get("ready", True) is not False)
+            return self._send_ctrl(key, frames.make(frames.REJECT, xid=xid, rid=rid, reason=reason))
+        self._in[rid] = _Inbound(key, self._peers[key], xid, rid, msg["num_tokens"], msg["nblocks"],
+                                 time.monotonic() + float(msg["lease_s"]) + self.lease_grace_s,
+                                 kv_ready=msg.get("ready", True) is not False)
         with self._lock:
             self._new[rid] = KVOffer(rid, msg["num_tokens"], msg["meta"], self._peers[key])
             self._signal_locked()
 
     def _on_data(self, key: Hashable, msg: dict, payload: Payload) -> None:
-        inx = self._match(key, msg)
-        if inx is None or not inx.accepted:
+        inbound = self._match(key, msg)
+        if inbound is None or not inbound.accepted:
             # normal right after a cancel/expiry (chunks were in flight); only debug-worthy
             return self._drop(f"DATA for {msg['rid']}: no such accepted transfer", logging.DEBUG)
         try:
-            chunk = self._check_chunk(inx, msg, payload)
-        except wire.WireError as e:  # a corrupt chunk can never complete: fail fast, both sides
-            self._drop(f"DATA {inx.rid}: {e}")
-            return self._abort(inx, f"bad DATA chunk: {e}", "error")
+            chunk = self._check_chunk(inbound, msg, payload)
+        except frames.FrameError as e:  # a corrupt chunk can never complete: fail fast, both sides
+            self._drop(f"DATA {inbound.rid}: {e}")
+            return self._abort(inbound, f"bad DATA chunk: {e}", "error")
         l0, l1, b0, b1 = msg["l0"], msg["l1"], msg["b0"], msg["b1"]
-        if inx.covered is None:
-            inx.covered = torch.zeros(self.layout.num_layers, inx.nblocks, dtype=torch.bool)
+        if inbound.covered is None:
+            inbound.covered = torch.zeros(self.layout.num_layers, inbound.nblocks, dtype=torch.bool)
         # [l1-l0, 2, num_blocks, ...] view of the cache; index_copy_ writes whole blocks in place.
-        self.kv_cache[l0:l1].index_copy_(2, inx.dst(self.kv_cache.device)[b0:b1],
+        self.kv_cache[l0:l1].index_copy_(2, inbound.dst(self.kv_cache.device)[b0:b1],
                                          chunk.to(self.kv_cache.device))
-        cells = inx.covered[l0:l1, b0:b1]
-        inx.ncovered += int((~cells).sum())
+        cells = inbound.covered[l0:l1, b0:b1]
+        inbound.ncovered += int((~cells).sum())
         cells.fill_(True)
         self.stats["chunks"] += 1
         self.stats["bytes"] += msg["nbytes"]
-        self._finish_if_complete(inx)
+        self._finish_if_complete(inbound)
 
-    def _finish_if_complete(self, inx: _In) -> None:
+    def _finish_if_complete(self, inbound: _Inbound) -> None:
         """DONE once every cell is written and, for an early offer, its READY has come: data
         sockets may overtake READY on the control socket, and READY carries the DONE's meta."""
-        if not inx.kv_ready or inx.covered is None or inx.ncovered != inx.covered.numel():
+        if not inbound.kv_ready or inbound.covered is None \
+                or inbound.ncovered != inbound.covered.numel():
             return
         if self.kv_cache.is_cuda:  # "DONE" promises the bytes are in memory, not queued
             torch.cuda.current_stream(self.kv_cache.device).synchronize()
-        self._finish(inx, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
-        self._send_ctrl(inx.key, wire.make(wire.ACK, xid=inx.xid, rid=inx.rid))
+        self._finish(inbound, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
+        self._send_ctrl(inbound.key, frames.make(frames.ACK, xid=inbound.xid, rid=inbound.rid))
 
-    def _check_chunk(self, inx: _In, msg: dict, payload: Payload) -> torch.Tensor:
+    def _check_chunk(self, inbound: _Inbound, msg: dict, payload: Payload) -> torch.Tensor:
         l0, l1, b0, b1 = msg["l0"], msg["l1"], msg["b0"], msg["b1"]
-        if not (0 <= l0 < l1 <= self.layout.num_layers and 0 <= b0 < b1 <= inx.nblocks):
-            raise wire.WireError(f"range layers [{l0},{l1}) blocks [{b0},{b1}) out of bounds")
+        if not (0 <= l0 < l1 <= self.layout.num_layers and 0 <= b0 < b1 <= inbound.nblocks):
+            raise frames.FrameError(f"range layers [{l0},{l1}) blocks [{b0},{b1}) out of bounds")
         shape = self.layout.chunk_shape(l1 - l0, b1 - b0)
         nbytes = self._dtype.itemsize
         for s in shape:
             nbytes *= s
         if msg["dtype"] != self.layout.dtype or msg["shape"] != shape or msg["nbytes"] != nbytes:
-            raise wire.WireError(f"header {msg['dtype']} {msg['shape']} {msg['nbytes']}B, "
-                                 f"expected {self.layout.dtype} {shape} {nbytes}B")
+            raise frames.FrameError(f"header {msg['dtype']} {msg['shape']} {msg['nbytes']}B, "
+                                    f"expected {self.layout.dtype} {shape} {nbytes}B")
         if isinstance(payload, torch.Tensor):
             if payload.dtype != self._dtype or list(payload.shape) != shape:
-                raise wire.WireError(f"payload {payload.dtype} {list(payload.shape)}")
+                raise frames.FrameError(f"payload {payload.dtype} {list(payload.shape)}")
             return payload
         if payload is None:
-            raise wire.WireError("missing payload")
-        return wire.tensor_from_buffer(payload, dtype_from_name(msg["dtype"]), shape)
+            raise frames.FrameError("missing payload")
+        return frames.tensor_from_buffer(payload, dtype_from_name(msg["dtype"]), shape)
 
     def _on_ready(self, key: Hashable, msg: dict, _: Payload) -> None:
-        inx = self._match(key, msg)
-        if inx is not None and not inx.kv_ready:
-            inx.kv_ready = True
+        inbound = self._match(key, msg)
+        if inbound is not None and not inbound.kv_ready:
+            inbound.kv_ready = True
             if isinstance(msg.get("meta"), dict):
-                inx.meta = msg["meta"]
-            self._kv_ready(inx)
-            self._finish_if_complete(inx)
+                inbound.meta = msg["meta"]
+            self._kv_ready(inbound)
+            self._finish_if_complete(inbound)
 
-    def _kv_ready(self, inx: _In) -> None:
+    def _kv_ready(self, inbound: _Inbound) -> None:
         """Hook: an early offer's KV is written (DATA follows by itself once accepted)."""
 
     def _on_cancel(self, key: Hashable, msg: dict, _: Payload) -> None:
-        if inx := self._match(key, msg):
+        if inbound := self._match(key, msg):
             why = "expired" if msg.get("expired") is True else "cancelled"
-            self._abort(inx, msg["reason"], why, tell=False)
+            self._abort(inbound, msg["reason"], why, tell=False)
 
     def _cmd_accept(self, rid: str, dst_idx: torch.Tensor) -> None:
-        inx = self._in.get(rid)
-        if inx is None or inx.accepted:
+        inbound = self._in.get(rid)
+        if inbound is None or inbound.accepted:
             return self._emit(rid, TransferStatus.FAILED, "offer no longer available "
                                                           "(expired or cancelled)")
-        inx.accepted = True
-        inx.dst_idx = dst_idx
-        self._send_ctrl(inx.key, self._accept_msg(inx))
+        inbound.accepted = True
+        inbound.dst_idx = dst_idx
+        self._send_ctrl(inbound.key, self._accept_msg(inbound))
 
-    def _accept_msg(self, inx: _In) -> dict:
-        """The ACCEPT for ``inx``; backends may add fields (and plan the data path)."""
-        return wire.make(wire.ACCEPT, xid=inx.xid, rid=inx.rid)
+    def _accept_msg(self, inbound: _Inbound) -> dict:
+        """The ACCEPT for ``inbound``; backends may add fields (and plan the data path)."""
+        return frames.make(frames.ACCEPT, xid=inbound.xid, rid=inbound.rid)
 
     def _cmd_cancel(self, rid: str) -> None:
-        inx = self._in.get(rid)
-        if inx is not None and inx.accepted:
-            self._abort(inx, "cancelled by receiver", "cancelled")
+        inbound = self._in.get(rid)
+        if inbound is not None and inbound.accepted:
+            self._abort(inbound, "cancelled by receiver", "cancelled")
 
     def _cmd_reject(self, rid: str, reason: str) -> None:
-        inx = self._in.get(rid)
-        if inx is not None and not inx.accepted:
+        inbound = self._in.get(rid)
+        if inbound is not None and not inbound.accepted:
             del self._in[rid]
-            self._send_ctrl(inx.key, wire.make(wire.REJECT, xid=inx.xid, rid=rid, reason=reason))
+            self._tell(inbound, frames.REJECT, reason=reason)
 
     def _shutdown(self) -> None:
-        for inx in list(self._in.values()):
-            self._send_ctrl(inx.key, wire.make(wire.CANCEL, xid=inx.xid, rid=inx.rid,
-                                               reason="receiver closed"))
+        for inbound in list(self._in.values()):
+            self._tell(inbound, frames.CANCEL, reason="receiver closed")

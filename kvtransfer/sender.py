@@ -1,11 +1,12 @@
-"""Prefill-side protocol state machine (transport-independent; see core.py for threading).
+"""The prefill side's protocol state machine, for every transport.
 
-    connect(): HELLO -> (HELLO_OK | HELLO_REFUSED)      offer(): OFFER -> (ACCEPT | REJECT)
-    after ACCEPT: DATA chunks, round-robin across accepted requests -> ACK -> DONE
-    offer(ready=False): no DATA, even once accepted, until ready(): READY -> DATA chunks
-    ready_layers(n) before ready(): DATA of layers [0, n) may go ahead (the receiver's DONE still
-    waits for READY); transports that number chunks on the receiver (nccl) wait for READY
-    lease runs out before ACK: CANCEL(expired) -> EXPIRED;  cancel(): CANCEL -> CANCELLED
+Flow: frames.py; threads: core.py.
+
+Handshakes per peer, and one _Outbound per offer, from offer() to its terminal event: its source
+blocks, its chunks and how many went, which layers are written (ready_layers(), ready()).
+Accepted transfers send their chunks round-robin, one per transfer per turn.  ACK -> DONE; the
+lease running out -> CANCEL(expired) + EXPIRED; cancel() -> CANCEL + CANCELLED; REJECT or the
+receiver's CANCEL -> FAILED.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import wire
+from . import frames
 from .base import (KVLayout, KVSender, KVTransferError, LayoutMismatch, TransferEvent,
                    TransferStatus, blocks_needed)
 from .core import DEFAULT_CHUNK_BYTES, MAX_WAIT_S, Payload, _Endpoint
@@ -37,7 +38,7 @@ class _Handshake:
 
 
 @dataclass(eq=False)
-class _Out:
+class _Outbound:
     xid: int
     rid: str
     peer: str
@@ -45,7 +46,7 @@ class _Out:
     num_tokens: int
     meta: dict
     deadline: float        # monotonic; lease end
-    chunks: list[wire.Chunk] = field(default_factory=list)
+    chunks: list[frames.Chunk] = field(default_factory=list)
     next_chunk: int = 0
     accepted: bool = False
     kv_ready: bool = True  # False from offer(ready=False) until ready()
@@ -59,7 +60,7 @@ class _Out:
         """Layers [0, layers_ready) are written: their chunks may be sent."""
         return self.marks[-1][0] if self.marks else 0
 
-    def written(self, c: wire.Chunk) -> "torch.cuda.Event | None":
+    def written(self, c: frames.Chunk) -> "torch.cuda.Event | None":
         """The event after which chunk ``c``'s layers are written (None: nothing to wait for)."""
         return next((ev for n, ev in self.marks if n >= c.l1), None)
 
@@ -95,13 +96,15 @@ class SenderCore(_Endpoint, KVSender):
         self._connected: set[str] = set()                    # engine side
         self._status: dict[str, TransferStatus] = {}          # rid -> status until polled
         # I/O-thread state
-        self._out: dict[str, _Out] = {}
-        self._rr: dict[str, deque[_Out]] = {}  # per peer: accepted transfers with chunks left
-        self._hs: dict[str, _Handshake] = {}   # per peer: handshake in progress or done
+        self._out: dict[str, _Outbound] = {}
+        # per peer: accepted transfers with a chunk ready to go, served one chunk each in turn
+        self._round_robin: dict[str, deque[_Outbound]] = {}
+        self._handshakes: dict[str, _Handshake] = {}  # per peer: handshake in progress or done
         self._data_paused = False              # test hook: hold DATA back
-        self._handlers = {wire.HELLO_OK: self._on_hello_ok, wire.HELLO_REFUSED: self._on_refused,
-                          wire.ACCEPT: self._on_accept, wire.REJECT: self._on_reject,
-                          wire.ACK: self._on_ack, wire.CANCEL: self._on_cancel}
+        self._handlers = {frames.HELLO_OK: self._on_hello_ok,
+                          frames.HELLO_REFUSED: self._on_refused, frames.ACCEPT: self._on_accept,
+                          frames.REJECT: self._on_reject, frames.ACK: self._on_ack,
+                          frames.CANCEL: self._on_cancel}
 
     def _t_connect(self, peer: str, address: str) -> None: raise NotImplementedError
     def _t_disconnect(self, peer: str) -> None: raise NotImplementedError
@@ -133,9 +136,9 @@ class SenderCore(_Endpoint, KVSender):
             raise ValueError(f"{request_id}: block ids out of range [0, {self.kv_cache.shape[2]})")
         if not lease_s > 0:
             raise ValueError("lease_s must be > 0")
-        wire.encode(meta)  # raise TypeError here, in the caller, if meta is not msgpack-able
-        out = _Out(next(self._xids), request_id, peer, torch.tensor(ids, dtype=torch.long),
-                   num_tokens, meta, time.monotonic() + lease_s, kv_ready=ready)
+        frames.encode(meta)  # raise TypeError here, in the caller, if meta is not msgpack-able
+        out = _Outbound(next(self._xids), request_id, peer, torch.tensor(ids, dtype=torch.long),
+                        num_tokens, meta, time.monotonic() + lease_s, kv_ready=ready)
         with self._lock:
             if peer not in self._connected:
                 raise KVTransferError(f"not connected to peer {peer!r}")
@@ -148,7 +151,7 @@ class SenderCore(_Endpoint, KVSender):
 
     def ready(self, request_id: str, meta: dict | None = None) -> None:
         if meta is not None:
-            wire.encode(meta)  # raise TypeError here, in the caller, if it is not msgpack-able
+            frames.encode(meta)  # raise TypeError here, in the caller, if it is not msgpack-able
         self._command("ready", request_id, self._record_ready(), meta)
 
     def ready_layers(self, request_id: str, num_layers: int) -> None:
@@ -183,11 +186,11 @@ class SenderCore(_Endpoint, KVSender):
 
     # -- I/O thread --------------------------------------------------------------------------
     def _iteration(self) -> None:
-        want = list(set(self._pending_ctrl()) |
-                      ({p for p, q in self._rr.items() if q} if not self._data_paused else set()))
+        sending = set() if self._data_paused else {p for p, q in self._round_robin.items() if q}
+        want = list(set(self._pending_ctrl()) | sending)
         now = time.monotonic()
         wake_at = min([o.deadline for o in self._out.values()] +
-                      [h.next_hello for h in self._hs.values() if not h.done.is_set()] +
+                      [h.next_hello for h in self._handshakes.values() if not h.done.is_set()] +
                       [now + MAX_WAIT_S])
         for key, msg, payload in self._t_wait(max(0.0, wake_at - now), want):
             self._dispatch(key, msg, payload)
@@ -196,27 +199,27 @@ class SenderCore(_Endpoint, KVSender):
         self._pump()
 
     def _timers(self, now: float) -> None:
-        for peer, hs in self._hs.items():
+        for peer, hs in self._handshakes.items():
             if not hs.done.is_set() and self._HELLO_RETRY_S is not None and now >= hs.next_hello:
                 hs.next_hello = now + self._HELLO_RETRY_S
                 self._t_send(peer, self._hello())
         for out in [o for o in self._out.values() if now >= o.deadline]:
-            self._send_ctrl(out.peer, wire.make(wire.CANCEL, xid=out.xid, rid=out.rid,
-                                                reason="lease expired", expired=True))
+            self._send_ctrl(out.peer, frames.make(frames.CANCEL, xid=out.xid, rid=out.rid,
+                                                  reason="lease expired", expired=True))
             self._finish(out, TransferStatus.EXPIRED, "lease expired before the receiver's ACK")
 
     def _pump(self) -> None:
-        for peer in list(self._ctrl.keys() | self._rr.keys()):
+        for peer in list(self._ctrl.keys() | self._round_robin.keys()):
             if not self._flush_ctrl(peer) or self._data_paused:
                 continue  # control first: an OFFER/CANCEL must not queue behind megabytes
-            rr = self._rr.get(peer)
+            rr = self._round_robin.get(peer)
             for _ in range(_CHUNKS_PER_ROUND):
                 if not rr or not self._t_writable(peer):
                     break
                 out = rr.popleft()  # round-robin: one chunk per request per turn
                 c = out.chunks[out.next_chunk]
                 data = self._gather(out, c)
-                hdr = wire.data_header(out.xid, out.rid, c, data)
+                hdr = frames.data_header(out.xid, out.rid, c, data)
                 if not self._t_send(peer, hdr, data):
                     rr.appendleft(out)
                     break
@@ -226,7 +229,7 @@ class SenderCore(_Endpoint, KVSender):
                 if out.sendable():
                     rr.append(out)  # else back when more layers are ready (_cmd_ready_layers)
 
-    def _gather(self, out: _Out, c: wire.Chunk) -> torch.Tensor:
+    def _gather(self, out: _Outbound, c: frames.Chunk) -> torch.Tensor:
         """Chunk ``c`` as a fresh [l1-l0, 2, b1-b0, block_size, H, D] tensor (index_select copies,
         so nothing of the cache is referenced once it ran).  Backends override it to stage."""
         if (ev := out.written(c)) is not None:
@@ -235,16 +238,16 @@ class SenderCore(_Endpoint, KVSender):
                                   out.src(self.kv_cache.device)[c.b0:c.b1])
 
     def _hello(self) -> dict:
-        return wire.make(wire.HELLO, name=self.name, layout=self.layout.to_dict())
+        return frames.make(frames.HELLO, name=self.name, layout=self.layout.to_dict())
 
-    def _finish(self, out: _Out, status: TransferStatus, error: str | None = None) -> None:
+    def _finish(self, out: _Outbound, status: TransferStatus, error: str | None = None) -> None:
         del self._out[out.rid]
-        rr = self._rr.get(out.peer)
+        rr = self._round_robin.get(out.peer)
         if rr and out in rr:
             rr.remove(out)
         self._emit(out.rid, status, error)
 
-    def _match(self, peer: str, msg: dict) -> _Out | None:
+    def _match(self, peer: str, msg: dict) -> _Outbound | None:
         out = self._out.get(msg["rid"])
         if out is None or out.xid != msg["xid"] or out.peer != peer:
             log.debug("%s: %s for unknown/finished transfer %s", self.name, msg["t"], msg["rid"])
@@ -252,7 +255,7 @@ class SenderCore(_Endpoint, KVSender):
         return out
 
     def _on_hello_ok(self, peer: str, msg: dict, _: Payload) -> None:
-        hs = self._hs.get(peer)
+        hs = self._handshakes.get(peer)
         if hs is None or hs.done.is_set():
             return  # answer to a retried HELLO
         try:  # the receiver checked already; re-check so a buggy peer cannot slip through
@@ -263,7 +266,7 @@ class SenderCore(_Endpoint, KVSender):
         hs.done.set()
 
     def _on_refused(self, peer: str, msg: dict, _: Payload) -> None:
-        hs = self._hs.get(peer)
+        hs = self._handshakes.get(peer)
         if hs is None or hs.done.is_set():
             return
         err = msg["error"]
@@ -281,12 +284,12 @@ class SenderCore(_Endpoint, KVSender):
         if out.layers_ready:
             self._start_data(out)
 
-    def _start_data(self, out: _Out) -> None:
+    def _start_data(self, out: _Outbound) -> None:
         """Accepted and (partly) written: queue the transfer for _pump while a chunk is ready."""
         if not out.chunks:
-            out.chunks = wire.plan_chunks(self.layout.num_layers, len(out.src_idx),
-                                          self.layout.block_layer_bytes, self.chunk_bytes)
-        rr = self._rr.setdefault(out.peer, deque())
+            out.chunks = frames.plan_chunks(self.layout.num_layers, len(out.src_idx),
+                                            self.layout.block_layer_bytes, self.chunk_bytes)
+        rr = self._round_robin.setdefault(out.peer, deque())
         if out.sendable() and out not in rr:
             rr.append(out)
 
@@ -305,35 +308,35 @@ class SenderCore(_Endpoint, KVSender):
     def _disconnect(self, peer: str, why: str) -> None:
         for out in [o for o in self._out.values() if o.peer == peer]:
             self._finish(out, TransferStatus.FAILED, f"peer {peer} disconnected: {why}")
-        self._hs.pop(peer, None)
+        self._handshakes.pop(peer, None)
         self._ctrl.pop(peer, None)
-        self._rr.pop(peer, None)
+        self._round_robin.pop(peer, None)
         self._t_disconnect(peer)
 
     def _cmd_connect(self, peer: str, hs: _Handshake) -> None:
-        if peer in self._hs:
+        if peer in self._handshakes:
             self._disconnect(peer, "reconnecting")
-        self._hs[peer] = hs
+        self._handshakes[peer] = hs
         self._t_connect(peer, hs.address)
         hs.next_hello = time.monotonic() + (self._HELLO_RETRY_S or 0.0)
         self._t_send(peer, self._hello())
 
     def _cmd_abort_connect(self, peer: str, hs: _Handshake) -> None:
-        if self._hs.get(peer) is hs:
+        if self._handshakes.get(peer) is hs:
             self._disconnect(peer, "handshake timed out")
 
-    def _cmd_offer(self, out: _Out) -> None:
-        if out.peer not in self._hs or not self._hs[out.peer].done.is_set():
+    def _cmd_offer(self, out: _Outbound) -> None:
+        if out.peer not in self._handshakes or not self._handshakes[out.peer].done.is_set():
             return self._emit(out.rid, TransferStatus.FAILED, f"peer {out.peer} disconnected")
         self._out[out.rid] = out
         self._send_ctrl(out.peer, self._offer_msg(out))
 
-    def _offer_msg(self, out: _Out) -> dict:
+    def _offer_msg(self, out: _Outbound) -> dict:
         """The OFFER for ``out``; backends may add fields."""
         lease = max(0.0, out.deadline - time.monotonic())
-        return wire.make(wire.OFFER, xid=out.xid, rid=out.rid, num_tokens=out.num_tokens,
-                         nblocks=len(out.src_idx), meta=out.meta, lease_s=lease,
-                         ready=out.kv_ready)
+        return frames.make(frames.OFFER, xid=out.xid, rid=out.rid, num_tokens=out.num_tokens,
+                           nblocks=len(out.src_idx), meta=out.meta, lease_s=lease,
+                           ready=out.kv_ready)
 
     def _cmd_ready(self, rid: str, ev: "torch.cuda.Event | None", meta: dict | None) -> None:
         out = self._out.get(rid)
@@ -342,7 +345,7 @@ class SenderCore(_Endpoint, KVSender):
         out.kv_ready = True
         out.marks.append((self.layout.num_layers, ev))
         extra = {} if meta is None else {"meta": meta}
-        self._send_ctrl(out.peer, wire.make(wire.READY, xid=out.xid, rid=rid, **extra))
+        self._send_ctrl(out.peer, frames.make(frames.READY, xid=out.xid, rid=rid, **extra))
         if out.accepted:
             self._start_data(out)
 
@@ -357,11 +360,11 @@ class SenderCore(_Endpoint, KVSender):
     def _cmd_cancel(self, rid: str) -> None:
         out = self._out.get(rid)
         if out is not None:
-            self._send_ctrl(out.peer, wire.make(wire.CANCEL, xid=out.xid, rid=rid,
-                                                reason="cancelled by sender"))
+            self._send_ctrl(out.peer, frames.make(frames.CANCEL, xid=out.xid, rid=rid,
+                                                  reason="cancelled by sender"))
             self._finish(out, TransferStatus.CANCELLED, "cancelled")
 
     def _shutdown(self) -> None:
         for out in list(self._out.values()):  # best effort: spare the receiver its lease wait
-            self._send_ctrl(out.peer, wire.make(wire.CANCEL, xid=out.xid, rid=out.rid,
-                                                reason="sender closed"))
+            self._send_ctrl(out.peer, frames.make(frames.CANCEL, xid=out.xid, rid=out.rid,
+                                                  reason="sender closed"))

@@ -1,14 +1,6 @@
-"""ZeroMQ KV transfer backend: receiver binds a ROUTER, each sender connects one DEALER per peer.
+"""The "zmq" KV transfer backend: the receiver binds a ROUTER, a sender connects DEALERs per peer.
 
-Message flow (msgpack control frames, see wire.py; never pickle):
-    DEALER                                  ROUTER
-    HELLO(layout)                 ->
-                                  <-        HELLO_OK | HELLO_REFUSED(mismatch message)
-    OFFER(rid, meta, lease)       ->
-                                  <-        ACCEPT | REJECT
-    [DATA hdr, raw bytes] x N     ->        written into the accepted blocks
-                                  <-        ACK            -> both sides report DONE
-    CANCEL either way aborts.
+Control frames and DATA as drawn in frames.py (msgpack headers, never pickle), over TCP or ipc.
 
 Sockets: per peer, the sender opens one control DEALER (everything but DATA) and
 ``num_streams`` DATA DEALERs (default 4): one TCP connection and its libzmq I/O thread top out
@@ -39,7 +31,7 @@ from typing import Hashable
 import torch
 import zmq
 
-from . import wire
+from . import frames
 from .base import KVLayout
 from .core import DEFAULT_CHUNK_BYTES, Payload
 from .receiver import ReceiverCore
@@ -102,9 +94,9 @@ def _poll(sockets: dict[Hashable, zmq.Socket], want_write: list, waker: _Waker,
     return [k for k, s in sockets.items() if ready.get(s, 0) & zmq.POLLIN]
 
 
-def _send(sock: zmq.Socket, frames: list, who: str) -> bool:
+def _send(sock: zmq.Socket, parts: list, who: str) -> bool:
     try:
-        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
         return True
     except zmq.Again:
         return False
@@ -231,14 +223,16 @@ class ZmqKVSender(SenderCore):
     def _t_send(self, peer: Hashable, msg: dict, payload: torch.Tensor | None = None) -> bool:
         if payload is None:
             sock = self._socks.get(peer)  # type: ignore[arg-type]
-            return True if sock is None else _send(sock, [wire.encode(msg)], f"{self.name}->{peer}")
+            if sock is None:
+                return True
+            return _send(sock, [frames.encode(msg)], f"{self.name}->{peer}")
         slot, self._staged = self._staged, None
         socks = self._data_socks(peer)  # type: ignore[arg-type]
-        frames = [wire.encode(msg), wire.tensor_to_buffer(payload)]
+        parts = [frames.encode(msg), frames.tensor_to_buffer(payload)]
         for k in range(len(socks)):  # round-robin, skipping sockets at their HWM
             i = (self._next_sock + k) % len(socks)
             try:
-                tracker = socks[i].send_multipart(frames, flags=zmq.NOBLOCK, copy=False,
+                tracker = socks[i].send_multipart(parts, flags=zmq.NOBLOCK, copy=False,
                                                   track=slot is not None)
             except zmq.Again:
                 continue
@@ -264,15 +258,15 @@ class ZmqKVSender(SenderCore):
             sock = self._socks[peer]
             for _ in range(_RECV_BATCH):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if len(frames) != 1:
-                    self._drop(f"{len(frames)} frames from receiver {peer}")
+                if len(parts) != 1:
+                    self._drop(f"{len(parts)} frames from receiver {peer}")
                     continue
                 try:
-                    out.append((peer, wire.decode(frames[0]), None))
-                except wire.WireError as e:
+                    out.append((peer, frames.decode(parts[0]), None))
+                except frames.FrameError as e:
                     self._drop(f"from {peer}: {e}")
         return out
 
@@ -324,7 +318,7 @@ class ZmqKVReceiver(ReceiverCore):
         self._thread.start()
 
     def _t_send(self, key: Hashable, msg: dict, payload: torch.Tensor | None = None) -> bool:
-        return _send(self._sock, [key, wire.encode(msg)], f"{self.name}->{key!r}")
+        return _send(self._sock, [key, frames.encode(msg)], f"{self.name}->{key!r}")
 
     def _t_wait(self, timeout_s: float, want_write: list) -> list[tuple[Hashable, dict, Payload]]:
         if want_write:
@@ -335,22 +329,22 @@ class ZmqKVReceiver(ReceiverCore):
             return out
         for _ in range(_RECV_BATCH):
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            key = frames[0].bytes
+            key = parts[0].bytes
             try:
-                if len(frames) not in (2, 3):
-                    raise wire.WireError(f"{len(frames)} frames")
-                msg = wire.decode(frames[1].buffer)
-                if (msg["t"] == wire.DATA) != (len(frames) == 3):
-                    raise wire.WireError(f"{msg['t']} with {len(frames) - 1} frames")
-            except wire.WireError as e:
+                if len(parts) not in (2, 3):
+                    raise frames.FrameError(f"{len(parts)} frames")
+                msg = frames.decode(parts[1].buffer)
+                if (msg["t"] == frames.DATA) != (len(parts) == 3):
+                    raise frames.FrameError(f"{msg['t']} with {len(parts) - 1} frames")
+            except frames.FrameError as e:
                 self._drop(f"from {key!r}: {e}")
                 continue
-            if msg["t"] == wire.DATA:
+            if msg["t"] == frames.DATA:
                 key = _control_key(key)
-            out.append((key, msg, frames[2].buffer if len(frames) == 3 else None))
+            out.append((key, msg, parts[2].buffer if len(parts) == 3 else None))
         return out
 
     def _t_wake(self) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from kvtransfer import (KVTransferError, NcclKVReceiver, NcclKVSender, TransferStatus,
-                        ZmqKVReceiver, ZmqKVSender, wire)
+                        ZmqKVReceiver, ZmqKVSender, frames)
 from kvtransfer.base import dtype_from_name
 
 from . import nccl_peer
@@ -89,8 +89,8 @@ def test_recvs_out_of_seq_breaks_the_pair_then_reconnect(make_pair):
     """Chunk numbers that do not continue the pair's sequence would pair sends with the wrong
     recvs: the sender breaks the pair, both sides fail the transfer and free blocks."""
     p = make_pair()
-    p.receiver._recvs_msg = lambda seq0, chunks: wire.make(wire.RECVS, seq0=seq0 + 7,
-                                                            chunks=chunks)
+    p.receiver._recvs_msg = lambda seq0, chunks: frames.make(frames.RECVS, seq0=seq0 + 7,
+                                                              chunks=chunks)
     p.on_offer = lambda off: p.receiver.accept(off.request_id, [5, 6])
     p.sender.offer(p.peer, "r", [0, 1], 8, {}, lease_s=10)
     p.run_until(lambda: "r" in p.sent and "r" in p.recv, timeout_s=5)

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from kvtransfer import KVTransferError, LayoutMismatch, TransferStatus, blocks_needed, wire
-from kvtransfer.wire import plan_chunks
+from kvtransfer import KVTransferError, LayoutMismatch, TransferStatus, blocks_needed, frames
+from kvtransfer.frames import plan_chunks
 
 from .conftest import TIMEOUT_S as TIMEOUT, as_bytes, layout_for, wait_until
 
@@ -281,7 +281,7 @@ def test_offer_early_done_waits_for_ready_overtaken_by_data(kind, make_pair, mon
     deliver = type(p.receiver._hub)._deliver
 
     def reorder(hub, to, frm, header, payload):
-        if wire.decode(header)["t"] == wire.READY and not held:
+        if frames.decode(header)["t"] == frames.READY and not held:
             held.append((to, frm, header, payload))  # held back until the test lets it go
             return True
         return deliver(hub, to, frm, header, payload)

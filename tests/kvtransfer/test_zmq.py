@@ -7,7 +7,7 @@ import torch
 import zmq
 
 from kvtransfer import TransferStatus, ZmqKVReceiver, ZmqKVSender
-from kvtransfer import wire
+from kvtransfer import frames
 
 from .conftest import Pair, as_bytes, layout_for, rand_cache, wait_until
 
@@ -92,16 +92,16 @@ def test_garbage_on_router_is_dropped(zpair, raw):
         [pack(v=1, t="ACK", xid=1, rid="x"), b"extra"],  # payload on a control message
         [b"a", b"b", b"c", b"d"],                        # too many frames
     ]
-    for frames in junk:
-        s.send_multipart(frames)
+    for parts in junk:
+        s.send_multipart(parts)
     wait_until(lambda: p.receiver.stats["msgs_dropped"] >= len(junk), what="drops")
     # a malformed layout in HELLO is answered, not crashed on
     s.send_multipart([pack(v=1, t="HELLO", name="evil", layout={"model": 1})])
-    reply = wire.decode(s.recv())
-    assert reply["t"] == wire.HELLO_REFUSED and reply["kind"] == "protocol"
+    reply = frames.decode(s.recv())
+    assert reply["t"] == frames.HELLO_REFUSED and reply["kind"] == "protocol"
     s.send_multipart([pack(v=1, t="OFFER", xid=1, rid="x", num_tokens=1, nblocks=1, meta={},
                            lease_s=5.0)])
-    assert wire.decode(s.recv())["t"] == wire.REJECT  # no handshake
+    assert frames.decode(s.recv())["t"] == frames.REJECT  # no handshake
     assert p.receiver._thread.is_alive()
     transfer_ok(p, "after-garbage", [1, 2], [3, 4])
 
@@ -113,27 +113,28 @@ def test_raw_sender_protocol_errors(zpair, raw, bad):
     p = zpair()
     s = raw(p.receiver.address)
     layout = p.receiver.layout
-    s.send_multipart([wire.encode(wire.make(wire.HELLO, name="raw", layout=layout.to_dict()))])
-    assert wire.decode(s.recv())["t"] == wire.HELLO_OK
-    s.send_multipart([wire.encode(wire.make(wire.OFFER, xid=7, rid="q", num_tokens=8, nblocks=2,
-                                            meta={"a": 1}, lease_s=10.0))])
+    hello = frames.make(frames.HELLO, name="raw", layout=layout.to_dict())
+    s.send_multipart([frames.encode(hello)])
+    assert frames.decode(s.recv())["t"] == frames.HELLO_OK
+    s.send_multipart([frames.encode(frames.make(frames.OFFER, xid=7, rid="q", num_tokens=8,
+                                                nblocks=2, meta={"a": 1}, lease_s=10.0))])
     wait_until(lambda: bool(p.receiver.poll_offers()), what="offer")
     p.receiver.accept("q", [10, 11])
-    assert wire.decode(s.recv()) == wire.make(wire.ACCEPT, xid=7, rid="q")
+    assert frames.decode(s.recv()) == frames.make(frames.ACCEPT, xid=7, rid="q")
     chunk = torch.ones(layout.chunk_shape(3, 2), dtype=torch.bfloat16)
-    hdr = wire.data_header(7, "q", wire.Chunk(0, 0, 3, 0, 2), chunk)
+    hdr = frames.data_header(7, "q", frames.Chunk(0, 0, 3, 0, 2), chunk)
     if bad == "nbytes":
-        s.send_multipart([wire.encode(hdr), wire.tensor_to_buffer(chunk)[:-2]])
+        s.send_multipart([frames.encode(hdr), frames.tensor_to_buffer(chunk)[:-2]])
     elif bad == "range":
-        s.send_multipart([wire.encode({**hdr, "b1": 3}), wire.tensor_to_buffer(chunk)])
+        s.send_multipart([frames.encode({**hdr, "b1": 3}), frames.tensor_to_buffer(chunk)])
     else:
-        s.send_multipart([wire.encode(wire.make(wire.CANCEL, xid=7, rid="q", reason="bye"))])
+        s.send_multipart([frames.encode(frames.make(frames.CANCEL, xid=7, rid="q", reason="bye"))])
     events: list = []
     wait_until(lambda: events.extend(p.receiver.poll()) or events, what="receiver event")
     want = TransferStatus.CANCELLED if bad == "cancel" else TransferStatus.FAILED
     assert [(e.request_id, e.status) for e in events] == [("q", want)]
     if bad != "cancel":
-        assert wire.decode(s.recv())["t"] == wire.CANCEL  # the sender is told too
+        assert frames.decode(s.recv())["t"] == frames.CANCEL  # the sender is told too
     assert not as_bytes(p.dst[:, :, [10, 11]]).any()
     transfer_ok(p, "next", [1], [2])
 

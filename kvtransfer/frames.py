@@ -1,7 +1,47 @@
-"""Wire format of the KV transfer protocol: msgpack control headers + raw tensor payloads.
+"""The KV transfer protocol, drawn once: its message flow, its frames (schema, codec, chunking).
 
-Every control message is a msgpack map ``{"v": PROTOCOL_VERSION, "t": TYPE, ...fields}``; pickle is
-never used, so a peer can at worst send garbage that ``decode`` rejects with WireError.
+Every other kvtransfer module points here for the flow.  Sender = the prefill side (KVSender),
+receiver = the decode side (KVReceiver); base.py says what each call and event promises.
+
+Message flow, every backend::
+
+    sender                                               receiver
+    connect()  HELLO(layout)                      ->     layout check
+                                                  <-     HELLO_OK | HELLO_REFUSED(mismatch)
+    offer()    OFFER(rid, num_tokens, meta, lease_s, ready)  ->   poll_offers()
+                                                  <-     ACCEPT (accept(rid, dst_blocks))
+                                                         | REJECT(reason) (reject())
+               DATA(chunk 0), DATA(chunk 1), ...  ->     written into the accepted blocks
+                                                  <-     ACK (every cell written, READY seen)
+    poll() -> DONE                                       poll() -> DONE
+    CANCEL (either way) aborts: cancel(), lease expiry, bad data, close().
+
+    Offer early: OFFER(ready=False) is accepted alike but gets no DATA until ready() sends
+    READY(meta) (ready_layers(n) before it may let the chunks of layers [0, n) go ahead); the
+    receiver's DONE waits for READY, whose meta it carries.  DATA may overtake READY.
+
+nccl backend (nccl_backend.py says why): the control messages travel over zmq as above, but
+there is no DATA: the bytes move on a private 2-rank process group per (sender, receiver) pair,
+sender rank 0, receiver rank 1, and the *receiver* numbers the chunks::
+
+    HELLO(layout, pg_backend, nccl_proto)         ->     layout + backend + protocol check
+                                                  <-     PG_INIT(gid, store_port) | HELLO_REFUSED
+    both build the pair's group on the receiver's TCPStore and move one warm-up element
+    (pgroup.py)                                   <-     HELLO_OK (group ready: connect() returns)
+    OFFER(..., chunk_bytes)                       ->
+                                                  <-     ACCEPT; once accepted and ready (READY):
+                                                  <-     RECVS(seq0, [[rid, xid, l0, l1, b0, b1],
+                                                         ...]): recvs seq0, seq0+1, ... posted,
+                                                         round-robin across accepted transfers,
+                                                         at most max_posted unfinished
+    per RECVS chunk, in seq order: gather, send(seq)  ==>  recv finished: scatter
+                                                  <-     RECVS ... (the next chunks as recvs finish)
+                                                  <-     ACK (after the last scatter)
+    A seq whose transfer ended is still sent (zeros) and received (dropped): both sides post
+    exactly one op per seq, in order.  BYE (either way): this side dropped the pair's group.
+
+Frames.  Every control message is a msgpack map ``{"v": PROTOCOL_VERSION, "t": TYPE, ...}``;
+pickle is never used, so a peer can at worst send garbage that ``decode`` rejects with FrameError.
 
     HELLO{name, layout}           sender -> receiver   handshake, layout = KVLayout.to_dict()
     HELLO_OK{name, layout}        receiver -> sender
@@ -13,7 +53,7 @@ never used, so a peer can at worst send garbage that ``decode`` rejects with Wir
     ACK{xid, rid}                 receiver -> sender   after the last DATA byte was written
     READY{xid, rid, meta?}        sender -> receiver   an offer made with ready=False: KV written
     CANCEL{xid, rid, reason}      either way           abort / lease expired / bad data
-nccl backend only (nccl_backend.py; no DATA: the bytes move on the pair's process group):
+nccl backend only (its version is pgroup.NCCL_PROTO, checked at HELLO):
     PG_INIT{gid, store_port}      receiver -> sender   layout OK: build the pair's process group
     OFFER{..., chunk_bytes}       sender -> receiver   the sender's chunk size
     RECVS{seq0, chunks}           receiver -> sender   recvs seq0, seq0+1, ... are posted for
@@ -60,7 +100,7 @@ SCHEMA[BYE] = {}
 SCHEMA[RECVS] = {"seq0": int, "chunks": list}
 
 
-class WireError(ValueError):
+class FrameError(ValueError):
     """A message that must be dropped (undecodable, wrong version, unknown type, bad fields)."""
 
 
@@ -77,22 +117,22 @@ def decode(buf: bytes | memoryview) -> dict:
     try:
         msg = msgpack.unpackb(buf, raw=False)
     except Exception as e:  # msgpack raises several unrelated exception types on garbage
-        raise WireError(f"undecodable control frame ({len(buf)} bytes): {e}") from None
+        raise FrameError(f"undecodable control frame ({len(buf)} bytes): {e}") from None
     return validate(msg)
 
 
 def validate(msg: Any) -> dict:
     if not isinstance(msg, dict):
-        raise WireError(f"control message must be a map, got {type(msg).__name__}")
+        raise FrameError(f"control message must be a map, got {type(msg).__name__}")
     if msg.get("v") != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {msg.get('v')!r} != {PROTOCOL_VERSION}")
+        raise FrameError(f"protocol version {msg.get('v')!r} != {PROTOCOL_VERSION}")
     schema = SCHEMA.get(msg.get("t"))  # type: ignore[arg-type]
     if schema is None:
-        raise WireError(f"unknown message type {msg.get('t')!r}")
+        raise FrameError(f"unknown message type {msg.get('t')!r}")
     for k, typ in schema.items():
         v = msg.get(k)
         if not isinstance(v, typ) or isinstance(v, bool):
-            raise WireError(f"{msg['t']}: field {k!r} must be {typ}, got {v!r:.80}")
+            raise FrameError(f"{msg['t']}: field {k!r} must be {typ}, got {v!r:.80}")
     return msg
 
 
@@ -141,13 +181,13 @@ def tensor_to_buffer(t: torch.Tensor) -> memoryview:
 
 def tensor_from_buffer(buf: memoryview | bytes, dtype: torch.dtype,
                        shape: list[int]) -> torch.Tensor:
-    """Zero-copy tensor over a received frame; raises WireError if the size is wrong."""
+    """Zero-copy tensor over a received frame; raises FrameError if the size is wrong."""
     n = 1
     for s in shape:
         n *= s
     nbytes = memoryview(buf).nbytes
     if nbytes != n * dtype.itemsize or n == 0:
-        raise WireError(f"payload has {nbytes} bytes, header shape {shape} {dtype} needs "
+        raise FrameError(f"payload has {nbytes} bytes, header shape {shape} {dtype} needs "
                         f"{n * dtype.itemsize}")
     with warnings.catch_warnings():  # zmq frames are read-only; we only ever read from them
         warnings.simplefilter("ignore", UserWarning)

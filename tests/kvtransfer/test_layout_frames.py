@@ -1,4 +1,4 @@
-"""Pure units: layout fingerprint, wire codec, chunk planning, factory."""
+"""Pure units: layout fingerprint, frame codec, chunk planning, backend factory."""
 from __future__ import annotations
 
 import msgpack
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvtransfer import InprocHub, KVLayout, LayoutMismatch, make_receiver, make_sender
-from kvtransfer import wire
+from kvtransfer import frames
 
 from .conftest import layout_for
 
@@ -41,7 +41,7 @@ def test_layout_from_and_check_cache():
                                                           (7, 3, 100), (2, 5, 5)])
 def test_plan_chunks_covers_each_cell_once(layers, nblocks, chunk_blocks):
     bl = 100
-    chunks = wire.plan_chunks(layers, nblocks, bl, chunk_blocks * bl)
+    chunks = frames.plan_chunks(layers, nblocks, bl, chunk_blocks * bl)
     seen = torch.zeros(layers, nblocks, dtype=torch.int32)
     for i, c in enumerate(chunks):
         assert c.index == i
@@ -51,24 +51,24 @@ def test_plan_chunks_covers_each_cell_once(layers, nblocks, chunk_blocks):
 
 
 def test_decode_rejects_malformed():
-    ok = wire.make(wire.ACK, xid=1, rid="r")
-    assert wire.decode(wire.encode(ok)) == ok
+    ok = frames.make(frames.ACK, xid=1, rid="r")
+    assert frames.decode(frames.encode(ok)) == ok
     for bad in (b"\xc1", b"", msgpack.packb([1]), msgpack.packb({**ok, "v": 2}),
                 msgpack.packb({**ok, "t": "NOPE"}), msgpack.packb({**ok, "xid": "1"}),
                 msgpack.packb({**ok, "xid": True})):
-        with pytest.raises(wire.WireError):
-            wire.decode(bad)
+        with pytest.raises(frames.FrameError):
+            frames.decode(bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_tensor_buffer_roundtrip(dtype):
     t = torch.randn(2, 2, 3, 4, 2, 8).to(dtype)
-    buf = wire.tensor_to_buffer(t)
+    buf = frames.tensor_to_buffer(t)
     assert buf.nbytes == t.numel() * t.element_size()
-    back = wire.tensor_from_buffer(bytes(buf), dtype, list(t.shape))
+    back = frames.tensor_from_buffer(bytes(buf), dtype, list(t.shape))
     assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
-    with pytest.raises(wire.WireError):
-        wire.tensor_from_buffer(bytes(buf)[:-1], dtype, list(t.shape))
+    with pytest.raises(frames.FrameError):
+        frames.tensor_from_buffer(bytes(buf)[:-1], dtype, list(t.shape))
 
 
 def test_factory_kinds():
