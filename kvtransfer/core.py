@@ -45,7 +45,7 @@ class _Endpoint:
     def __init__(self, kind: str, name: str) -> None:
         self.name = name
         self.stats: dict[str, int] = {"msgs_dropped": 0, "chunks": 0, "bytes": 0}
-        self._cmds: deque[tuple] = deque()
+        self._cmds: deque[tuple[Callable[..., None], tuple]] = deque()  # (method, args)
         self._ctrl: dict[Hashable, deque[dict]] = {}  # per peer: control msgs the socket refused
         self._lock = threading.Lock()                  # guards engine-visible state + events
         self._events: list[TransferEvent] = []
@@ -72,10 +72,12 @@ class _Endpoint:
     def _t_release(self) -> None: pass                       # engine thread, after join
 
     # -- plumbing ----------------------------------------------------------------------------
-    def _command(self, *cmd: Any) -> None:
+    def _command(self, method: Callable[..., None], *args: Any) -> None:
+        """Engine thread: have the I/O thread call ``method(*args)`` (one of this endpoint's
+        _cmd_* methods), in the order queued."""
         if self._closed:
             raise KVTransferError(f"{type(self).__name__} {self.name!r} is closed")
-        self._cmds.append(cmd)
+        self._cmds.append((method, args))
         self._t_wake()
 
     def _emit(self, rid: str, status: TransferStatus, error: str | None = None,
@@ -162,11 +164,11 @@ class _Endpoint:
 
     def _run_commands(self) -> None:
         while self._cmds:
-            cmd = self._cmds.popleft()
+            method, args = self._cmds.popleft()
             try:
-                getattr(self, "_cmd_" + cmd[0])(*cmd[1:])
+                method(*args)
             except Exception:
-                log.exception("%s: command %s failed", self.name, cmd[0])
+                log.exception("%s: command %s failed", self.name, method.__name__)
 
     def _iteration(self) -> None: raise NotImplementedError
     def _shutdown(self) -> None: pass

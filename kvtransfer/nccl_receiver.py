@@ -126,6 +126,14 @@ class NcclKVReceiver(ZmqKVReceiver):
             ok = isinstance(cb, int) and not isinstance(cb, bool) and cb > 0
             inbound.chunk_bytes = min(cb, self.max_chunk_bytes) if ok else self.max_chunk_bytes
 
+    def accept(self, request_id: str, block_ids: list[int]) -> None:
+        dst_idx = self._admit(request_id, block_ids)
+        ready = None
+        if self._side_stream is not None:  # engine thread, engine's stream: see _land
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.kv_cache.device))
+        self._command(self._cmd_accept, request_id, dst_idx, ready)
+
     def _cmd_accept(self, rid: str, dst_idx: torch.Tensor,
                     ready: "torch.cuda.Event | None" = None) -> None:
         if ready is not None:
@@ -230,13 +238,6 @@ class NcclKVReceiver(ZmqKVReceiver):
             self._send_ctrl(key, frames.make(frames.BYE))
 
     # -- CUDA ordering -----------------------------------------------------------------------
-    def _command(self, *cmd: object) -> None:
-        if cmd[0] == "accept" and self._side_stream is not None:  # engine thread, engine's stream
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.kv_cache.device))
-            cmd = (*cmd, ev)
-        super()._command(*cmd)
-
 
     def _emit(self, rid: str, status: TransferStatus, error: str | None = None,
               meta: dict | None = None) -> None:

@@ -86,6 +86,11 @@ class ReceiverCore(_Endpoint, KVReceiver):
         return offers
 
     def accept(self, request_id: str, block_ids: list[int]) -> None:
+        self._command(self._cmd_accept, request_id, self._admit(request_id, block_ids))
+
+    def _admit(self, request_id: str, block_ids: list[int]) -> torch.Tensor:
+        """Engine thread: check accept()'s arguments and mark the offer accepted; the block ids
+        to write, [nblocks] int64 on the CPU."""
         with self._lock:
             off = self._seen.get(request_id)
             if off is None or request_id in self._accepted:
@@ -98,21 +103,21 @@ class ReceiverCore(_Endpoint, KVReceiver):
                 raise ValueError(f"{request_id}: need {n} distinct block ids in "
                                  f"[0, {self.kv_cache.shape[2]}), got {list(block_ids)}")
             self._accepted.add(request_id)
-        self._command("accept", request_id, torch.tensor(ids, dtype=torch.long))
+        return torch.tensor(ids, dtype=torch.long)
 
     def reject(self, request_id: str, reason: str) -> None:
         with self._lock:
             if request_id not in self._seen or request_id in self._accepted:
                 raise ValueError(f"{request_id!r} is not a pending offer")
             del self._seen[request_id]
-        self._command("reject", request_id, reason)
+        self._command(self._cmd_reject, request_id, reason)
 
     def cancel(self, request_id: str) -> None:
         """Abort an accepted transfer from this side (its request was aborted): the sender is
         told, and the transfer ends with CANCELLED, after which its blocks may be freed.  Without
         this a decode worker would hold the blocks until the lease ran out when the sender died
         mid-transfer.  A no-op once the transfer has ended."""
-        self._command("cancel", request_id)
+        self._command(self._cmd_cancel, request_id)
 
     def poll(self) -> list[TransferEvent]:
         with self._lock:

@@ -115,9 +115,9 @@ class SenderCore(_Endpoint, KVSender):
         hs = _Handshake(address)
         with self._lock:
             self._connected.discard(peer)
-        self._command("connect", peer, hs)
+        self._command(self._cmd_connect, peer, hs)
         if not hs.done.wait(timeout_s):
-            self._command("abort_connect", peer, hs)
+            self._command(self._cmd_abort_connect, peer, hs)
             raise TimeoutError(f"KV handshake with {peer!r} at {address} got no answer "
                                f"within {timeout_s}s")
         if hs.error is not None:
@@ -147,16 +147,16 @@ class SenderCore(_Endpoint, KVSender):
             self._status[request_id] = TransferStatus.OFFERED
         if ready:
             out.marks.append((self.layout.num_layers, self._record_ready()))
-        self._command("offer", out)
+        self._command(self._cmd_offer, out)
 
     def ready(self, request_id: str, meta: dict | None = None) -> None:
         if meta is not None:
             frames.encode(meta)  # raise TypeError here, in the caller, if it is not msgpack-able
-        self._command("ready", request_id, self._record_ready(), meta)
+        self._command(self._cmd_ready, request_id, self._record_ready(), meta)
 
     def ready_layers(self, request_id: str, num_layers: int) -> None:
         if 0 < num_layers < self.layout.num_layers:
-            self._command("ready_layers", request_id, num_layers, self._record_ready())
+            self._command(self._cmd_ready_layers, request_id, num_layers, self._record_ready())
 
     def _record_ready(self) -> "torch.cuda.Event | None":
         """CUDA: the gather must not overtake the prefill that wrote the blocks."""
@@ -167,7 +167,7 @@ class SenderCore(_Endpoint, KVSender):
         return ev
 
     def cancel(self, request_id: str) -> None:
-        self._command("cancel", request_id)
+        self._command(self._cmd_cancel, request_id)
 
     def poll(self) -> list[TransferEvent]:
         with self._lock:
