@@ -3,8 +3,9 @@
 Handlers validate (pydantic at the edge, then model name and context length), apply the
 chat template and tokenize, and hand the token ids to `generation.generate`, which
 places the request on the workers and yields text chunks; the handlers only shape those
-chunks into OpenAI JSON, SSE or NDJSON. Errors before the first byte are HTTP errors in
-OpenAI's shape; errors after it are an error event and the stream's end.
+chunks into OpenAI JSON or SSE (spelled by a `responses.ResponseShape`), or NDJSON. Errors
+before the first byte are HTTP errors in OpenAI's shape; errors after it are an error event
+and the stream's end.
 
 In front of the handlers (edge.py): the API key check, then the body size cap. A client
 that disconnects is noticed within 0.25 s while waiting for a chunk (`_next`), or by the
@@ -32,6 +33,7 @@ from .generation import Chunk, generate
 from .hub import WorkerHub
 from .metrics import CONTENT_TYPE, Metrics
 from .registry import WorkerRegistry
+from .responses import SSE_DONE, ChatCompletionShape, ResponseShape, TextCompletionShape, sse_event, usage_dict
 from .settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -137,58 +139,35 @@ async def _collect(request: Request, chunks: AsyncIterator[Chunk]) -> tuple[str,
             return "".join(parts), c
 
 
-def _sse(first: Chunk, rest: AsyncIterator[Chunk], start: list[dict], on_chunk, on_end) -> StreamingResponse:
-    """SSE body: `start` events, one event per chunk, then the end events and [DONE]; an error
-    after the first byte becomes an error event."""
+def _sse(first: Chunk, rest: AsyncIterator[Chunk], shape: ResponseShape, prompt_tokens: int,
+         include_usage: bool) -> StreamingResponse:
+    """SSE body: the shape's opening chunks, a chunk per piece of text, the finish chunk, the usage
+    chunk if asked for, then [DONE]; an error after the first byte becomes an error event."""
     async def body():
-        for ev in start:
-            yield P.sse_event(ev)
+        for ev in shape.opening():
+            yield sse_event(ev)
         c = first
         try:
             while True:
-                for ev in on_chunk(c):
-                    yield P.sse_event(ev)
+                if c.text:
+                    yield sse_event(shape.chunk(c.text))
                 if c.finish_reason is not None:
-                    for ev in on_end(c):
-                        yield P.sse_event(ev)
+                    yield sse_event(shape.chunk(finish_reason=c.finish_reason))
+                    if include_usage:
+                        yield sse_event(shape.usage_chunk(usage_dict(prompt_tokens, c.num_generated)))
                     break
                 c = await rest.__anext__()
         except APIError as e:
-            yield P.sse_event(e.body())
+            yield sse_event(e.body())
         except Exception:  # a bug must still end the stream the way clients expect
             log.exception("error in a stream")
-            yield P.sse_event(error_body("Internal server error", "internal_error"))
+            yield sse_event(error_body("Internal server error", "internal_error"))
         finally:
             await rest.aclose()
-        yield P.SSE_DONE
+        yield SSE_DONE
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-class _Shape:
-    """How one OpenAI endpoint spells its objects: the whole response, a stream piece (text or a
-    finish reason), the usage chunk, and the events that open a stream."""
-
-    def __init__(self, whole, piece, usage, start: list[dict]):
-        self.whole, self.piece, self.usage, self.start = whole, piece, usage, start
-
-    @classmethod
-    def chat(cls, rid: str, model: str) -> "_Shape":
-        created = P.now()
-        return cls(lambda text, reason, usage: P.chat_completion(rid, model, created, text, reason, usage),
-                   lambda text, reason: P.chat_chunk(rid, model, created, text, reason),
-                   lambda usage: P.chat_usage_chunk(rid, model, created, usage),
-                   [P.chat_role_chunk(rid, model, created)])
-
-    @classmethod
-    def text(cls, rid: str, model: str) -> "_Shape":
-        created = P.now()
-        # The last chunk of a text stream carries text "" with its finish reason.
-        return cls(lambda text, reason, usage: P.completion(rid, model, created, text, reason, usage),
-                   lambda text, reason: P.completion_chunk(rid, model, created, text or "", reason),
-                   lambda usage: P.completion_usage_chunk(rid, model, created, usage),
-                   [])
 
 
 def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
@@ -250,26 +229,16 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
             "root": settings.model, "max_model_len": router.max_model_len}]}
 
     async def openai_response(request: Request, prompt: list[int], chunks: AsyncIterator[Chunk], stream: bool,
-                              include_usage: bool, shape: "_Shape"):
+                              include_usage: bool, shape: ResponseShape):
         """One chat or text completion, whole or as SSE; `shape` builds the endpoint's objects."""
         try:
             if not stream:
                 text, last = await _collect(request, chunks)
-                return shape.whole(text, last.finish_reason, P.usage_dict(len(prompt), last.num_generated))
+                return shape.whole(text, last.finish_reason, usage_dict(len(prompt), last.num_generated))
             first = await _next(request, chunks)
         except ClientGone:
             return JSONResponse({}, status_code=499)
-
-        def on_chunk(c: Chunk):
-            return [shape.piece(c.text, None)] if c.text else []
-
-        def on_end(c: Chunk):
-            evs = [shape.piece(None, c.finish_reason)]
-            if include_usage:
-                evs.append(shape.usage(P.usage_dict(len(prompt), c.num_generated)))
-            return evs
-
-        return _sse(first, chunks, shape.start, on_chunk, on_end)
+        return _sse(first, chunks, shape, len(prompt), include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
@@ -278,7 +247,7 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
         fields = req.sampling_fields()
         chunks = router.stream(prompt, router.params(fields, prompt, "messages"), fields.stop_strings)
         return await openai_response(request, prompt, chunks, req.stream, req.include_usage,
-                                     _Shape.chat(P.chat_completion_id(), settings.served_model_name))
+                                     ChatCompletionShape(settings.served_model_name))
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
@@ -287,7 +256,7 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
         fields = req.sampling_fields()
         chunks = router.stream(prompt, router.params(fields, prompt, "prompt"), fields.stop_strings)
         return await openai_response(request, prompt, chunks, req.stream, req.include_usage,
-                                     _Shape.text(P.completion_id(), settings.served_model_name))
+                                     TextCompletionShape(settings.served_model_name))
 
     @app.post("/generate")
     async def generate_api(req: P.GenerateRequest, request: Request):
@@ -307,7 +276,7 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
                     text_parts.append(c.text)
                     if c.finish_reason is not None:
                         return {"text": "".join(text_parts), "token_ids": ids, "finish_reason": c.finish_reason,
-                                "usage": P.usage_dict(len(prompt), c.num_generated)}
+                                "usage": usage_dict(len(prompt), c.num_generated)}
             first = await _next(request, chunks)
         except ClientGone:
             return JSONResponse({}, status_code=499)
@@ -318,7 +287,7 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
                 while True:
                     line = {"text": c.text, "token_ids": c.token_ids}
                     if c.finish_reason is not None:
-                        line.update(finish_reason=c.finish_reason, usage=P.usage_dict(len(prompt), c.num_generated))
+                        line.update(finish_reason=c.finish_reason, usage=usage_dict(len(prompt), c.num_generated))
                     yield json.dumps(line, ensure_ascii=False) + "\n"
                     if c.finish_reason is not None:
                         return

@@ -1,4 +1,4 @@
-"""Request models and response builders for the router's OpenAI-compatible HTTP edge.
+"""Request models for the router's HTTP edge: the two OpenAI endpoints and ``/generate``.
 
 Requests are validated with pydantic v2 models in *strict* mode so that wrong JSON types
 (``"temperature": "hot"``, ``"max_tokens": true``) are rejected instead of silently coerced;
@@ -7,23 +7,17 @@ Union-typed fields (``stop``, ``prompt``, message ``content``) are normalised by
 ``mode="before"`` validators so that errors name the field cleanly rather than listing
 one error per union member.
 
-Responses are plain dicts in the exact shape of the OpenAI API (checked against the
-official ``openai`` client's types in the tests), built by the small functions at the
-bottom of this module; ``sse_event`` turns one into a Server-Sent Events frame.
+Responses are spelled by ``router.responses``.
 """
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
-    "FinishReason",
     "TextContentPart",
     "ChatMessage",
     "StreamOptions",
@@ -32,26 +26,10 @@ __all__ = [
     "GenerateRequest",
     "SamplingFields",
     "MAX_STOP_STRINGS",
-    "new_request_id",
-    "chat_completion_id",
-    "completion_id",
-    "now",
-    "usage_dict",
-    "chat_completion",
-    "chat_chunk",
-    "chat_role_chunk",
-    "chat_usage_chunk",
-    "completion",
-    "completion_chunk",
-    "completion_usage_chunk",
-    "sse_event",
-    "SSE_DONE",
 ]
 
 # OpenAI documents at most 4 stop sequences; we are lenient because matching is cheap.
 MAX_STOP_STRINGS = 16
-
-FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "function_call"]
 
 
 class _Model(BaseModel):
@@ -366,170 +344,3 @@ class SamplingFields:
         d = asdict(self)
         del d["stop_strings"]
         return d
-
-
-# --------------------------------------------------------------------------- responses
-
-
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex}"
-
-
-def chat_completion_id() -> str:
-    return new_request_id("chatcmpl-")
-
-
-def completion_id() -> str:
-    return new_request_id("cmpl-")
-
-
-def now() -> int:
-    """The ``created`` timestamp: integer Unix seconds."""
-    return int(time.time())
-
-
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def chat_completion(
-    req_id: str,
-    model: str,
-    created: int,
-    content: str,
-    finish_reason: FinishReason,
-    usage: dict[str, int],
-) -> dict[str, Any]:
-    """A non-streaming ``chat.completion`` object."""
-    return {
-        "id": req_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage,
-    }
-
-
-def chat_chunk(
-    req_id: str,
-    model: str,
-    created: int,
-    delta: Union[str, dict[str, Any], None] = None,
-    finish_reason: Optional[FinishReason] = None,
-    usage: Optional[dict[str, int]] = None,
-) -> dict[str, Any]:
-    """One ``chat.completion.chunk``.
-
-    ``delta`` is a content string or a full delta dict; None gives ``{}`` (the final chunk
-    carries an empty delta plus ``finish_reason``). When only ``usage`` is given (no delta,
-    no finish_reason) this is the trailing usage chunk, whose ``choices`` is ``[]``.
-    """
-    if delta is None and finish_reason is None and usage is not None:
-        return chat_usage_chunk(req_id, model, created, usage)
-    if isinstance(delta, str):
-        delta = {"content": delta}
-    chunk: dict[str, Any] = {
-        "id": req_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
-
-
-def chat_role_chunk(req_id: str, model: str, created: int) -> dict[str, Any]:
-    """The first chunk of a chat stream: announces the assistant role, empty content."""
-    return chat_chunk(req_id, model, created, delta={"role": "assistant", "content": ""})
-
-
-def chat_usage_chunk(req_id: str, model: str, created: int, usage: dict[str, int]) -> dict[str, Any]:
-    """The last chunk when ``stream_options.include_usage``: ``choices`` is empty."""
-    return {
-        "id": req_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
-
-
-def completion(
-    req_id: str,
-    model: str,
-    created: int,
-    text: str,
-    finish_reason: FinishReason,
-    usage: dict[str, int],
-) -> dict[str, Any]:
-    """A non-streaming ``text_completion`` object."""
-    return {
-        "id": req_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage,
-    }
-
-
-def completion_chunk(
-    req_id: str,
-    model: str,
-    created: int,
-    text: Optional[str] = None,
-    finish_reason: Optional[FinishReason] = None,
-    usage: Optional[dict[str, int]] = None,
-) -> dict[str, Any]:
-    """One streamed completion chunk (OpenAI reuses ``object: "text_completion"``).
-
-    Same convention as ``chat_chunk``: only ``usage`` given -> usage chunk with ``choices: []``.
-    """
-    if text is None and finish_reason is None and usage is not None:
-        return completion_usage_chunk(req_id, model, created, usage)
-    chunk: dict[str, Any] = {
-        "id": req_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
-
-
-def completion_usage_chunk(req_id: str, model: str, created: int, usage: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": req_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
-
-
-def sse_event(data: Union[dict[str, Any], str]) -> str:
-    """One SSE frame: ``data: <json>\\n\\n``. Non-ASCII is kept as UTF-8, not escaped."""
-    if not isinstance(data, str):
-        data = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"

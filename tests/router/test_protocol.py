@@ -1,38 +1,16 @@
-"""Tests for router.protocol (request models, OpenAI response shapes) and router.errors."""
+"""Tests for router.protocol (request models) and router.errors; response shapes are in test_responses.py."""
 
 from __future__ import annotations
-
-import json
 
 import httpx
 import openai
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from openai.types import Completion
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 
 from router.errors import APIError, error_body, install_error_handlers
-from router.protocol import (
-    SSE_DONE,
-    ChatCompletionRequest,
-    CompletionRequest,
-    GenerateRequest,
-    SamplingFields,
-    chat_chunk,
-    chat_completion,
-    chat_completion_id,
-    chat_role_chunk,
-    chat_usage_chunk,
-    completion,
-    completion_chunk,
-    completion_id,
-    completion_usage_chunk,
-    now,
-    sse_event,
-    usage_dict,
-)
+from router.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, SamplingFields
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -228,105 +206,6 @@ def test_generate_request():
             GenerateRequest.model_validate(body)
     with pytest.raises(ValidationError, match="exactly one of"):
         GenerateRequest.model_validate({"prompt": "a", "prompt_token_ids": [1]})
-
-
-# -------------------------------------------------------------------- responses
-
-
-def test_ids_and_usage():
-    assert chat_completion_id().startswith("chatcmpl-") and completion_id().startswith("cmpl-")
-    assert chat_completion_id() != chat_completion_id()
-    assert isinstance(now(), int)
-    assert usage_dict(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-
-
-def test_chat_completion_matches_openai_type():
-    d = chat_completion("chatcmpl-1", "m", 17, "Hello 😀", "stop", usage_dict(5, 2))
-    c = ChatCompletion.model_validate(d)
-    assert c.object == "chat.completion" and c.id == "chatcmpl-1" and c.created == 17 and c.model == "m"
-    assert c.choices[0].message.role == "assistant" and c.choices[0].message.content == "Hello 😀"
-    assert c.choices[0].finish_reason == "stop" and c.choices[0].index == 0
-    assert c.usage.total_tokens == 7
-    json.dumps(d)  # plain JSON-serialisable dict
-
-
-def test_chat_chunks_match_openai_type():
-    first = ChatCompletionChunk.model_validate(chat_role_chunk("chatcmpl-1", "m", 17))
-    assert first.object == "chat.completion.chunk"
-    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == ""
-    mid = ChatCompletionChunk.model_validate(chat_chunk("chatcmpl-1", "m", 17, delta="Hel"))
-    assert mid.choices[0].delta.content == "Hel" and mid.choices[0].finish_reason is None
-    last = ChatCompletionChunk.model_validate(chat_chunk("chatcmpl-1", "m", 17, finish_reason="length"))
-    assert last.choices[0].finish_reason == "length" and last.choices[0].delta.content is None
-    for d in (chat_chunk("chatcmpl-1", "m", 17, usage=usage_dict(1, 2)), chat_usage_chunk("chatcmpl-1", "m", 17, usage_dict(1, 2))):
-        u = ChatCompletionChunk.model_validate(d)
-        assert u.choices == [] and u.usage.completion_tokens == 2
-    # usage attached to a choice chunk stays a choice chunk
-    both = ChatCompletionChunk.model_validate(chat_chunk("c", "m", 1, finish_reason="stop", usage=usage_dict(1, 1)))
-    assert both.choices[0].finish_reason == "stop" and both.usage.total_tokens == 2
-
-
-def test_completion_matches_openai_type():
-    c = Completion.model_validate(completion("cmpl-1", "m", 17, "text", "length", usage_dict(2, 16)))
-    assert c.object == "text_completion" and c.choices[0].text == "text" and c.choices[0].finish_reason == "length"
-    assert c.usage.prompt_tokens == 2 and c.id == "cmpl-1"
-    last = Completion.model_validate(completion_chunk("cmpl-1", "m", 17, "", finish_reason="stop"))
-    assert last.object == "text_completion" and last.choices[0].finish_reason == "stop"
-    for d in (completion_chunk("cmpl-1", "m", 17, usage=usage_dict(2, 3)), completion_usage_chunk("cmpl-1", "m", 17, usage_dict(2, 3))):
-        u = Completion.model_validate(d)
-        assert u.choices == [] and u.usage.total_tokens == 5
-    # Mid-stream chunks carry finish_reason null, as OpenAI's own do (its `Completion` type
-    # marks the field required, so those are checked through the real client below).
-    assert completion_chunk("cmpl-1", "m", 17, "ab")["choices"][0] == {
-        "index": 0,
-        "text": "ab",
-        "logprobs": None,
-        "finish_reason": None,
-    }
-
-
-def _sse_client(frames: list[str]) -> openai.OpenAI:
-    body = "".join(frames).encode()
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
-
-    return openai.OpenAI(
-        base_url="http://test/v1", api_key="x", http_client=httpx.Client(transport=httpx.MockTransport(handler))
-    )
-
-
-def test_streams_parse_with_openai_client():
-    rid, created = chat_completion_id(), now()
-    frames = [
-        sse_event(chat_role_chunk(rid, "m", created)),
-        sse_event(chat_chunk(rid, "m", created, delta="你好")),
-        sse_event(chat_chunk(rid, "m", created, delta=" 😀")),
-        sse_event(chat_chunk(rid, "m", created, finish_reason="stop")),
-        sse_event(chat_usage_chunk(rid, "m", created, usage_dict(3, 2))),
-        SSE_DONE,
-    ]
-    assert "你好" in frames[1]  # UTF-8, not \\u-escaped
-    stream = _sse_client(frames).chat.completions.create(
-        model="m", messages=USER, stream=True, stream_options={"include_usage": True}
-    )
-    chunks = list(stream)
-    assert [c.id for c in chunks] == [rid] * 5
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "你好 😀"
-    assert chunks[3].choices[0].finish_reason == "stop" and chunks[-1].usage.total_tokens == 5
-
-    cid = completion_id()
-    frames = [
-        sse_event(completion_chunk(cid, "m", created, "a")),
-        sse_event(completion_chunk(cid, "m", created, "b")),
-        sse_event(completion_chunk(cid, "m", created, "", finish_reason="length")),
-        sse_event(completion_usage_chunk(cid, "m", created, usage_dict(1, 2))),
-        SSE_DONE,
-    ]
-    chunks = list(_sse_client(frames).completions.create(model="m", prompt="x", stream=True))
-    assert all(c.object == "text_completion" for c in chunks)
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == "ab"
-    assert chunks[2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 2
 
 
 # ------------------------------------------------------------------------- errors
