@@ -32,13 +32,20 @@ sender rank 0, receiver rank 1, and the *receiver* numbers the chunks::
                                                   <-     ACCEPT; once accepted and ready (READY):
                                                   <-     RECVS(seq0, [[rid, xid, l0, l1, b0, b1],
                                                          ...]): recvs seq0, seq0+1, ... posted,
-                                                         round-robin across accepted transfers,
-                                                         at most max_posted unfinished
+                                                         round-robin across accepted transfers
     per RECVS chunk, in seq order: gather, send(seq)  ==>  recv finished: scatter
-                                                  <-     RECVS ... (the next chunks as recvs finish)
-                                                  <-     ACK (after the last scatter)
+    POSTED(seq_end): every seq < seq_end is posted ->
+                                                  <-     RECVS ... (the next chunks, as the window
+                                                         frees)
+                                                  <-     ACK (last chunk scattered, POSTED past it)
     A seq whose transfer ended is still sent (zeros) and received (dropped): both sides post
     exactly one op per seq, in order.  BYE (either way): this side dropped the pair's group.
+
+    The receiver's window: at most max_posted seqs numbered and not yet both landed and covered
+    by POSTED.  A sender that cancels (or lets a lease expire) sends CANCEL *before* it posts zeros
+    for the transfer's numbered chunks, on the same socket as POSTED; so the POSTED that would
+    free room, or complete the transfer, after its zeros landed always arrives behind the CANCEL.
+    A cancel thus costs at most max_posted zero chunks, and zeros never end a transfer DONE.
 
 Frames.  Every control message is a msgpack map ``{"v": PROTOCOL_VERSION, "t": TYPE, ...}``;
 pickle is never used, so a peer can at worst send garbage that ``decode`` rejects with FrameError.
@@ -58,6 +65,8 @@ nccl backend only (its version is pgroup.NCCL_PROTO, checked at HELLO):
     OFFER{..., chunk_bytes}       sender -> receiver   the sender's chunk size
     RECVS{seq0, chunks}           receiver -> sender   recvs seq0, seq0+1, ... are posted for
                                                        chunks [[rid, xid, l0, l1, b0, b1], ...]
+    POSTED{seq_end}               sender -> receiver   sends for every seq < seq_end are posted
+                                                       (the transfer's bytes, or zeros)
     BYE{}                         either way           this side dropped the pair's group
 
 ``xid`` is a per-sender transfer number, so stale DATA for a reused request id is never written
@@ -78,7 +87,7 @@ PROTOCOL_VERSION = 1
 HELLO, HELLO_OK, HELLO_REFUSED = "HELLO", "HELLO_OK", "HELLO_REFUSED"
 OFFER, ACCEPT, REJECT, DATA, ACK, CANCEL = "OFFER", "ACCEPT", "REJECT", "DATA", "ACK", "CANCEL"
 READY = "READY"
-PG_INIT, BYE, RECVS = "PG_INIT", "BYE", "RECVS"
+PG_INIT, BYE, RECVS, POSTED = "PG_INIT", "BYE", "RECVS", "POSTED"
 
 _XR = {"xid": int, "rid": str}
 # Required fields and their types per message type; extra fields are tolerated (forward compat).
@@ -98,6 +107,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 SCHEMA[PG_INIT] = {"gid": str, "store_port": int}
 SCHEMA[BYE] = {}
 SCHEMA[RECVS] = {"seq0": int, "chunks": list}
+SCHEMA[POSTED] = {"seq_end": int}
 
 
 class FrameError(ValueError):

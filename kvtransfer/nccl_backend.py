@@ -16,6 +16,15 @@ one op per seq, in seq order, even for a transfer that ended meanwhile: the rece
 it receives, the sender sends zeros (its blocks may already be freed).  A gap or a malformed
 RECVS desynchronises the pair, which is then broken.
 
+Why POSTED (nccl protocol 4): the bytes (NCCL) and the control messages (zmq) travel on two
+channels with no order between them.  Zeros for a cancelled transfer could land before its
+CANCEL, and the receiver, seeing window room or a complete transfer, numbered more of its
+chunks (each one more zero chunk, until the CANCEL came: CI saw 6 with a window of 4) or even
+reported it DONE with zeros in the blocks.  Zeros cannot be told from real KV, so the receiver
+waits for what the sender says on the control socket instead: POSTED, sent after the posts it
+covers and queued behind any CANCEL (frames.py draws the rule).  It costs one small message per
+batch of sends; it usually arrives before the bytes it covers have landed.
+
 CUDA: the sender's gather waits on an event recorded on the caller's stream at offer(); gathers,
 scatters and the comm posts run on one side stream per endpoint (NCCL orders its own stream after
 it), so transfers overlap the engine's compute.  The receiver scatters a chunk only once its recv

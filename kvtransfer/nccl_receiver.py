@@ -23,12 +23,29 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
+class _NcclInbound:
+    """What the nccl receiver keeps of one offer beside its _Inbound: the chunks it numbers seqs
+    for, how far numbering and landing got, and what the first scatter must wait for."""
+
+    inbound: _Inbound
+    chunk_bytes: int               # the sender's chunk size (OFFER), capped at max_chunk_bytes
+    chunks: list[frames.Chunk] = field(default_factory=list)  # planned once accepted and ready
+    numbered: int = 0              # chunks[:numbered] have a seq and a posted recv
+    landed: int = 0                # chunks scattered into the blocks (each seq lands once)
+    last_seq: int = 0              # seq of the last chunk numbered
+    accepted_at: "torch.cuda.Event | None" = None  # CUDA: the engine's stream at accept()
+
+
+@dataclass(eq=False)
 class _ReceiverPair:
     name: str
     group: PairGroup
     setup_deadline: float
-    # accepted, written transfers with chunks not yet numbered, served round-robin
-    active: deque[_Inbound] = field(default_factory=deque)
+    # accepted, ready transfers with chunks not yet numbered, served round-robin
+    active: deque[_NcclInbound] = field(default_factory=deque)
+    posted_end: int = 1  # POSTED: the sender posted every seq below this (0 was the warm-up)
+    # every chunk landed, DONE waits for POSTED to pass its last seq
+    unconfirmed: list[_NcclInbound] = field(default_factory=list)
 
 
 class NcclKVReceiver(ZmqKVReceiver):
@@ -49,11 +66,11 @@ class NcclKVReceiver(ZmqKVReceiver):
         self._side_stream = pgroup.side_stream(kv_cache)
         self._pairs: dict[bytes, _ReceiverPair] = {}
         self._setups: deque[tuple[bytes, PairGroup]] = deque()
-        self._ready: dict[str, torch.cuda.Event] = {}  # rid -> event recorded at accept()
+        self._nccl_in: dict[str, _NcclInbound] = {}  # rid -> beside self._in[rid], same lifetime
         self._store = pgroup.serve_store(setup_timeout_s)
         super().__init__(kv_cache, layout, name, address, rcvhwm=rcvhwm,
                          lease_grace_s=lease_grace_s, io_threads=io_threads, **zmq_kw)
-        self._handlers.update({frames.BYE: self._on_bye})
+        self._handlers.update({frames.BYE: self._on_bye, frames.POSTED: self._on_posted})
 
     # -- handshake ---------------------------------------------------------------------------
     def _on_hello(self, key: Hashable, msg: dict, _: object) -> None:
@@ -107,7 +124,7 @@ class NcclKVReceiver(ZmqKVReceiver):
                 if op.error is not None:
                     g.abort(f"recv failed: {op.error}")
                 else:
-                    self._land(key, op.ctx, op.tensor)
+                    self._land(pair, op.ctx, op.tensor)
             self._post_recvs(key)
             if g.broken is not None:
                 self._break(key, g.broken)
@@ -121,104 +138,149 @@ class NcclKVReceiver(ZmqKVReceiver):
     def _on_offer(self, key: Hashable, msg: dict, payload: object) -> None:
         super()._on_offer(key, msg, payload)
         inbound = self._in.get(msg["rid"])
-        if inbound is not None and inbound.key == key and inbound.xid == msg["xid"]:
+        if inbound is not None and inbound.key == key and inbound.xid == msg["xid"] \
+                and inbound.rid not in self._nccl_in:
             cb = msg.get("chunk_bytes")
             ok = isinstance(cb, int) and not isinstance(cb, bool) and cb > 0
-            inbound.chunk_bytes = min(cb, self.max_chunk_bytes) if ok else self.max_chunk_bytes
+            self._nccl_in[inbound.rid] = _NcclInbound(
+                inbound, min(cb, self.max_chunk_bytes) if ok else self.max_chunk_bytes)
+
+    def _forget(self, inbound: _Inbound) -> None:
+        super()._forget(inbound)
+        self._nccl_in.pop(inbound.rid, None)
 
     def accept(self, request_id: str, block_ids: list[int]) -> None:
         dst_idx = self._admit(request_id, block_ids)
-        ready = None
+        accepted_at = None
         if self._side_stream is not None:  # engine thread, engine's stream: see _land
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.kv_cache.device))
-        self._command(self._cmd_accept, request_id, dst_idx, ready)
+            accepted_at = torch.cuda.Event()
+            accepted_at.record(torch.cuda.current_stream(self.kv_cache.device))
+        self._command(self._cmd_accept, request_id, dst_idx, accepted_at)
 
     def _cmd_accept(self, rid: str, dst_idx: torch.Tensor,
-                    ready: "torch.cuda.Event | None" = None) -> None:
-        if ready is not None:
-            self._ready[rid] = ready
+                    accepted_at: "torch.cuda.Event | None" = None) -> None:
         super()._cmd_accept(rid, dst_idx)
         inbound = self._in.get(rid)
-        if inbound is not None and inbound.accepted and inbound.kv_ready:
-            self._activate(inbound)
+        if inbound is not None and inbound.accepted:
+            self._nccl_in[rid].accepted_at = accepted_at
+            if inbound.kv_ready:
+                self._activate(self._nccl_in[rid])
 
     def _kv_ready(self, inbound: _Inbound) -> None:
         if inbound.accepted:  # accepted early, before its prefill had finished
-            self._activate(inbound)
+            self._activate(self._nccl_in[inbound.rid])
 
-    def _activate(self, inbound: _Inbound) -> None:
+    def _activate(self, nin: _NcclInbound) -> None:
         """Accepted and written: plan the chunks and queue the transfer for recvs.  An early
         offer is activated only at its READY: a recv posted for it sooner would hold up every
         later chunk of the pair (NCCL matches in order) until its prefill finished."""
+        inbound = nin.inbound
         pair = self._pairs[inbound.key]  # type: ignore[index]  # OFFERs only come from live pairs
-        inbound.plan = frames.plan_chunks(self.layout.num_layers, inbound.nblocks,
-                                          self.layout.block_layer_bytes, inbound.chunk_bytes)
-        inbound.nchunks = len(inbound.plan)
-        pair.active.append(inbound)
+        nin.chunks = frames.plan_chunks(self.layout.num_layers, inbound.nblocks,
+                                        self.layout.block_layer_bytes, nin.chunk_bytes)
+        pair.active.append(nin)
         self._post_recvs(inbound.key)  # type: ignore[arg-type]
+
+    def _live(self, nin: _NcclInbound) -> bool:
+        return self._nccl_in.get(nin.inbound.rid) is nin
 
     def _post_recvs(self, key: bytes) -> None:
         """While the window has room, number the next chunk of each active transfer in turn
         (round-robin: a small request is not queued behind a big one), tell the sender which
         seq is which chunk (RECVS), then post the recvs.  A transfer that ended gets no more
-        numbers; recvs already posted for it still complete (the sender sends zeros)."""
+        numbers; recvs already posted for it still complete (the sender sends zeros).
+
+        The window counts every seq not yet landed *or* not yet confirmed by the sender's POSTED:
+        a sender that cancels sends CANCEL before it posts zeros, so a POSTED that frees room
+        after zeros of a cancelled transfer arrives behind the CANCEL, and that transfer gets no
+        more numbers -- at most max_posted of its seqs are ever sent as zeros."""
         pair = self._pairs.get(key)
         if pair is None or not pair.group.ready or pair.group.broken is not None:
             return
         g = pair.group
-        picked: list[tuple[_Inbound, frames.Chunk]] = []
-        while pair.active and g.pending() + len(picked) < self.max_posted:
-            inbound = pair.active.popleft()
-            if self._in.get(inbound.rid) is not inbound:
+        in_window = max(g.pending(), g.next_seq - pair.posted_end)
+        picked: list[tuple[_NcclInbound, frames.Chunk]] = []
+        while pair.active and in_window + len(picked) < self.max_posted:
+            nin = pair.active.popleft()
+            if not self._live(nin):
                 continue  # ended: its remaining chunks are never numbered
-            assert inbound.plan is not None
-            picked.append((inbound, inbound.plan[inbound.nposted]))
-            inbound.nposted += 1
-            if inbound.nposted < inbound.nchunks:
-                pair.active.append(inbound)
+            picked.append((nin, nin.chunks[nin.numbered]))
+            nin.numbered += 1
+            nin.last_seq = g.next_seq + len(picked) - 1
+            if nin.numbered < len(nin.chunks):
+                pair.active.append(nin)
         if not picked:
             return
         seq0 = g.next_seq
         g.next_seq += len(picked)
-        self._send_ctrl(key, self._recvs_msg(seq0, [[i.rid, i.xid, c.l0, c.l1, c.b0, c.b1]
-                                                    for i, c in picked]))
-        for seq, (inbound, c) in enumerate(picked, seq0):
+        self._send_ctrl(key, self._recvs_msg(seq0, [[n.inbound.rid, n.inbound.xid, c.l0, c.l1,
+                                                     c.b0, c.b1] for n, c in picked]))
+        for seq, (nin, c) in enumerate(picked, seq0):
             try:
-                self._post_recv(g, seq, inbound, c)
+                self._post_recv(g, seq, nin, c)
             except Exception as e:
                 return g.abort(f"posting a recv failed: {type(e).__name__}: {e}")
 
-    def _post_recv(self, g: PairGroup, seq: int, inbound: _Inbound, c: frames.Chunk) -> None:
+    def _post_recv(self, g: PairGroup, seq: int, nin: _NcclInbound, c: frames.Chunk) -> None:
         with g.stream_ctx():  # allocated on the side stream, reused only in its order
             buf = torch.empty(self.layout.chunk_shape(c.l1 - c.l0, c.b1 - c.b0),
                               dtype=self._dtype, device=self.kv_cache.device)
-        g.recv(buf, seq, inbound.deadline, ctx=(inbound.rid, inbound.xid, c))
+        g.recv(buf, seq, nin.inbound.deadline, ctx=(nin, c))
 
     def _recvs_msg(self, seq0: int, chunks: list[list]) -> dict:
         return frames.make(frames.RECVS, seq0=seq0, chunks=chunks)
 
-    def _land(self, key: bytes, ctx: tuple[str, int, frames.Chunk], buf: torch.Tensor) -> None:
-        """A recv finished: scatter it into the transfer's blocks, ACK after the last one --
-        unless the transfer ended meanwhile."""
-        rid, xid, c = ctx
-        inbound = self._in.get(rid)
-        if inbound is None or inbound.key != key or inbound.xid != xid or not inbound.accepted:
+    def _land(self, pair: _ReceiverPair, ctx: tuple[_NcclInbound, frames.Chunk],
+              buf: torch.Tensor) -> None:
+        """A recv finished: scatter it into the transfer's blocks -- unless the transfer ended
+        meanwhile (then the bytes, zeros or not, are dropped)."""
+        nin, c = ctx
+        if not self._live(nin):
             return
         with pgroup.on_stream(self._side_stream):
-            if (ev := self._ready.pop(rid, None)) is not None:
-                self._side_stream.wait_event(ev)  # type: ignore[union-attr]
+            if nin.accepted_at is not None:  # the engine may have used the blocks until then
+                self._side_stream.wait_event(nin.accepted_at)  # type: ignore[union-attr]
+                nin.accepted_at = None
             # [l1-l0, 2, num_blocks, ...] view of the cache; index_copy_ writes whole blocks
-            dst = inbound.dst(self.kv_cache.device)[c.b0:c.b1]
+            dst = nin.inbound.dst(self.kv_cache.device)[c.b0:c.b1]
             self.kv_cache[c.l0:c.l1].index_copy_(2, dst, buf)
-        inbound.ncovered += 1  # each chunk lands once: its seq was posted once
+        nin.landed += 1  # each chunk lands once: its seq was posted once
         self.stats["chunks"] += 1
         self.stats["bytes"] += buf.numel() * buf.element_size()
-        if inbound.ncovered == inbound.nchunks:
-            if self._side_stream is not None:  # "DONE" promises the bytes are in memory, not queued
+        if nin.landed == len(nin.chunks):
+            pair.unconfirmed.append(nin)
+            self._finish_confirmed(pair)
+
+    def _on_posted(self, key: Hashable, msg: dict, _: object) -> None:
+        """The sender posted every seq below seq_end: DONE for the transfers that waited on it,
+        and room in the window."""
+        pair = self._pairs.get(key)  # type: ignore[arg-type]
+        if pair is None or not pair.group.ready:
+            return
+        if not pair.posted_end <= msg["seq_end"] <= pair.group.next_seq:
+            return pair.group.abort(f"bad POSTED: seq_end {msg['seq_end']}, expected "
+                                    f"[{pair.posted_end}, {pair.group.next_seq}]")
+        pair.posted_end = msg["seq_end"]
+        self._finish_confirmed(pair)
+        self._post_recvs(key)  # type: ignore[arg-type]
+
+    def _finish_confirmed(self, pair: _ReceiverPair) -> None:
+        """DONE (and ACK) for each fully landed transfer whose last seq the sender confirmed
+        posting.  Only then: had the sender cancelled, some of those bytes would be its zeros,
+        and its CANCEL, sent before it posted them, would have ended the transfer already."""
+        waiting = []
+        for nin in pair.unconfirmed:
+            if not self._live(nin):
+                continue
+            if nin.last_seq >= pair.posted_end:
+                waiting.append(nin)
+                continue
+            if self._side_stream is not None:  # "DONE" promises the bytes are in memory
                 self._side_stream.synchronize()
+            inbound = nin.inbound
             self._finish(inbound, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
-            self._send_ctrl(key, frames.make(frames.ACK, xid=inbound.xid, rid=rid))
+            self._tell(inbound, frames.ACK)
+        pair.unconfirmed = waiting
 
     def _on_bye(self, key: Hashable, msg: dict, _: object) -> None:
         if key in self._pairs:
@@ -238,10 +300,8 @@ class NcclKVReceiver(ZmqKVReceiver):
             self._send_ctrl(key, frames.make(frames.BYE))
 
     # -- CUDA ordering -----------------------------------------------------------------------
-
     def _emit(self, rid: str, status: TransferStatus, error: str | None = None,
               meta: dict | None = None) -> None:
-        self._ready.pop(rid, None)
         if self._side_stream is not None and status is not TransferStatus.DONE:
             self._side_stream.synchronize()  # a scatter into rid's blocks may still be queued
         super()._emit(rid, status, error, meta)

@@ -39,6 +39,7 @@ class _SenderPair:
     hello_ok: dict | None = None
     # accepted chunks not yet posted, in seq order: (seq, transfer or None, chunk)
     sends: deque[tuple[int, "_Outbound | None", frames.Chunk]] = field(default_factory=deque)
+    posted_end: int = 1  # every seq below this is posted (0 was the warm-up)
 
 
 class NcclKVSender(ZmqKVSender):
@@ -181,10 +182,13 @@ class NcclKVSender(ZmqKVSender):
             self._pump_sends(peer, pair)
 
     def _pump_sends(self, peer: str, pair: _SenderPair) -> None:
-        """Post queued sends in seq order while the inflight window has room."""
+        """Post queued sends in seq order while the inflight window has room, then tell the
+        receiver how far posting got (POSTED).  Through _send_ctrl, so it queues behind any
+        CANCEL: zeros posted for a cancelled transfer are confirmed only after its CANCEL."""
         g = self._group(peer)
         if g is None:
             return
+        posted_end = pair.posted_end
         g.want_room = bool(pair.sends)  # before reading pending(): see PairGroup.lazy_wake
         while pair.sends and g.pending() < self.max_inflight and not self._data_paused:
             seq, out, c = pair.sends.popleft()
@@ -199,7 +203,10 @@ class NcclKVSender(ZmqKVSender):
                 self.stats["bytes"] += data.numel() * data.element_size()
             else:
                 self.stats["zero_chunks"] = self.stats.get("zero_chunks", 0) + 1
+            pair.posted_end = seq + 1
         g.want_room = bool(pair.sends)
+        if pair.posted_end != posted_end:
+            self._send_ctrl(peer, frames.make(frames.POSTED, seq_end=pair.posted_end))
 
     def _gather(self, out, c) -> torch.Tensor:
         if self._side_stream is None:

@@ -37,7 +37,9 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 GLOO, NCCL = "gloo", "nccl"
-NCCL_PROTO = 3  # 3: the receiver numbers chunks (RECVS); 1: the sender announced each (XFER)
+# 4: POSTED confirms the sender's posts (the receiver's window and DONE wait for it);
+# 3: the receiver numbers chunks (RECVS); 1: the sender announced each (XFER)
+NCCL_PROTO = 4
 ORPHAN_S = 30.0  # deadline of an op for a transfer that ended (its bytes are dropped)
 _NCCL_POLL_S = 20e-6  # reaper poll interval for NCCL work (there is no fd or callback to wait on)
 _PR_SET_TIMERSLACK = 29  # linux prctl: how late the kernel may fire this thread's timed sleeps

@@ -23,8 +23,11 @@ from .core import MAX_WAIT_S, Payload, _Endpoint
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(eq=False)
 class _Inbound:
+    """One offer on the decode side, from its OFFER to its terminal event (I/O thread only)."""
+
     key: Hashable          # transport address of the sender
     sender: str
     xid: int
@@ -39,10 +42,6 @@ class _Inbound:
     ncovered: int = 0
     kv_ready: bool = True  # False for an early offer until its READY
     meta: dict | None = None  # an early offer's meta from its READY, for the DONE event
-    chunk_bytes: int = 0  # nccl: the sender's chunk size (OFFER)
-    plan: list[frames.Chunk] | None = None  # nccl: the chunks, planned once accepted and written
-    nchunks: int = 0      # nccl: len(plan)
-    nposted: int = 0      # nccl: plan[:nposted] have recvs numbered and posted
 
     def dst(self, device: torch.device) -> torch.Tensor:
         """dst_idx on ``device``, copied on the I/O thread's current stream the first time: a
@@ -147,12 +146,16 @@ class ReceiverCore(_Endpoint, KVReceiver):
 
     def _finish(self, inbound: _Inbound, status: TransferStatus, error: str | None = None) -> None:
         """Forget a transfer.  An offer the engine never saw vanishes silently."""
-        del self._in[inbound.rid]
+        self._forget(inbound)
         with self._lock:
             if not inbound.accepted and self._new.pop(inbound.rid, None) is not None:
                 return
         meta = inbound.meta if status is TransferStatus.DONE else None
         self._emit(inbound.rid, status, error, meta)
+
+    def _forget(self, inbound: _Inbound) -> None:
+        """Drop ``inbound`` from the live transfers (backends drop what they keep beside it)."""
+        del self._in[inbound.rid]
 
     def _tell(self, inbound: _Inbound, t: str, **fields: object) -> None:
         """Send control message ``t`` about ``inbound`` to its sender."""
@@ -304,7 +307,7 @@ class ReceiverCore(_Endpoint, KVReceiver):
     def _cmd_reject(self, rid: str, reason: str) -> None:
         inbound = self._in.get(rid)
         if inbound is not None and not inbound.accepted:
-            del self._in[rid]
+            self._forget(inbound)
             self._tell(inbound, frames.REJECT, reason=reason)
 
     def _shutdown(self) -> None:

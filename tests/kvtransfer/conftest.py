@@ -13,6 +13,10 @@ from kvtransfer import (InprocHub, KVLayout, KVOffer, KVReceiver, KVSender, Tran
 from kvtransfer.base import dtype_name
 
 TIMEOUT_S = 10.0
+# The nccl backend's pair group meets on a TCPStore, whose connections look up the peer's host
+# name; a DNS server that drops the query costs glibc's 5 s resolver timeout (the CI sandbox's
+# does, about one pair in 17).  A connect() expected to succeed gets the production default.
+CONNECT_TIMEOUT_S = 30.0
 
 
 def layout_for(dtype: torch.dtype = torch.float32, **over) -> KVLayout:
@@ -105,7 +109,7 @@ def make_pair(kind):
         pair = Pair(s, r, src, dst)
         made.append(pair)
         if connect:
-            s.connect(pair.peer, r.address, timeout_s=5.0)
+            s.connect(pair.peer, r.address, timeout_s=CONNECT_TIMEOUT_S)
         return pair
 
     yield factory

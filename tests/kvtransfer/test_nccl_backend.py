@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import random
 import time
+from typing import Callable
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from kvtransfer import (KVTransferError, NcclKVReceiver, NcclKVSender, TransferS
 from kvtransfer.base import dtype_from_name
 
 from . import nccl_peer
-from .conftest import as_bytes, layout_for, rand_cache, wait_until
+from .conftest import CONNECT_TIMEOUT_S, as_bytes, layout_for, rand_cache, wait_until
 from .test_transfer import *  # noqa: F401,F403  -- the shared semantics, re-run with kind="nccl"
 from .test_transfer import check_copied, check_untouched
 
@@ -99,7 +100,7 @@ def test_recvs_out_of_seq_breaks_the_pair_then_reconnect(make_pair):
     wait_until(lambda: not p.receiver._pairs, what="the receiver to drop the pair (BYE)")
     check_untouched(p, set())
     del p.receiver._recvs_msg
-    p.sender.connect(p.peer, p.receiver.address, timeout_s=5)  # a fresh group
+    p.sender.connect(p.peer, p.receiver.address, timeout_s=CONNECT_TIMEOUT_S)  # a fresh group
     transfer_ok(p, "again", [0, 1], [5, 6])
 
 
@@ -140,6 +141,75 @@ def test_cancel_mid_stream_keeps_the_pair_in_order(make_pair):
     assert p.sender.stats["chunks"] + p.sender.stats.get("zero_chunks", 0) < 90
 
 
+def hold_control(sender) -> Callable[[], None]:
+    """From now on the sender's control messages are held back, in order, as if its zmq socket
+    were slow (the NCCL bytes still move); the function returned lets them go."""
+    held: list[tuple] = []
+    send = sender._t_send
+
+    def hold(peer, msg, payload=None):
+        held.append((peer, msg))
+        return True
+
+    def release() -> None:  # on the I/O thread, which owns the socket
+        del sender._t_send
+        for peer, msg in held:
+            send(peer, msg)
+
+    sender._t_send = hold
+    return lambda: sender._command(release)
+
+
+def test_cancel_slow_on_the_control_socket_costs_at_most_the_window(make_pair):
+    """Guards: zeros for a cancelled transfer landed before its CANCEL and freed recv window room,
+    so the receiver numbered more of its chunks, each sent as zeros again (CI: 6 zero chunks with
+    a window of 4).  Room now also waits for the sender's POSTED, which queues behind CANCEL."""
+    p = make_pair(sender_kw={"chunk_bytes": 512, "max_inflight": 2})  # 512 B = 1 block-layer
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, list(range(30)))
+    p.sender.offer(p.peer, "big", list(range(30)), 120, {}, lease_s=30)  # 90 chunks
+    p.run_until(lambda: p.sender.stats["chunks"] >= 3, what="some chunks")
+    release = hold_control(p.sender)
+    p.sender.cancel("big")
+    (rp,) = p.receiver._pairs.values()
+    window = p.receiver.max_posted
+    p.run_until(lambda: rp.group.next_seq - rp.posted_end == window and not rp.group.pending(),
+                what="a window of unconfirmed chunks, all landed")
+    deadline = time.monotonic() + 0.3  # no more chunks are numbered while CANCEL is held
+    p.run_until(lambda: time.monotonic() > deadline)
+    assert rp.group.next_seq - rp.posted_end == window
+    assert "big" not in p.recv
+    release()
+    p.run_until(lambda: "big" in p.sent and "big" in p.recv)
+    assert p.sent_status("big") is CANCELLED and p.recv_statuses("big") == [CANCELLED]
+    assert 0 < p.sender.stats.get("zero_chunks", 0) <= window
+    transfer_ok(p, "after", [31, 7, 2], [39, 35, 30])
+
+
+def test_zeros_of_a_cancelled_transfer_never_complete_it(make_pair):
+    """Guards: when every chunk of a transfer was numbered before the sender cancelled it, its
+    zeros could all land before the CANCEL and end it DONE on the decode side -- zeros in the
+    blocks, decoded as KV.  DONE now waits for the sender's POSTED past the last chunk."""
+    p = make_pair(sender_kw={"chunk_bytes": 512, "max_inflight": 1})
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, [9])
+    p.sender._data_paused = True  # every chunk numbered (3 layers: 3 chunks), none sent yet
+    p.sender.offer(p.peer, "r", [4], 4, {}, lease_s=30)
+    sp = p.sender._pairs[p.peer]
+    p.run_until(lambda: len(sp.sends) == 3, what="RECVS for all 3 chunks")
+    release = hold_control(p.sender)
+    p.sender.cancel("r")
+    wait_until(lambda: p.sender.status("r") is CANCELLED, what="the cancel")  # before any send
+    p.sender._data_paused = False  # the cancelled transfer's chunks go out as zeros
+    p.run_until(lambda: p.receiver.stats["chunks"] == 3, what="the zeros to land")
+    deadline = time.monotonic() + 0.3
+    p.run_until(lambda: time.monotonic() > deadline)
+    assert "r" not in p.recv  # landed, but not confirmed: no DONE
+    release()
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    assert p.sent_status("r") is CANCELLED and p.recv_statuses("r") == [CANCELLED]
+    assert p.sender.stats.get("zero_chunks", 0) == 3
+    transfer_ok(p, "after", [31, 7, 2], [39, 35, 30])
+
+
 def test_stalled_receiver_breaks_the_pair_then_reconnect(make_pair):
     p = make_pair(receiver_kw={"lease_grace_s": 0.2})
     p.receiver._post_recv = lambda *a: None  # chunks are numbered, no recv is ever posted
@@ -151,7 +221,7 @@ def test_stalled_receiver_breaks_the_pair_then_reconnect(make_pair):
     wait_until(lambda: not p.receiver._pairs, what="the receiver to drop the pair (BYE)")
     check_untouched(p, set())
     del p.receiver._post_recv
-    p.sender.connect(p.peer, p.receiver.address, timeout_s=5)  # a fresh group
+    p.sender.connect(p.peer, p.receiver.address, timeout_s=CONNECT_TIMEOUT_S)  # a fresh group
     transfer_ok(p, "again", [0, 1], [5, 6])
 
 
@@ -193,7 +263,7 @@ def test_two_processes_bit_exact(receiver_process):
             src = rand_cache(lay, 32, seed=i)
             s = NcclKVSender(src, lay, f"prefill-{name}", chunk_bytes=3 * lay.block_layer_bytes)
             senders.append(s)
-            s.connect("decode", addrs[name], timeout_s=30)
+            s.connect("decode", addrs[name], timeout_s=CONNECT_TIMEOUT_S)
             free = rng.sample(range(40), 40)
             for j in range(4):  # concurrent requests, shuffled ids, disjoint destinations
                 ntok = rng.randint(1, 36)
@@ -222,7 +292,7 @@ def test_receiver_killed_mid_transfer(receiver_process):
     lay = layout_for(torch.float32)
     src = rand_cache(lay, 32)
     with NcclKVSender(src, lay, "prefill", chunk_bytes=lay.block_layer_bytes) as s:
-        s.connect("decode", addrs["float32"], timeout_s=30)
+        s.connect("decode", addrs["float32"], timeout_s=CONNECT_TIMEOUT_S)
         lease = 10.0
         s.offer("decode", "r", list(range(8)), 32, {"dst": list(range(8))}, lease_s=lease)
         wait_until(lambda: s.stats["chunks"] >= 1, what="sends posted")
@@ -236,7 +306,7 @@ def test_receiver_killed_mid_transfer(receiver_process):
         # the sender lives on: a new receiver, a new pair
         dst = torch.zeros_like(src)
         with NcclKVReceiver(dst, lay, "decode2") as r:
-            s.connect("decode2", r.address, timeout_s=10)
+            s.connect("decode2", r.address, timeout_s=CONNECT_TIMEOUT_S)
             s.offer("decode2", "r2", [4, 2], 8, {}, lease_s=10)
 
             def step() -> bool:
