@@ -54,6 +54,10 @@ class _Endpoint:
         os.set_blocking(self._signal_r, False)
         os.set_blocking(self._signal_w, False)
         self._stop = threading.Event()
+        # the clock of leases and timers (monotonic seconds): tests move it ahead to run a lease
+        # out instead of sleeping through it (pgroup compares op deadlines, leases, with
+        # time.monotonic: the same clock unless a test moved it)
+        self._clock: Callable[[], float] = time.monotonic
         self._closed = False
         self._handlers: dict[str, Callable[[Hashable, dict, Payload], None]] = {}
         self._thread = threading.Thread(target=self._run, name=f"kv-{kind}-{name}", daemon=True)

@@ -10,7 +10,6 @@ FAILED, CANCELLED or (never accepted) EXPIRED.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Hashable
 
@@ -133,12 +132,12 @@ class ReceiverCore(_Endpoint, KVReceiver):
 
     # -- I/O thread --------------------------------------------------------------------------
     def _iteration(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         wake_at = min([i.deadline for i in self._in.values()] + [now + MAX_WAIT_S])
         for key, msg, payload in self._t_wait(max(0.0, wake_at - now), self._pending_ctrl()):
             self._dispatch(key, msg, payload)
         self._run_commands()
-        now = time.monotonic()
+        now = self._clock()
         for inbound in [i for i in self._in.values() if now >= i.deadline]:
             self._abort(inbound, "lease expired at receiver", "expired")
         for key in self._pending_ctrl():
@@ -210,7 +209,7 @@ class ReceiverCore(_Endpoint, KVReceiver):
             self._drop(f"OFFER {rid}: {reason}")
             return self._send_ctrl(key, frames.make(frames.REJECT, xid=xid, rid=rid, reason=reason))
         self._in[rid] = _Inbound(key, self._peers[key], xid, rid, msg["num_tokens"], msg["nblocks"],
-                                 time.monotonic() + float(msg["lease_s"]) + self.lease_grace_s,
+                                 self._clock() + float(msg["lease_s"]) + self.lease_grace_s,
                                  kv_ready=msg.get("ready", True) is not False)
         with self._lock:
             self._new[rid] = KVOffer(rid, msg["num_tokens"], msg["meta"], self._peers[key])

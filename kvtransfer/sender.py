@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -138,7 +137,7 @@ class SenderCore(_Endpoint, KVSender):
             raise ValueError("lease_s must be > 0")
         frames.encode(meta)  # raise TypeError here, in the caller, if meta is not msgpack-able
         out = _Outbound(next(self._xids), request_id, peer, torch.tensor(ids, dtype=torch.long),
-                        num_tokens, meta, time.monotonic() + lease_s, kv_ready=ready)
+                        num_tokens, meta, self._clock() + lease_s, kv_ready=ready)
         with self._lock:
             if peer not in self._connected:
                 raise KVTransferError(f"not connected to peer {peer!r}")
@@ -188,14 +187,14 @@ class SenderCore(_Endpoint, KVSender):
     def _iteration(self) -> None:
         sending = set() if self._data_paused else {p for p, q in self._round_robin.items() if q}
         want = list(set(self._pending_ctrl()) | sending)
-        now = time.monotonic()
+        now = self._clock()
         wake_at = min([o.deadline for o in self._out.values()] +
                       [h.next_hello for h in self._handshakes.values() if not h.done.is_set()] +
                       [now + MAX_WAIT_S])
         for key, msg, payload in self._t_wait(max(0.0, wake_at - now), want):
             self._dispatch(key, msg, payload)
         self._run_commands()
-        self._timers(time.monotonic())
+        self._timers(self._clock())
         self._pump()
 
     def _timers(self, now: float) -> None:
@@ -318,7 +317,7 @@ class SenderCore(_Endpoint, KVSender):
             self._disconnect(peer, "reconnecting")
         self._handshakes[peer] = hs
         self._t_connect(peer, hs.address)
-        hs.next_hello = time.monotonic() + (self._HELLO_RETRY_S or 0.0)
+        hs.next_hello = self._clock() + (self._HELLO_RETRY_S or 0.0)
         self._t_send(peer, self._hello())
 
     def _cmd_abort_connect(self, peer: str, hs: _Handshake) -> None:
@@ -333,7 +332,7 @@ class SenderCore(_Endpoint, KVSender):
 
     def _offer_msg(self, out: _Outbound) -> dict:
         """The OFFER for ``out``; backends may add fields."""
-        lease = max(0.0, out.deadline - time.monotonic())
+        lease = max(0.0, out.deadline - self._clock())
         return frames.make(frames.OFFER, xid=out.xid, rid=out.rid, num_tokens=out.num_tokens,
                            nblocks=len(out.src_idx), meta=out.meta, lease_s=lease,
                            ready=out.kv_ready)

@@ -37,6 +37,15 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
+def expire_leases(endpoint: KVSender | KVReceiver, ahead_s: float = 3600.0) -> None:
+    """Move ``endpoint``'s lease clock ``ahead_s`` forward: the leases it holds run out now, at
+    whatever point of the exchange the test has waited for, instead of after a real-time lease
+    that a loaded machine may or may not have reached that point within."""
+    clock = endpoint._clock  # type: ignore[attr-defined]
+    endpoint._clock = lambda: clock() + ahead_s  # type: ignore[attr-defined]
+    endpoint._t_wake()  # type: ignore[attr-defined]
+
+
 def wait_until(pred: Callable[[], bool], timeout_s: float = TIMEOUT_S, what: str = "") -> None:
     deadline = time.monotonic() + timeout_s
     while not pred():

@@ -94,7 +94,7 @@ def test_recvs_out_of_seq_breaks_the_pair_then_reconnect(make_pair):
                                                               chunks=chunks)
     p.on_offer = lambda off: p.receiver.accept(off.request_id, [5, 6])
     p.sender.offer(p.peer, "r", [0, 1], 8, {}, lease_s=10)
-    p.run_until(lambda: "r" in p.sent and "r" in p.recv, timeout_s=5)
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
     assert p.sent_status("r") is FAILED and p.recv_statuses("r") == [FAILED]
     wait_until(lambda: offer_raises(p.sender, p.peer), what="the sender to drop the pair")
     wait_until(lambda: not p.receiver._pairs, what="the receiver to drop the pair (BYE)")
@@ -214,8 +214,10 @@ def test_stalled_receiver_breaks_the_pair_then_reconnect(make_pair):
     p = make_pair(receiver_kw={"lease_grace_s": 0.2})
     p.receiver._post_recv = lambda *a: None  # chunks are numbered, no recv is ever posted
     p.on_offer = lambda off: p.receiver.accept(off.request_id, [5, 6])
-    p.sender.offer(p.peer, "r", [0, 1], 8, {}, lease_s=0.8)
-    p.run_until(lambda: "r" in p.sent and "r" in p.recv, timeout_s=5)
+    # a real lease: the sends' deadline (the lease, against time.monotonic) breaks the pair; 2 s
+    # leave ACCEPT and RECVS room to arrive first on a loaded machine
+    p.sender.offer(p.peer, "r", [0, 1], 8, {}, lease_s=2.0)
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
     assert p.sent_status("r") in (EXPIRED, FAILED) and p.recv_statuses("r") == [FAILED]
     wait_until(lambda: offer_raises(p.sender, p.peer), what="the sender to drop the pair")
     wait_until(lambda: not p.receiver._pairs, what="the receiver to drop the pair (BYE)")
