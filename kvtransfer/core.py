@@ -172,7 +172,8 @@ class _Endpoint:
             try:
                 method(*args)
             except Exception:
-                log.exception("%s: command %s failed", self.name, method.__name__)
+                log.exception("%s: command %s failed", self.name,
+                              getattr(method, "__name__", method))
 
     def _iteration(self) -> None: raise NotImplementedError
     def _shutdown(self) -> None: pass

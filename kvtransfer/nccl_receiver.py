@@ -38,6 +38,8 @@ class _NcclInbound:
 
 @dataclass(eq=False)
 class _ReceiverPair:
+    """One sender's pair group as the receiver sees it, and the pair's chunk numbering."""
+
     name: str
     group: PairGroup
     setup_deadline: float
@@ -170,19 +172,19 @@ class NcclKVReceiver(ZmqKVReceiver):
         if inbound.accepted:  # accepted early, before its prefill had finished
             self._activate(self._nccl_in[inbound.rid])
 
-    def _activate(self, nin: _NcclInbound) -> None:
+    def _activate(self, nccl_in: _NcclInbound) -> None:
         """Accepted and written: plan the chunks and queue the transfer for recvs.  An early
         offer is activated only at its READY: a recv posted for it sooner would hold up every
         later chunk of the pair (NCCL matches in order) until its prefill finished."""
-        inbound = nin.inbound
+        inbound = nccl_in.inbound
         pair = self._pairs[inbound.key]  # type: ignore[index]  # OFFERs only come from live pairs
-        nin.chunks = frames.plan_chunks(self.layout.num_layers, inbound.nblocks,
-                                        self.layout.block_layer_bytes, nin.chunk_bytes)
-        pair.active.append(nin)
+        nccl_in.chunks = frames.plan_chunks(self.layout.num_layers, inbound.nblocks,
+                                            self.layout.block_layer_bytes, nccl_in.chunk_bytes)
+        pair.active.append(nccl_in)
         self._post_recvs(inbound.key)  # type: ignore[arg-type]
 
-    def _live(self, nin: _NcclInbound) -> bool:
-        return self._nccl_in.get(nin.inbound.rid) is nin
+    def _live(self, nccl_in: _NcclInbound) -> bool:
+        return self._nccl_in.get(nccl_in.inbound.rid) is nccl_in
 
     def _post_recvs(self, key: bytes) -> None:
         """While the window has room, number the next chunk of each active transfer in turn
@@ -201,31 +203,31 @@ class NcclKVReceiver(ZmqKVReceiver):
         in_window = max(g.pending(), g.next_seq - pair.posted_end)
         picked: list[tuple[_NcclInbound, frames.Chunk]] = []
         while pair.active and in_window + len(picked) < self.max_posted:
-            nin = pair.active.popleft()
-            if not self._live(nin):
+            nccl_in = pair.active.popleft()
+            if not self._live(nccl_in):
                 continue  # ended: its remaining chunks are never numbered
-            picked.append((nin, nin.chunks[nin.numbered]))
-            nin.numbered += 1
-            nin.last_seq = g.next_seq + len(picked) - 1
-            if nin.numbered < len(nin.chunks):
-                pair.active.append(nin)
+            picked.append((nccl_in, nccl_in.chunks[nccl_in.numbered]))
+            nccl_in.numbered += 1
+            nccl_in.last_seq = g.next_seq + len(picked) - 1
+            if nccl_in.numbered < len(nccl_in.chunks):
+                pair.active.append(nccl_in)
         if not picked:
             return
         seq0 = g.next_seq
         g.next_seq += len(picked)
         self._send_ctrl(key, self._recvs_msg(seq0, [[n.inbound.rid, n.inbound.xid, c.l0, c.l1,
                                                      c.b0, c.b1] for n, c in picked]))
-        for seq, (nin, c) in enumerate(picked, seq0):
+        for seq, (nccl_in, c) in enumerate(picked, seq0):
             try:
-                self._post_recv(g, seq, nin, c)
+                self._post_recv(g, seq, nccl_in, c)
             except Exception as e:
                 return g.abort(f"posting a recv failed: {type(e).__name__}: {e}")
 
-    def _post_recv(self, g: PairGroup, seq: int, nin: _NcclInbound, c: frames.Chunk) -> None:
+    def _post_recv(self, g: PairGroup, seq: int, nccl_in: _NcclInbound, c: frames.Chunk) -> None:
         with g.stream_ctx():  # allocated on the side stream, reused only in its order
             buf = torch.empty(self.layout.chunk_shape(c.l1 - c.l0, c.b1 - c.b0),
                               dtype=self._dtype, device=self.kv_cache.device)
-        g.recv(buf, seq, nin.inbound.deadline, ctx=(nin, c))
+        g.recv(buf, seq, nccl_in.inbound.deadline, ctx=(nccl_in, c))
 
     def _recvs_msg(self, seq0: int, chunks: list[list]) -> dict:
         return frames.make(frames.RECVS, seq0=seq0, chunks=chunks)
@@ -234,21 +236,21 @@ class NcclKVReceiver(ZmqKVReceiver):
               buf: torch.Tensor) -> None:
         """A recv finished: scatter it into the transfer's blocks -- unless the transfer ended
         meanwhile (then the bytes, zeros or not, are dropped)."""
-        nin, c = ctx
-        if not self._live(nin):
+        nccl_in, c = ctx
+        if not self._live(nccl_in):
             return
         with pgroup.on_stream(self._side_stream):
-            if nin.accepted_at is not None:  # the engine may have used the blocks until then
-                self._side_stream.wait_event(nin.accepted_at)  # type: ignore[union-attr]
-                nin.accepted_at = None
+            if nccl_in.accepted_at is not None:  # the engine may have used the blocks until then
+                self._side_stream.wait_event(nccl_in.accepted_at)  # type: ignore[union-attr]
+                nccl_in.accepted_at = None
             # [l1-l0, 2, num_blocks, ...] view of the cache; index_copy_ writes whole blocks
-            dst = nin.inbound.dst(self.kv_cache.device)[c.b0:c.b1]
+            dst = nccl_in.inbound.dst(self.kv_cache.device)[c.b0:c.b1]
             self.kv_cache[c.l0:c.l1].index_copy_(2, dst, buf)
-        nin.landed += 1  # each chunk lands once: its seq was posted once
+        nccl_in.landed += 1  # each chunk lands once: its seq was posted once
         self.stats["chunks"] += 1
         self.stats["bytes"] += buf.numel() * buf.element_size()
-        if nin.landed == len(nin.chunks):
-            pair.unconfirmed.append(nin)
+        if nccl_in.landed == len(nccl_in.chunks):
+            pair.unconfirmed.append(nccl_in)
             self._finish_confirmed(pair)
 
     def _on_posted(self, key: Hashable, msg: dict, _: object) -> None:
@@ -269,15 +271,15 @@ class NcclKVReceiver(ZmqKVReceiver):
         posting.  Only then: had the sender cancelled, some of those bytes would be its zeros,
         and its CANCEL, sent before it posted them, would have ended the transfer already."""
         waiting = []
-        for nin in pair.unconfirmed:
-            if not self._live(nin):
+        for nccl_in in pair.unconfirmed:
+            if not self._live(nccl_in):
                 continue
-            if nin.last_seq >= pair.posted_end:
-                waiting.append(nin)
+            if nccl_in.last_seq >= pair.posted_end:
+                waiting.append(nccl_in)
                 continue
             if self._side_stream is not None:  # "DONE" promises the bytes are in memory
                 self._side_stream.synchronize()
-            inbound = nin.inbound
+            inbound = nccl_in.inbound
             self._finish(inbound, TransferStatus.DONE)  # first: the engine waits on it, not on ACK
             self._tell(inbound, frames.ACK)
         pair.unconfirmed = waiting

@@ -34,6 +34,8 @@ def _int(msg: dict, key: str) -> int:
 
 @dataclass(eq=False)
 class _SenderPair:
+    """One receiver's pair group as the sender sees it, and the sends it has yet to post."""
+
     address: str
     group: PairGroup | None = None  # created on PG_INIT
     hello_ok: dict | None = None

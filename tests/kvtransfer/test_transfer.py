@@ -311,7 +311,8 @@ def test_offer_early_done_waits_for_ready_overtaken_by_data(kind, make_pair, mon
 
 
 def _after_ready_layers(p, kind: str, n: int, what: str) -> None:
-    """nccl ignores ready_layers (its receiver posts recvs at READY): nothing moves before ready()."""
+    """nccl ignores ready_layers (its receiver posts recvs at READY): nothing moves before
+    ready()."""
     assert p.sender.sends_layers_early is (kind != "nccl")  # what the prefill worker asks first
     if kind == "nccl":
         deadline = time.monotonic() + 0.2
