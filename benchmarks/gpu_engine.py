@@ -1,6 +1,7 @@
 """Engine figures on a GPU against the hardware limits measured in the same run.
 
     python benchmarks/gpu_engine.py [--out benchmarks/results/engine-<gpu>.json] [--quick]
+    python benchmarks/gpu_engine.py --throughput-only [--hf-variants default,batch-2048] [--out ...]
 
 Model: random bfloat16 weights in the Llama-3.2-1B shape (vocab 128256, hidden 2048,
 intermediate 8192, 16 layers, 32 heads, 8 KV heads, tied embeddings), written to a temp
@@ -13,7 +14,10 @@ folder with a demo tokenizer. Figures (definitions in the JSON next to each):
 - prefill_mfu[shape]: model FLOPs of one prefill step (matmuls incl. the last-token lm_head
   and causal attention) / step time / matmul rate.
 - out_tok_s: 256 requests (prompts 64-1024 tokens, 128 new tokens, EOS ignored) through
-  pdserve's offline LLM and through transformers `generate_batch`, same prompts.
+  pdserve's offline LLM and through transformers `generate_batch` in each continuous-batching
+  set-up of CB_VARIANTS (a persistent manager, each in its own process), every engine built and
+  warmed on requests of the same number and lengths outside the timing, then timed 3 times on
+  fresh prompts of those lengths; medians, and pdserve's ratio to the fastest set-up found.
 - kv transfer figures come from `python -m kvtransfer.bench` (two processes, GPU 0 -> 1).
 """
 from __future__ import annotations
@@ -22,7 +26,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +35,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks.hf_baselines import FIT  # noqa: E402
 
 SHAPE = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
              num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
@@ -190,45 +195,79 @@ def prefill_mfu(model: str, num: int, length: int, tflops: float) -> dict:
     return {"step_ms": round(t * 1e3, 3), "TFLOPs": round(flops / t / 1e12, 1), "mfu": round(flops / t / 1e12 / tflops, 3)}
 
 
-def workload(n: int = 256, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 128000, (int(k),), generator=g).tolist() for k in torch.randint(64, 1025, (n,), generator=g)]
+# transformers continuous-batching set-ups tried on the GPU (ContinuousBatchingConfig fields), in
+# this order while the time budget lasts. Without flash attention installed, transformers runs its
+# paged sdpa path: each step's queries attend to the gathered keys of every request in the batch
+# under a mask as wide as the cache. The documented knobs worth trying: the cache size (FIT: room
+# for every request twice over, instead of most of the free memory), the batch token budget, CUDA
+# graphs (off by default on masked paths, which pad to graph sizes) and torch.compile.
+CB_VARIANTS = {
+    "default": {},  # transformers' own choices, sized from free memory and the workload's hints
+    "fit-cache": {"num_blocks": FIT},
+    "fit-cache-batch-2048": {"num_blocks": FIT, "max_batch_tokens": 2048},
+    "fit-cache-cuda-graphs": {"num_blocks": FIT, "use_cuda_graph": True},
+    "fit-cache-batch-2048-cuda-graphs": {"num_blocks": FIT, "max_batch_tokens": 2048, "use_cuda_graph": True},
+    "fit-cache-batch-512": {"num_blocks": FIT, "max_batch_tokens": 512},
+    "fit-cache-compile": {"num_blocks": FIT, "default_compile_level": 1},
+}
 
 
-def pdserve_throughput(model: str, prompts, out_len: int) -> float:
+def throughput(res: dict, save, model: str, work, out_len: int, repeats: int, variants: list[str],
+               budget_s: float, device: str = "cuda") -> None:
+    """out_tok_s into `res`: pdserve's offline LLM against transformers `generate_batch`, each
+    built and warmed on requests of the same number and lengths (`work`, a Workload) outside the
+    timing, then timed `repeats` times on fresh prompts of those lengths (hf_baselines.py).
+    `save()` after each engine."""
+    from benchmarks.hf_baselines import Timing, compare_tokens, run_in_subprocess, time_runs
     from engine import LLM, SamplingParams
 
-    llm = LLM(model, device="cuda", gpu_memory_utilization=0.85, max_num_batched_tokens=8192)
-    sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:16], sp)
-    torch.cuda.synchronize()
+    dtype = "bfloat16" if device == "cuda" else "float32"
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, sp)
-    torch.cuda.synchronize()
-    t = time.perf_counter() - t0
-    n = sum(len(o.token_ids) for o in outs)
+    llm = LLM(model, device=device, dtype=dtype, gpu_memory_utilization=0.85, max_num_batched_tokens=8192)
+    sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+
+    def ours(prompts):
+        return [o.token_ids for o in llm.generate(prompts, sp)]
+
+    ours(work.prompts(0))
+    mine = time_runs(ours, work, repeats, Timing(setup_s=time.perf_counter() - t0))
     del llm
     gc.collect()
-    torch.cuda.empty_cache()
-    return n / t
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    res |= {"definition": "output tokens / wall seconds of one run over all requests (EOS ignored); median of "
+                          "the timed runs; every engine built and warmed on requests of the same number and "
+                          "lengths first, outside the timing",
+            "workload": {**work.describe(), "output_len": out_len, "repeats": repeats, "dtype": dtype},
+            "pdserve": {**mine.as_dict(),
+                        "options": "LLM(gpu_memory_utilization=0.85, max_num_batched_tokens=8192)"},
+            "transformers_how": "generate_batch(persistent_manager=True), attn_implementation='sdpa' (transformers "
+                                "switches to flash attention if installed, else to its paged sdpa path); each "
+                                "set-up in its own process, its manager built and warmed on run 0's requests"}
+    print(f"pdserve offline: {mine.out_tok_s} out tok/s, runs {res['pdserve']['runs_s']}", flush=True)
+    save()
 
-
-def transformers_throughput(model: str, prompts, out_len: int) -> float | str:
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-        cfg = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
-        hf.generate_batch(prompts[:16], generation_config=cfg)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = hf.generate_batch(prompts, generation_config=cfg)
-        torch.cuda.synchronize()
-        t = time.perf_counter() - t0
-        n = sum(len(o.generated_tokens) for o in out.values())
-        return n / t
-    except Exception as e:  # record why rather than lose the rest of the run
-        return f"error: {type(e).__name__}: {e}"
+    deadline = time.perf_counter() + budget_s
+    cb = res["transformers_generate_batch"] = {}
+    same = res["greedy_tokens_vs_pdserve"] = {}
+    for name in variants:
+        left = deadline - time.perf_counter()
+        if left < 45:
+            cb[name] = {"options": CB_VARIANTS[name], "skipped": f"time budget ({budget_s:.0f} s) spent"}
+            continue
+        rec, first = run_in_subprocess(model, device, dtype, work, out_len, CB_VARIANTS[name], repeats, left)
+        cb[name] = rec
+        if first is not None:
+            same[name] = compare_tokens(mine.first_outputs, first)
+        timed = {k: r["out_tok_s"] for k, r in cb.items() if r.get("out_tok_s")}
+        if timed:
+            fastest = max(timed, key=timed.get)
+            res["fastest_baseline"] = fastest
+            res["ratio_vs_fastest"] = round(mine.out_tok_s / timed[fastest], 2)
+            res["ratios"] = {k: round(mine.out_tok_s / v, 2) for k, v in timed.items()}
+        save()
+        print(f"transformers generate_batch [{name}]: {rec.get('out_tok_s')} out tok/s, runs {rec.get('runs_s')}, "
+              f"setup {rec.get('setup_s')} s {rec.get('error') or rec.get('note') or ''}", flush=True)
 
 
 def transfer(backend: str) -> dict | str:
@@ -244,23 +283,41 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer cases, for a smoke run")
-    ap.add_argument("--skip", default="", help="comma list of: decode,prefill,throughput,transfer")
+    ap.add_argument("--skip", default="", help="comma list of: limits,decode,prefill,throughput,transfer")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="only the out_tok_s comparison (no hardware limits, decode, prefill or transfer)")
+    ap.add_argument("--requests", type=int, default=None, help="out_tok_s requests (default 256; 64 with --quick)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed out_tok_s runs of each engine; median")
+    ap.add_argument("--hf-variants", default=",".join(CB_VARIANTS),
+                    help=f"transformers continuous-batching set-ups to try, in order: {','.join(CB_VARIANTS)}")
+    ap.add_argument("--hf-budget-s", type=float, default=430,
+                    help="seconds for all transformers set-ups; those left when it is spent are skipped")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if args.throughput_only:
+        skip |= {"limits", "decode", "prefill", "transfer"}
+    variants = [v for v in args.hf_variants.split(",") if v]
+    if unknown := set(variants) - set(CB_VARIANTS):
+        ap.error(f"unknown --hf-variants {sorted(unknown)}")
 
     def save() -> None:  # after every section, so a run cut short keeps what it measured
         if args.out:
             with open(args.out, "w") as f:
                 f.write(json.dumps(res, indent=2) + "\n")
 
+    from benchmarks.hf_baselines import Workload, command, commit, versions
+
     gpu = torch.cuda.get_device_name()
-    res: dict = {"machine": f"{gpu} x{torch.cuda.device_count()}, {os.cpu_count()} cpus, torch {torch.__version__}",
-                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                          text=True).stdout.strip() or os.environ.get("PDSERVE_COMMIT", "?"),
-                 "command": " ".join(["python"] + sys.argv), "model": "random bf16, Llama-3.2-1B shape"}
-    res["hbm_GBps"] = round(hbm_bandwidth(), 1)
-    res["matmul_TFLOPs"] = round(matmul_tflops(), 1)
-    print(f"HBM copy {res['hbm_GBps']} GB/s, bf16 matmul {res['matmul_TFLOPs']} TFLOP/s", flush=True)
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True).stdout.strip().splitlines()
+    res: dict = {"machine": f"{gpu} x{torch.cuda.device_count()}, {os.cpu_count()} cpus"
+                            + (f", driver {driver[0]}" if driver else ""),
+                 "versions": versions(), "commit": commit(), "command": command(),
+                 "model": "random bf16, Llama-3.2-1B shape"}
+    if "limits" not in skip or not {"decode", "prefill"} <= skip:  # decode and prefill are relative to them
+        res["hbm_GBps"] = round(hbm_bandwidth(), 1)
+        res["matmul_TFLOPs"] = round(matmul_tflops(), 1)
+        print(f"HBM copy {res['hbm_GBps']} GB/s, bf16 matmul {res['matmul_TFLOPs']} TFLOP/s", flush=True)
     model = tempfile.mkdtemp(prefix="llama1b-")
     t0 = time.perf_counter()
     write_model(model)
@@ -281,16 +338,13 @@ def main() -> None:
             print(f"prefill {num}x{length}: {r}", flush=True)
             save()
     if "throughput" not in skip:
-        prompts = workload(64 if args.quick else 256)
-        ours = pdserve_throughput(model, prompts, 128)
-        print(f"pdserve offline: {ours:.0f} out tok/s", flush=True)
-        theirs = transformers_throughput(model, prompts, 128)
-        print(f"transformers generate_batch: {theirs}", flush=True)
-        res["out_tok_s"] = {"pdserve": round(ours, 1), "transformers_generate_batch":
-                            round(theirs, 1) if isinstance(theirs, float) else theirs,
-                            "requests": len(prompts), "prompt_lens": "64-1024 uniform", "output_len": 128}
-        if isinstance(theirs, float):
-            res["out_tok_s"]["ratio"] = round(ours / theirs, 2)
+        n = args.requests or (64 if args.quick else 256)
+        r = res["out_tok_s"] = {}
+        work = Workload.uniform(n, 64, 1024, vocab=128000, seed=0)
+        throughput(r, save, model, work, 128, args.repeats, variants, args.hf_budget_s)
+        if "fastest_baseline" in r:
+            print(f"pdserve {r['pdserve']['out_tok_s']} out tok/s = {r['ratio_vs_fastest']}x transformers' "
+                  f"fastest set-up found ({r['fastest_baseline']}); all: {r['ratios']}", flush=True)
         save()
     if "transfer" not in skip and torch.cuda.device_count() >= 2:
         res["kv_transfer"] = {b: transfer(b) for b in ("nccl", "zmq")}
