@@ -3,8 +3,10 @@
 It also prefills, when the router places a request's prefill on it (adaptive mode: the
 `Prefill` names this worker as its own decode worker): the request then runs here from
 prompt to end like in a colocated engine, its prompt chunks mixed into the decode steps.
-A `both` worker (`BothWorker`, colocated and adaptive modes) is a decode worker that also
-prefills for other decode workers and hands their KV off like a prefill worker.
+A `both` worker (colocated and adaptive modes) is a decode worker given a sender side
+(`sender_side=prefill_worker.handoff.KVHandOff`, composed in pdserve/roles.py): it also
+prefills for other decode workers and hands their KV off like a prefill worker. The
+receiving side (offers, reservations, imports) is decode_worker/intake.py.
 
 A request's path through this process:
 
@@ -37,83 +39,62 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 
 import zmq
 
-from engine import LLMEngine, RequestRejected, SamplingParams
-from kvtransfer import TransferStatus, make_receiver
-from pdserve import wire
-from prefill_worker.handoff import KVHandOff
-from pdserve.logs import rid as for_request
-from pdserve.security import check_bind
-from pdserve.transfer_stats import TransferStats
-from pdserve.worker_link import RouterLink
-from pdserve.worker_loop import WorkerLoop
-from pdserve.worker_settings import WorkerSettings
+from control import messages
+from control.link import RouterLink
+from control.logs import rid as for_request
+from control.worker_loop import WorkerLoop
+from control.worker_settings import WorkerSettings
+from engine import LLMEngine
+
+from .intake import KVIntake
 
 log = logging.getLogger(__name__)
 
 
 class DecodeWorker(WorkerLoop):
-    role = "decode"
-
     def __init__(self, settings: WorkerSettings, engine: LLMEngine | None = None, *,
-                 ctx: zmq.Context | None = None, transfer_options: dict | None = None):
+                 ctx: zmq.Context | None = None, transfer_options: dict | None = None,
+                 sender_side: Callable | None = None):
+        """`sender_side(worker, transfer_options)`: the sending half of KV hand-offs (a
+        prefill_worker.handoff.KVHandOff) for a `both` worker, None for a decode worker."""
         super().__init__(settings, engine, ctx)
-        keys = self.keys
-        transfer_options = dict(transfer_options or {})
-        self._kv_ctx = self._zap = None
-        if settings.kv_transport != "inproc":
-            check_bind(settings.kv_address, keys, settings.insecure, f"decode worker {settings.worker_id}'s KV socket")
-            if keys is not None:
-                # The KV socket made on this context is a CURVE server admitting only members.
-                self._kv_ctx, self._zap = keys.server_context()
-                transfer_options["context"] = self._kv_ctx
-        self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id, curve=keys)
-        self.receiver = make_receiver(settings.kv_transport, self.engine.runner.kv_cache, self.layout,
-                                      settings.worker_id, settings.kv_address, **transfer_options)
-        self.offers: OrderedDict[str, object] = OrderedDict()  # waiting for blocks, in arrival order
-        self.receiving: set[str] = set()                        # accepted, KV on its way
-        self.aborted: set[str] = set()                          # aborted while receiving
-        self.transfer_stats = TransferStats(self.receiver)
-        self.handoff = KVHandOff(self, transfer_options) if self.role == "both" else None
-        self.watch(self.receiver)
+        self.role = "both" if sender_side is not None else "decode"
+        self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id, curve=self.keys)
+        self.intake = KVIntake(self, transfer_options or {})
+        self.handoff = sender_side(self, transfer_options or {}) if sender_side is not None else None
+        self.watch(self.intake.receiver)
         if self.handoff:
             self.watch(self.handoff.sender)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        self.link.register(wire.Register(self.s.worker_id, self.role, self.layout.to_dict(),
-                                         kv_address=self.receiver.address,
-                                         num_blocks=self.engine.num_total_blocks,
-                                         max_model_len=self.engine.max_model_len, pid=os.getpid(),
-                                         incarnation=self.incarnation),
-                           timeout_s=self.s.register_timeout_s)
+        self.link.register(messages.Register(self.settings.worker_id, self.role, self.layout.to_dict(),
+                                             kv_address=self.intake.receiver.address,
+                                             num_blocks=self.engine.num_total_blocks,
+                                             max_model_len=self.engine.max_model_len, pid=os.getpid(),
+                                             incarnation=self.incarnation),
+                           timeout_s=self.settings.register_timeout_s)
         e = self.engine
         log.info("%s ready: %d KV blocks x %d = %d tokens, max_model_len %d; registered with the router at %s, "
-                 "receiving KV at %s", self.s.worker_id, e.num_total_blocks, self.layout.block_size,
-                 e.num_total_blocks * self.layout.block_size, e.max_model_len, self.s.router_address,
-                 self.receiver.address)
+                 "receiving KV at %s", self.settings.worker_id, e.num_total_blocks, self.layout.block_size,
+                 e.num_total_blocks * self.layout.block_size, e.max_model_len, self.settings.router_address,
+                 self.intake.receiver.address)
 
     def holds(self) -> list[str]:
-        return list(self.offers) + list(self.receiving) + list(self.engine.seqs) + self._sending()
-
-    def _sending(self) -> list[str]:
-        return list(self.handoff.transfers) if self.handoff else []
+        return list(self.intake.offers) + list(self.engine.seqs)  # KV on its way in or out included
 
     def run_once(self) -> None:
         # Never spin: an idle loop that polls without waiting starves the transfer thread of
         # the GIL. The wait ends at once when an offer or a finished transfer is there to poll.
         self.handle_messages(0 if self.engine.has_unfinished() else 5)
-        for offer in self.receiver.poll_offers():
-            self.offers[offer.request_id] = offer
-        for ev in self.receiver.poll():
-            self._transfer_event(ev)
-        self._admit()
+        self.intake.poll()
         if self.engine.has_unfinished():
-            if self.s.debug_step_delay_s:
-                time.sleep(self.s.debug_step_delay_s)
+            if self.settings.debug_step_delay_s:
+                time.sleep(self.settings.debug_step_delay_s)
             outs = self.step_engine()
             for o in outs:
                 if o.finish_reason is not None:
@@ -124,110 +105,40 @@ class DecodeWorker(WorkerLoop):
                 self.handoff.emit(outs)
         if self.handoff:
             self.handoff.poll()
-        if self.link.heartbeat_due(self.s.heartbeat_s):
+        if self.link.heartbeat_due(self.settings.heartbeat_s):
             sch = self.engine.scheduler
-            transfer = self.transfer_stats.heartbeat_fields()
+            transfer = self.intake.stats.heartbeat_fields()
             if self.handoff:  # KV both received and sent: one set of figures for both directions
                 sent = self.handoff.stats.heartbeat_fields()
                 transfer = {k: [a + b for a, b in zip(v, sent[k])] if isinstance(v, list) else v + sent[k]
                             for k, v in transfer.items()}
-            self.link.send(wire.Heartbeat(self.s.worker_id, len(sch.running), len(sch.waiting) + len(self.offers),
-                                          self.engine.num_free_blocks, self.engine.num_total_blocks,
-                                          len(self.receiving) + len(self._sending()),
-                                          sum(o.num_tokens for o in self.offers.values()) + self.prefill_backlog(),
-                                          draining=int(self.draining), **transfer,
-                                          **self.speed_fields(self.handoff.stats if self.handoff else None)))
+            self.link.send(messages.Heartbeat(self.settings.worker_id, len(sch.running),
+                                              len(sch.waiting) + len(self.intake.offers),
+                                              self.engine.num_free_blocks, self.engine.num_total_blocks,
+                                              len(self.engine.transfers),
+                                              self.intake.queued_tokens() + self.prefill_backlog(),
+                                              draining=int(self.draining), **transfer,
+                                              **self.speed_fields(self.handoff.stats if self.handoff else None)))
 
     def close(self) -> None:
         if self.handoff:
             self.handoff.close()
-        self.receiver.close()
+        self.intake.close()
         self.link.close()
-        if self._zap is not None:
-            self._zap.stop()
-            self._kv_ctx.term()
 
-    # ---- messages and transfers -------------------------------------------------------------
+    # ---- messages ---------------------------------------------------------------------------
     def _handle(self, msg) -> None:
-        if isinstance(msg, wire.Abort):
+        if isinstance(msg, messages.Abort):
             self._abort(msg.request_ids)
-        elif isinstance(msg, wire.Prefill):
+        elif isinstance(msg, messages.Prefill):
             self.prefill(msg)
         else:
             log.warning("ignored unexpected %s", type(msg).__name__)
 
     def _abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            if self.offers.pop(rid, None) is not None:
-                try:
-                    self.receiver.reject(rid, "aborted")
-                except ValueError:  # its lease ran out at this very moment: nothing left to reject
-                    pass
-            elif self.handoff and self.handoff.abort(rid):
-                pass                           # its blocks are freed when the sender reports the end
-            elif rid in self.receiving:
-                if rid not in self.aborted:
-                    self.aborted.add(rid)      # the blocks are freed when the transfer reports its end,
-                    self.receiver.cancel(rid)  # which cancelling makes happen now
-            else:
-                self.engine.abort(rid)
-        self.link.heartbeat_soon()             # the router sees the freed blocks within a turn
-
-    def _admit(self) -> None:
-        """Reserve blocks for waiting offers in arrival order while they fit."""
-        while self.offers:
-            rid, offer = next(iter(self.offers.items()))
-            meta = offer.meta
-            try:
-                prompt = list(meta["prompt_token_ids"])
-                first = meta.get("first_token")  # absent from an early offer: its DONE brings it
-                first = None if first is None else int(first)
-                params = SamplingParams(**meta["params"])
-                if not self.engine.can_reserve(len(prompt)):
-                    return
-                blocks = self.engine.reserve_import(rid, prompt, first, params)
-            except (KeyError, TypeError, ValueError, RequestRejected) as e:
-                log.warning("refused an offer: %s", e, extra=for_request(rid))
-                del self.offers[rid]
-                self.receiver.reject(rid, f"bad offer: {e}")
-                self.link.send(wire.Failed(rid, f"decode worker refused the request: {e}", 400))
-                continue
-            if blocks is None:
-                return
-            del self.offers[rid]
-            self.receiver.accept(rid, blocks)
-            self.receiving.add(rid)
-            self.transfer_stats.started(rid, len(prompt))
-            log.debug("KV offer accepted: %d prompt tokens into %d blocks", len(prompt), len(blocks),
-                      extra=for_request(rid))
-
-    def _transfer_event(self, ev) -> None:
-        rid = ev.request_id
-        if rid in self.offers:  # seen but never accepted: the lease ran out or it was cancelled
-            del self.offers[rid]
-            return
-        if rid not in self.receiving:
-            return
-        self.receiving.discard(rid)
-        self.transfer_stats.ended(rid, None if ev.status is TransferStatus.CANCELLED or rid in self.aborted
-                                  else ev.status is TransferStatus.DONE)
-        if ev.status not in (TransferStatus.DONE, TransferStatus.CANCELLED):
-            log.warning("KV transfer ended %s: %s", ev.status.value, ev.error or "", extra=for_request(rid))
-        error = f"KV transfer {ev.status.value}: {ev.error or ''}"
-        if ev.status is TransferStatus.DONE and rid not in self.aborted:
-            try:
-                self.engine.activate_import(rid, (ev.meta or {}).get("first_token"))
-                return
-            except (TypeError, ValueError) as e:
-                log.warning("KV arrived unusable: %s", e, extra=for_request(rid))
-                error = f"KV transfer done, but {e}"
-        self.engine.abort(rid)
-        if rid not in self.aborted and ev.status is not TransferStatus.CANCELLED:
-            self.link.send(wire.Failed(rid, error, 503))
-        self.aborted.discard(rid)
-
-
-class BothWorker(DecodeWorker):
-    """Prefills and decodes in one engine (colocated and adaptive modes): decodes what it
-    prefills, receives KV prefilled elsewhere, and sends KV of what it prefills for others."""
-    role = "both"
+            if self.handoff:
+                self.handoff.abort(rid)   # cancels a transfer out of here
+            self.intake.abort(rid)        # rejects an offer, cancels a transfer on its way here
+            self.engine.abort(rid)        # frees the blocks now, or when a cancelled transfer ends
+        self.link.heartbeat_soon()        # the router sees the freed blocks within a turn

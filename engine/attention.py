@@ -105,23 +105,3 @@ class TorchAttention:
             qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=self.scale
         )                                                            # [B, Hkv, G, D]
         return o.reshape(b, self.num_heads, self.head_dim)
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def make_attention(backend: str, device: torch.device, **kw):
-    """"triton": the Triton kernels (CUDA, or the Triton interpreter with TRITON_INTERPRET=1);
-    "torch": the reference, any device; "auto": triton on CUDA when it imports, else torch."""
-    if backend == "triton" or (backend == "auto" and device.type == "cuda" and _triton_importable()):
-        from .attention_triton import TritonAttention
-
-        return TritonAttention(**kw)
-    if backend in ("auto", "torch"):
-        return TorchAttention(**kw)
-    raise ValueError(f"unknown attention backend {backend!r}; supported: auto, torch, triton")

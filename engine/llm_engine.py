@@ -5,7 +5,8 @@ stop conditions and frees finished sequences' blocks. Workers drive it; so does 
 offline `LLM` API. Disaggregation hooks: a prefill worker adds requests `prefill_only`:
 they stop after the first token and, when the request goes on, keep their blocks
 (`StepOutput.handoff`) until `release_kv`; a decode worker `reserve_import`s blocks for a
-handed-off sequence, lets the transfer fill them, then `activate_import`s it.
+handed-off sequence, lets the transfer fill them, then `activate_import`s it. Who holds
+blocks while a transfer moves them, and when they are freed: engine/kv_holds.py.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .block_pool import BlockPool, blocks_needed
+from .kv_holds import KVHolds
 from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
 from .model_runner import ModelRunner
 from .sampler import Sampler
@@ -62,6 +64,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.sampler = Sampler(self.device, cfg.seed)
         self.seqs: dict[str, Sequence] = {}       # every sequence this engine holds state for
+        self.transfers = KVHolds()                 # those whose blocks a KV transfer uses
         # The last step's shape: (prompt tokens computed, sequences that decoded one token).
         # Workers time steps against it to learn their prefill and decode speeds.
         self.last_step: tuple[int, int] = (0, 0)
@@ -101,15 +104,29 @@ class LLMEngine:
         return seq
 
     def abort(self, request_id: str) -> bool:
-        """Forget a request and free its blocks, whatever state it is in."""
-        seq = self.seqs.pop(request_id, None)
+        """Forget a request and free its blocks, whatever state it is in; where a transfer still
+        uses them (receiving, or sending a handed-off request's KV) they are freed when its end
+        is reported instead (see kv_holds.py). False when the request is unknown."""
+        seq = self.seqs.get(request_id)
         if seq is None:
             return False
+        holds = self.transfers
+        if request_id in holds.receiving:
+            holds.receiving[request_id] = True     # release_kv() frees them when the transfer ends
+            return True
+        if request_id in holds.sending and seq.status is SequenceStatus.FINISHED:
+            return True                            # release_kv() frees them when the transfer ends
+        self._free(seq)
+        return True
+
+    def _free(self, seq: Sequence) -> None:
+        """Forget the sequence and give its blocks back, whatever state it is in."""
+        del self.seqs[seq.request_id]
+        self.transfers.forget(seq.request_id)
         self.scheduler.remove(seq)
         if seq.block_table:
             self.pool.free(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, seq.finish_reason or "abort"
-        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -190,14 +207,35 @@ class LLMEngine:
             return  # blocks stay until release_kv(): the KV is on its way to a decode worker
         self.pool.free(seq)
         del self.seqs[seq.request_id]
+        self.transfers.forget(seq.request_id)  # an early offer's transfer is cancelled by its worker
 
-    # ---- disaggregation hooks --------------------------------------------------------------
+    # ---- disaggregation hooks: who holds the blocks (kv_holds.py) ----------------------------
     def kv_block_ids(self, request_id: str) -> list[int]:
         return list(self.seqs[request_id].block_table)
 
+    def start_sending(self, request_id: str) -> None:
+        """An offer of the request's KV is out: a handed-off request keeps its blocks until
+        release_kv(), even when aborted meanwhile."""
+        if request_id not in self.seqs:
+            raise KeyError(request_id)
+        self.transfers.sending.add(request_id)
+
+    def is_sending(self, request_id: str) -> bool:
+        return request_id in self.transfers.sending
+
+    def is_receiving(self, request_id: str) -> bool:
+        return request_id in self.transfers.receiving
+
+    def receive_aborted(self, request_id: str) -> bool:
+        """The request was aborted while its KV was on its way here."""
+        return self.transfers.receiving.get(request_id, False)
+
     def release_kv(self, request_id: str) -> None:
-        """The prefill side is done with a finished sequence's KV (acknowledged or expired)."""
-        self.abort(request_id)
+        """The hand-off of the request's KV ended (acknowledged, expired, failed or never made):
+        the request is over for this engine and its blocks are freed."""
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self._free(seq)
 
     def reserve_import(self, request_id: str, prompt_token_ids: list[int], first_token: int | None,
                        params: SamplingParams) -> list[int] | None:
@@ -216,6 +254,7 @@ class LLMEngine:
             return None
         self.pool.allocate(seq, seq.num_prompt_tokens + 1)
         self.seqs[request_id] = seq
+        self.transfers.receiving[request_id] = False
         return list(seq.block_table)
 
     def can_reserve(self, num_prompt_tokens: int) -> bool:
@@ -233,6 +272,7 @@ class LLMEngine:
                 raise ValueError(f"first token {first_token} is outside the vocabulary")
             seq.token_ids.append(int(first_token))
         seq.num_computed_tokens = seq.num_prompt_tokens
+        self.transfers.forget(request_id)
         self.scheduler.add_running(seq)
 
     def prompt_logits(self, prompt_token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:

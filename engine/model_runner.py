@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from .attention import AttentionMetadata, make_attention
+from .attention import AttentionMetadata
+from .attention_backends import make_attention
 from .config import EngineConfig, ModelConfig
 from .loader import load_weights
 from .models.llama import LlamaForCausalLM

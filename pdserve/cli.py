@@ -13,7 +13,7 @@ import math
 import sys
 
 # Imports nothing heavy at module level (torch and transformers are imported on use).
-from pdserve import demo_model, roles
+from pdserve import config, demo_model, roles
 
 # write_demo_model's keyword arguments; the CLI takes its defaults from the signature.
 _DEMO_MODEL_PARAMS = {
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None):
         # Config values become defaults; parsing again lets command-line flags win.
         sub = parser.role_parsers[args.command]
-        sub.set_defaults(**roles.load_config(args.config, args.command, parser.role_parsers))
+        sub.set_defaults(**config.load_config(args.config, args.command, parser.role_parsers))
         args = parser.parse_args(argv)
     return args.func(args)
 

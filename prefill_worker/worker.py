@@ -32,10 +32,10 @@ import time
 import zmq
 
 from engine import LLMEngine
-from pdserve import wire
-from pdserve.worker_link import RouterLink
-from pdserve.worker_loop import WorkerLoop
-from pdserve.worker_settings import WorkerSettings
+from control import messages
+from control.link import RouterLink
+from control.worker_loop import WorkerLoop
+from control.worker_settings import WorkerSettings
 
 from .handoff import KVHandOff
 
@@ -54,32 +54,32 @@ class PrefillWorker(WorkerLoop):
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        self.link.register(wire.Register(self.s.worker_id, self.role, self.layout.to_dict(),
+        self.link.register(messages.Register(self.settings.worker_id, self.role, self.layout.to_dict(),
                                          num_blocks=self.engine.num_total_blocks,
                                          max_model_len=self.engine.max_model_len, pid=os.getpid(),
                                          incarnation=self.incarnation),
-                           timeout_s=self.s.register_timeout_s)
+                           timeout_s=self.settings.register_timeout_s)
         e = self.engine
         log.info("%s ready: %d KV blocks x %d = %d tokens, max_model_len %d; registered with the router at %s",
-                 self.s.worker_id, e.num_total_blocks, self.layout.block_size, e.num_total_blocks * self.layout.block_size,
-                 e.max_model_len, self.s.router_address)
+                 self.settings.worker_id, e.num_total_blocks, self.layout.block_size, e.num_total_blocks * self.layout.block_size,
+                 e.max_model_len, self.settings.router_address)
 
     def holds(self) -> list[str]:
-        return list(self.engine.seqs.keys() | self.handoff.transfers)
+        return list(self.engine.seqs)  # the handed-off ones whose KV is still being sent included
 
     def run_once(self) -> None:
         self.handle_messages(0 if self.engine.has_unfinished() else 5)
         if self.engine.has_unfinished():
-            if self.s.debug_step_delay_s:
-                time.sleep(self.s.debug_step_delay_s)
+            if self.settings.debug_step_delay_s:
+                time.sleep(self.settings.debug_step_delay_s)
             self._step()
         self.handoff.poll()
-        if self.link.heartbeat_due(self.s.heartbeat_s):
+        if self.link.heartbeat_due(self.settings.heartbeat_s):
             sch = self.engine.scheduler
             stats = self.handoff.stats
-            self.link.send(wire.Heartbeat(self.s.worker_id, len(sch.running), len(sch.waiting),
+            self.link.send(messages.Heartbeat(self.settings.worker_id, len(sch.running), len(sch.waiting),
                                           self.engine.num_free_blocks, self.engine.num_total_blocks,
-                                          len(self.handoff.transfers), self.prefill_backlog(),
+                                          len(self.engine.transfers), self.prefill_backlog(),
                                           draining=int(self.draining), **stats.heartbeat_fields(),
                                           **self.speed_fields(stats)))
 
@@ -89,17 +89,17 @@ class PrefillWorker(WorkerLoop):
 
     # ---- messages ---------------------------------------------------------------------------
     def _handle(self, msg) -> None:
-        if isinstance(msg, wire.Prefill):
+        if isinstance(msg, messages.Prefill):
             self.prefill(msg)      # never this worker's own to decode: always handed off
-        elif isinstance(msg, wire.Abort):
+        elif isinstance(msg, messages.Abort):
             self._abort(msg.request_ids)
         else:
             log.warning("ignored unexpected %s", type(msg).__name__)
 
     def _abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            if not self.handoff.abort(rid):   # a transfer's blocks are freed when the sender reports its end
-                self.engine.abort(rid)
+            self.handoff.abort(rid)   # cancels its transfer, whose blocks are freed when the sender reports its end
+            self.engine.abort(rid)
         self.link.heartbeat_soon()            # the router sees the freed blocks within a turn
 
     def _step(self) -> None:

@@ -23,8 +23,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import protocol as P
-from pdserve.logs import current_request_id
-from pdserve.security import keys_from
+from control.logs import current_request_id
+from control.security import keys_from
+from engine import SamplingParams
 
 from .admission import Admission
 from .edge import ApiKeyGuard, BodyLimit, DrainGuard, RequestId
@@ -84,7 +85,7 @@ class Router:
         # The template writes any BOS itself; encoding must not add another.
         return self.encode(text, add_special_tokens=False)
 
-    def params(self, fields: P.SamplingFields, prompt: list[int], param: str) -> dict:
+    def params(self, fields: P.SamplingFields, prompt: list[int], param: str) -> SamplingParams:
         bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise APIError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})", 400, param=param)
@@ -109,7 +110,7 @@ class Router:
         d["max_tokens"] = max_tokens
         if d["top_k"] >= self.vocab_size:
             d["top_k"] = -1  # the same sampling, and an int any worker can take
-        return d
+        return SamplingParams(**d)
 
     def stream(self, prompt: list[int], params: dict, stops: list[str]) -> AsyncIterator[Chunk]:
         return generate(self.hub, self.tokenizer, self.settings, prompt, params, stops,

@@ -3,7 +3,7 @@ guard, the API key, the body size.
 
 `RequestId`: the client's `X-Request-Id` when it sent a usable one (up to 128 printable
 ASCII characters, no spaces), else a new one; it is returned in the response's
-`X-Request-Id`, set as `pdserve.logs.current_request_id` while the request is served (every
+`X-Request-Id`, set as `control.logs.current_request_id` while the request is served (every
 log line names it), and becomes the request's id on the wire, so worker logs name it too.
 
 `DrainGuard`: once the router drains (SIGTERM), `/v1/*` and `/generate` are answered 503
@@ -26,7 +26,7 @@ import json
 import re
 import uuid
 
-from pdserve.logs import current_request_id
+from control.logs import current_request_id
 
 from .errors import error_body
 

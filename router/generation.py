@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from engine import SamplingParams
+
 from .admission import Overloaded
 from .detokenizer import IncrementalDetokenizer
 from .errors import APIError
@@ -38,7 +40,7 @@ class Chunk:
 
 
 async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_token_ids: list[int],
-                   params: dict, stop_strings: list[str], request_id: str | None = None,
+                   params: SamplingParams, stop_strings: list[str], request_id: str | None = None,
                    metrics: Metrics | None = None) -> AsyncIterator[Chunk]:
     metrics = metrics or Metrics()
     rid = request_id or uuid.uuid4().hex
@@ -56,7 +58,7 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
     metrics.queue.observe(time.monotonic() - state.created)
     metrics.prompt_tokens.inc(len(prompt_token_ids))
     log.info("request %s: %d prompt tokens, max_tokens %s, on %s -> %s", rid, len(prompt_token_ids),
-             params.get("max_tokens"), state.prefill_worker, state.decode_worker)
+             params.max_tokens, state.prefill_worker, state.decode_worker)
     last_token_at = None
     finish = None
     outcome = "cancelled"  # unless it ends otherwise: the client went away or a stop string ended it

@@ -33,9 +33,9 @@ import logging
 import zmq
 import zmq.asyncio
 
-from pdserve import wire
-from pdserve.droplog import DropLog
-from pdserve.security import CurveKeys, check_bind
+from control import messages
+from control.droplog import DropLog
+from control.security import CurveKeys, check_bind
 
 from .admission import Admission
 from .placement import Candidate, choose_prefill
@@ -114,7 +114,7 @@ class WorkerHub:
         old_id, holders = state.request_id, {state.prefill_worker, state.decode_worker} - {None}
         self._forget(state)
         for wid in holders:
-            await self._send(wid, wire.Abort([old_id]))
+            await self._send(wid, messages.Abort([old_id]))
         state.next_attempt()
         log.warning("retrying request %s on another prefill worker (%s failed before its first token)",
                     state.base_id, failed_worker)
@@ -133,7 +133,7 @@ class WorkerHub:
             for w in {pw.worker_id: pw, dw.worker_id: dw}.values():
                 w.outstanding.add(state.request_id)
                 w.requests_total += 1
-            msg = wire.Prefill(state.request_id, state.prompt_token_ids, state.params, dw.worker_id, dw.kv_address,
+            msg = messages.Prefill(state.request_id, state.prompt_token_ids, state.params, dw.worker_id, dw.kv_address,
                                dw.incarnation)
             if await self._send(pw.worker_id, msg):
                 self.placements["local" if pw is dw else "handed_off"] += 1
@@ -191,12 +191,12 @@ class WorkerHub:
         """Tell every worker that may hold the request to free it, then forget it."""
         self.finish(state)
         for wid in {state.prefill_worker, state.decode_worker} - {None}:
-            await self._send(wid, wire.Abort([state.request_id]))
+            await self._send(wid, messages.Abort([state.request_id]))
 
     # ---- socket ---------------------------------------------------------------------------------
     async def _send(self, worker_id: str, msg) -> bool:
         try:
-            await self.sock.send_multipart([worker_id.encode(), wire.encode(msg)])
+            await self.sock.send_multipart([worker_id.encode(), messages.encode(msg)])
             return True
         except (zmq.Again, zmq.ZMQError) as e:
             log.warning("could not send %s to %s: %s", type(msg).__name__, worker_id, e)
@@ -210,29 +210,29 @@ class WorkerHub:
                 continue
             ident, frame = frames
             try:
-                msg = wire.decode(frame)
+                msg = messages.decode(frame)
                 await self._dispatch(ident.decode(errors="replace"), msg)
-            except wire.WireError as e:
+            except messages.MessageError as e:
                 self._drops.warning("dropped a malformed control frame from %r: %s", ident[:64], e)
             except Exception:  # one bad message must not stop the router's only receive loop
                 log.exception("error handling a control message from %r", ident[:64])
 
     async def _dispatch(self, sender: str, msg) -> None:
-        if isinstance(msg, wire.Tokens):
+        if isinstance(msg, messages.Tokens):
             await self._on_tokens(sender, msg)
-        elif isinstance(msg, wire.Heartbeat):
+        elif isinstance(msg, messages.Heartbeat):
             if msg.worker_id != sender:
                 log.warning("dropped a heartbeat for %r from connection %r", msg.worker_id, sender)
             elif not self.registry.heartbeat(msg):
                 log.info("heartbeat from unregistered worker %s: asking it to register", sender)
-                await self._send(sender, wire.NotRegistered(sender))
-        elif isinstance(msg, wire.Failed):
+                await self._send(sender, messages.NotRegistered(sender))
+        elif isinstance(msg, messages.Failed):
             st = self.requests.get(msg.request_id)
             if st is not None and sender in (st.prefill_worker, st.decode_worker):
                 st.on_error(msg.message, msg.code)
-        elif isinstance(msg, wire.Register):
+        elif isinstance(msg, messages.Register):
             await self._on_register(sender, msg)
-        elif isinstance(msg, wire.Leaving):
+        elif isinstance(msg, messages.Leaving):
             w = self.registry.workers.get(sender)
             if msg.worker_id == sender and w is not None:
                 log.info("%s worker %s left (drained)%s", w.role, sender, f": {msg.message}" if msg.message else "")
@@ -241,7 +241,7 @@ class WorkerHub:
         else:
             log.warning("ignored unexpected %s from %s", type(msg).__name__, sender)
 
-    async def _on_tokens(self, sender: str, msg: wire.Tokens) -> None:
+    async def _on_tokens(self, sender: str, msg: messages.Tokens) -> None:
         self.registry.seen(sender)
         stale = []
         for item in msg.items:
@@ -260,9 +260,9 @@ class WorkerHub:
             if st.first_token_at is not None:
                 self.admission.release(st)
         if stale:
-            await self._send(sender, wire.Abort(stale))
+            await self._send(sender, messages.Abort(stale))
 
-    async def _on_register(self, sender: str, msg: wire.Register) -> None:
+    async def _on_register(self, sender: str, msg: messages.Register) -> None:
         old = self.registry.workers.get(msg.worker_id)
         if msg.worker_id != sender:
             reason = f"worker id {msg.worker_id!r} does not match the connection identity {sender!r}"
@@ -270,7 +270,7 @@ class WorkerHub:
             reason = self.registry.register(msg)
         if reason is not None:
             log.error("refused worker %s: %s", msg.worker_id, reason)
-            await self._send(sender, wire.RegisterRefused(msg.worker_id, reason))
+            await self._send(sender, messages.RegisterRefused(msg.worker_id, reason))
             return
         new = self.registry.workers[msg.worker_id]
         if old is not None and (old.incarnation, old.pid) == (msg.incarnation, msg.pid):
@@ -280,7 +280,7 @@ class WorkerHub:
             self._fail_requests(old, f"{old.role} worker {old.worker_id} restarted")
         log.info("registered %s worker %s (pid %d, %d KV blocks)%s", msg.role, msg.worker_id, msg.pid,
                  msg.num_blocks, " again" if old is not None else "")
-        await self._send(sender, wire.Registered(msg.worker_id))
+        await self._send(sender, messages.Registered(msg.worker_id))
 
     def _fail_requests(self, w: WorkerInfo, why: str) -> None:
         """Ends every request `w` is responsible for; the prefill worker's requests without a

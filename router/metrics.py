@@ -20,7 +20,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from pdserve.transfer_stats import KV_TRANSFER_BUCKETS
+from control.transfer_stats import KV_TRANSFER_BUCKETS
 
 OUTCOMES = ("finished", "error", "timeout", "cancelled", "retried", "rejected_overload", "rejected_no_worker")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

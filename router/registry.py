@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvtransfer import KVLayout, LayoutMismatch
-from pdserve import wire
+from control import messages
 
 POLICIES = ("round_robin", "least_loaded")
 MODES = ("disaggregated", "colocated", "adaptive")
@@ -38,7 +38,7 @@ class WorkerInfo:
     pid: int
     last_seen: float
     incarnation: str = ""
-    heartbeat: wire.Heartbeat | None = None
+    heartbeat: messages.Heartbeat | None = None
     outstanding: set[str] = field(default_factory=set)   # request ids this router has placed here
     requests_total: int = 0                               # requests ever placed here
 
@@ -77,7 +77,7 @@ class WorkerRegistry:
         self.workers: dict[str, WorkerInfo] = {}
         self._rr = {job: itertools.count() for job in CAN}
 
-    def register(self, msg: wire.Register) -> str | None:
+    def register(self, msg: messages.Register) -> str | None:
         """Adds (or replaces) a worker; returns the reason when it is refused."""
         if msg.role not in ROLES:
             return f"unknown role {msg.role!r}"
@@ -99,7 +99,7 @@ class WorkerRegistry:
                                                  msg.max_model_len, msg.pid, self.clock(), incarnation=msg.incarnation)
         return None
 
-    def heartbeat(self, msg: wire.Heartbeat) -> bool:
+    def heartbeat(self, msg: messages.Heartbeat) -> bool:
         w = self.workers.get(msg.worker_id)
         if w is None:
             return False

@@ -11,6 +11,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from engine import SamplingParams
+
 
 @dataclass
 class Event:
@@ -23,7 +25,7 @@ class Event:
 
 
 class RequestState:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: dict):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         self.base_id = request_id
         self.request_id = request_id     # the id on the wire: base_id, then base_id.N for attempt N
         self.attempt = 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pdserve import cli, roles
+from pdserve import cli, config, options
 
 
 def parse(argv):
@@ -14,7 +14,7 @@ def parse(argv):
     args = parser.parse_args(argv)
     if args.config:
         parser.role_parsers[args.command].set_defaults(
-            **roles.load_config(args.config, args.command, parser.role_parsers))
+            **config.load_config(args.config, args.command, parser.role_parsers))
         args = parser.parse_args(argv)
     return args
 
@@ -46,12 +46,12 @@ def test_unknown_keys_are_named(tmp_path, text, needle):
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
     for role in ("serve", "router", "prefill", "decode"):
-        roles.load_config(str(path), role, cli._build_parser().role_parsers)
+        config.load_config(str(path), role, cli._build_parser().role_parsers)
 
 
 def test_missing_required_names_the_flag():
     with pytest.raises(SystemExit, match="--router"):
-        roles.require(parse(["prefill", "--model", "/m"]), "model", "router")
+        options.require(parse(["prefill", "--model", "/m"]), "model", "router")
 
 
 def test_every_flag_is_a_config_key_and_flags_win(tmp_path):
@@ -62,7 +62,7 @@ def test_every_flag_is_a_config_key_and_flags_win(tmp_path):
         keys = sorted(a.dest for a in p._actions if a.dest not in ("help", "config"))
         f = tmp_path / f"{role}.yaml"
         f.write_text(yaml.safe_dump({role: {k: p.get_default(k) for k in keys}}))
-        assert set(roles.load_config(str(f), role, parsers)) == set(keys)
+        assert set(config.load_config(str(f), role, parsers)) == set(keys)
     f = tmp_path / "ops.yaml"
     f.write_text("log_format: json\nlog_level: debug\nshutdown_timeout: 7\nserve:\n  shutdown-timeout: 9\n")
     a = parse(["decode", "--config", str(f)])
@@ -73,7 +73,7 @@ def test_every_flag_is_a_config_key_and_flags_win(tmp_path):
 
 
 def test_gpu_indices_go_through_cuda_visible_devices(monkeypatch):
-    from pdserve.roles import visible_device
+    from pdserve.supervisor import visible_device
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert visible_device("1") == "1"
@@ -81,3 +81,38 @@ def test_gpu_indices_go_through_cuda_visible_devices(monkeypatch):
     assert [visible_device(i) for i in ("0", "1", "5")] == ["2", "3", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-abc,GPU-def")
     assert visible_device("1") == "GPU-def"
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode", "both"])
+def test_every_worker_flag_given_to_serve_reaches_the_worker(role):
+    """`serve` passes each worker option it was given to the workers it starts: the child's
+    command line, parsed by the worker's own parser, holds the values serve was given, for
+    every option of the worker except those serve sets per child."""
+    import argparse
+
+    parsers = cli._build_parser().role_parsers
+    serve_parser, worker = parsers["serve"], options.worker_parser(role)
+    serve_dests = {a.dest for a in serve_parser._actions}
+    passed = [a for a in worker._actions if a.dest not in options.SUPERVISOR_SET and a.option_strings]
+    missing = sorted(a.dest for a in passed if a.dest not in serve_dests)
+    assert not missing, f"worker options serve cannot take: {missing}"
+    argv = ["serve"]
+    want = {}
+    for a in passed:  # a value other than the default for every option
+        flag = a.option_strings[-1]
+        if a.nargs == 0 or isinstance(a, argparse.BooleanOptionalAction):
+            argv.append(flag)
+            want[a.dest] = True
+        elif a.choices:
+            value = next(c for c in a.choices if c != a.default)
+            argv += [flag, str(value)]
+            want[a.dest] = value
+        else:
+            value = (a.type or str)("7") if a.type in (int, float) else "/x/" + a.dest
+            argv += [flag, str(value)]
+            want[a.dest] = value
+    args = serve_parser.parse_args(argv[1:])
+    child = worker.parse_args(["--router", "ipc:///r", "--worker-id", "w"] + options.child_argv(worker, args))
+    assert {k: getattr(child, k) for k in want} == want
+    # and nothing is passed when serve was given only defaults
+    assert options.child_argv(worker, serve_parser.parse_args([])) == []

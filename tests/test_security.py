@@ -10,8 +10,8 @@ import sys
 import pytest
 import zmq
 
-from pdserve import wire
-from pdserve.security import CurveKeys, InsecureBind, check_bind, is_loopback, write_keys
+from control import messages
+from control.security import CurveKeys, InsecureBind, check_bind, is_loopback, write_keys
 from router.hub import WorkerHub
 from router.registry import WorkerRegistry
 
@@ -79,11 +79,11 @@ def test_hub_admits_only_clients_holding_the_deployment_key(tmp_path):
                 elif k is not None:                   # their own pair, and they know our public key
                     s.curve_secretkey, s.curve_publickey, s.curve_serverkey = k.secret, k.public, keys.public
                 s.connect(hub.address)
-                s.send(wire.encode(wire.Heartbeat(name)))   # unknown worker: a member is told NotRegistered
+                s.send(messages.encode(messages.Heartbeat(name)))   # unknown worker: a member is told NotRegistered
                 socks[name] = s
             await asyncio.sleep(1.5)
             for name, s in socks.items():
-                replies[name] = wire.decode(s.recv()) if s.poll(0) else None
+                replies[name] = messages.decode(s.recv()) if s.poll(0) else None
                 s.close()
         finally:
             ctx.term()
@@ -91,5 +91,5 @@ def test_hub_admits_only_clients_holding_the_deployment_key(tmp_path):
         return replies
 
     replies = asyncio.run(main())
-    assert isinstance(replies["member"], wire.NotRegistered)
+    assert isinstance(replies["member"], messages.NotRegistered)
     assert replies["stranger"] is None and replies["plain"] is None

@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from engine.attention import TorchAttention, make_attention  # noqa: E402
+from engine.attention import TorchAttention  # noqa: E402
+from engine.attention_backends import make_attention  # noqa: E402
 import engine.attention_triton as at  # noqa: E402
 from engine.attention_triton import TritonAttention, num_kv_splits, pick_config, precompile  # noqa: E402
 from tests.engine.attention_cases import check_against_torch  # noqa: E402

@@ -6,7 +6,8 @@ import asyncio
 import zmq
 import zmq.asyncio
 
-from pdserve import wire
+from control import messages
+from engine import SamplingParams
 from router.hub import WorkerHub
 from router.registry import WorkerRegistry
 from router.request import RequestState
@@ -25,15 +26,15 @@ class Fake:
     async def register(self, incarnation: str | None = None):
         self.incarnation = incarnation or self.incarnation
         role = "prefill" if self.wid.startswith("p") else "decode"
-        await self.send(wire.Register(self.wid, role, LAYOUT, "ipc:///x" if role == "decode" else "", 64, 512, 1,
+        await self.send(messages.Register(self.wid, role, LAYOUT, "ipc:///x" if role == "decode" else "", 64, 512, 1,
                                       self.incarnation))
-        assert isinstance(await self.recv(), wire.Registered)
+        assert isinstance(await self.recv(), messages.Registered)
 
     async def send(self, msg):
-        await self.sock.send(wire.encode(msg))
+        await self.sock.send(messages.encode(msg))
 
     async def recv(self, timeout: float = 2.0):
-        return wire.decode(await asyncio.wait_for(self.sock.recv(), timeout))
+        return messages.decode(await asyncio.wait_for(self.sock.recv(), timeout))
 
 
 def run(test):
@@ -58,17 +59,17 @@ def test_tokens_for_unknown_requests_are_answered_with_abort():
     """Guards: a worker running a request to max_tokens after the router forgot it (it was
     aborted, retried elsewhere, or belonged to a router that restarted)."""
     async def t(hub, p, d):
-        await d.send(wire.Tokens("d0", [["gone", 3, [7], None], ["ended", 4, [8], "stop"]]))
+        await d.send(messages.Tokens("d0", [["gone", 3, [7], None], ["ended", 4, [8], "stop"]]))
         reply = await d.recv()
-        assert isinstance(reply, wire.Abort) and reply.request_ids == ["gone"]   # finished ones are not
+        assert isinstance(reply, messages.Abort) and reply.request_ids == ["gone"]   # finished ones are not
     run(t)
 
 
 def test_restart_fails_requests_retryably_but_a_repeated_register_does_not():
     async def t(hub, p, d):
-        st = RequestState("r1", [1, 2, 3], {"max_tokens": 4})
+        st = RequestState("r1", [1, 2, 3], SamplingParams(max_tokens=4))
         await hub.submit(st)
-        assert isinstance(await p.recv(), wire.Prefill)
+        assert isinstance(await p.recv(), messages.Prefill)
         await p.register()                                      # the same process again: nothing lost
         await asyncio.sleep(0.1)
         assert st.events.empty() and "r1" in hub.registry.workers["p0"].outstanding
@@ -81,18 +82,18 @@ def test_restart_fails_requests_retryably_but_a_repeated_register_does_not():
 def test_prefill_responsibility_ends_with_the_first_decode_token():
     """Guards: the death of a prefill worker failing requests that already decode elsewhere."""
     async def t(hub, p, d):
-        st = RequestState("r1", [1, 2, 3], {"max_tokens": 4})
+        st = RequestState("r1", [1, 2, 3], SamplingParams(max_tokens=4))
         await hub.submit(st)
-        await p.send(wire.Tokens("p0", [["r1", 0, [5], None]]))
+        await p.send(messages.Tokens("p0", [["r1", 0, [5], None]]))
         await asyncio.sleep(0.1)
         assert "r1" in hub.registry.workers["p0"].outstanding and hub.admission.requests == 0
-        await d.send(wire.Tokens("d0", [["r1", 1, [6], None]]))
+        await d.send(messages.Tokens("d0", [["r1", 1, [6], None]]))
         await asyncio.sleep(0.1)
         assert "r1" not in hub.registry.workers["p0"].outstanding
         assert "r1" in hub.registry.workers["d0"].outstanding
         # Tokens from a worker the request is not on do not count (and are answered with Abort).
         other = Fake(hub.ctx, hub, "p9")
-        await other.send(wire.Tokens("p9", [["r1", 2, [9], None]]))
+        await other.send(messages.Tokens("p9", [["r1", 2, [9], None]]))
         assert (await other.recv()).request_ids == ["r1"]
         other.sock.close()
         got = [st.events.get_nowait().token_ids for _ in range(st.events.qsize())]

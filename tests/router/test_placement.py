@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from kvtransfer import KVLayout
-from pdserve import wire
+from control import messages
 from router.placement import DEFAULT_S_PER_TOKEN, Candidate, choose_prefill
 from router.registry import WorkerInfo
 
@@ -13,7 +13,7 @@ LAYOUT = KVLayout(model="m", dtype="float32", num_layers=2, num_kv_heads=2, head
 
 def worker(wid: str, role: str, s_ns: int = 0, x_ns: int = 0) -> WorkerInfo:
     w = WorkerInfo(wid, role, LAYOUT, "ipc://x", 100, 1024, 1, 0.0)
-    w.heartbeat = wire.Heartbeat(wid, prefill_ns_per_token=s_ns, kv_send_ns_per_token=x_ns)
+    w.heartbeat = messages.Heartbeat(wid, prefill_ns_per_token=s_ns, kv_send_ns_per_token=x_ns)
     return w
 
 

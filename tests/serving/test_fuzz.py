@@ -18,7 +18,8 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 
-from pdserve import wire
+from control import messages
+from engine import SamplingParams
 from tests.serving.cluster import Cluster, completion, wait_for
 
 
@@ -97,7 +98,7 @@ def test_bodies_that_once_broke_things(cluster, path, body):
 def garbage(rng: random.Random) -> list[bytes]:
     """Frames no peer should send: random bytes, broken msgpack, wrong versions and types,
     right types with wrong field types, and absurd values."""
-    v = wire.PROTOCOL_VERSION
+    v = messages.PROTOCOL_VERSION
     bad = [msgpack.packb(x) for x in (
         None, 1, "x", [1, 2], {}, {"v": 99, "t": "Abort", "request_ids": []},
         {"v": v, "t": "Exec", "code": "import os"}, {"v": v, "t": "__init__"}, {"v": v},
@@ -163,7 +164,7 @@ def test_worker_control_sockets_survive_garbage(demo_model):
     fake.bind(address)
     c = Cluster(demo_model, control=address)
     c.procs.pop("router").kill()    # no real router: only its address is used
-    registered: dict[str, wire.Register] = {}
+    registered: dict[str, messages.Register] = {}
     tokens: dict[str, list] = {"p0": [], "d0": []}
     heartbeats: dict[str, int] = {"p0": 0, "d0": 0}
 
@@ -173,14 +174,14 @@ def test_worker_control_sockets_survive_garbage(demo_model):
             if not fake.poll(50):
                 continue
             ident, frame = fake.recv_multipart()
-            msg = wire.decode(frame)
+            msg = messages.decode(frame)
             wid = ident.decode()
-            if isinstance(msg, wire.Register):
+            if isinstance(msg, messages.Register):
                 registered[wid] = msg
-                fake.send_multipart([ident, wire.encode(wire.Registered(wid))])
-            elif isinstance(msg, wire.Tokens):
+                fake.send_multipart([ident, messages.encode(messages.Registered(wid))])
+            elif isinstance(msg, messages.Tokens):
                 tokens[wid] += msg.items
-            elif isinstance(msg, wire.Heartbeat):
+            elif isinstance(msg, messages.Heartbeat):
                 heartbeats[wid] += 1
 
     try:
@@ -195,8 +196,8 @@ def test_worker_control_sockets_survive_garbage(demo_model):
         assert all(p.poll() is None for p in c.procs.values()), [c.log(w)[-2000:] for w in ("p0", "d0")]
         beats = dict(heartbeats)
         d0 = registered["d0"]
-        fake.send_multipart([b"p0", wire.encode(wire.Prefill("ok-1", [5, 6, 7, 8], {"max_tokens": 6, "temperature": 0.0,
-                                                                                      "ignore_eos": True},
+        fake.send_multipart([b"p0", messages.encode(messages.Prefill("ok-1", [5, 6, 7, 8], SamplingParams(max_tokens=6, temperature=0.0,
+                                                                                                   ignore_eos=True),
                                                              "d0", d0.kv_address, d0.incarnation))])
         wait_for(lambda: pump(0.2) or sum(len(i[2]) for i in tokens["d0"] if i[0] == "ok-1") >= 5, 30,
                  "the decode worker's tokens", 0)

@@ -17,7 +17,7 @@ import time
 import pytest
 import zmq
 
-from pdserve import wire
+from control import messages
 from tests.serving.cluster import Cluster, Stream, completion, wait_for
 from tests.serving.conftest import free_port
 
@@ -78,7 +78,7 @@ def test_decode_worker_cut_off_the_network_then_back(netns, demo_model, tmp_path
         intruder.setsockopt(zmq.IDENTITY, b"intruder")
         intruder.setsockopt(zmq.LINGER, 0)
         intruder.connect(control)
-        intruder.send(wire.encode(wire.Register("intruder", "decode", {}, "tcp://1.2.3.4:1", 1, 1, 1)))
+        intruder.send(messages.encode(messages.Register("intruder", "decode", {}, "tcp://1.2.3.4:1", 1, 1, 1)))
         assert not intruder.poll(1500)
         intruder.close()
         ctx.term()

@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from . import wire
+from . import messages
 from .droplog import DropLog
 from .security import CurveKeys
 
@@ -42,10 +42,10 @@ class RouterLink:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self._last_heartbeat = 0.0
-        self._registration: wire.Register | None = None
+        self._registration: messages.Register | None = None
         self._drops = DropLog(log)
 
-    def register(self, msg: wire.Register, timeout_s: float = 60.0, retry_s: float = 1.0) -> None:
+    def register(self, msg: messages.Register, timeout_s: float = 60.0, retry_s: float = 1.0) -> None:
         """Send `msg` until the router answers; raise RegistrationRefused or TimeoutError."""
         self._registration = msg
         deadline = time.monotonic() + timeout_s
@@ -54,15 +54,15 @@ class RouterLink:
             until = min(deadline, time.monotonic() + retry_s)
             while time.monotonic() < until:
                 for reply in self.recv(timeout_ms=int(1000 * max(0.0, until - time.monotonic()))):
-                    if isinstance(reply, wire.Registered):
+                    if isinstance(reply, messages.Registered):
                         return
-                    if isinstance(reply, wire.RegisterRefused):
+                    if isinstance(reply, messages.RegisterRefused):
                         raise RegistrationRefused(reply.reason)
         raise TimeoutError(f"the router did not answer registration within {timeout_s:.0f} s")
 
     def send(self, msg) -> bool:
         try:
-            self.sock.send(wire.encode(msg))
+            self.sock.send(messages.encode(msg))
             return True
         except zmq.Again:
             log.warning("router not reachable: dropped %s", type(msg).__name__)
@@ -79,25 +79,25 @@ class RouterLink:
             except zmq.Again:
                 return out
             try:
-                out.append(wire.decode(frame))
-            except wire.WireError as e:
+                out.append(messages.decode(frame))
+            except messages.MessageError as e:
                 self._drops.warning("dropped a malformed control frame (%d bytes): %s", len(frame), e)
 
     def control(self, msg, forget_all) -> bool:
         """Handles registration traffic after start; True if `msg` was one of those. On
         `NotRegistered`, calls `forget_all()` (drop every request held) and registers again."""
-        if isinstance(msg, wire.NotRegistered):
+        if isinstance(msg, messages.NotRegistered):
             log.warning("the router does not know %s (it restarted?): dropping held requests, registering again",
                         self.worker_id)
             forget_all()
             if self._registration is not None:
                 self.send(self._registration)
             return True
-        if isinstance(msg, wire.Registered):
+        if isinstance(msg, messages.Registered):
             log.info("%s registered with the router again", self.worker_id)
             self.heartbeat_soon()
             return True
-        if isinstance(msg, wire.RegisterRefused):
+        if isinstance(msg, messages.RegisterRefused):
             raise RegistrationRefused(msg.reason)
         return False
 

@@ -1,9 +1,11 @@
-"""The loop both worker kinds run: start, step until told to stop, drain, close.
+"""The skeleton every worker process runs: start, step until told to stop, drain, close.
 
 A worker subclass defines `start()` (register), `run_once()` (one pass: messages, transfers,
 an engine step, a heartbeat), `_handle(msg)` (its own messages), `holds()` (the request ids
 it still has state for), `_abort(request_ids)` and `close()`; one that prefills for others
-sets `self.handoff` (prefill_worker.handoff.KVHandOff).
+sets `self.handoff` (the sending half of KV hand-offs, prefill_worker/handoff.py). The
+messages it exchanges with the router are drawn in control/messages.py; who frees a
+request's blocks while a transfer moves them is the engine's (engine/kv_holds.py).
 """
 from __future__ import annotations
 
@@ -14,13 +16,13 @@ import uuid
 
 import zmq
 
-from engine import LLMEngine, RequestRejected, SamplingParams
+from engine import LLMEngine, RequestRejected
 from kvtransfer import KVLayout
-from pdserve import wire
-from pdserve.logs import rid as for_request
-from pdserve.security import CurveKeys
-from pdserve.worker_link import RegistrationRefused
-from pdserve.worker_settings import WorkerSettings
+from control import messages
+from control.logs import rid as for_request
+from control.security import CurveKeys
+from control.link import RegistrationRefused
+from control.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 class WorkerLoop:
     def __init__(self, settings: WorkerSettings, engine: LLMEngine | None, ctx: zmq.Context | None):
         """What every worker has before its sockets: settings, engine, KV layout, keys."""
-        self.s = settings
+        self.settings = settings
         self.incarnation = uuid.uuid4().hex  # this process's start, as the router and peers tell it
         self.engine = engine or LLMEngine(settings.model, device=settings.device, dtype=settings.dtype,
                                           **settings.engine)
@@ -48,7 +50,7 @@ class WorkerLoop:
         try:
             while not stop.is_set():
                 self.run_once()
-            self.drain(self.s.shutdown_timeout_s)
+            self.drain(self.settings.shutdown_timeout_s)
         finally:
             self.close()
 
@@ -56,34 +58,33 @@ class WorkerLoop:
         """Finish what this worker holds (bounded by `timeout_s`), then leave the router."""
         self.draining = True
         self.link.heartbeat_soon()
-        log.info("%s draining: %d requests held, up to %.0f s", self.s.worker_id, len(self.holds()), timeout_s)
+        log.info("%s draining: %d requests held, up to %.0f s", self.settings.worker_id, len(self.holds()), timeout_s)
         deadline = time.monotonic() + timeout_s
         while self.holds() and time.monotonic() < deadline:
             self.run_once()
         left = self.holds()
         if left:
-            log.warning("%s: shutdown timeout, handing back %d requests", self.s.worker_id, len(left))
+            log.warning("%s: shutdown timeout, handing back %d requests", self.settings.worker_id, len(left))
             self.abort_all()
-        self.link.send(wire.Leaving(self.s.worker_id, f"handed back {len(left)} requests" if left else ""))
+        self.link.send(messages.Leaving(self.settings.worker_id, f"handed back {len(left)} requests" if left else ""))
 
     def abort_all(self) -> None:
         """Drop every request this worker holds (their router is gone)."""
         self._abort(self.holds())
 
-    def prefill(self, msg: wire.Prefill) -> None:
+    def prefill(self, msg: messages.Prefill) -> None:
         """A request placed here to prefill: decoded here too when this worker is its decode
         worker, else handed off to the decode worker it names (workers with a `handoff`)."""
-        local = msg.decode_worker == self.s.worker_id
+        local = msg.decode_worker == self.settings.worker_id
         if not local and self.handoff is None:
-            self.link.send(wire.Failed(msg.request_id, f"worker {self.s.worker_id} cannot prefill "
+            self.link.send(messages.Failed(msg.request_id, f"worker {self.settings.worker_id} cannot prefill "
                                                        f"for {msg.decode_worker}", 400))
             return
         try:
-            params = SamplingParams(**msg.params)
-            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, prefill_only=not local)
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, prefill_only=not local)
         except (RequestRejected, ValueError, TypeError) as e:
             log.info("refused: %s", e, extra=for_request(msg.request_id))
-            self.link.send(wire.Failed(msg.request_id, str(e), 400))
+            self.link.send(messages.Failed(msg.request_id, str(e), 400))
             return
         if not local:
             self.handoff.expect(msg)
@@ -93,7 +94,7 @@ class WorkerLoop:
     def send_tokens(self, outs: list) -> None:
         """One `Tokens` message with a step's new tokens (nothing when there are none)."""
         if outs:
-            self.link.send(wire.Tokens(self.s.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
+            self.link.send(messages.Tokens(self.settings.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
                                                           for o in outs]))
 
     def step_engine(self) -> list:

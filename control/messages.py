@@ -1,0 +1,224 @@
+"""Typed control messages between the router and the workers, encoded with msgpack.
+
+Every frame is a msgpack map `{"v": PROTOCOL_VERSION, "t": <type name>, ...fields}`.
+Decoding checks the version and the type against the explicit table below and builds
+the dataclass from its own fields only: a socket never runs code it is sent (no pickle,
+no names looked up dynamically). A frame that fails any check raises `MessageError`, which
+callers log and drop.
+
+Sampling parameters travel as one typed definition, `engine.SamplingParams`, encoded as a
+map of its fields and checked field by field (type, then the class's own range checks) when
+decoded: the same check guards the copy that rides on a KV offer (`encode_params` /
+`decode_params`).
+
+The flow, drawn once (the worker modules and the router point here):
+
+    worker                                   router
+      | Register ----------------------------> |   (layout, KV address, blocks)
+      | <------------ Registered | RegisterRefused
+      | Heartbeat (every --heartbeat-interval) > |   a router that restarted answers
+      | <------------------------ NotRegistered  |   NotRegistered: drop all, register again
+    prefill                                  router                    decode
+      | <--------------------------- Prefill   |   (prompt, params, decode worker)
+      | Tokens (the first token, at once) ---> |
+      | ===== KV offer, carrying the request: kvtransfer (see its frames.py) =====> |
+      |                                        | <-------------- Tokens (every step) |
+      |                                        |   (all of a step's sequences in one message)
+      | <------------------------------ Abort  | Abort ---------------------------> |
+      | Failed (a request cannot go on) -----> | <------------------------- Failed  |
+      | Heartbeat draining=1 ... Leaving ----> |   (SIGTERM: finish what is held, then leave)
+
+In adaptive and colocated modes the `Prefill` may name its own receiver as decode worker:
+it then prefills and decodes there, and sends every `Tokens`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import msgpack
+
+from engine.sequence import SamplingParams
+
+PROTOCOL_VERSION = 1
+
+
+class MessageError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+@dataclass
+class Register:
+    worker_id: str
+    role: str                   # "prefill" | "decode" | "both" (prefills and decodes, sends and receives KV)
+    layout: dict                # kvtransfer.KVLayout.to_dict()
+    kv_address: str = ""        # decode workers: where prefill workers send KV
+    num_blocks: int = 0
+    max_model_len: int = 0
+    pid: int = 0
+    incarnation: str = ""       # random per process start: tells a restart from a repeated Register
+
+
+@dataclass
+class Registered:
+    worker_id: str
+
+
+@dataclass
+class RegisterRefused:
+    worker_id: str
+    reason: str
+
+
+@dataclass
+class NotRegistered:
+    """Router -> worker: "I do not know you" (the router restarted). The worker drops the
+    requests it holds (they belong to a router that is gone) and registers again."""
+    worker_id: str
+
+
+@dataclass
+class Heartbeat:
+    worker_id: str
+    running: int = 0            # sequences in the engine's running batch
+    waiting: int = 0            # sequences or offers queued
+    free_blocks: int = 0
+    total_blocks: int = 0
+    transfers: int = 0          # KV transfers in flight
+    queued_tokens: int = 0      # prompt tokens not computed yet (prefill) or offered and not admitted (decode)
+    # KV transfers since the worker started (control.transfer_stats): bytes sent or received,
+    # failures, completed transfers per duration bucket, and their total duration.
+    kv_transfer_bytes: int = 0
+    kv_transfer_failures: int = 0
+    kv_transfer_buckets: list[int] = field(default_factory=list)
+    kv_transfer_seconds_us: int = 0
+    draining: int = 0           # 1: shutting down, give it no new work
+    # Measured speeds (moving averages; 0: not measured yet), for the router's adaptive placement:
+    # engine time per prompt token, of a step that decodes only, and KV sent per token.
+    prefill_ns_per_token: int = 0
+    decode_step_us: int = 0
+    kv_send_ns_per_token: int = 0
+
+
+@dataclass
+class Leaving:
+    """Worker -> router, the last message of a worker that drained: it holds nothing the router
+    should wait for; what it still held is handed back (retried elsewhere where allowed)."""
+    worker_id: str
+    message: str = ""
+
+
+@dataclass
+class Prefill:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    decode_worker: str
+    decode_kv_address: str
+    decode_incarnation: str = ""  # changes when the decode worker restarted: connect to it afresh
+
+
+@dataclass
+class Tokens:
+    """New tokens of one step: items are [request_id, first_index, token_ids, finish_reason]."""
+    worker_id: str
+    items: list = field(default_factory=list)
+
+
+@dataclass
+class Failed:
+    request_id: str
+    message: str
+    code: int = 503             # HTTP status the router should answer with if nothing was sent yet
+
+
+@dataclass
+class Abort:
+    request_ids: list[str]
+
+
+MESSAGES: dict[str, type] = {c.__name__: c for c in
+                             (Register, Registered, RegisterRefused, NotRegistered, Heartbeat, Prefill, Tokens,
+                              Failed, Abort, Leaving)}
+# Field names and annotations per message, read once (encode and decode run per message).
+_FIELDS: dict[type, dict[str, str]] = {c: {f.name: f.type for f in dataclasses.fields(c)}
+                                       for c in (*MESSAGES.values(), SamplingParams)}
+
+
+def encode(msg) -> bytes:
+    cls = type(msg)
+    name = cls.__name__
+    if MESSAGES.get(name) is not cls:
+        raise TypeError(f"{name} is not a wire message")
+    # Not dataclasses.asdict: it deep-copies every token list of every message.
+    d = {"v": PROTOCOL_VERSION, "t": name}
+    for f in _FIELDS[cls]:
+        d[f] = getattr(msg, f)
+    if cls is Prefill:
+        d["params"] = encode_params(msg.params)
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def encode_params(params: SamplingParams) -> dict:
+    return {f: getattr(params, f) for f in _FIELDS[SamplingParams]}
+
+
+def decode_params(d) -> SamplingParams:
+    """A SamplingParams from its wire map, every field checked; MessageError if anything is off."""
+    if not isinstance(d, dict):
+        raise MessageError(f"params must be a map, got {type(d).__name__}")
+    try:
+        return SamplingParams(**_checked(SamplingParams, d))
+    except (TypeError, ValueError) as e:
+        raise MessageError(f"bad params: {e}") from None
+
+
+def decode(frame: bytes):
+    try:
+        d = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several types for garbage
+        raise MessageError(f"not msgpack: {e}") from None
+    if not isinstance(d, dict):
+        raise MessageError("a message must be a map")
+    if d.pop("v", None) != PROTOCOL_VERSION:
+        raise MessageError(f"protocol version must be {PROTOCOL_VERSION}")
+    cls = MESSAGES.get(d.pop("t", None))
+    if cls is None:
+        raise MessageError("unknown message type")
+    d = _checked(cls, d)
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise MessageError(f"bad {cls.__name__}: {e}") from None
+
+
+def _checked(cls: type, d: dict) -> dict:
+    """`d` if its keys are fields of `cls` and each value matches its field's annotation
+    (nested SamplingParams decoded); MessageError otherwise. Checked here so that handlers can
+    trust field types: `Abort(request_ids=5)` must be dropped at the socket, not crash a worker
+    loop that iterates over it."""
+    fields = _FIELDS[cls]
+    if not set(fields).issuperset(d):
+        raise MessageError(f"unknown fields {sorted(set(d) - set(fields))} for {cls.__name__}")
+    for name, value in d.items():
+        if fields[name] == "SamplingParams":
+            d[name] = decode_params(value)
+        elif not _is_a(value, fields[name]):
+            raise MessageError(f"{cls.__name__}.{name} must be {fields[name]}, got {type(value).__name__}")
+    return d
+
+
+_SCALARS = {"str": str, "int": int, "dict": dict, "list": list, "bool": bool, "float": (float, int)}
+
+
+def _is_a(value, annotation: str) -> bool:
+    """`value` matches a field annotation of this module or of SamplingParams (str, int, float,
+    bool, dict, list, list[X], X | None)."""
+    if annotation.endswith(" | None"):
+        return value is None or _is_a(value, annotation[:-7])
+    if annotation.startswith("list["):
+        return isinstance(value, list) and all(_is_a(v, annotation[5:-1]) for v in value)
+    want = _SCALARS[annotation]
+    if want is bool:
+        return isinstance(value, bool)
+    return isinstance(value, want) and not isinstance(value, bool)

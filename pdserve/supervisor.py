@@ -1,0 +1,140 @@
+"""`pdserve serve`: the supervisor that runs a whole deployment on one host.
+
+It runs the router in this process and each worker as its own OS process
+(`python -m pdserve prefill ...`, so `ps` shows the role), talking over ipc:// sockets in a
+private temporary folder, places workers on GPUs, and stops them all when the router stops
+(and, through the parent-death signal, when this process dies).
+
+Modes (`--mode`, router and serve): `disaggregated` (prefill and decode pools), `colocated`
+(workers of role `both`, each request prefilled and decoded on one of them, its prompt
+chunks mixed into the decode steps) and `adaptive` (workers of role `both`; per request the
+router prefills on the decode worker itself or on another worker, see router/placement.py).
+`serve` starts as many workers in every mode (`--prefill-workers` + `--decode-workers`), so
+the modes compare at equal GPU count.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from pdserve.options import child_argv, router_settings, worker_parser
+
+log = logging.getLogger("pdserve")
+
+
+def _set_parent_death_signal() -> None:
+    """Runs in the child before exec: die with the parent, so no worker outlives `serve`."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def serve(args, warn_if_open) -> int:
+    """Start the workers of `args`' plan, run the router here until it stops, stop the workers."""
+    from router.app import create_app
+    from router.server import run_http
+
+    if args.model is None:
+        from pdserve.demo_model import ensure_demo_model
+
+        args.model = str(ensure_demo_model())
+        args.served_model_name = args.served_model_name or "demo"
+        log.info("no --model given: serving the demo model at %s as %r", args.model, args.served_model_name)
+    run_dir = tempfile.mkdtemp(prefix="pdserve-")
+    control = f"ipc://{run_dir}/control"
+    n_workers = args.prefill_workers + args.decode_workers
+    threads = args.threads or max(1, (os.cpu_count() or 1) // n_workers)
+    gpus = gpu_placement(args)
+    procs: list[subprocess.Popen] = []
+    for role, n, i0, pool in worker_plan(args):
+        passed_on = child_argv(worker_parser(role), args)
+        for i in range(n):
+            cmd = [sys.executable, "-m", "pdserve", role, "--worker-id", f"{role}-{i0 + i}", "--router", control,
+                   "--threads", str(threads)] + passed_on
+            if role != "prefill":
+                cmd += ["--kv-address", f"ipc://{run_dir}/kv-{role}-{i0 + i}"]
+            env = dict(os.environ)
+            if gpus[pool]:
+                env["CUDA_VISIBLE_DEVICES"] = visible_device(gpus[pool][i % len(gpus[pool])])
+                log.info("%s-%d on GPU %s", role, i0 + i, env["CUDA_VISIBLE_DEVICES"])
+            procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_set_parent_death_signal))
+    settings = router_settings(args, control)
+    warn_if_open(settings)
+    app = create_app(settings)
+    print(f"pdserve: serving {settings.served_model_name} on http://{args.host}:{args.port} "
+          f"({_describe_workers(args)}, {args.mode}; ready once /health is 200)",
+          flush=True)
+    try:
+        run_http(app, args.host, args.port, args.shutdown_timeout)  # returns once drained (SIGINT/SIGTERM)
+    finally:
+        _stop_all(procs, grace_s=10.0)  # the workers drain too: they hold nothing by now, unless cancelled
+        try:
+            for f in os.listdir(run_dir):
+                os.unlink(os.path.join(run_dir, f))
+            os.rmdir(run_dir)
+        except OSError:
+            pass
+    return 0
+
+
+def worker_plan(args) -> list[tuple[str, int, int, str]]:
+    """(role, count, first index, GPU pool) per group of workers `serve` starts: the prefill and
+    decode pools in disaggregated mode; in the other modes as many `both` workers, placed on
+    the GPUs the pools would have had (so `--prefill-gpus 0 --decode-gpus 1` still means two GPUs)."""
+    if args.mode == "disaggregated":
+        return [("prefill", args.prefill_workers, 0, "prefill"), ("decode", args.decode_workers, 0, "decode")]
+    return [("both", args.prefill_workers, 0, "prefill"),
+            ("both", args.decode_workers, args.prefill_workers, "decode")]
+
+
+def _describe_workers(args) -> str:
+    if args.mode == "disaggregated":
+        return f"{args.prefill_workers} prefill, {args.decode_workers} decode workers"
+    return f"{args.prefill_workers + args.decode_workers} workers of role both"
+
+
+def visible_device(index: str) -> str:
+    """GPU `index` as this process sees it, spelled for a child: through CUDA_VISIBLE_DEVICES
+    when that is set (`CUDA_VISIBLE_DEVICES=2,3 pdserve serve --prefill-gpus 0` uses GPU 2)."""
+    seen = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if seen and index.isdigit() and int(index) < len(seen):
+        return seen[int(index)]
+    return index
+
+
+def gpu_placement(args) -> dict[str, list[str]]:
+    """GPU ids per role: from --prefill-gpus/--decode-gpus, else one distinct GPU per worker when
+    the host has enough (prefill workers first), else none (workers share what they see)."""
+    given = {"prefill": args.prefill_gpus, "decode": args.decode_gpus}
+    out = {role: [g.strip() for g in v.split(",") if g.strip()] if v else [] for role, v in given.items()}
+    if out["prefill"] or out["decode"] or args.device == "cpu":
+        return out
+    import torch
+
+    n_gpus = torch.cuda.device_count()
+    need = args.prefill_workers + args.decode_workers
+    if n_gpus >= need:
+        ids = [str(i) for i in range(need)]
+        out = {"prefill": ids[: args.prefill_workers], "decode": ids[args.prefill_workers:]}
+    return out
+
+
+def _stop_all(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
