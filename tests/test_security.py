@@ -6,9 +6,11 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from control import messages
 from control.security import CurveKeys, InsecureBind, check_bind, is_loopback, write_keys
@@ -67,9 +69,10 @@ def test_hub_admits_only_clients_holding_the_deployment_key(tmp_path):
         hub = WorkerHub(WorkerRegistry(), "tcp://127.0.0.1:0", curve=keys)
         hub.start()
         ctx = zmq.Context()
-        replies = {}
+        replies = {"member": None, "stranger": None, "plain": None}
+        handshakes = {"stranger": None, "plain": None}   # the first handshake outcome each is told
+        socks, monitors = {}, {}
         try:
-            socks = {}
             for name, k in (("member", keys), ("stranger", theirs), ("plain", None)):
                 s = ctx.socket(zmq.DEALER)
                 s.setsockopt(zmq.IDENTITY, name.encode())
@@ -78,18 +81,42 @@ def test_hub_admits_only_clients_holding_the_deployment_key(tmp_path):
                     k.client(s)
                 elif k is not None:                   # their own pair, and they know our public key
                     s.curve_secretkey, s.curve_publickey, s.curve_serverkey = k.secret, k.public, keys.public
+                if name in handshakes:
+                    monitors[name] = s.get_monitor_socket(HANDSHAKE_ENDS)
                 s.connect(hub.address)
                 s.send(messages.encode(messages.Heartbeat(name)))   # unknown worker: a member is told NotRegistered
                 socks[name] = s
-            await asyncio.sleep(1.5)
-            for name, s in socks.items():
-                replies[name] = messages.decode(s.recv()) if s.poll(0) else None
-                s.close()
+            # Waits on events, not a clock: the member's reply, and each stranger's handshake
+            # ending (refused or admitted) as its socket monitor reports it. A refused handshake
+            # carries no message, so nothing the stranger sent can have reached the hub.
+            deadline = time.monotonic() + 30
+            while replies["member"] is None or None in handshakes.values():
+                assert time.monotonic() < deadline, f"no verdict after 30 s: {replies} {handshakes}"
+                await asyncio.sleep(0.02)             # the hub runs on this loop
+                for name, m in monitors.items():
+                    if handshakes[name] is None and m.poll(0):
+                        handshakes[name] = recv_monitor_message(m)["event"]
+                for name, s in socks.items():
+                    if s.poll(0):
+                        replies[name] = messages.decode(s.recv())
         finally:
+            for name, s in socks.items():
+                if name in monitors:
+                    s.disable_monitor()
+                    monitors[name].close(linger=0)
+                s.close()
             ctx.term()
             await hub.close()
-        return replies
+        return replies, handshakes
 
-    replies = asyncio.run(main())
+    replies, handshakes = asyncio.run(main())
     assert isinstance(replies["member"], messages.NotRegistered)
+    assert handshakes["stranger"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH, handshakes
+    assert handshakes["plain"] in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL), handshakes
     assert replies["stranger"] is None and replies["plain"] is None
+
+
+# A monitor reports how each handshake ended: admitted, or refused (by the ZAP handler: AUTH;
+# a plain client meeting a CURVE server: PROTOCOL, or NO_DETAIL when the peer just hangs up).
+HANDSHAKE_ENDS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
