@@ -202,11 +202,12 @@ def prefill_mfu(model: str, num: int, length: int, tflops: float) -> dict:
 # for every request twice over, instead of most of the free memory), the batch token budget, CUDA
 # graphs (off by default on masked paths, which pad to graph sizes) and torch.compile.
 CB_VARIANTS = {
+    # First the fastest found on an H200 (engine-h200-throughput*.json), then the reference.
+    "fit-cache-batch-2048-cuda-graphs": {"num_blocks": FIT, "max_batch_tokens": 2048, "use_cuda_graph": True},
     "default": {},  # transformers' own choices, sized from free memory and the workload's hints
-    "fit-cache": {"num_blocks": FIT},
     "fit-cache-batch-2048": {"num_blocks": FIT, "max_batch_tokens": 2048},
     "fit-cache-cuda-graphs": {"num_blocks": FIT, "use_cuda_graph": True},
-    "fit-cache-batch-2048-cuda-graphs": {"num_blocks": FIT, "max_batch_tokens": 2048, "use_cuda_graph": True},
+    "fit-cache": {"num_blocks": FIT},
     "fit-cache-batch-512": {"num_blocks": FIT, "max_batch_tokens": 512},
     "fit-cache-compile": {"num_blocks": FIT, "default_compile_level": 1},
 }
