@@ -13,6 +13,7 @@ import math
 import sys
 
 # Imports nothing heavy at module level (torch and transformers are imported on use).
+import pdserve
 from pdserve import config, demo_model, roles
 
 # write_demo_model's keyword arguments; the CLI takes its defaults from the signature.
@@ -49,6 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="pdserve",
         description="LLM serving with prefill and decode disaggregated onto separate worker pools.",
     )
+    parser.add_argument("--version", action="version", version=f"pdserve {pdserve.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(

@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -219,7 +220,8 @@ def write_demo_model(
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with _no_progress_bars():
+        model.save_pretrained(out_dir, safe_serialization=True)
     # safetensors (0.8) creates its file with mode 0600, which breaks serving the model
     # as another user (e.g. mounted into a container); use the umask-derived mode that
     # config.json got.
@@ -229,6 +231,21 @@ def write_demo_model(
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     _set_tokenizer_class(out_dir / "tokenizer_config.json", "PreTrainedTokenizerFast")
     return out_dir
+
+
+@contextmanager
+def _no_progress_bars():
+    """transformers 5 draws a "Writing model shards" bar for the demo model's one shard; `serve`
+    writes the demo model on its first run, and the bar would land in the server's log."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _set_tokenizer_class(path: Path, name: str) -> None:

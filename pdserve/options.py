@@ -26,8 +26,10 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     # Not argparse-required: a --config file may supply it (checked in require()).
     p.add_argument("--model", default=None,
                    help="local Hugging Face model folder" + (" (required)" if required else " (default: the demo model)"))
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when this host has it, else cpu (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU, float32 on the CPU (default: %(default)s)")
     p.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl"],
                    help="zmq: tcp:// or ipc://, any host; nccl: GPU to GPU on one node (control stays on ZeroMQ)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch in each worker")
@@ -37,9 +39,11 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
-    p.add_argument("--routing-policy", default="round_robin", choices=["round_robin", "least_loaded"])
+    p.add_argument("--routing-policy", default="round_robin", choices=["round_robin", "least_loaded"],
+                   help="how a request's workers are picked: in turn, or the one with the fewest requests "
+                        "placed on it (default: %(default)s)")
     p.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated", "adaptive"],
                    help="where prefills run: a prefill pool, the decode worker (workers of role both), "
                         "or either, decided per request from measured speeds")
@@ -109,10 +113,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, required=False)
     add_router_args(p)
     add_worker_timing_args(p)
-    p.add_argument("--prefill-workers", type=int, default=1)
-    p.add_argument("--decode-workers", type=int, default=1)
-    p.add_argument("--prefill-gpus", default=None, help="GPU ids for prefill workers, e.g. 0 or 0,1 (round robin)")
-    p.add_argument("--decode-gpus", default=None, help="GPU ids for decode workers, e.g. 1 or 2,3")
+    p.add_argument("--prefill-workers", type=int, default=1,
+                   help="prefill worker processes to start (default: %(default)s)")
+    p.add_argument("--decode-workers", type=int, default=1,
+                   help="decode worker processes to start (default: %(default)s)")
+    p.add_argument("--prefill-gpus", default=None,
+                   help="GPU ids for prefill workers, e.g. 0 or 0,1 (round robin) (default: one GPU per "
+                        "worker, prefill workers first, when the host has enough; else none)")
+    p.add_argument("--decode-gpus", default=None,
+                   help="GPU ids for decode workers, e.g. 1 or 2,3 (default: as for --prefill-gpus)")
 
 
 def router_settings(args, control_address: str):

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from pdserve import options
+from pdserve import options, preflight
 from pdserve.options import (add_ops_args, add_router_args, add_security_args, add_serve_args, add_worker_args,
                              require, router_settings)
 
@@ -38,6 +38,13 @@ def _setup_logging(args) -> None:
 def cmd_router(args) -> int:
     require(args, "model")
     from control.security import check_bind, keys_from
+
+    try:
+        preflight.check_model_dir(args.model, "router")
+        http_socket = preflight.bind_http(args.host, args.port)
+    except preflight.Unusable as e:
+        print(f"pdserve router: {e}", file=sys.stderr)
+        return 2
     from router.app import create_app
     from router.server import run_http
 
@@ -47,10 +54,14 @@ def cmd_router(args) -> int:
         check_bind(settings.control_address, keys_from(settings.curve_keys), settings.insecure,
                    "the router's control socket")
     except ValueError as e:  # InsecureBind included: say why in one line, not a traceback
+        http_socket.close()
         raise SystemExit(f"pdserve router: {e}") from None
     _warn_if_open(settings)
     log.info("router: HTTP on http://%s:%d, workers connect to %s", args.host, args.port, args.control_address)
-    run_http(create_app(settings), args.host, args.port, args.shutdown_timeout)
+    try:
+        run_http(create_app(settings), args.host, args.port, args.shutdown_timeout, sock=http_socket)
+    finally:
+        http_socket.close()
     return 0
 
 
@@ -70,9 +81,14 @@ def make_worker(role: str, settings):
 
 
 def cmd_worker(args) -> int:
+    require(args, "model", "router")
+    try:
+        preflight.check_model_dir(args.model, args.command)
+    except preflight.Unusable as e:
+        print(f"pdserve {args.command}: {e}", file=sys.stderr)
+        return 2
     import torch
 
-    require(args, "model", "router")
     _setup_logging(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,7 @@
 """`pdserve serve`: the supervisor that runs a whole deployment on one host.
 
-It runs the router in this process and each worker as its own OS process
+It first checks the model folder, the GPU ids and the HTTP port (preflight.py), and starts
+nothing when one fails. It runs the router in this process and each worker as its own OS process
 (`python -m pdserve prefill ...`, so `ps` shows the role), talking over ipc:// sockets in a
 private temporary folder, places workers on GPUs, and stops them all when the router stops
 (and, through the parent-death signal, when this process dies).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,9 +40,9 @@ def _set_parent_death_signal() -> None:
 
 
 def serve(args, warn_if_open) -> int:
-    """Start the workers of `args`' plan, run the router here until it stops, stop the workers."""
-    from router.app import create_app
-    from router.server import run_http
+    """Check the model, the port and the GPUs; start the workers of `args`' plan, run the router
+    here until it stops, stop the workers. Returns 2, having started nothing, when a check fails."""
+    from pdserve import preflight
 
     if args.model is None:
         from pdserve.demo_model import ensure_demo_model
@@ -48,12 +50,43 @@ def serve(args, warn_if_open) -> int:
         args.model = str(ensure_demo_model())
         args.served_model_name = args.served_model_name or "demo"
         log.info("no --model given: serving the demo model at %s as %r", args.model, args.served_model_name)
-    run_dir = tempfile.mkdtemp(prefix="pdserve-")
-    control = f"ipc://{run_dir}/control"
+    try:
+        preflight.check_model_dir(args.model, "serve")
+        preflight.check_gpus(args)
+        http_socket = preflight.bind_http(args.host, args.port)
+    except preflight.Unusable as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
+        return 2
+    from router.app import create_app
+    from router.server import run_http
+
+    procs: list[subprocess.Popen] = []
+    run_dir = None
+    try:
+        run_dir = tempfile.mkdtemp(prefix="pdserve-")
+        control = f"ipc://{run_dir}/control"
+        _start_workers(args, run_dir, control, procs)
+        settings = router_settings(args, control)
+        warn_if_open(settings)
+        app = create_app(settings)
+        print(f"pdserve: serving {settings.served_model_name} on http://{args.host}:{args.port} "
+              f"({_describe_workers(args)}, {args.mode}; ready once /health is 200)",
+              flush=True)
+        run_http(app, args.host, args.port, args.shutdown_timeout, sock=http_socket)  # returns once drained
+    finally:
+        _stop_all(procs, grace_s=10.0)  # the workers drain too: they hold nothing by now, unless cancelled
+        http_socket.close()
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+def _start_workers(args, run_dir: str, control: str, procs: list[subprocess.Popen]) -> None:
+    """Start every worker of the plan, each appended to `procs` as soon as it runs (so that the
+    caller stops the ones started when a later one fails to start)."""
     n_workers = args.prefill_workers + args.decode_workers
     threads = args.threads or max(1, (os.cpu_count() or 1) // n_workers)
     gpus = gpu_placement(args)
-    procs: list[subprocess.Popen] = []
     for role, n, i0, pool in worker_plan(args):
         passed_on = child_argv(worker_parser(role), args)
         for i in range(n):
@@ -66,23 +99,6 @@ def serve(args, warn_if_open) -> int:
                 env["CUDA_VISIBLE_DEVICES"] = visible_device(gpus[pool][i % len(gpus[pool])])
                 log.info("%s-%d on GPU %s", role, i0 + i, env["CUDA_VISIBLE_DEVICES"])
             procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_set_parent_death_signal))
-    settings = router_settings(args, control)
-    warn_if_open(settings)
-    app = create_app(settings)
-    print(f"pdserve: serving {settings.served_model_name} on http://{args.host}:{args.port} "
-          f"({_describe_workers(args)}, {args.mode}; ready once /health is 200)",
-          flush=True)
-    try:
-        run_http(app, args.host, args.port, args.shutdown_timeout)  # returns once drained (SIGINT/SIGTERM)
-    finally:
-        _stop_all(procs, grace_s=10.0)  # the workers drain too: they hold nothing by now, unless cancelled
-        try:
-            for f in os.listdir(run_dir):
-                os.unlink(os.path.join(run_dir, f))
-            os.rmdir(run_dir)
-        except OSError:
-            pass
-    return 0
 
 
 def worker_plan(args) -> list[tuple[str, int, int, str]]:

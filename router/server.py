@@ -10,6 +10,7 @@ get a refused connection instead of a 503; this one keeps the socket open while 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import uvicorn
@@ -45,7 +46,9 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def run_http(app, host: str, port: int, shutdown_timeout_s: float) -> None:
+def run_http(app, host: str, port: int, shutdown_timeout_s: float, sock: socket.socket | None = None) -> None:
+    """Serve `app` until drained; on `sock` when given (bound by the caller before it started
+    anything, see pdserve/preflight.py), else on a socket uvicorn binds to host:port."""
     # Connections still open once drained (idle keep-alive ones) get a second to close.
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
-    DrainingServer(config, app.state.router, shutdown_timeout_s).run()
+    DrainingServer(config, app.state.router, shutdown_timeout_s).run(sockets=[sock] if sock is not None else None)
