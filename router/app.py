@@ -96,6 +96,10 @@ class Router:
         if fields.max_tokens is not None and cap is not None and fields.max_tokens > cap:
             raise APIError(f"max_tokens is {fields.max_tokens}; this server allows at most {cap}", 400,
                            param="max_tokens")
+        if len(prompt) >= limit:  # no room for a single token, whatever max_tokens asks
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, the prompt alone "
+                           f"is {len(prompt)} tokens, which leaves no room for the completion. Please reduce "
+                           f"the prompt.", 400, param=param, code="context_length_exceeded")
         max_tokens = fields.max_tokens if fields.max_tokens is not None else min(limit - len(prompt), cap or limit)
         if len(prompt) + max_tokens > limit:
             raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
