@@ -20,7 +20,9 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("endpoint")
     g.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address (default: %(default)s)")
     g.add_argument("--endpoint", default=_ENDPOINTS[0], choices=_ENDPOINTS, help="(default: %(default)s)")
-    g.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
+    g.add_argument("--model", default=None,
+                   help="model name to send (default: the first of GET /v1/models); a local model folder "
+                        "is the --tokenizer too")
     g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="bearer token (default: $OPENAI_API_KEY)")
     g.add_argument("--ignore-eos", action="store_true",
@@ -36,7 +38,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset-path", default=None, metavar="FILE",
                    help='ShareGPT JSON, or JSONL of {"prompt": text or token ids, "max_tokens"?: N}')
     g.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="Hugging Face tokenizer folder: random text from its vocabulary, ShareGPT lengths")
+                   help="Hugging Face tokenizer folder: random prompts from its vocabulary, exact lengths "
+                        "(default: --model when that is a local folder; else random words)")
     g.add_argument("--num-prompts", type=int, default=None, metavar="N",
                    help="requests per run (default: 1000 random ones, or every prompt of the file; "
                         "a shorter file is cycled through)")
@@ -109,7 +112,8 @@ def _url(base: str, path: str) -> str:
 def _load_samples(args, rng):
     from loadtest import datasets
 
-    tok = datasets.Tokenizer(args.tokenizer) if args.tokenizer else None
+    tok_dir = args.tokenizer or (args.model if args.model and os.path.isdir(args.model) else None)
+    tok = datasets.Tokenizer(tok_dir) if tok_dir else None
     chat = args.endpoint.endswith("chat/completions")
     kind = args.dataset or ("random" if not args.dataset_path
                             else "jsonl" if args.dataset_path.endswith(".jsonl") else "sharegpt")

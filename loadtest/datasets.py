@@ -15,12 +15,8 @@ import numpy as np
 
 DEFAULT_OUTPUT_LEN = 128
 
-# Token ids for random prompts when no tokenizer gives the vocabulary: small enough for any
-# real vocabulary (the demo model has 1024), above the ids most tokenizers reserve for
-# <pad>/<s>/</s>.
-UNTOKENIZED_ID_RANGE = (3, 1000)
-
-# Tokenizer-free random text for the chat endpoint: common short English words.
+# Tokenizer-free random prompts: common short English words, which any model's tokenizer
+# encodes (token ids guessed without the vocabulary would be refused by a model with fewer).
 WORDS = (
     "the of and to in is that it was for on are as with his they at be this from have or by "
     "one had not but what all were when we there can an your which their said if do will each "
@@ -109,14 +105,15 @@ def random_samples(
     token_ids: bool,
     tokenizer: Tokenizer | None = None,
 ) -> list[Sample]:
-    """n random prompts: token ids when ``token_ids`` (exact lengths), else text built from the
-    tokenizer's vocabulary, or random common words when there is no tokenizer."""
+    """n random prompts. With a tokenizer: token ids from its vocabulary when ``token_ids`` (exact
+    lengths), else text built from it; without one, random common words (for either endpoint:
+    ``token_ids`` asks for ids only where a vocabulary says which exist)."""
     in_lens = _lengths(n, input_len, range_ratio, rng)
     out_lens = _lengths(n, output_len, range_ratio, rng)
-    ids = tokenizer.normal_ids() if tokenizer else np.arange(*UNTOKENIZED_ID_RANGE)
+    ids = tokenizer.normal_ids() if tokenizer else None
     samples = []
     for il, ol in zip(in_lens.tolist(), out_lens.tolist()):
-        if token_ids:
+        if tokenizer and token_ids:
             samples.append(Sample([int(i) for i in rng.choice(ids, il)], il, ol))
         elif tokenizer:
             text, plen = _text_of_len(tokenizer, ids, rng, il)

@@ -120,3 +120,37 @@ def test_register_adds_bench_and_plot():
     assert (args.request_rate, args.goodput) == (4.0, ["ttft:500", "tpot:50"])
     args = parser.parse_args(["bench", "plot", "a.json", "b.json", "--out", "d"])
     assert (args.bench_command, args.results, args.out) == ("plot", ["a.json", "b.json"], "d")
+
+
+def bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pdserve")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_random_prompts_take_the_tokenizer_from_a_local_model_folder(demo_model):
+    """`--model DIR` is the tokenizer too: prompts from its vocabulary, with exact lengths."""
+    import numpy as np
+
+    from loadtest.datasets import Tokenizer
+
+    samples = cli._load_samples(bench_args("--model", demo_model, "--num-prompts", "3", "--input-len", "20"),
+                                np.random.default_rng(0))
+    vocab = set(Tokenizer(demo_model).normal_ids().tolist())
+    assert all(isinstance(s.prompt, list) and len(s.prompt) == s.prompt_len == 20 and set(s.prompt) <= vocab
+               for s in samples)
+    chat = cli._load_samples(bench_args("--model", demo_model, "--endpoint", "/v1/chat/completions",
+                                        "--num-prompts", "2", "--input-len", "20"), np.random.default_rng(0))
+    assert all(len(Tokenizer(demo_model).encode(s.prompt)) == s.prompt_len == 20 for s in chat)
+
+
+def test_random_prompts_without_a_tokenizer_are_words(tmp_path):
+    """A model name that is no local folder gives no tokenizer: random words, not guessed token ids
+    (which a model with a smaller vocabulary refused with a 400 on every request)."""
+    import numpy as np
+
+    from loadtest.datasets import WORDS
+
+    samples = cli._load_samples(bench_args("--model", "demo", "--num-prompts", "3", "--input-len", "20"),
+                                np.random.default_rng(0))
+    assert all(isinstance(s.prompt, str) and set(s.prompt.split()) <= set(WORDS) for s in samples)

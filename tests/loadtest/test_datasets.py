@@ -77,14 +77,21 @@ def test_jsonl(tmp_path):
         datasets.jsonl_samples(p, None, output_len=9)
 
 
-def test_random_token_ids_lengths_within_range_ratio():
-    got = datasets.random_samples(200, 100, 20, 0.5, np.random.default_rng(0), token_ids=True)
+def test_random_token_ids_lengths_within_range_ratio(tokenizer):
+    got = datasets.random_samples(200, 100, 20, 0.5, np.random.default_rng(0), token_ids=True, tokenizer=tokenizer)
     assert all(50 <= s.prompt_len <= 150 and len(s.prompt) == s.prompt_len for s in got)
     assert all(10 <= s.output_len <= 30 for s in got)
-    lo, hi = datasets.UNTOKENIZED_ID_RANGE
-    assert all(lo <= i < hi for s in got for i in s.prompt)
-    fixed = datasets.random_samples(5, 16, 4, 0.0, np.random.default_rng(0), token_ids=True)
+    fixed = datasets.random_samples(5, 16, 4, 0.0, np.random.default_rng(0), token_ids=True, tokenizer=tokenizer)
     assert {(s.prompt_len, s.output_len) for s in fixed} == {(16, 4)}
+
+
+def test_random_prompts_without_a_tokenizer_are_words_for_either_endpoint():
+    """Guards: token ids guessed without a vocabulary (3-999) that a model with a smaller one
+    refused with a 400 on every request."""
+    for token_ids in (True, False):
+        got = datasets.random_samples(3, 12, 4, 0.0, np.random.default_rng(0), token_ids=token_ids)
+        assert all(isinstance(s.prompt, str) and len(s.prompt.split()) == s.prompt_len == 12 for s in got)
+        assert all(w in datasets.WORDS for s in got for w in s.prompt.split())
 
 
 def test_random_text(tokenizer):
