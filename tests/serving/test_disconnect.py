@@ -1,6 +1,9 @@
 """Clients that vanish: a connection closed while its request is queued, prefilling, in KV
-transfer, or decoding. Within a second the request must be gone from the router's table
-and from every worker that held it, with its KV blocks free.
+transfer, or decoding. Within LIMIT_S the request must be gone from the router's table
+and from every worker that held it, with its KV blocks free. Each phase would otherwise last
+at least twice that long (queued and prefilling: a ~500-token prompt, 30+ prefill steps of
+0.2 s; in transfer: the 30 s lease; decoding: 300 tokens of 0.05 s), so the bound still
+tells a cancelled request from one left to run; idle, cancelling takes under a second.
 
 Same slow deployment as test_failures (cluster.slow_cluster); clients are bare sockets
 closed with RST, as a crashed client or a killed curl would.
@@ -11,7 +14,8 @@ import time
 
 from tests.serving.cluster import LONG_PROMPT, RawClient, Stream, holder, occupy_decoders, wait_for
 
-LIMIT_S = 1.0
+LIMIT_S = 3.0                 # headroom for a loaded 2-core machine; see the docstring
+PHASE_PROMPT = LONG_PROMPT * 3   # ~500 tokens: ~32 prefill steps of 16 tokens, >= 6.4 s
 
 
 def stream_body(prompt: str, max_tokens: int) -> dict:
@@ -36,7 +40,7 @@ def gone_within(c, t_close: float, in_flight: int, workers: list[str], what: str
 def test_disconnect_while_queued(cluster):
     """Guards: a request whose client left still waiting in a prefill queue and being run."""
     c = cluster
-    busy = [Stream(c.url, LONG_PROMPT * 2, max_tokens=2) for _ in range(2)]  # one per prefill worker
+    busy = [Stream(c.url, PHASE_PROMPT, max_tokens=2) for _ in range(2)]  # one per prefill worker
     wait_for(lambda: sum(w["running"] for w in c.workers().values() if w["role"] == "prefill") == 2, 10,
              "both prefill workers prefilling")
     q = RawClient(c.url, "/v1/completions", stream_body("Queued behind a long prompt", 8))
@@ -50,7 +54,7 @@ def test_disconnect_while_queued(cluster):
 def test_disconnect_while_prefilling(cluster):
     """Guards: a prefill that runs to the end, and hands its KV off, for a client that left."""
     c = cluster
-    r = RawClient(c.url, "/v1/completions", stream_body(LONG_PROMPT, 8))
+    r = RawClient(c.url, "/v1/completions", stream_body(PHASE_PROMPT, 8))
     worker = holder(c, "prefill", "running")
     gone_within(c, r.close(), 0, [worker], "prefilling")
     c.wait_all_free()

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 
+from tests.serving.cluster import wait_for
 from tests.serving.conftest import free_port, pdserve, start_serve, stop, wait_healthy
 
 PROMPTS = [f"Request {i}: the weather in city number {i} is" + " very" * (3 * i) for i in range(8)]
@@ -48,9 +49,10 @@ def test_colocated_serves_each_request_on_one_worker(demo_model, reference):
         stop(s.procs)
 
 
-def _single_roles(demo_model, mode: str, workers: list[tuple[str, str]]):
+def _single_roles(demo_model, mode: str, workers: list[tuple[str, str]], *worker_flags: str):
     port, control = free_port(), f"tcp://127.0.0.1:{free_port()}"
-    common = ["--model", demo_model, "--router", control, "--num-kv-blocks", "128", "--heartbeat-interval", "0.2"]
+    common = ["--model", demo_model, "--router", control, "--num-kv-blocks", "128", "--heartbeat-interval", "0.2",
+              *worker_flags]
     procs = [pdserve("router", "--model", demo_model, "--port", str(port), "--control-address", control,
                      "--served-model-name", "demo", "--mode", mode)]
     procs += [pdserve(role, "--worker-id", wid, *common) for role, wid in workers]
@@ -80,17 +82,21 @@ def test_both_worker_hands_off_and_decodes(demo_model, reference):
 
 def test_adaptive_prefills_locally_or_hands_off(demo_model, reference):
     """Adaptive over a prefill and a decode worker: concurrent requests find the decode worker
-    busy, so some are handed off; outputs are transformers' wherever they were prefilled."""
-    url, procs = _single_roles(demo_model, "adaptive", [("prefill", "p0"), ("decode", "d0")])
+    busy, so some are handed off; outputs are transformers' wherever they were prefilled.
+    The first request finds the decode worker idle and stays there; the step delay keeps each
+    request decoding for >= 0.25 s, so the others arrive while it runs, on a loaded machine too."""
+    url, procs = _single_roles(demo_model, "adaptive", [("prefill", "p0"), ("decode", "d0")],
+                               "--debug-step-delay", "0.02")
     try:
         _check_outputs(url, reference)
         placements = httpx.get(url + "/health").json()["placements"]
         assert placements["local"] >= 1 and placements["handed_off"] >= 1, placements
         assert sum(placements.values()) == len(PROMPTS)
-        # The speeds the rule weighs were measured and reported by the workers.
-        time.sleep(0.5)  # a heartbeat or two
-        w = {w["id"]: w for w in httpx.get(url + "/health").json()["workers"]}
-        assert w["p0"]["prefill_us_per_token"] > 0 and w["p0"]["kv_send_us_per_token"] > 0, w["p0"]
-        assert w["d0"]["decode_step_ms"] > 0, w["d0"]
+        # The speeds the rule weighs were measured and reported by the workers (in heartbeats).
+        def measured():
+            w = {w["id"]: w for w in httpx.get(url + "/health").json()["workers"]}
+            return (w["p0"]["prefill_us_per_token"] > 0 and w["p0"]["kv_send_us_per_token"] > 0
+                    and w["d0"]["decode_step_ms"] > 0)
+        wait_for(measured, 20, "the workers' measured speeds in /health", 0.1)
     finally:
         stop(procs)

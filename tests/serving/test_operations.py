@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.serving.cluster import wait_for
 from tests.serving.conftest import start_serve, stop
 
 PROMPT = list(range(10, 50))   # 40 prompt tokens
@@ -109,7 +110,7 @@ def test_request_id_in_response_and_every_process_log(served):
 
 
 def test_sigterm_drains_without_losing_admitted_requests(demo_model, tmp_path):
-    n, max_tokens = 6, 30
+    n, max_tokens = 6, 60   # the streams outlive the checks below by ~3 s (0.05 s a token)
     p, url = launch(demo_model, tmp_path / "serve.log", "--debug-step-delay", "0.05", "--shutdown-timeout", "60")
     try:
         worker_pids = [w["pid"] for w in httpx.get(url + "/health").json()["workers"]]
@@ -138,10 +139,9 @@ def test_sigterm_drains_without_losing_admitted_requests(demo_model, tmp_path):
         first.wait()  # every stream is admitted and has its first token
         t0 = time.monotonic()
         p.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        wait_for(lambda: httpx.get(url + "/health", timeout=10).status_code == 503, 20, "/health to report draining")
         refused = httpx.post(url + "/generate", json={"prompt_token_ids": PROMPT, "max_tokens": 2}, timeout=10)
         assert refused.status_code == 503 and "retry-after" in refused.headers
-        assert httpx.get(url + "/health", timeout=10).status_code == 503
         for t in threads:
             t.join(timeout=120)
         assert results == [(max_tokens, "length")] * n

@@ -47,14 +47,27 @@ async def at_concurrency(url: str, n: int, concurrency: int) -> tuple[float, lis
         return n / (time.monotonic() - t), lat
 
 
-async def open_loop(url: str, rate: float, duration_s: float) -> list[tuple[int, float, httpx.Response]]:
+async def open_loop(url: str, rate: float, duration_s: float) -> tuple[list[tuple[int, float, httpx.Response]], int]:
+    """The answers to requests sent at `rate` for `duration_s`, and the most requests the
+    router reported queued (waiting for their first token) while they were answered."""
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        sampling, queued = True, [0]
+
+        async def sample_queue():
+            async with httpx.AsyncClient(timeout=30) as probe:
+                while sampling:
+                    queued[0] = max(queued[0], (await probe.get(url + "/health")).json()["queued_requests"])
+                    await asyncio.sleep(0.05)
+        sampler = asyncio.create_task(sample_queue())
         tasks, t0 = [], time.monotonic()
         for i in range(int(rate * duration_s)):
             await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
             tasks.append(asyncio.create_task(one(client, url)))
-        return await asyncio.gather(*tasks)
+        results = await asyncio.gather(*tasks)
+        sampling = False
+        await sampler
+        return results, queued[0]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +93,7 @@ def test_10x_capacity_is_refused_with_retry_after_and_admitted_requests_complete
     router = c.procs["router"].pid
     rss0 = rss_mb(router)
     rate = 10 * capacity
-    results = asyncio.run(open_loop(c.url, rate, 3.0))
+    results, max_queued = asyncio.run(open_loop(c.url, rate, 3.0))
     rss1 = rss_mb(router)
     codes = [code for code, _, _ in results]
     assert set(codes) <= {200, 503}, sorted(set(codes))
@@ -95,11 +108,18 @@ def test_10x_capacity_is_refused_with_retry_after_and_admitted_requests_complete
     print(f"\nRESULT overload: capacity {capacity:.1f} req/s, offered {rate:.0f} req/s for 3 s "
           f"({len(results)} requests): {len(refused)} refused (503 rate {share:.0%}), {len(admitted)} admitted "
           f"and completed; admitted latency p50 {p50_over * 1000:.0f} ms / p90 {p90_over * 1000:.0f} ms "
-          f"(at capacity: p50 {p50_cap * 1000:.0f} ms); router RSS {rss0:.0f} -> {rss1:.0f} MB")
-    assert share > 0.5 and admitted
-    # Admitted requests queue behind at most QUEUE others: their latency stays near what it
-    # was at capacity (the router also spends CPU refusing the flood, hence the slack).
-    assert p50_over < 3 * p50_cap + 0.5, (p50_over, p50_cap)
+          f"(at capacity: p50 {p50_cap * 1000:.0f} ms); at most {max_queued} queued; "
+          f"router RSS {rss0:.0f} -> {rss1:.0f} MB")
+    # The queue bound held throughout, seen from the router (sampled, not timed), and it refused
+    # a large share of the flood: an unbounded queue admits everything (share 0). Idle, ~60% is
+    # refused (capacity grows past the measured one as decode batches fill); the client on a
+    # loaded machine offers less than 10x, hence the margin.
+    assert QUEUE // 2 <= max_queued <= QUEUE
+    assert share > 0.3 and admitted
+    # Admitted requests queue behind at most QUEUE others: their latency stays near what it was
+    # at capacity. Idle, p50 is ~4x that (the router and the client spend the 2 cores on the
+    # flood, and decode batches are larger), hence the slack.
+    assert p50_over < 5 * p50_cap + 2.0, (p50_over, p50_cap)
     assert rss1 - rss0 < 50
     c.wait_all_free()
     assert httpx.post(c.url + "/v1/completions", json=BODY, timeout=60).status_code == 200
