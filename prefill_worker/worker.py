@@ -17,7 +17,7 @@ cancelled, which tells the decode worker too). Every failure after the first tok
 reported to the router with `Failed`. A control frame that cannot be decoded, or whose
 handling fails, is logged and dropped: nothing a socket receives stops this loop. If the
 router restarted and no longer knows this worker, every request is dropped and the worker
-registers again (see worker_link).
+registers again (see control/link.py).
 
 Shutdown (SIGTERM): the worker heartbeats `draining` (the router sends nothing new), goes on
 until it holds nothing or `shutdown_timeout_s` has passed, frees what is left and tells the
