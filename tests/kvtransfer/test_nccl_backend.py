@@ -181,7 +181,9 @@ def test_cancel_slow_on_the_control_socket_costs_at_most_the_window(make_pair):
     release()
     p.run_until(lambda: "big" in p.sent and "big" in p.recv)
     assert p.sent_status("big") is CANCELLED and p.recv_statuses("big") == [CANCELLED]
-    assert 0 < p.sender.stats.get("zero_chunks", 0) <= window
+    # At most the window goes out as zeros. Not "at least one": the sender may have sent every
+    # numbered chunk as data before it took the cancel (seen once in three suite runs under load).
+    assert p.sender.stats.get("zero_chunks", 0) <= window
     transfer_ok(p, "after", [31, 7, 2], [39, 35, 30])
 
 
