@@ -53,10 +53,6 @@ class KVHandOff:
     def expect(self, msg: messages.Prefill) -> None:
         self.targets[msg.request_id] = msg
 
-    def sending(self) -> list[str]:
-        """Requests whose KV is on its way from here (blocks held until the transfer ends)."""
-        return list(self.engine.transfers.sending)
-
     def emit(self, outs) -> None:
         """After an engine step: every prefill it ended is handed off (or its offer dropped)."""
         for out in outs:
