@@ -1,17 +1,19 @@
 """Serving overhead on CPU: streaming requests through HTTP against the offline engine, one run.
 
-    python benchmarks/cpu_serving.py [--num-requests 32] [--output-len 64] [--json FILE]
+    python benchmarks/cpu_serving.py [--num-requests 32] [--output-len 64] [--mode 1p1d|colocated] [--json FILE]
 
-Starts `pdserve serve` (1 prefill + 1 decode worker, ZeroMQ KV transfer) on a fresh demo
-model, sends all requests at once as streaming /v1/completions with token-id prompts and EOS
-ignored, and counts output tokens per second of wall time from the first request sent to the
-last byte received. Then the offline `LLM` API generates the same requests in this process.
-Both use the same total CPU threads.
+Starts `pdserve serve` (1 prefill + 1 decode worker, ZeroMQ KV transfer; or one `both`
+worker with --mode colocated) on a fresh demo model, sends all requests at once as
+streaming /v1/completions with token-id prompts and EOS ignored, and counts output tokens
+per second of wall time from the first request sent to the last byte received (the client
+is benchmarks/stream_client.py, in one process: it costs next to nothing per token, so
+the server keeps the machine's cores). Then the offline `LLM` API generates the same
+requests in this process. Both use the same total CPU threads. Each figure is the median
+of --repeats runs after a warm-up run.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -20,30 +22,21 @@ import sys
 import tempfile
 import time
 
-import httpx
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.stream_client import run_streams  # noqa: E402
 from tests.serving.conftest import free_port, stop, wait_healthy  # noqa: E402
 
 
-async def run_http(url: str, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
-    async with httpx.AsyncClient(timeout=600) as client:
-        async def one(p):
-            body = {"model": "demo", "prompt": p, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}}
-            n = 0
-            async with client.stream("POST", url + "/v1/completions", json=body) as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("data: {"):
-                        d = json.loads(line[6:])
-                        if d.get("usage"):
-                            n = d["usage"]["completion_tokens"]
-            return n
-
-        t0 = time.perf_counter()
-        counts = await asyncio.gather(*(one(p) for p in prompts))
-        return time.perf_counter() - t0, sum(counts)
+def run_http(port: int, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+    bodies = [{"model": "demo", "prompt": p, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+               "stream": True, "stream_options": {"include_usage": True}} for p in prompts]
+    results, wall = run_streams("127.0.0.1", port, "/v1/completions", bodies, processes=1)
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise RuntimeError(f"{len(bad)} streams failed; first: {bad[0]}")
+    return wall, sum(r.completion_tokens for r in results)
 
 
 def main() -> None:
@@ -52,7 +45,9 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--mode", default="1p1d", choices=["1p1d", "colocated"],
+                    help="1p1d: a prefill and a decode worker; colocated: one both worker")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (serve's default: cores / workers)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -69,15 +64,16 @@ def main() -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", str(port),
                              "--served-model-name", "demo", "--num-kv-blocks", "4096"]
+                            + (["--mode", "colocated", "--prefill-workers", "0"] if args.mode == "colocated" else [])
                             + (["--threads", str(args.threads)] if args.threads else []),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, [proc])
-        asyncio.run(run_http(url, prompts, args.output_len))  # warm-up
+        run_http(port, prompts, args.output_len)  # warm-up
         http_times = []
         for _ in range(args.repeats):
-            t, n = asyncio.run(run_http(url, prompts, args.output_len))
+            t, n = run_http(port, prompts, args.output_len)
             assert n == n_out, (n, n_out)
             http_times.append(t)
     finally:
@@ -96,14 +92,14 @@ def main() -> None:
 
     print(f"{'path':<26}{'out tok/s':>10}{'seconds':>10}")
     print(f"{'offline LLM.generate':<26}{n_out / t_off:>10.1f}{t_off:>10.2f}")
-    print(f"{'HTTP, 1P1D over ZeroMQ':<26}{n_out / t_http:>10.1f}{t_http:>10.2f}")
+    print(f"{'HTTP, ' + ('1P1D over ZeroMQ' if args.mode == '1p1d' else 'colocated'):<26}{n_out / t_http:>10.1f}{t_http:>10.2f}")
     print(f"served / offline = {t_off / t_http:.2f}")
     if args.json:
         res = {
             "machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} torch {torch.__version__}",
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "num_requests": args.num_requests, "output_len": args.output_len,
+            "mode": args.mode, "num_requests": args.num_requests, "output_len": args.output_len,
             "offline_out_tok_s": round(n_out / t_off, 1), "http_out_tok_s": round(n_out / t_http, 1),
             "ratio": round(t_off / t_http, 2), "http_times_s": [round(t, 3) for t in http_times],
             "offline_times_s": [round(t, 3) for t in off_times],

@@ -163,6 +163,9 @@ class EngineConfig:
     compile_ops: bool = True             # on CUDA: torch.compile the elementwise ops (fused kernels)
     cuda_graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
     seed: int = 0
+    # Prepare and launch step N+1 before reading step N's tokens (the host works while the device
+    # runs); None: on for CUDA, off on the CPU (where the host is the device: nothing to overlap).
+    async_scheduling: bool | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -174,3 +177,11 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `values` on `device`, copied from pinned memory without waiting for the device's
+    queued work (a plain torch.tensor(..., device="cuda") waits for the whole stream)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

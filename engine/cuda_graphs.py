@@ -14,6 +14,7 @@ import logging
 import torch
 
 from .attention import AttentionMetadata
+from .config import to_device
 from .decode_inputs import DecodeInputs
 from .sequence import Sequence
 
@@ -44,6 +45,7 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         # Host staging, pinned on a GPU, so one step's inputs reach it in three async copies.
         self.inputs = DecodeInputs(b, self.max_blocks, block_size, pin=dev.type == "cuda")
+        self._copied: torch.cuda.Event | None = None  # recorded after the last copies out of `inputs`
 
     def _meta(self, n: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -78,18 +80,30 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+    def run(self, seqs: list[Sequence], fill: tuple[list[int], list[int], torch.Tensor] | None = None
+            ) -> torch.Tensor:
         """Logits [n, V] of one decode step for n sequences (n <= the largest bucket), each
-        computing its last token."""
+        computing its last token. `fill` = (rows, source rows, tokens): those rows' input token
+        is tokens[source row], on the device still (the step before is running)."""
         n = len(seqs)
         b = self.bucket(n)
-        # The previous step's copies out of the host buffers finished: its logits were read
-        # on the host (the sampler syncs) before this step was scheduled.
+        # The host buffers are rewritten while the copies out of them of the step before may be
+        # queued still: wait for those copies (they finish long before that step's forward).
+        if self._copied is not None:
+            self._copied.synchronize()
         width = self.inputs.fill(seqs, b)
         h = self.inputs
         # All rows: contiguous, so one pinned async copy (6 KiB); a replay reads only [:b].
         self._dev64.copy_(h.host64, non_blocking=True)
         self.seq_lens[:b].copy_(h.lens[:b], non_blocking=True)
         self.block_tables[:b, :width].copy_(h.tables[:b, :width], non_blocking=True)
+        if self._dev64.is_cuda:
+            if self._copied is None:
+                self._copied = torch.cuda.Event()
+            self._copied.record()
+        if fill is not None:
+            rows, src, tokens = fill
+            dev = self.input_ids.device
+            self.input_ids[to_device(rows, torch.int64, dev)] = tokens[to_device(src, torch.int64, dev)]
         self.graphs[b].replay()
         return self.outputs[b][:n]

@@ -21,9 +21,9 @@ import torch
 from .block_pool import BlockPool, blocks_needed
 from .kv_holds import KVHolds
 from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, Pending
 from .sampler import Sampler
-from .scheduler import Scheduler
+from .scheduler import ScheduledSeq, Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,20 @@ _GREEDY = operator.attrgetter("greedy")
 
 class RequestRejected(ValueError):
     """The request can never be served by this engine (too long for the context or the cache)."""
+
+
+PLACEHOLDER = -1  # a sampled token the host has not read yet (async scheduling)
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose tokens the host has not read: the sequences that sample, where each
+    one's token goes, the tokens' host copy (complete once `ready` is), and the device side."""
+    seqs: list[Sequence]
+    positions: list[int]
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+    pending: Pending
 
 
 @dataclass
@@ -60,6 +74,8 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position_embeddings,
                                  self.model_cfg.max_position_embeddings)
         self.runner = ModelRunner(self.model_cfg, cfg, self.device, self.dtype, self.max_model_len)
+        self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
+        self._in_flight: _InFlight | None = None   # async scheduling: the step whose tokens are unread
         self.pool = BlockPool(self.runner.num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.sampler = Sampler(self.device, cfg.seed)
@@ -129,14 +145,34 @@ class LLMEngine:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, seq.finish_reason or "abort"
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self._in_flight is not None or self.scheduler.has_work()
 
     # ---- stepping ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """Schedules and launches one step; returns the new tokens of the step before it (async
+        scheduling), or of this one.
+
+        Async scheduling: a step's sampled tokens stay on the device while the next step is
+        scheduled and launched; each sequence that sampled holds a placeholder at its new
+        token's place, which the next step's inputs take from the device. Only then does the
+        host wait for the tokens, put them in place and check stop conditions, so a sequence
+        that ends on an EOS or stop token has been given one more step, whose token is dropped.
+        Sequences whose next token is certainly their last (max_tokens, the context length, a
+        prefill-only one) are not scheduled past it."""
+        prev, self._in_flight = self._in_flight, None
         batch = self.scheduler.schedule()
+        launched = self._launch(batch, prev) if batch else None
         if not batch:
             self.last_step = (0, 0)
-            return []
+        outputs = self._collect(prev) if prev is not None else []
+        if launched is not None:
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs = self._collect(launched)
+        return outputs
+
+    def _launch(self, batch: list[ScheduledSeq], prev: _InFlight | None) -> _InFlight | None:
         on_layer = None
         if self.on_last_chunk is not None:
             hooks = []
@@ -149,7 +185,7 @@ class LLMEngine:
                 def on_layer(n: int) -> None:
                     for hook in hooks:
                         hook(n)
-        ordered, logits, rows = self.runner.run(batch, on_layer)
+        ordered, logits, rows = self.runner.run(batch, on_layer, prev.pending if prev is not None else None)
         num_tokens = decodes = 0
         for s in ordered:
             seq, n = s.seq, s.num_new_tokens
@@ -160,29 +196,49 @@ class LLMEngine:
         self.last_step = (num_tokens - decodes, decodes)
         seqs = [ordered[j].seq for j in rows]
         if not seqs:
-            return []
+            return None
         params = [q.params for q in seqs]
         if all(map(_GREEDY, params)):
-            tokens = self.sampler.greedy(logits)
+            tokens = logits.argmax(dim=-1)
         else:
-            tokens = self.sampler(logits, params, [q.num_output_tokens for q in seqs])
-        return self._append_tokens(seqs, tokens)
+            tokens = self.sampler.sample(logits, params, [q.num_output_tokens for q in seqs])
+        positions = []
+        max_len = self.max_model_len
+        for q in seqs:
+            pos = len(q.token_ids)
+            positions.append(pos)
+            q.token_ids.append(PLACEHOLDER)
+            if q.prefill_only or pos + 1 - q.num_prompt_tokens >= q.params.max_tokens or pos + 1 >= max_len:
+                q.last_token_pending = True  # not scheduled again: this token ends it
+        host, ready = tokens, None
+        if tokens.is_cuda:  # into pinned memory, without waiting; `ready` says when it is there
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        pending = Pending(tokens, {id(q): (pos, r) for r, (q, pos) in enumerate(zip(seqs, positions))})
+        return _InFlight(seqs, positions, host, ready, pending)
 
-    def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> list[StepOutput]:
-        """Appends each sequence's new token, applies stop conditions, frees what finished."""
+    def _collect(self, f: _InFlight) -> list[StepOutput]:
+        """Waits for a launched step's tokens, puts them in place, applies stop conditions."""
+        if f.ready is not None:
+            f.ready.synchronize()
         outputs = []
         eos, max_len = self.model_cfg.eos_token_ids, self.max_model_len
-        for seq, tok in zip(seqs, tokens):
+        for seq, pos, tok in zip(f.seqs, f.positions, f.host.tolist()):
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # aborted, or ended on the token before (this one is dropped)
             ids = seq.token_ids
-            ids.append(tok)
+            ids[pos] = tok
             p = seq.params
-            index = len(ids) - seq.num_prompt_tokens - 1
+            index = pos - seq.num_prompt_tokens
             # One cheap test for the common case (nothing ends); the exact reason below.
-            if (index + 1 >= p.max_tokens or len(ids) >= max_len or seq.prefill_only or tok in eos
+            if (index + 1 >= p.max_tokens or pos + 1 >= max_len or seq.prefill_only or tok in eos
                     or (p.stop_token_ids and tok in p.stop_token_ids)):
-                reason = self._finish_reason(seq, tok)
+                reason = self._finish_reason(seq, tok, index, pos)
                 handoff = reason is None and seq.prefill_only
                 if reason is not None or handoff:
+                    del ids[pos + 1:]  # a placeholder of the step launched after this one
                     self._finish(seq, reason, keep_kv=handoff)
                 outputs.append(StepOutput(seq.request_id, [tok], reason is not None or handoff, reason, handoff,
                                           index))
@@ -190,13 +246,14 @@ class LLMEngine:
                 outputs.append(StepOutput(seq.request_id, [tok], False, None, False, index))
         return outputs
 
-    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, tok: int, index: int, pos: int) -> str | None:
+        """Why the token at `pos` (output `index`) ends the sequence; None if it does not."""
         p = seq.params
         if not p.ignore_eos and tok in self.model_cfg.eos_token_ids:
             return "stop"
         if p.stop_token_ids and tok in p.stop_token_ids:
             return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if index + 1 >= p.max_tokens or pos + 1 >= self.max_model_len:
             return "length"
         return None
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 import logging
 import time
 
@@ -9,12 +10,21 @@ import torch
 
 from .attention import AttentionMetadata
 from .attention_backends import make_attention
-from .config import EngineConfig, ModelConfig
+from .config import EngineConfig, ModelConfig, to_device
 from .loader import load_weights
 from .models.llama import LlamaForCausalLM
 from .scheduler import ScheduledSeq
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    """The sampled tokens of a step the device may still be running (async scheduling): `tokens`
+    [S] on the device, and for each sequence that sampled, by id(), (the position of its token,
+    its row in `tokens`). The next step's inputs take those tokens from the device."""
+    tokens: torch.Tensor
+    rows: dict[int, tuple[int, int]]
 
 
 class ModelRunner:
@@ -118,8 +128,10 @@ class ModelRunner:
         return budget
 
     # ---- one step ---------------------------------------------------------------------------
-    def prepare(self, batch: list[ScheduledSeq]):
-        """Packs the batch (prefill-like sequences first, then decodes) into flat tensors."""
+    def prepare(self, batch: list[ScheduledSeq], pending: Pending | None = None):
+        """Packs the batch (prefill-like sequences first, then decodes) into flat tensors. On CUDA
+        nothing here waits for the device: the step before may still run. `pending`: the tokens
+        of that step, still on the device, for the inputs that are their placeholders."""
         # One new token attends over its cached context like a decode, whatever its phase.
         prefills = [s for s in batch if s.num_new_tokens > 1]
         # Decodes shortest context first: the torch backend pads each group of similar lengths
@@ -131,9 +143,14 @@ class ModelRunner:
         pos: list[int] = []
         slots: list[int] = []
         q_starts, q_lens = [], []
+        fill_at, fill_from = [], []   # input positions whose token is still on the device
         for s in ordered:
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
             table = seq.block_table
+            if pending is not None and (where := pending.rows.get(id(seq))) is not None \
+                    and start <= where[0] < start + n:
+                fill_at.append(len(ids) + where[0] - start)
+                fill_from.append(where[1])
             ids.extend(seq.token_ids[start : start + n])
             pos.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
@@ -165,18 +182,20 @@ class ModelRunner:
         width = -(-max(all_lens) // bs)
         all_tables = [s.seq.block_table[:width] for s in ordered]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            slot_mapping=to_device(slots, torch.int64, dev),
             prefill_query_starts=q_starts, prefill_query_lens=q_lens, prefill_context_lens=ctx_lens,
             prefill_block_tables=tables_p, num_prefill_tokens=num_prefill_tokens,
             decode_block_tables=dec_tables, decode_context_mask=dec_mask,
             decode_groups=dec_groups,
-            query_start_loc=torch.tensor([0] + list(itertools.accumulate(all_q)), dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(all_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in all_tables], dtype=torch.int32, device=dev),
+            query_start_loc=to_device([0] + list(itertools.accumulate(all_q)), torch.int32, dev),
+            seq_lens=to_device(all_lens, torch.int32, dev),
+            block_tables=to_device([t + [0] * (width - len(t)) for t in all_tables], torch.int32, dev),
             max_query_len=max(all_q), max_seq_len=max(all_lens),
         )
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
-        positions = torch.tensor(pos, dtype=torch.int64, device=dev)
+        input_ids = to_device(ids, torch.int64, dev)
+        positions = to_device(pos, torch.int64, dev)
+        if fill_at:
+            input_ids[to_device(fill_at, torch.int64, dev)] = pending.tokens[to_device(fill_from, torch.int64, dev)]
         return ordered, input_ids, positions, meta
 
     @torch.inference_mode()
@@ -186,25 +205,31 @@ class ModelRunner:
         _, input_ids, positions, meta = self.prepare(batch)
         return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, meta)).float()
 
-    def run(self, batch: list[ScheduledSeq], on_layer=None) -> tuple[list[ScheduledSeq], torch.Tensor,
-                                                                     list[int] | range]:
+    def run(self, batch: list[ScheduledSeq], on_layer=None, pending: Pending | None = None
+            ) -> tuple[list[ScheduledSeq], torch.Tensor, list[int] | range]:
         """Runs the batch; returns (ordered batch, logits [S, V] of the rows that sample, which
         entries of the ordered batch those rows belong to). `on_layer(n)`, if given, is called
-        as each layer's kernels are queued (not on a replayed decode graph)."""
+        as each layer's kernels are queued (not on a replayed decode graph). `pending`: the
+        tokens of the step still running (async scheduling), which some inputs are."""
         if self.graphs is not None and len(batch) <= self.graphs.max_batch:
             seqs = [s.seq for s in batch]
             # Only a batch of decodes (each computes its last token, and so samples) replays a
             # graph; a one-token chunk of a longer prompt does not sample.
             if all(s.num_new_tokens == 1 for s in batch) and all(
                     q.num_computed_tokens + 1 == len(q.token_ids) for q in seqs):
+                fill = None
+                if pending is not None:
+                    at = [(r, w[1]) for r, q in enumerate(seqs) if (w := pending.rows.get(id(q))) is not None]
+                    if at:
+                        fill = ([r for r, _ in at], [src for _, src in at], pending.tokens)
                 # model dtype: the sampler upcasts if it samples
-                return batch, self.graphs.run(seqs), range(len(batch))
+                return batch, self.graphs.run(seqs, fill), range(len(batch))
         with torch.inference_mode():
-            return self._run_eager(batch, on_layer)
+            return self._run_eager(batch, on_layer, pending)
 
-    def _run_eager(self, batch: list[ScheduledSeq], on_layer=None) -> tuple[list[ScheduledSeq], torch.Tensor,
-                                                                            list[int]]:
-        ordered, input_ids, positions, meta = self.prepare(batch)
+    def _run_eager(self, batch: list[ScheduledSeq], on_layer=None, pending: Pending | None = None
+                   ) -> tuple[list[ScheduledSeq], torch.Tensor, list[int]]:
+        ordered, input_ids, positions, meta = self.prepare(batch, pending)
         hidden = self.model(input_ids, positions, self.kv_cache, meta, on_layer)  # [T, hidden]
         # Only sequences whose last known token was just computed sample a new token; a
         # prefill chunk that stops short of the end produces no logits.
@@ -216,7 +241,7 @@ class ModelRunner:
                 rows.append(j)
         if not ends:
             return ordered, hidden.new_empty(0, self.model_cfg.vocab_size), []
-        logits = self.model.compute_logits(hidden[torch.tensor(ends, device=self.device)])
+        logits = self.model.compute_logits(hidden[to_device(ends, torch.int64, self.device)])
         return ordered, logits, rows
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .config import to_device
 from .sequence import SamplingParams
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: spreads (seed, index) pairs apart
@@ -34,37 +35,44 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
         """logits: [S, V]; params[i] and indices[i] (tokens generated so far) for row i."""
+        return self.sample(logits, params, indices).tolist()
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> torch.Tensor:
+        """`__call__`'s tokens as an int64 tensor on the logits' device, computed without waiting for
+        the device (the host can prepare the next step meanwhile)."""
         greedy = [p.greedy for p in params]
         if all(greedy):
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         logits = logits.float()
         out = logits.argmax(dim=-1)
         rows = [i for i, g in enumerate(greedy) if not g]
-        probs = self.probs(logits[rows], [params[i] for i in rows])      # [R, V]
+        rows_t = to_device(rows, torch.int64, logits.device)
+        probs = self.probs(logits[rows_t], [params[i] for i in rows])      # [R, V]
         noise = torch.empty_like(probs)
         noise.exponential_(generator=self._gen)
         for j, i in enumerate(rows):
             if params[i].seed is not None:
                 self._seeded.manual_seed(token_seed(params[i].seed, indices[i]))
                 noise[j].exponential_(generator=self._seeded)
-        out[rows] = (probs / noise).argmax(dim=-1)
-        return out.tolist()
+        out[rows_t] = (probs / noise).argmax(dim=-1)
+        return out
 
     @staticmethod
     def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """The distribution sampled from: softmax(logits / T) restricted to top-k, then top-p."""
-        t = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
+        t = to_device([p.temperature for p in params], logits.dtype, logits.device)
         logits = logits / t[:, None]
         top_k = [p.top_k for p in params]
         if any(k > 0 for k in top_k):
             # k past the vocabulary keeps every token (as k = -1 does), rather than indexing out of range
             v = logits.shape[-1]
-            k = torch.tensor([min(k, v) if k > 0 else v for k in top_k], device=logits.device)
+            k = to_device([min(k, v) if k > 0 else v for k in top_k], torch.int64, logits.device)
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [R, 1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         top_p = [p.top_p for p in params]
         if any(p < 1.0 for p in top_p):
-            p = torch.tensor(top_p, device=logits.device, dtype=logits.dtype)
+            p = to_device(top_p, logits.dtype, logits.device)
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             sorted_probs = sorted_logits.softmax(dim=-1)
             # Drop a token when the mass strictly before it already reaches top_p; the most

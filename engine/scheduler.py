@@ -67,6 +67,9 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
+            if seq.last_token_pending:  # its last token is being sampled: nothing left to compute
+                i += 1
+                continue
             c = seq.num_computed_tokens
             n = min(len(seq.token_ids) - c, budget)
             if c + n <= len(seq.block_table) * bs:

@@ -59,6 +59,9 @@ class Sequence:
     # the blocks until the KV has been handed off (`LLMEngine.release_kv`).
     prefill_only: bool = False
     num_preemptions: int = 0
+    # Async scheduling: the token being sampled ends the sequence for sure (max_tokens, the
+    # context length, prefill only); it is not scheduled again.
+    last_token_pending: bool = False
 
     @property
     def num_tokens(self) -> int:

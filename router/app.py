@@ -121,9 +121,11 @@ class Router:
                         request_id=current_request_id.get(), metrics=self.metrics)
 
 
-async def _next(request: Request, chunks: AsyncIterator[Chunk]) -> Chunk:
-    """The next chunk, or ClientGone as soon as the client disconnects (the request is aborted)."""
-    task = asyncio.ensure_future(chunks.__anext__())
+async def _watched(request: Request, chunks: AsyncIterator[Chunk], work):
+    """Awaits `work` (a coroutine reading `chunks`), or raises ClientGone as soon as the client
+    disconnects (the request is aborted: `chunks` is closed). One task for the whole wait, not
+    one per chunk."""
+    task = asyncio.ensure_future(work)
     while True:
         done, _ = await asyncio.wait({task}, timeout=0.25)
         if done:
@@ -135,13 +137,24 @@ async def _next(request: Request, chunks: AsyncIterator[Chunk]) -> Chunk:
             raise ClientGone()
 
 
-async def _collect(request: Request, chunks: AsyncIterator[Chunk]) -> tuple[str, Chunk]:
-    parts = []
-    while True:
-        c = await _next(request, chunks)
-        parts.append(c.text)
+async def _next(request: Request, chunks: AsyncIterator[Chunk]) -> Chunk:
+    """The next chunk, or ClientGone as soon as the client disconnects (the request is aborted)."""
+    return await _watched(request, chunks, chunks.__anext__())
+
+
+async def _until_finish(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
+    """Every chunk up to the one that finishes the request."""
+    out = []
+    async for c in chunks:
+        out.append(c)
         if c.finish_reason is not None:
-            return "".join(parts), c
+            return out
+    raise RuntimeError("the stream ended without a finish")
+
+
+async def _collect(request: Request, chunks: AsyncIterator[Chunk]) -> tuple[str, Chunk]:
+    got = await _watched(request, chunks, _until_finish(chunks))
+    return "".join(c.text for c in got), got[-1]
 
 
 def _sse(first: Chunk, rest: AsyncIterator[Chunk], shape: ResponseShape, prompt_tokens: int,
@@ -149,27 +162,31 @@ def _sse(first: Chunk, rest: AsyncIterator[Chunk], shape: ResponseShape, prompt_
     """SSE body: the shape's opening chunks, a chunk per piece of text, the finish chunk, the usage
     chunk if asked for, then [DONE]; an error after the first byte becomes an error event."""
     async def body():
-        for ev in shape.opening():
-            yield sse_event(ev)
+        # The events of one chunk go out in one write (with the finish, usage and [DONE] at the end).
+        parts = [sse_event(ev) for ev in shape.opening()]
         c = first
         try:
             while True:
                 if c.text:
-                    yield sse_event(shape.chunk(c.text))
+                    parts.append(shape.text_event(c.text))
                 if c.finish_reason is not None:
-                    yield sse_event(shape.chunk(finish_reason=c.finish_reason))
+                    parts.append(sse_event(shape.chunk(finish_reason=c.finish_reason)))
                     if include_usage:
-                        yield sse_event(shape.usage_chunk(usage_dict(prompt_tokens, c.num_generated)))
+                        parts.append(sse_event(shape.usage_chunk(usage_dict(prompt_tokens, c.num_generated))))
                     break
+                if parts:
+                    yield "".join(parts)
+                    parts = []
                 c = await rest.__anext__()
         except APIError as e:
-            yield sse_event(e.body())
+            parts.append(sse_event(e.body()))
         except Exception:  # a bug must still end the stream the way clients expect
             log.exception("error in a stream")
-            yield sse_event(error_body("Internal server error", "internal_error"))
+            parts.append(sse_event(error_body("Internal server error", "internal_error")))
         finally:
             await rest.aclose()
-        yield SSE_DONE
+        parts.append(SSE_DONE)
+        yield "".join(parts)
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -273,15 +290,10 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
         chunks = router.stream(prompt, router.params(fields, prompt, "prompt"), fields.stop_strings)
         try:
             if not req.stream:
-                ids: list[int] = []
-                text_parts = []
-                while True:
-                    c = await _next(request, chunks)
-                    ids += c.token_ids
-                    text_parts.append(c.text)
-                    if c.finish_reason is not None:
-                        return {"text": "".join(text_parts), "token_ids": ids, "finish_reason": c.finish_reason,
-                                "usage": usage_dict(len(prompt), c.num_generated)}
+                got = await _watched(request, chunks, _until_finish(chunks))
+                c = got[-1]
+                return {"text": "".join(g.text for g in got), "token_ids": [t for g in got for t in g.token_ids],
+                        "finish_reason": c.finish_reason, "usage": usage_dict(len(prompt), c.num_generated)}
             first = await _next(request, chunks)
         except ClientGone:
             return JSONResponse({}, status_code=499)

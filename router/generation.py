@@ -24,7 +24,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import APIError
 from .hub import WorkerHub
 from .metrics import Metrics
-from .request import RequestState
+from .request import Event, RequestState
 from .settings import RouterSettings
 from .stop import StopStringMatcher
 
@@ -37,6 +37,28 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None
     num_generated: int = 0     # tokens generated so far (for usage)
+
+
+def _merge_tokens(state: RequestState, evs: list[Event]) -> Event:
+    """The first of `evs` with the token events right after it merged in (one chunk for several
+    steps' tokens, under load); the events from the first error or after a finish are put back."""
+    first = evs[0]
+    if first.kind != "tokens" or first.finish_reason is not None or len(evs) == 1:
+        state.unread(evs[1:])
+        return first
+    ids = list(first.token_ids)
+    reason = None
+    n = 1
+    for ev in evs[1:]:
+        if ev.kind != "tokens":
+            break
+        ids += ev.token_ids
+        n += 1
+        if ev.finish_reason is not None:
+            reason = ev.finish_reason
+            break
+    state.unread(evs[n:])
+    return Event("tokens", ids, reason)
 
 
 async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_token_ids: list[int],
@@ -70,14 +92,13 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
     try:
         while True:
             wait = settings.first_token_timeout_s if generated == 0 else settings.next_token_timeout_s
-            wait = min(wait, deadline - time.monotonic())
-            try:
-                ev = await asyncio.wait_for(state.events.get(), timeout=max(wait, 0.0))
-            except asyncio.TimeoutError:
+            evs = await state.next_events(min(wait, deadline - time.monotonic()))
+            if not evs:
                 what = "the request deadline" if time.monotonic() >= deadline else (
                     "the first token" if generated == 0 else "the next token")
                 outcome = "timeout"
                 raise APIError(f"timed out waiting for {what}", 503) from None
+            ev = _merge_tokens(state, evs)
             if ev.kind == "error":
                 if ev.retry_from is not None and state.attempt == 0 and generated == 0:
                     try:
@@ -92,8 +113,10 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
             if ev.token_ids:
                 if last_token_at is None:
                     metrics.ttft.observe(now - state.created)
-                else:
-                    metrics.itl.observe(now - last_token_at)
+                else:  # tokens taken together share the time since the last ones
+                    gap = (now - last_token_at) / len(ev.token_ids)
+                    for _ in ev.token_ids:
+                        metrics.itl.observe(gap)
                 last_token_at = now
                 metrics.generation_tokens.inc(len(ev.token_ids))
             generated += len(ev.token_ids)

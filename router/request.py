@@ -1,7 +1,9 @@
 """A request in flight, as the router sees it: where it runs and the ordered stream of its events.
 
 One `RequestState` per request, owned by `generation.generate` and indexed by the hub's
-request table under its current wire id. A retry (the prefill worker died before the first
+request table under its current wire id. Its events wait in an inbox that the reader empties
+whole (`next_events`): under load several steps' tokens are taken, detokenized and written to
+the client at once, so the router's work per token falls as the load rises. A retry (the prefill worker died before the first
 token) gives the request a new attempt: a new wire id and event queue, so anything the
 previous attempt's workers still send is recognised as stale and ignored.
 """
@@ -33,7 +35,8 @@ class RequestState:
         self.params = params
         self.prefill_worker: str | None = None
         self.decode_worker: str | None = None
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self._inbox: list[Event] = []
+        self._wakeup: asyncio.Future | None = None
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self._next_index = 0
@@ -44,7 +47,7 @@ class RequestState:
         self.attempt += 1
         self.request_id = f"{self.base_id}.{self.attempt}"
         self.prefill_worker = self.decode_worker = None
-        self.events = asyncio.Queue()
+        self._inbox = []
         self._next_index, self._early = 0, {}
 
     def on_tokens(self, index: int, token_ids: list[int], reason: str | None) -> None:
@@ -58,7 +61,34 @@ class RequestState:
             self._next_index += len(ids)
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-            self.events.put_nowait(Event("tokens", ids, r))
+            self._put(Event("tokens", ids, r))
 
     def on_error(self, message: str, code: int = 503, retry_from: str | None = None) -> None:
-        self.events.put_nowait(Event("error", message=message, code=code, retry_from=retry_from))
+        self._put(Event("error", message=message, code=code, retry_from=retry_from))
+
+    def _put(self, ev: Event) -> None:
+        self._inbox.append(ev)
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pending(self) -> int:
+        """Events waiting to be read."""
+        return len(self._inbox)
+
+    async def next_events(self, timeout_s: float) -> list[Event]:
+        """Every event waiting, in order, after up to `timeout_s` for the first; [] on timeout."""
+        if not self._inbox:
+            self._wakeup = w = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(w, max(timeout_s, 0.0))
+            except asyncio.TimeoutError:
+                return []
+            finally:
+                self._wakeup = None
+        evs, self._inbox = self._inbox, []
+        return evs
+
+    def unread(self, evs: list[Event]) -> None:
+        """Put events taken by next_events() back in front of the inbox."""
+        self._inbox[:0] = evs

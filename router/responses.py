@@ -55,6 +55,7 @@ class ResponseShape(ABC):
         self.id = response_id or f"{self.id_prefix}{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time()) if created is None else created
+        self._text_frame: Optional[tuple[str, str]] = None  # text_event()'s frame around the text
 
     def whole(self, text: str, finish_reason: FinishReason, usage: dict[str, int]) -> dict[str, Any]:
         """The non-streamed response."""
@@ -63,6 +64,20 @@ class ResponseShape(ABC):
     def chunk(self, text: Optional[str] = None, finish_reason: Optional[FinishReason] = None) -> dict[str, Any]:
         """One streamed chunk: a piece of text, or (text None) the end with its finish reason."""
         return self._object(self.chunk_object, [self._choice(self._chunk_content(text), finish_reason)])
+
+    def text_event(self, text: str) -> str:
+        """``sse_event(self.chunk(text))``, the same bytes, without building and encoding the whole
+        object for each piece of a stream: the encoded object around a marker is split once and
+        only the text is encoded after that."""
+        if self._text_frame is None:
+            marker = "\x00pdserve-text\x00"
+            frame = sse_event(self.chunk(marker))
+            encoded = json.dumps(marker, ensure_ascii=False)
+            if frame.count(encoded) != 1:  # a subclass whose chunk does not carry the text once
+                return sse_event(self.chunk(text))
+            self._text_frame = tuple(frame.split(encoded))
+        head, tail = self._text_frame
+        return head + json.dumps(text, ensure_ascii=False) + tail
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: ``choices`` is empty."""

@@ -131,7 +131,7 @@ def test_engine_graph_path_on_cpu_equals_eager(tmp_path):
             used = cpu_graphs(llm.engine)
             replays = [0]
             run = used.run
-            used.run = lambda seqs: (replays.__setitem__(0, replays[0] + 1), run(seqs))[1]
+            used.run = lambda *a: (replays.__setitem__(0, replays[0] + 1), run(*a))[1]
         outs[graphs] = [o.token_ids for o in llm.generate(ps, params)]
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.num_free_blocks == llm.engine.num_total_blocks

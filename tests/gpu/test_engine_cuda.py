@@ -71,3 +71,23 @@ def test_graphs_equal_eager_as_the_batch_changes(tmp_path):
     assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
     eager = LLM(str(tmp_path), enforce_eager=True, **kw).generate(ps, sp)
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
+
+
+def test_async_scheduling_equals_synchronous_on_gpu(tmp_path):
+    """Async scheduling (on by default on CUDA) against the synchronous engine: greedy and seeded
+    sampled requests, stop tokens, sequences finishing at different steps, preemption."""
+    make_checkpoint(tmp_path, "qwen3")
+    ps = prompts(24, seed=8)
+    g = torch.Generator().manual_seed(8)
+    sp = [SamplingParams(max_tokens=int(m), temperature=0 if i % 3 == 0 else 0.9, top_p=0.95, seed=i,
+                         stop_token_ids=[7, 11] if i % 4 == 1 else None, ignore_eos=i % 2 == 0)
+          for i, m in enumerate(torch.randint(1, 40, (24,), generator=g))]
+    kw = dict(device="cuda", dtype="float32", num_kv_blocks=60, block_size=4, max_num_batched_tokens=128,
+              max_num_seqs=16)
+    got = {}
+    for mode in (True, False):
+        llm = LLM(str(tmp_path), async_scheduling=mode, **kw)
+        assert llm.engine.async_scheduling is mode
+        got[mode] = [(o.token_ids, o.finish_reason) for o in llm.generate(ps, sp)]
+        assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
+    assert got[True] == got[False]

@@ -72,9 +72,9 @@ def test_restart_fails_requests_retryably_but_a_repeated_register_does_not():
         assert isinstance(await p.recv(), messages.Prefill)
         await p.register()                                      # the same process again: nothing lost
         await asyncio.sleep(0.1)
-        assert st.events.empty() and "r1" in hub.registry.workers["p0"].outstanding
+        assert st.pending() == 0 and "r1" in hub.registry.workers["p0"].outstanding
         await p.register(incarnation="b")                       # a new process under the same id
-        ev = await asyncio.wait_for(st.events.get(), 2)
+        (ev,) = await st.next_events(2)
         assert ev.kind == "error" and ev.retry_from == "p0" and "restarted" in ev.message
     run(t)
 
@@ -96,6 +96,6 @@ def test_prefill_responsibility_ends_with_the_first_decode_token():
         await other.send(messages.Tokens("p9", [["r1", 2, [9], None]]))
         assert (await other.recv()).request_ids == ["r1"]
         other.sock.close()
-        got = [st.events.get_nowait().token_ids for _ in range(st.events.qsize())]
+        got = [ev.token_ids for ev in await st.next_events(0)]
         assert got == [[5], [6]]
     run(t)

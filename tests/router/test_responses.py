@@ -126,3 +126,11 @@ def test_streams_parse_with_openai_client():
     assert all(c.object == "text_completion" for c in chunks)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "ab"
     assert chunks[2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 2
+
+
+def test_text_event_is_the_same_bytes_as_the_whole_chunk_encoded():
+    texts = ["", "Hel", 'quote " and \\ backslash', "new\nline\ttab", "😀 é 中文", "\x00\x1f control", "</script>",
+             "\ufffd", '{"text":"x"}']
+    for shape in (ChatCompletionShape("m", "chatcmpl-1", 17), TextCompletionShape("mo\"del", "cmpl-1", 17)):
+        for t in texts:
+            assert shape.text_event(t) == sse_event(shape.chunk(t)), (type(shape).__name__, t)

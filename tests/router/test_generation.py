@@ -1,0 +1,98 @@
+"""router.generation: a request's events become text chunks; steps' tokens waiting together become one chunk."""
+from __future__ import annotations
+
+import asyncio
+
+from transformers import AutoTokenizer
+
+from engine import SamplingParams
+from router.admission import Admission
+from router.generation import generate
+from router.metrics import Metrics
+from router.request import RequestState
+from router.settings import RouterSettings
+
+
+class FakeHub:
+    """Places nothing: the test feeds the request's events itself."""
+
+    def __init__(self):
+        self.requests: dict[str, RequestState] = {}
+        self.admission = Admission(10, 10**6)
+        self.aborted: list[str] = []
+
+    async def submit(self, state):
+        self.requests[state.request_id] = state
+
+    def finish(self, state):
+        self.requests.pop(state.request_id, None)
+
+    async def abort(self, state):
+        self.aborted.append(state.request_id)
+
+
+def _run(demo_model, feed, **settings):
+    """The chunks generate() yields while `feed(state)` delivers events."""
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    hub = FakeHub()
+
+    async def t():
+        gen = generate(hub, tok, RouterSettings(model=demo_model, **settings), [5, 6, 7],
+                       SamplingParams(max_tokens=8), [], request_id="r1", metrics=Metrics("m"))
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        state = hub.requests["r1"]
+        await feed(state)
+        chunks = [await first]
+        async for c in gen:
+            chunks.append(c)
+        return chunks, tok
+
+    return asyncio.run(t())
+
+
+def test_tokens_waiting_together_become_one_chunk(demo_model):
+    async def feed(state):
+        for i, t in enumerate([11, 12, 13]):
+            state.on_tokens(i, [t], None)
+        await asyncio.sleep(0.01)
+        state.on_tokens(3, [14], None)
+        state.on_tokens(4, [15], "length")
+        state.on_tokens(5, [16], None)  # after the finish: never read
+
+    chunks, tok = _run(demo_model, feed)
+    assert [c.token_ids for c in chunks] == [[11, 12, 13], [14, 15]]
+    assert [c.finish_reason for c in chunks] == [None, "length"]
+    assert [c.num_generated for c in chunks] == [3, 5]
+    assert "".join(c.text for c in chunks) == tok.decode([11, 12, 13, 14, 15], skip_special_tokens=True)
+
+
+def test_an_error_after_tokens_comes_after_their_chunk(demo_model):
+    from router.errors import APIError
+
+    async def feed(state):
+        state.on_tokens(0, [11], None)
+        state.on_tokens(1, [12], None)
+        state.on_error("decode worker d0 stopped responding", 503)
+
+    got = []
+
+    async def t():
+        tok = AutoTokenizer.from_pretrained(demo_model)
+        hub = FakeHub()
+        gen = generate(hub, tok, RouterSettings(model=demo_model), [5, 6, 7], SamplingParams(max_tokens=8), [],
+                       request_id="r1", metrics=Metrics("m"))
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        await feed(hub.requests["r1"])
+        got.append(await first)
+        try:
+            await gen.__anext__()
+        except APIError as e:
+            return e, hub
+        raise AssertionError("no error")
+
+    err, hub = asyncio.run(t())
+    assert got[0].token_ids == [11, 12] and got[0].finish_reason is None
+    assert err.status_code == 503 and "stopped responding" in str(err)
+    assert hub.aborted == ["r1"]
