@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -23,12 +24,13 @@ from benchmarks.gpu_engine import matmul_tflops, timed, write_model  # noqa: E40
 from benchmarks.hf_baselines import command, commit, versions  # noqa: E402
 
 
-def probe(model: str, num: int, length: int, backend: str, compile_ops: bool, tflops: float) -> dict:
+def probe(model: str, num: int, length: int, backend: str, compile_ops: bool, tflops: float,
+          spin_s: float = 0.0, async_scheduling: bool | None = None) -> dict:
     from engine import LLMEngine, SamplingParams
 
     eng = LLMEngine(model, device="cuda", max_num_batched_tokens=num * length, max_num_seqs=64,
                     gpu_memory_utilization=0.85, enforce_eager=True, attention_backend=backend,
-                    compile_ops=compile_ops)
+                    compile_ops=compile_ops, async_scheduling=async_scheduling)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 128000, (length,), generator=g).tolist() for _ in range(num)]
     k = [0]
@@ -37,9 +39,13 @@ def probe(model: str, num: int, length: int, backend: str, compile_ops: bool, tf
         for p in prompts:
             k[0] += 1
             eng.add_request(f"p{k[0]}", p, SamplingParams(max_tokens=1, temperature=0))
-        eng.step()
+        while eng.has_unfinished():  # with async scheduling the token is read by a second step() call
+            eng.step()
 
     t = timed(once, 5, 2)
+    t_end = time.perf_counter() + spin_s  # steps back to back, for a sampling profiler (py-spy)
+    while time.perf_counter() < t_end:
+        once()
     m = eng.model_cfg
     params = sum(p.numel() for n, p in eng.runner.model.named_parameters() if "embed_tokens" not in n)
     attn = num * m.num_layers * 2 * 2 * m.num_heads * m.head_dim * (length * (length + 1) / 2)
@@ -63,6 +69,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x2048,8x1024")
     ap.add_argument("--backends", default="triton,torch")
+    ap.add_argument("--compile-ops", default="on,off", help="on, off or both (on,off)")
+    ap.add_argument("--async-scheduling", default="on", help="on, off or both (on,off)")
+    ap.add_argument("--spin", type=float, default=0.0, help="seconds of back-to-back steps after timing each row")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = tempfile.mkdtemp(prefix="llama1b-")
@@ -73,10 +82,11 @@ def main() -> None:
     for shape in args.shapes.split(","):
         num, length = map(int, shape.split("x"))
         for backend in args.backends.split(","):
-            for compile_ops in (True, False):
-                key = f"{shape} {backend} compile_ops={compile_ops}"
+            for compile_ops, async_on in [(c == "on", a == "on") for c in args.compile_ops.split(",")
+                                          for a in args.async_scheduling.split(",")]:
+                key = f"{shape} {backend} compile_ops={compile_ops} async={async_on}"
                 try:
-                    r = probe(model, num, length, backend, compile_ops, tflops)
+                    r = probe(model, num, length, backend, compile_ops, tflops, args.spin, async_on)
                 except Exception as e:  # one backend failing must not hide the others
                     r = {"error": f"{type(e).__name__}: {e}"[:500]}
                 res["rows"][key] = r

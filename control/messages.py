@@ -209,6 +209,8 @@ def _checked(cls: type, d: dict) -> dict:
 
 
 _SCALARS = {"str": str, "int": int, "dict": dict, "list": list, "bool": bool, "float": (float, int)}
+# What msgpack decodes each scalar annotation to, as exact types (a bool is not an int here).
+_EXACT = {"str": {str}, "int": {int}, "bool": {bool}, "float": {float, int}}
 
 
 def _is_a(value, annotation: str) -> bool:
@@ -217,7 +219,12 @@ def _is_a(value, annotation: str) -> bool:
     if annotation.endswith(" | None"):
         return value is None or _is_a(value, annotation[:-7])
     if annotation.startswith("list["):
-        return isinstance(value, list) and all(_is_a(v, annotation[5:-1]) for v in value)
+        if not isinstance(value, list):
+            return False
+        exact = _EXACT.get(annotation[5:-1])
+        if exact is not None:  # one pass in C over a prompt's token ids, not a call per element
+            return set(map(type, value)) <= exact
+        return all(_is_a(v, annotation[5:-1]) for v in value)
     want = _SCALARS[annotation]
     if want is bool:
         return isinstance(value, bool)

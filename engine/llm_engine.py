@@ -110,9 +110,10 @@ class LLMEngine:
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(len(prompt_token_ids), params)
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_cfg.vocab_size]
-        if bad:
-            raise RequestRejected(f"token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})")
+        vocab = self.model_cfg.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:  # C loops; the culprit only then
+            bad = next(t for t in prompt_token_ids if not 0 <= t < vocab)
+            raise RequestRejected(f"token id {bad} is outside the vocabulary (size {vocab})")
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
                        arrival=next(self._arrival), prefill_only=prefill_only)
         self.seqs[request_id] = seq

@@ -86,7 +86,9 @@ class Router:
         return self.encode(text, add_special_tokens=False)
 
     def params(self, fields: P.SamplingFields, prompt: list[int], param: str) -> SamplingParams:
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        bad = None
+        if prompt and (min(prompt) < 0 or max(prompt) >= self.vocab_size):
+            bad = next(t for t in prompt if not 0 <= t < self.vocab_size)
         if bad is not None:
             raise APIError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})", 400, param=param)
         if not prompt:

@@ -51,4 +51,16 @@ def run_http(app, host: str, port: int, shutdown_timeout_s: float, sock: socket.
     anything, see pdserve/preflight.py), else on a socket uvicorn binds to host:port."""
     # Connections still open once drained (idle keep-alive ones) get a second to close.
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+    log.info("HTTP on uvicorn %s: event loop %s, HTTP parser %s", uvicorn.__version__,
+             "uvloop" if _importable("uvloop") else "asyncio (install uvloop for a faster router)",
+             "httptools" if _importable("httptools") else "h11 (install httptools for a faster router)")
     DrainingServer(config, app.state.router, shutdown_timeout_s).run(sockets=[sock] if sock is not None else None)
+
+
+def _importable(name: str) -> bool:
+    """What uvicorn's "auto" loop and http settings check: whether the module imports."""
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True

@@ -39,8 +39,8 @@ def within(measured: float, scripted: float) -> bool:
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_bench_over_real_sockets(url, tmp_path, capsys, endpoint):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n"
-                               for p in ["fast", "slow", "503", "fast", "error", "hang", "fast", "slow"]))
+    order = ["fast", "slow", "503", "fast", "error", "hang", "fast", "slow"]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in order))
     result = tmp_path / "r.json"
     rc = cli.main(["bench", "--base-url", url + "/v1", "--endpoint", endpoint, "--dataset-path", str(prompts),
                    "--max-concurrency", "4", "--goodput", "ttft:75", "--timeout", "0.5", "--warmup", "1",
@@ -56,7 +56,7 @@ def test_bench_over_real_sockets(url, tmp_path, capsys, endpoint):
     assert (m["num_requests"], m["completed"], m["failed"]) == (8, 5, 3)
     assert m["failures"] == {"http 503": 1, "error_event": 1, "timeout": 1}
     assert (m["total_input_tokens"], m["total_output_tokens"]) == (25, 3 * 8 + 2 * 4)
-    for r, p in zip(run.requests, ["fast", "slow", "503", "fast", "error", "hang", "fast", "slow"]):
+    for r, p in zip(run.requests, order):
         s = SCRIPTS[p]
         if not r.ok:
             continue
@@ -67,7 +67,11 @@ def test_bench_over_real_sockets(url, tmp_path, capsys, endpoint):
     assert within(m["mean_ttft_ms"] / 1000, (3 * 0.05 + 2 * 0.10) / 5)
     assert within(m["mean_tpot_ms"] / 1000, (3 * 0.01 + 2 * 0.02) / 5)
     assert within(m["mean_e2el_ms"] / 1000, (3 * 0.12 + 2 * 0.16) / 5)
-    assert m["request_goodput"] == pytest.approx(3 / run.duration)  # the fast ones (TTFT 50 ms)
+    # Goodput counts the requests within the 75 ms TTFT SLO: the fast ones (50 ms) unless a loaded
+    # machine made them late (LATE allows that), never the slow ones (100 ms).
+    met = [p for r, p in zip(run.requests, order) if r.ok and r.ttft <= 0.075]
+    assert met and set(met) == {"fast"}
+    assert m["request_goodput"] == pytest.approx(len(met) / run.duration)
     assert run.duration >= 0.5  # waited out the hanging request's timeout
     assert m["request_throughput"] == pytest.approx(5 / run.duration)
 
