@@ -45,7 +45,7 @@ from tests.serving.conftest import free_port, stop, wait_healthy  # noqa: E402
 
 CONFIGS = {
     "colocated": ["--mode", "colocated", "--prefill-workers", "0", "--decode-workers", "1"],
-    "1p1d": ["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1"],
+    "1p1d": ["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1"],  # + the GPU, below
 }
 
 
@@ -145,8 +145,9 @@ def children_of(pid: int) -> list[int]:
 
 def served(model: str, config: str, args, engine_flags: list[str], prompts, steady_prompts) -> dict:
     port = free_port()
+    gpus = ["--prefill-gpus", "0", "--decode-gpus", "0"] if args.device == "cuda" and config == "1p1d" else []
     proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", str(port),
-                             "--served-model-name", "bench", "--device", args.device, *CONFIGS[config],
+                             "--served-model-name", "bench", "--device", args.device, *CONFIGS[config], *gpus,
                              *engine_flags, "--log-level", "WARNING"],
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(args.logs, f"{config}.log"), "w"))
     res: dict = {}

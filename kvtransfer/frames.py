@@ -47,6 +47,15 @@ sender rank 0, receiver rank 1, and the *receiver* numbers the chunks::
     free room, or complete the transfer, after its zeros landed always arrives behind the CANCEL.
     A cancel thus costs at most max_posted zero chunks, and zeros never end a transfer DONE.
 
+zmq backend, sender and receiver on one GPU (same_gpu.py says why): no DATA, the receiver copies::
+
+    HELLO(layout, gpu, share)                     ->     the same GPU: map the sender's cache
+                                                  <-     HELLO_OK(same_gpu: true)
+    OFFER(..., src: the sender's block ids)       ->
+                                                  <-     ACCEPT; accepted and ready (READY): copy
+                                                         src -> accepted blocks, wait for it, DONE
+                                                  <-     ACK
+
 Frames.  Every control message is a msgpack map ``{"v": PROTOCOL_VERSION, "t": TYPE, ...}``;
 pickle is never used, so a peer can at worst send garbage that ``decode`` rejects with FrameError.
 

@@ -71,7 +71,7 @@ class NcclKVReceiver(ZmqKVReceiver):
         self._nccl_in: dict[str, _NcclInbound] = {}  # rid -> beside self._in[rid], same lifetime
         self._store = pgroup.serve_store(setup_timeout_s)
         super().__init__(kv_cache, layout, name, address, rcvhwm=rcvhwm,
-                         lease_grace_s=lease_grace_s, io_threads=io_threads, **zmq_kw)
+                         lease_grace_s=lease_grace_s, io_threads=io_threads, same_gpu=None, **zmq_kw)
         self._handlers.update({frames.BYE: self._on_bye, frames.POSTED: self._on_posted})
 
     # -- handshake ---------------------------------------------------------------------------

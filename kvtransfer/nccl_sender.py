@@ -63,7 +63,7 @@ class NcclKVSender(ZmqKVSender):
         self._pairs: dict[str, _SenderPair] = {}
         self._setups: deque[tuple[str, PairGroup]] = deque()  # setup threads -> I/O thread
         super().__init__(kv_cache, layout, name, chunk_bytes=chunk_bytes, sndhwm=sndhwm,
-                         num_streams=0, pinned_buffers=0, **zmq_kw)  # zmq_kw: context=...
+                         num_streams=0, pinned_buffers=0, same_gpu=None, **zmq_kw)  # zmq_kw: context=...
         self._handlers.update({frames.PG_INIT: self._on_pg_init, frames.BYE: self._on_bye,
                                frames.RECVS: self._on_recvs})
 

@@ -41,6 +41,7 @@ class _Inbound:
     ncovered: int = 0
     kv_ready: bool = True  # False for an early offer until its READY
     meta: dict | None = None  # an early offer's meta from its READY, for the DONE event
+    src_idx: torch.Tensor | None = None  # same GPU (same_gpu.py): the sender's block ids to copy
 
     def dst(self, device: torch.device) -> torch.Tensor:
         """dst_idx on ``device``, copied on the I/O thread's current stream the first time: a
@@ -190,8 +191,12 @@ class ReceiverCore(_Endpoint, KVReceiver):
             self._send_ctrl(key, frames.make(frames.HELLO_REFUSED, error=str(e), kind=kind))
             return
         self._peers[key] = msg["name"]
-        self._send_ctrl(key, frames.make(frames.HELLO_OK, name=self.name,
-                                         layout=self.layout.to_dict()))
+        self._send_ctrl(key, frames.make(frames.HELLO_OK, name=self.name, layout=self.layout.to_dict(),
+                                         **self._hello_ok_fields(key, msg)))
+
+    def _hello_ok_fields(self, key: Hashable, hello: dict) -> dict:
+        """Hook: fields a backend adds to the HELLO_OK it answers ``hello`` with."""
+        return {}
 
     def _on_offer(self, key: Hashable, msg: dict, _: Payload) -> None:
         rid, xid = msg["rid"], msg["xid"]

@@ -35,6 +35,7 @@ from . import frames
 from .base import KVLayout
 from .core import DEFAULT_CHUNK_BYTES, Payload
 from .receiver import ReceiverCore
+from .same_gpu import CUDA_IPC, SameGpu, describe_hello, map_sender
 from .sender import SenderCore
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,13 @@ class ZmqKVSender(SenderCore):
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, name: str, *,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, sndhwm: int = 8, num_streams: int = 4,
-                 pinned_buffers: int | None = None, context: zmq.Context | None = None) -> None:
+                 pinned_buffers: int | None = None, context: zmq.Context | None = None,
+                 same_gpu: SameGpu | None = CUDA_IPC) -> None:
         super().__init__(kv_cache, layout, name, chunk_bytes)
+        # Receivers on this cache's GPU copy the KV out of it themselves (same_gpu.py); None: never.
+        self._same_gpu = same_gpu
+        self._hello_extra: dict | None = None  # describe_hello(), made at the first HELLO
+        self._pulling: set[str] = set()  # peers that said so (I/O thread)
         if num_streams < 0:
             raise ValueError("num_streams must be >= 0")
         # A private context = private libzmq I/O threads (one per stream), so one endpoint's bulk
@@ -171,6 +177,30 @@ class ZmqKVSender(SenderCore):
         self._waker = _Waker()
         self._thread.start()
 
+    # -- same GPU: the receiver pulls (same_gpu.py) ------------------------------------------
+    def _hello(self) -> dict:
+        if self._hello_extra is None:  # shared once: each receiver maps it at its handshake
+            self._hello_extra = describe_hello(self._same_gpu, self.kv_cache)
+        return {**super()._hello(), **self._hello_extra}
+
+    def _on_hello_ok(self, peer: str, msg: dict, payload: Payload) -> None:
+        super()._on_hello_ok(peer, msg, payload)
+        if msg.get("same_gpu") is True and self._hello_extra:
+            self._pulling.add(peer)
+            log.info("%s: %s is on this GPU and copies its KV straight out of this cache", self.name, peer)
+        else:
+            self._pulling.discard(peer)
+
+    def _offer_msg(self, out) -> dict:
+        msg = super()._offer_msg(out)
+        if out.peer in self._pulling:
+            msg["src"] = out.src_idx.tolist()
+        return msg
+
+    def _start_data(self, out) -> None:
+        if out.peer not in self._pulling:  # a receiver on this GPU copies the blocks itself
+            super()._start_data(out)
+
     def _dealer(self, address: str, routing_id: bytes) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -188,6 +218,7 @@ class ZmqKVSender(SenderCore):
                             for i in range(self._num_streams)]
 
     def _t_disconnect(self, peer: str) -> None:
+        self._pulling.discard(peer)
         sock = self._socks.pop(peer, None)
         if sock is not None:
             sock.close(linger=self._close_linger_ms)
@@ -296,8 +327,13 @@ class ZmqKVReceiver(ReceiverCore):
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, name: str,
                  address: str | None = None, *, rcvhwm: int = 8, lease_grace_s: float = 1.0,
-                 io_threads: int = 4, context: zmq.Context | None = None) -> None:
+                 io_threads: int = 4, context: zmq.Context | None = None,
+                 same_gpu: SameGpu | None = CUDA_IPC) -> None:
         super().__init__(kv_cache, layout, name, lease_grace_s)
+        # Senders on this cache's GPU: their caches, mapped here, to copy KV out of (same_gpu.py).
+        self._same_gpu = same_gpu
+        self._mapped: dict[Hashable, torch.Tensor] = {}
+        self._pull_paused = False  # test hook: hold the copies (as the sender's _data_paused holds DATA)
         # several libzmq I/O threads, so a sender's parallel DATA connections are read in parallel
         self._ctx = context or zmq.Context(io_threads=io_threads)
         self._own_ctx = context is None
@@ -319,6 +355,58 @@ class ZmqKVReceiver(ReceiverCore):
 
     def _t_send(self, key: Hashable, msg: dict, payload: torch.Tensor | None = None) -> bool:
         return _send(self._sock, [key, frames.encode(msg)], f"{self.name}->{key!r}")
+
+    # -- same GPU: pull the sender's blocks (same_gpu.py) --------------------------------------
+    def _hello_ok_fields(self, key: Hashable, hello: dict) -> dict:
+        for old in [k for k in self._mapped if k != key and self._peers.get(k) == hello["name"]]:
+            del self._mapped[old]  # that sender restarted: unmap its old cache (its transfers expire)
+        if key not in self._mapped:  # mapped once per connection (a repeated HELLO keeps it)
+            remote = map_sender(self._same_gpu, self.kv_cache, hello, hello["name"])
+            if remote is None:
+                return {}
+            self._mapped[key] = remote
+            log.info("%s: sender %s is on this GPU: its KV is copied straight out of its cache", self.name,
+                     hello["name"])
+        return {"same_gpu": True}
+
+    def _on_offer(self, key: Hashable, msg: dict, payload: Payload) -> None:
+        remote = self._mapped.get(key)
+        src = msg.get("src")
+        if remote is not None and not (isinstance(src, list) and len(src) == msg["nblocks"] and src
+                                       and set(map(type, src)) == {int} and 0 <= min(src)
+                                       and max(src) < remote.shape[2]):
+            self._drop(f"OFFER {msg['rid']}: bad src block ids from a sender on this GPU")
+            return self._send_ctrl(key, frames.make(frames.REJECT, xid=msg["xid"], rid=msg["rid"],
+                                                    reason="bad src block ids"))
+        super()._on_offer(key, msg, payload)
+        inbound = self._in.get(msg["rid"])
+        if remote is not None and inbound is not None and inbound.xid == msg["xid"] and inbound.key == key:
+            inbound.src_idx = torch.tensor(src, dtype=torch.long)
+
+    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor) -> None:
+        super()._cmd_accept(rid, dst_idx)
+        if (inbound := self._in.get(rid)) is not None:
+            self._pull(inbound)
+
+    def _kv_ready(self, inbound) -> None:
+        super()._kv_ready(inbound)
+        self._pull(inbound)
+
+    def _pull(self, inbound) -> None:
+        """Accepted, written, and the sender on this GPU: copy its blocks into ours, then DONE."""
+        remote = self._mapped.get(inbound.key)
+        if remote is None or inbound.src_idx is None or not inbound.accepted or not inbound.kv_ready \
+                or inbound.covered is not None or self._pull_paused:
+            return
+        dev = self.kv_cache.device
+        # This thread's current stream is the engine's: the copy lands behind every step queued so far.
+        self.kv_cache.index_copy_(2, inbound.dst(dev),
+                                  remote.index_select(2, inbound.src_idx.to(dev, non_blocking=True)))
+        inbound.covered = torch.ones(self.layout.num_layers, inbound.nblocks, dtype=torch.bool)
+        inbound.ncovered = inbound.covered.numel()
+        self.stats["chunks"] += 1
+        self.stats["bytes"] += self.layout.num_layers * inbound.nblocks * self.layout.block_layer_bytes
+        self._finish_if_complete(inbound)  # waits for the copy (DONE promises the bytes are there)
 
     def _t_wait(self, timeout_s: float, want_write: list) -> list[tuple[Hashable, dict, Payload]]:
         if want_write:

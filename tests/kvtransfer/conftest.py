@@ -8,6 +8,7 @@ from typing import Callable
 import pytest
 import torch
 
+from kvtransfer.same_gpu import InProcessShare
 from kvtransfer import (InprocHub, KVLayout, KVOffer, KVReceiver, KVSender, TransferEvent,
                         TransferStatus, make_receiver, make_sender)
 from kvtransfer.base import dtype_name
@@ -93,8 +94,10 @@ class Pair:
         return [e.status for e in self.recv.get(rid, [])]
 
 
-@pytest.fixture(params=["inproc", "zmq"])
+@pytest.fixture(params=["inproc", "zmq", "zmq-same-gpu"])
 def kind(request) -> str:
+    """zmq-same-gpu: the zmq backend between caches that "share a device" (kvtransfer/same_gpu.py's
+    in-process stand-in for CUDA IPC): the receiver copies the blocks itself and no DATA moves."""
     return request.param
 
 
@@ -102,6 +105,7 @@ def kind(request) -> str:
 def make_pair(kind):
     made: list[Pair] = []
     hub = InprocHub()
+    share = InProcessShare()
 
     def factory(dtype: torch.dtype = torch.float32, *, layout: KVLayout | None = None,
                 recv_layout: KVLayout | None = None, src_blocks: int = 32, dst_blocks: int = 40,
@@ -109,12 +113,13 @@ def make_pair(kind):
                 receiver_kw: dict | None = None) -> Pair:
         layout = layout or layout_for(dtype)
         recv_layout = recv_layout or layout
-        kw = {"hub": hub} if kind == "inproc" else {}
+        kw = {"hub": hub} if kind == "inproc" else {"same_gpu": share} if kind == "zmq-same-gpu" else {}
+        backend = kind.removesuffix("-same-gpu")
         src = rand_cache(layout, src_blocks, seed=len(made))
         dst = torch.zeros(recv_layout.chunk_shape(recv_layout.num_layers, dst_blocks),
                           dtype=recv_layout.torch_dtype)
-        r = make_receiver(kind, dst, recv_layout, "decode0", address, **kw, **(receiver_kw or {}))
-        s = make_sender(kind, src, layout, "prefill0", **kw, **(sender_kw or {}))
+        r = make_receiver(backend, dst, recv_layout, "decode0", address, **kw, **(receiver_kw or {}))
+        s = make_sender(backend, src, layout, "prefill0", **kw, **(sender_kw or {}))
         pair = Pair(s, r, src, dst)
         made.append(pair)
         if connect:
@@ -125,3 +130,15 @@ def make_pair(kind):
     for p in made:
         p.sender.close()
         p.receiver.close()
+
+
+def hold_data(p: Pair) -> None:
+    """No KV byte moves from now on: the sender holds its DATA, a receiver on the sender's GPU
+    its copies (zmq-same-gpu), as if the sender had stopped."""
+    p.sender._data_paused = True
+    p.receiver._pull_paused = True
+
+
+def skip_same_gpu(kind: str, why: str) -> None:
+    if kind == "zmq-same-gpu":
+        pytest.skip(f"no DATA between caches on one GPU: {why}")

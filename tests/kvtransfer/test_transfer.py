@@ -10,7 +10,7 @@ import torch
 from kvtransfer import KVTransferError, LayoutMismatch, TransferStatus, blocks_needed, frames
 from kvtransfer.frames import plan_chunks
 
-from .conftest import TIMEOUT_S as TIMEOUT, as_bytes, expire_leases, layout_for, wait_until
+from .conftest import TIMEOUT_S as TIMEOUT, as_bytes, expire_leases, hold_data, layout_for, skip_same_gpu, wait_until
 
 DONE, EXPIRED, FAILED, CANCELLED = (TransferStatus.DONE, TransferStatus.EXPIRED,
                                     TransferStatus.FAILED, TransferStatus.CANCELLED)
@@ -70,7 +70,8 @@ def test_many_concurrent_requests_interleaved(make_pair):
 
 
 @pytest.mark.parametrize("chunk_blocks,layers_per_chunk", [(3, None), (None, 2)])
-def test_big_request_split_into_chunks(make_pair, chunk_blocks, layers_per_chunk):
+def test_big_request_split_into_chunks(kind, make_pair, chunk_blocks, layers_per_chunk):
+    skip_same_gpu(kind, "the receiver copies a request's blocks in one go")
     layout = layout_for(torch.float16, num_layers=5)
     nblocks = 30
     bl = layout.block_layer_bytes
@@ -133,7 +134,7 @@ def test_reject_reports_failed(make_pair):
 
 def test_cancel_after_accept(make_pair):
     p = make_pair()
-    p.sender._data_paused = True  # hold DATA so the cancel deterministically beats the ACK
+    hold_data(p)  # hold DATA so the cancel deterministically beats the ACK
     p.on_offer = lambda off: p.receiver.accept(off.request_id, [7, 8])
     p.sender.offer(p.peer, "r", [0, 1], 5, {}, lease_s=10)
     p.run_until(lambda: p.sender.status("r") is TransferStatus.SENDING, what="ACCEPT")
@@ -185,7 +186,7 @@ def test_receiver_dies_offers_expire(make_pair):
 
 def test_sender_dies_receiver_frees_blocks(make_pair):
     p = make_pair()
-    p.sender._data_paused = True
+    hold_data(p)
     p.on_offer = lambda off: p.receiver.accept(off.request_id, [3])
     p.sender.offer(p.peer, "r", [0], 2, {}, lease_s=30)
     p.run_until(lambda: p.sender.status("r") is TransferStatus.SENDING)
@@ -325,6 +326,7 @@ def _after_ready_layers(p, kind: str, n: int, what: str) -> None:
 def test_ready_layers_sends_written_layers_before_ready(kind, make_pair):
     """Layer by layer: after ready_layers(n) the chunks of layers [0, n) move while the prefill
     is still computing the rest; DONE (with ready()'s meta) waits for ready()."""
+    skip_same_gpu(kind, "the receiver copies once the whole KV is written (READY)")
     layout = layout_for(num_layers=4)
     src_ids, dst_ids = [3, 1, 4], [0, 9, 5]
     per_layer = len(src_ids) * layout.block_layer_bytes  # one chunk per layer
@@ -355,6 +357,7 @@ def test_ready_layers_sends_written_layers_before_ready(kind, make_pair):
 
 
 def test_ready_layers_before_accept_and_after_cancel(kind, make_pair):
+    skip_same_gpu(kind, "the receiver copies once the whole KV is written (READY)")
     layout = layout_for(num_layers=4)
     src_ids, dst_ids = [2, 7], [1, 3]
     p = make_pair(layout=layout,
