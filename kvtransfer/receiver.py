@@ -246,6 +246,8 @@ class ReceiverCore(_Endpoint, KVReceiver):
     def _finish_if_complete(self, inbound: _Inbound) -> None:
         """DONE once every cell is written and, for an early offer, its READY has come: data
         sockets may overtake READY on the control socket, and READY carries the DONE's meta."""
+        if self._in.get(inbound.rid) is not inbound:
+            return  # ended already (a receiver on the sender's GPU finishes as it copies, READY included)
         if not inbound.kv_ready or inbound.covered is None \
                 or inbound.ncovered != inbound.covered.numel():
             return

@@ -47,7 +47,7 @@ def test_the_receiver_copies_and_no_data_moves(pairs):
     others = [b for b in range(p.dst.shape[2]) if b not in dst_ids]
     assert not as_bytes(p.dst[:, :, others]).any()
     assert p.sender.stats["chunks"] == 0 and p.receiver.stats["chunks"] == 3
-    assert share.opened == 1
+    assert share.opened == 1 and p.receiver.stats["msgs_dropped"] == 0
 
 
 def test_an_early_offer_is_copied_only_after_ready(pairs):
@@ -62,8 +62,9 @@ def test_an_early_offer_is_copied_only_after_ready(pairs):
     p.src[:, :, src_ids] += 1  # what the prefill writes before ready()
     p.sender.ready("r", {"first_token": 9})
     p.run_until(lambda: "r" in p.sent and "r" in p.recv)
-    assert p.recv[("r")][0].meta == {"first_token": 9}
+    assert p.recv_statuses("r") == [TransferStatus.DONE] and p.recv["r"][0].meta == {"first_token": 9}
     assert torch.equal(as_bytes(p.dst[:, :, dst_ids]), as_bytes(p.src[:, :, src_ids]))
+    assert p.receiver.stats["msgs_dropped"] == 0 and p.sender.stats["msgs_dropped"] == 0
 
 
 def test_caches_on_different_gpus_use_data(pairs):
