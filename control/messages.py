@@ -98,6 +98,11 @@ class Heartbeat:
     prefill_ns_per_token: int = 0
     decode_step_us: int = 0
     kv_send_ns_per_token: int = 0
+    # Prefix caching since the worker started: prompt tokens looked up and found cached, and the
+    # full blocks cached now (engine/block_pool.py).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    cached_blocks: int = 0
 
 
 @dataclass

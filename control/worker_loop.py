@@ -118,10 +118,14 @@ class WorkerLoop:
         return outs
 
     def speed_fields(self, stats=None) -> dict:
-        """The heartbeat's measured speeds (`stats`: the TransferStats of sent KV, if any)."""
+        """The heartbeat's measured speeds (`stats`: the TransferStats of sent KV, if any) and
+        prefix-cache figures."""
+        pool = self.engine.pool
         return {"prefill_ns_per_token": int(self.prefill_s_per_token * 1e9),
                 "decode_step_us": int(self.decode_step_s * 1e6),
-                "kv_send_ns_per_token": int(stats.ns_per_token) if stats is not None else 0}
+                "kv_send_ns_per_token": int(stats.ns_per_token) if stats is not None else 0,
+                "prefix_cache_queries": pool.queries, "prefix_cache_hits": pool.hits,
+                "cached_blocks": pool.num_cached}
 
     def prefill_backlog(self) -> int:
         """Prompt tokens this engine holds and has not computed yet."""

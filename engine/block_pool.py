@@ -1,30 +1,62 @@
-"""Paged KV-cache block accounting.
+"""Paged KV-cache block accounting, with prefix caching.
 
 Blocks are the unit of allocation and of transfer. The pool only counts; the tensor
 they index lives in the model runner. Verbs after nano-vllm: `can_allocate`,
 `allocate`, `free`.
+
+Prefix caching (`enable_prefix_caching`): a full block whose KV has been computed is
+registered under a hash of its tokens chained to its parent's hash, so it names its whole
+prefix. Blocks are reference counted; a block nobody holds stays cached in an LRU list of
+free blocks and is reclaimed (its hash forgotten) only when an allocation needs it, after
+the blocks that hold nothing. A new sequence first takes the longest run of cached blocks
+that starts its prompt (`match_prefix`, `take_prefix`) and computes only the rest. A block
+is registered only once every token in it is computed and known, and a sequence writes
+only at positions past what it has computed, so a block is never shared while it is still
+being written. At least the prompt's last token is always computed: it yields the logits
+of the first new token.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 from .sequence import Sequence
+
+
+PLACEHOLDER = -1  # a sampled token the host has not read yet (llm_engine.py)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    """The hash of a full block: its tokens and its parent's hash (None for the first block)."""
+    return hash((parent, tokens))
+
+
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
+        self.caching = enable_prefix_caching
+        # Free blocks in allocation order: those that hold nothing first, then cached ones from
+        # least to most recently freed (the value is unused).
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._hash: list[int | None] = [None] * num_blocks       # block -> its hash while cached
+        self._tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # its tokens (checked on a hit)
+        self._cached: dict[int, int] = {}                         # hash -> block
+        self.queries = 0   # prompt tokens looked up in the cache
+        self.hits = 0      # of those, tokens found cached
 
     @property
     def num_free(self) -> int:
+        """Blocks an allocation may take: those that hold nothing and cached ones nobody holds."""
         return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
 
     @property
     def usage(self) -> float:
@@ -43,13 +75,97 @@ class BlockPool:
         if n > len(self._free):
             raise RuntimeError(f"out of KV blocks: need {n}, {len(self._free)} free")
         for _ in range(n):
-            b = self._free.popleft()
-            self._used.add(b)
+            b, _ = self._free.popitem(last=False)
+            h = self._hash[b]
+            if h is not None:  # the least recently used cached block: reclaimed
+                del self._cached[h]
+                self._hash[b] = self._tokens[b] = None
+            self._refs[b] = 1
             seq.block_table.append(b)
 
     def free(self, seq: Sequence) -> None:
-        for b in seq.block_table:
-            self._used.remove(b)  # KeyError here means a double free: a bug, fail loudly
-            self._free.append(b)
+        """Drop `seq`'s hold on its blocks; a cached block nobody holds stays cached, reclaimable."""
+        for b in reversed(seq.block_table):  # a prefix's tail is reclaimed before its head
+            r = self._refs[b]
+            if r <= 0:
+                raise RuntimeError(f"block {b} freed more often than taken")  # a bug: fail loudly
+            self._refs[b] = r - 1
+            if r == 1:
+                self._free[b] = None
+                if self._hash[b] is None:
+                    self._free.move_to_end(b, last=False)  # holds nothing: taken first
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.block_hashes = []
+
+    # ---- prefix caching ---------------------------------------------------------------------
+    def _block_tokens(self, seq: Sequence, i: int) -> tuple[int, ...]:
+        bs = self.block_size
+        return tuple(seq.token_ids[i * bs:(i + 1) * bs])
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks that hold the start of `seq`'s tokens (not taken yet); never all of
+        them: the last token is computed again, for its logits."""
+        if not self.caching:
+            return []
+        usable = (len(seq.token_ids) - 1) // self.block_size
+        blocks, parent = [], None
+        for i in range(usable):
+            tokens = self._block_tokens(seq, i)
+            h = chain_hash(parent, tokens)
+            b = self._cached.get(h)
+            if b is None or self._tokens[b] != tokens:
+                break
+            blocks.append(b)
+            parent = h
+        return blocks
+
+    def can_take_prefix(self, seq: Sequence, blocks: list[int], num_tokens: int) -> bool:
+        """Whether `seq` (holding nothing) can take `blocks` and grow to `num_tokens` tokens."""
+        idle = sum(1 for b in blocks if self._refs[b] == 0)  # taking them shrinks the free list
+        need = max(0, blocks_needed(num_tokens, self.block_size) - len(blocks))
+        return need <= len(self._free) - idle
+
+    def take_prefix(self, seq: Sequence, blocks: list[int]) -> None:
+        """`seq` (holding nothing) starts with `blocks` of match_prefix(): their tokens are computed.
+        Counts the lookup: the tokens to compute, and those found cached."""
+        assert not seq.block_table
+        self.queries += len(seq.token_ids)
+        self.hits += len(blocks) * self.block_size
+        parent = None
+        for i, b in enumerate(blocks):
+            if self._refs[b] == 0:
+                del self._free[b]
+            self._refs[b] += 1
+            parent = chain_hash(parent, self._block_tokens(seq, i))
+            seq.block_hashes.append(parent)
+        seq.block_table = list(blocks)
+        seq.num_computed_tokens = len(blocks) * self.block_size
+
+    def register(self, seq: Sequence, upto: int) -> None:
+        """Cache `seq`'s full blocks whose tokens [0, upto) are computed and known."""
+        if not self.caching:
+            return
+        bs = self.block_size
+        full = min(upto, len(seq.token_ids)) // bs
+        hashes = seq.block_hashes
+        parent = hashes[-1] if hashes else None
+        for i in range(len(hashes), min(full, len(seq.block_table))):
+            tokens = self._block_tokens(seq, i)
+            if PLACEHOLDER in tokens:  # a token still being sampled (async scheduling): not known yet
+                break
+            parent = chain_hash(parent, tokens)
+            hashes.append(parent)
+            b = seq.block_table[i]
+            if parent not in self._cached and self._hash[b] is None:
+                self._cached[parent] = b
+                self._hash[b], self._tokens[b] = parent, tokens
+            # else: the same prefix is cached in another block already (computed side by side)
+
+    def check(self) -> None:
+        """Invariants, for tests: counts never negative, free blocks held by nobody, the hash
+        table and the blocks agree."""
+        assert all(r >= 0 for r in self._refs)
+        assert all(self._refs[b] == 0 for b in self._free)
+        assert sum(1 for r in self._refs if r == 0) == len(self._free)
+        assert all(self._hash[b] == h for h, b in self._cached.items())

@@ -166,6 +166,8 @@ class EngineConfig:
     # Prepare and launch step N+1 before reading step N's tokens (the host works while the device
     # runs); None: on for CUDA, off on the CPU (where the host is the device: nothing to overlap).
     async_scheduling: bool | None = None
+    # Reuse the KV of cached full blocks that start a new request's prompt (block_pool.py).
+    enable_prefix_caching: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

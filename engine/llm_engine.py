@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_pool import BlockPool, blocks_needed
+from .block_pool import PLACEHOLDER, BlockPool, blocks_needed
 from .kv_holds import KVHolds
 from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
 from .model_runner import ModelRunner, Pending
@@ -35,7 +35,6 @@ class RequestRejected(ValueError):
     """The request can never be served by this engine (too long for the context or the cache)."""
 
 
-PLACEHOLDER = -1  # a sampled token the host has not read yet (async scheduling)
 
 
 @dataclass
@@ -76,7 +75,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_cfg, cfg, self.device, self.dtype, self.max_model_len)
         self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
         self._in_flight: _InFlight | None = None   # async scheduling: the step whose tokens are unread
-        self.pool = BlockPool(self.runner.num_blocks, cfg.block_size)
+        self.pool = BlockPool(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.sampler = Sampler(self.device, cfg.seed)
         self.seqs: dict[str, Sequence] = {}       # every sequence this engine holds state for
@@ -137,11 +136,13 @@ class LLMEngine:
         return True
 
     def _free(self, seq: Sequence) -> None:
-        """Forget the sequence and give its blocks back, whatever state it is in."""
+        """Forget the sequence and give its blocks back, whatever state it is in (its computed
+        full blocks stay cached; an import whose KV never arrived has none computed)."""
         del self.seqs[seq.request_id]
         self.transfers.forget(seq.request_id)
         self.scheduler.remove(seq)
         if seq.block_table:
+            self.pool.register(seq, seq.num_computed_tokens)
             self.pool.free(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, seq.finish_reason or "abort"
 
@@ -188,11 +189,14 @@ class LLMEngine:
                         hook(n)
         ordered, logits, rows = self.runner.run(batch, on_layer, prev.pending if prev is not None else None)
         num_tokens = decodes = 0
+        caching = self.pool.caching
         for s in ordered:
             seq, n = s.seq, s.num_new_tokens
             num_tokens += n
             if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 decodes += 1
+            elif caching:  # the prompt's blocks this chunk fills are cached for others at once
+                self.pool.register(seq, min(seq.num_computed_tokens + n, seq.num_prompt_tokens))
             seq.num_computed_tokens += n
         self.last_step = (num_tokens - decodes, decodes)
         seqs = [ordered[j].seq for j in rows]
@@ -261,6 +265,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str | None, keep_kv: bool = False) -> None:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.scheduler.remove(seq)
+        self.pool.register(seq, seq.num_computed_tokens)  # prompt and output: the next turn may reuse them
         if keep_kv:
             return  # blocks stay until release_kv(): the KV is on its way to a decode worker
         self.pool.free(seq)
@@ -330,6 +335,7 @@ class LLMEngine:
                 raise ValueError(f"first token {first_token} is outside the vocabulary")
             seq.token_ids.append(int(first_token))
         seq.num_computed_tokens = seq.num_prompt_tokens
+        self.pool.register(seq, seq.num_prompt_tokens)  # the prompt's KV arrived: cached here too
         self.transfers.forget(request_id)
         self.scheduler.add_running(seq)
 

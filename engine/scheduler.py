@@ -8,7 +8,9 @@ Queues: waiting (FIFO; preempted sequences go back to its front) -> running. Eac
    later from its tokens), possibly itself.
 2. If nothing was preempted, waiting sequences are admitted in order while the token
    budget, the sequence cap and free blocks allow; a long prompt is admitted with a
-   chunk that fits the budget and continues next step.
+   chunk that fits the budget and continues next step. With prefix caching, a sequence
+   starts from the longest cached run of blocks that begins its tokens (block_pool.py) and
+   only the rest counts against the budget.
 
 The scheduler decides; the model runner computes; `LLMEngine.step` ties them together.
 """
@@ -92,9 +94,16 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                if not self.pool.can_allocate(seq, seq.num_computed_tokens + n):
-                    break
+                if self.pool.caching:  # start from the longest cached prefix (it holds no blocks yet)
+                    cached = self.pool.match_prefix(seq)
+                    n = min(seq.num_tokens - len(cached) * bs, budget)
+                    if not self.pool.can_take_prefix(seq, cached, len(cached) * bs + n):
+                        break
+                    self.pool.take_prefix(seq, cached)
+                else:
+                    n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                    if not self.pool.can_allocate(seq, seq.num_computed_tokens + n):
+                        break
                 self.pool.allocate(seq, seq.num_computed_tokens + n)
                 self.waiting.popleft()
                 seq.status = SequenceStatus.RUNNING
@@ -104,6 +113,7 @@ class Scheduler:
         return out
 
     def _preempt(self, seq: Sequence) -> None:
+        self.pool.register(seq, seq.num_computed_tokens)  # its recompute may find them cached
         self.pool.free(seq)  # also resets num_computed_tokens: recompute from the tokens
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1

@@ -62,6 +62,9 @@ class Sequence:
     # Async scheduling: the token being sampled ends the sequence for sure (max_tokens, the
     # context length, prefill only); it is not scheduled again.
     last_token_pending: bool = False
+    # Prefix caching: the chained hashes of the leading full blocks registered or found cached
+    # (block_pool.py); reset when the blocks are freed.
+    block_hashes: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

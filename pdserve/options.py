@@ -33,6 +33,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl"],
                    help="zmq: tcp:// or ipc://, any host; nccl: GPU to GPU on one node (control stays on ZeroMQ)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch in each worker")
+    p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction,
+                   help="reuse the KV of cached blocks that start a prompt (default: on)")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="launch each engine step before reading the last one's tokens, so the host works while "
                         "the device runs; auto: on with CUDA, off on the CPU (default: %(default)s)")
@@ -148,6 +150,8 @@ def engine_options(args) -> dict:
         v = getattr(args, flag.lstrip("-").replace("-", "_"))
         if v is not None:
             opts[field] = int(v * 2**30) if field == "kv_cache_memory" else v
+    if getattr(args, "enable_prefix_caching", True) is False:
+        opts["enable_prefix_caching"] = False
     if getattr(args, "async_scheduling", "auto") != "auto":
         opts["async_scheduling"] = args.async_scheduling == "on"
     return opts

@@ -120,7 +120,15 @@ class _Live:
                 cum += n
                 buckets.append((bound, cum))
             tsec.add_metric(labels, buckets, (hb.kv_transfer_seconds_us if hb else 0) / 1e6)
-        yield from (usage, tbytes, tfail, tsec)
+        queries = CounterMetricFamily("pdserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels=["model_name", "worker", "role"])
+        hits = CounterMetricFamily("pdserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   labels=["model_name", "worker", "role"])
+        for w in workers:
+            hb, labels = w.heartbeat, [model, w.worker_id, w.role]
+            queries.add_metric(labels, hb.prefix_cache_queries if hb else 0)
+            hits.add_metric(labels, hb.prefix_cache_hits if hb else 0)
+        yield from (usage, tbytes, tfail, tsec, queries, hits)
         per_worker = {
             "pdserve_worker_alive": lambda w, hb: int(reg.is_alive(w)),
             "pdserve_worker_free_blocks": lambda w, hb: hb.free_blocks if hb else w.num_blocks,

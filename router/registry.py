@@ -53,7 +53,10 @@ class WorkerInfo:
                 # measured speeds (0: not yet): engine time per prompt token, decode-only step, KV sent per token
                 "prefill_us_per_token": hb.prefill_ns_per_token / 1e3 if hb else 0,
                 "decode_step_ms": hb.decode_step_us / 1e3 if hb else 0,
-                "kv_send_us_per_token": hb.kv_send_ns_per_token / 1e3 if hb else 0}
+                "kv_send_us_per_token": hb.kv_send_ns_per_token / 1e3 if hb else 0,
+                "cached_blocks": hb.cached_blocks if hb else 0,
+                "prefix_cache_hit_rate": round(hb.prefix_cache_hits / hb.prefix_cache_queries, 4)
+                if hb and hb.prefix_cache_queries else 0.0}
 
     @property
     def draining(self) -> bool:

@@ -100,7 +100,10 @@ def test_every_worker_flag_given_to_serve_reaches_the_worker(role):
     want = {}
     for a in passed:  # a value other than the default for every option
         flag = a.option_strings[-1]
-        if a.nargs == 0 or isinstance(a, argparse.BooleanOptionalAction):
+        if isinstance(a, argparse.BooleanOptionalAction):  # --x / --no-x: the one the default is not
+            argv.append(a.option_strings[0] if not a.default else a.option_strings[1])
+            want[a.dest] = not a.default
+        elif a.nargs == 0:
             argv.append(flag)
             want[a.dest] = True
         elif a.choices:

@@ -67,7 +67,7 @@ def test_pool_accounting_and_double_free():
     pool.free(s)
     assert pool.num_free == 4
     s.block_table = blocks
-    with pytest.raises(KeyError):
+    with pytest.raises(RuntimeError, match="freed more often than taken"):
         pool.free(s)
 
 

@@ -80,6 +80,10 @@ def test_metrics_match_the_requests_sent(served):
     assert done == [N, N]
     sent, received = (value(m, "pdserve:kv_transfer_bytes_total", worker=w) for w in ("prefill-0", "decode-0"))
     assert sent == received > 0
+    # The same prompt N times, one after another: from the second on, the prefill worker finds its
+    # full blocks (16 tokens each) cached but the last token's, and computes the rest.
+    assert value(m, "pdserve:prefix_cache_queries_total", worker="prefill-0") == N * len(PROMPT)
+    assert value(m, "pdserve:prefix_cache_hits_total", worker="prefill-0") == (N - 1) * ((len(PROMPT) - 1) // 16 * 16)
     for w in ("prefill-0", "decode-0"):
         assert value(m, "pdserve:kv_transfer_failures_total", worker=w) == 0
         assert value(m, "pdserve:kv_cache_usage_perc", worker=w, **d) == 0.0  # everything freed
