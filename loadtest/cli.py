@@ -33,8 +33,10 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="seconds one request may take, start to last byte (default: %(default)s)")
 
     g = p.add_argument_group("dataset")
-    g.add_argument("--dataset", choices=("random", "sharegpt", "jsonl"), default=None,
-                   help="(default: random, or from --dataset-path: *.jsonl is jsonl, else sharegpt)")
+    g.add_argument("--dataset", choices=("random", "prefix", "sharegpt", "jsonl"), default=None,
+                   help="(default: random, or from --dataset-path: *.jsonl is jsonl, else sharegpt); prefix: "
+                        "random prompts in --prefix-groups groups, each sharing a --prefix-len-token prefix, "
+                        "with a unique --input-len suffix")
     g.add_argument("--dataset-path", default=None, metavar="FILE",
                    help='ShareGPT JSON, or JSONL of {"prompt": text or token ids, "max_tokens"?: N}')
     g.add_argument("--tokenizer", default=None, metavar="DIR",
@@ -47,6 +49,10 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-len", type=int, default=None, metavar="N",
                    help="max_tokens (default: 128; ShareGPT with --tokenizer: the gpt turn's length; "
                         "JSONL: a line's own max_tokens first)")
+    g.add_argument("--prefix-groups", type=int, default=8, metavar="G",
+                   help="--dataset prefix: groups of prompts sharing a prefix (default: %(default)s)")
+    g.add_argument("--prefix-len", type=int, default=1024, metavar="P",
+                   help="--dataset prefix: tokens of each group's shared prefix (default: %(default)s)")
     g.add_argument("--range-ratio", type=float, default=0.0, metavar="R",
                    help="random lengths uniform in [len * (1 - R), len * (1 + R)] (default: %(default)s)")
 
@@ -118,11 +124,16 @@ def _load_samples(args, rng):
     kind = args.dataset or ("random" if not args.dataset_path
                             else "jsonl" if args.dataset_path.endswith(".jsonl") else "sharegpt")
     out_len = args.output_len or datasets.DEFAULT_OUTPUT_LEN
-    if kind == "random":
+    if kind in ("random", "prefix"):
         if args.dataset_path:
-            raise ValueError("--dataset random takes no --dataset-path")
-        samples = datasets.random_samples(args.num_prompts or 1000, args.input_len, out_len, args.range_ratio,
-                                          rng, token_ids=not chat, tokenizer=tok)
+            raise ValueError(f"--dataset {kind} takes no --dataset-path")
+        if kind == "random":
+            samples = datasets.random_samples(args.num_prompts or 1000, args.input_len, out_len, args.range_ratio,
+                                              rng, token_ids=not chat, tokenizer=tok)
+        else:
+            samples = datasets.prefix_samples(args.num_prompts or 1000, args.prefix_groups, args.prefix_len,
+                                              args.input_len, out_len, args.range_ratio, rng, token_ids=not chat,
+                                              tokenizer=tok)
     elif not args.dataset_path:
         raise ValueError(f"--dataset {kind} needs --dataset-path")
     elif kind == "sharegpt":

@@ -1,4 +1,4 @@
-"""Benchmark prompts: random ones, a ShareGPT JSON file, or a JSONL file of prompts.
+"""Benchmark prompts: random ones, random ones sharing prefixes, a ShareGPT JSON file, or a JSONL file.
 
 Every loader returns ``Sample``s: the prompt (text, or token ids for the completions
 endpoint), its length in tokens, and the ``max_tokens`` to ask for. Without a tokenizer,
@@ -121,6 +121,39 @@ def random_samples(
         else:
             samples.append(Sample(" ".join(rng.choice(WORDS, il).tolist()), il, ol))
     return samples
+
+
+def prefix_samples(
+    n: int,
+    groups: int,
+    prefix_len: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    rng: np.random.Generator,
+    *,
+    token_ids: bool,
+    tokenizer: Tokenizer | None = None,
+) -> list[Sample]:
+    """n prompts in ``groups`` groups: each group's prompts share one random ``prefix_len``-token
+    prefix (a system prompt, a few-shot header, a tool list) and end in a unique random suffix of
+    about ``input_len`` tokens. Dealt round robin across the groups, so a server must keep every
+    group's prefix to reuse it. Lengths, tokens and words as random_samples()."""
+    if groups < 1 or prefix_len < 1:
+        raise ValueError("--prefix-groups and --prefix-len must be at least 1")
+    heads = random_samples(groups, prefix_len, 1, 0.0, rng, token_ids=token_ids, tokenizer=tokenizer)
+    tails = random_samples(n, input_len, output_len, range_ratio, rng, token_ids=token_ids, tokenizer=tokenizer)
+    out = []
+    for i, tail in enumerate(tails):
+        head = heads[i % groups]
+        if isinstance(head.prompt, list):
+            prompt = head.prompt + tail.prompt
+            plen = len(prompt)
+        else:
+            prompt = head.prompt + " " + tail.prompt
+            plen = len(tokenizer.encode(prompt)) if tokenizer else head.prompt_len + tail.prompt_len
+        out.append(Sample(prompt, plen, tail.output_len))
+    return out
 
 
 def _word_count(text: str) -> int:

@@ -45,20 +45,23 @@ def _merge_tokens(state: RequestState, evs: list[Event]) -> Event:
     first = evs[0]
     if first.kind != "tokens" or first.finish_reason is not None or len(evs) == 1:
         state.unread(evs[1:])
+        first.parts = [(first.at, len(first.token_ids))]
         return first
     ids = list(first.token_ids)
+    parts = [(first.at, len(first.token_ids))]
     reason = None
     n = 1
     for ev in evs[1:]:
         if ev.kind != "tokens":
             break
         ids += ev.token_ids
+        parts.append((ev.at, len(ev.token_ids)))
         n += 1
         if ev.finish_reason is not None:
             reason = ev.finish_reason
             break
     state.unread(evs[n:])
-    return Event("tokens", ids, reason)
+    return Event("tokens", ids, reason, at=evs[n - 1].at, parts=parts)
 
 
 async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_token_ids: list[int],
@@ -109,15 +112,20 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                         ev.message += f"; no other prefill worker to retry on ({e})"
                 outcome = "error"
                 raise APIError(ev.message, ev.code)
-            now = time.monotonic()
-            if ev.token_ids:
+            # Latencies as the tokens reached the router (a merged chunk's events each at its own time):
+            # the first token's, then one gap per token after it.
+            for at, n in ev.parts:
+                if n == 0:
+                    continue
                 if last_token_at is None:
-                    metrics.ttft.observe(now - state.created)
-                else:  # tokens taken together share the time since the last ones
-                    gap = (now - last_token_at) / len(ev.token_ids)
-                    for _ in ev.token_ids:
-                        metrics.itl.observe(gap)
-                last_token_at = now
+                    metrics.ttft.observe(at - state.created)
+                    gap, n = 0.0, n - 1  # tokens that came with the first one
+                else:
+                    gap = (at - last_token_at) / n
+                for _ in range(n):
+                    metrics.itl.observe(gap)
+                last_token_at = at
+            if ev.token_ids:
                 metrics.generation_tokens.inc(len(ev.token_ids))
             generated += len(ev.token_ids)
             text = detok.add(ev.token_ids)

@@ -24,6 +24,9 @@ class Event:
     message: str = ""
     code: int = 503
     retry_from: str | None = None   # error only: the failed prefill worker, when a retry elsewhere is allowed
+    at: float = 0.0                 # time.monotonic() when it reached the router
+    # tokens only: (arrival, number of tokens) of each event merged into this one (router.generation)
+    parts: list[tuple[float, int]] = field(default_factory=list)
 
 
 class RequestState:
@@ -67,6 +70,7 @@ class RequestState:
         self._put(Event("error", message=message, code=code, retry_from=retry_from))
 
     def _put(self, ev: Event) -> None:
+        ev.at = time.monotonic()
         self._inbox.append(ev)
         w = self._wakeup
         if w is not None and not w.done():

@@ -104,3 +104,19 @@ def test_random_text(tokenizer):
         assert s.prompt_len == len(ids) == 12 and not {0, 1} & set(ids)  # no special tokens
     ids = datasets.random_samples(3, 12, 4, 0.0, np.random.default_rng(0), token_ids=True, tokenizer=tokenizer)
     assert all(2 <= i < 12 for s in ids for i in s.prompt)
+
+
+def test_prefix_groups_share_their_prefix_and_nothing_else(tokenizer):
+    rng = np.random.default_rng(1)
+    got = datasets.prefix_samples(12, 3, 40, 10, 4, 0.0, rng, token_ids=True, tokenizer=tokenizer)
+    assert len(got) == 12 and all(len(s.prompt) == s.prompt_len == 50 and s.output_len == 4 for s in got)
+    heads = [tuple(s.prompt[:40]) for s in got]
+    assert heads[:3] == heads[3:6] == heads[9:12] and len(set(heads)) == 3  # dealt round robin
+    assert len({tuple(s.prompt[40:]) for s in got}) == 12                  # unique suffixes
+    words = datasets.prefix_samples(4, 2, 6, 3, 4, 0.0, np.random.default_rng(1), token_ids=True)
+    assert all(isinstance(s.prompt, str) and len(s.prompt.split()) == s.prompt_len == 9 for s in words)
+    assert words[0].prompt.split()[:6] == words[2].prompt.split()[:6] != words[1].prompt.split()[:6]
+    text = datasets.prefix_samples(2, 1, 8, 4, 4, 0.0, np.random.default_rng(1), token_ids=False, tokenizer=tokenizer)
+    assert all(s.prompt_len == len(tokenizer.encode(s.prompt)) for s in text)
+    with pytest.raises(ValueError):
+        datasets.prefix_samples(2, 0, 8, 4, 4, 0.0, rng, token_ids=True)

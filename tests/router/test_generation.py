@@ -31,14 +31,18 @@ class FakeHub:
         self.aborted.append(state.request_id)
 
 
-def _run(demo_model, feed, **settings):
+def _count(histogram) -> float:
+    return next(s.value for s in histogram.collect()[0].samples if s.name.endswith("_count"))
+
+
+def _run(demo_model, feed, metrics=None, **settings):
     """The chunks generate() yields while `feed(state)` delivers events."""
     tok = AutoTokenizer.from_pretrained(demo_model)
     hub = FakeHub()
 
     async def t():
         gen = generate(hub, tok, RouterSettings(model=demo_model, **settings), [5, 6, 7],
-                       SamplingParams(max_tokens=8), [], request_id="r1", metrics=Metrics("m"))
+                       SamplingParams(max_tokens=8), [], request_id="r1", metrics=metrics or Metrics("m"))
         first = asyncio.ensure_future(gen.__anext__())
         await asyncio.sleep(0)
         state = hub.requests["r1"]
@@ -60,8 +64,11 @@ def test_tokens_waiting_together_become_one_chunk(demo_model):
         state.on_tokens(4, [15], "length")
         state.on_tokens(5, [16], None)  # after the finish: never read
 
-    chunks, tok = _run(demo_model, feed)
+    metrics = Metrics("m")
+    chunks, tok = _run(demo_model, feed, metrics)
     assert [c.token_ids for c in chunks] == [[11, 12, 13], [14, 15]]
+    # latencies as the tokens reached the router: one first token, then a gap for each of the 4 others
+    assert _count(metrics.ttft) == 1 and _count(metrics.itl) == 4
     assert [c.finish_reason for c in chunks] == [None, "length"]
     assert [c.num_generated for c in chunks] == [3, 5]
     assert "".join(c.text for c in chunks) == tok.decode([11, 12, 13, 14, 15], skip_special_tokens=True)
