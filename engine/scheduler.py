@@ -81,7 +81,14 @@ class Scheduler:
                 i += 1
                 continue
             while not self.pool.can_allocate(seq, seq.num_computed_tokens + n):
-                victim = self.running.pop()
+                # The newest sequence not scheduled yet in this step whose last token is not being
+                # sampled (async scheduling: one that is keeps its blocks until its token is read;
+                # a prefill-only one hands its KV off).
+                j = next((k for k in range(len(running) - 1, i - 1, -1) if not running[k].last_token_pending), None)
+                if j is None:  # nothing to take blocks from now: try again next step
+                    i += 1
+                    break
+                victim = running.pop(j)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:

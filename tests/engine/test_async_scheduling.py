@@ -124,3 +124,44 @@ def test_prefill_only_request_hands_off_after_its_first_token(tmp_path):
 def test_on_by_default_on_cuda_only(tmp_path):
     make_checkpoint(tmp_path, "llama")
     assert LLMEngine(str(tmp_path), device="cuda", num_kv_blocks=16).async_scheduling
+
+
+def test_a_prefill_only_sequence_is_never_preempted_while_its_token_is_read(tmp_path):
+    """Async scheduling: a prefill-only sequence is still running (its first token unread) when the
+    next step is scheduled; preempting it then would free the blocks its KV is handed off from."""
+    from engine.block_pool import blocks_needed
+
+    make_checkpoint(tmp_path, "llama")
+    g = torch.Generator().manual_seed(11)
+    handed = {}
+    ref = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=256, block_size=4)
+    for trial in range(6):
+        eng = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=14, block_size=4, max_num_batched_tokens=16,
+                        async_scheduling=True, enable_prefix_caching=False)
+        prompts = {}
+        for i in range(8):
+            p = torch.randint(3, 211, (int(torch.randint(5, 18, (1,), generator=g)),), generator=g).tolist()
+            rid = f"{'p' if i % 2 else 'd'}{trial}-{i}"
+            prompts[rid] = p
+            eng.add_request(rid, p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                            prefill_only=rid.startswith("p"))
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.handoff:
+                    seq = eng.seqs[o.request_id]
+                    n = seq.num_prompt_tokens
+                    assert len(seq.block_table) >= blocks_needed(n, 4) and seq.num_computed_tokens >= n
+                    kv = eng.runner.kv_cache[:, :, seq.block_table].flatten(2, 3)[:, :, :n]
+                    handed[o.request_id] = (prompts[o.request_id], kv.clone())
+                    eng.release_kv(o.request_id)
+        assert eng.scheduler.num_preemptions > 0
+        assert eng.num_free_blocks == eng.num_total_blocks
+    for rid, (p, kv) in handed.items():  # the handed-off KV is the prompt's, as an unpressed engine computes it
+        ref.add_request(rid, p, SamplingParams(max_tokens=2, temperature=0), prefill_only=True)
+        while ref.has_unfinished():
+            ref.step()
+        seq = ref.seqs[rid]
+        want = ref.runner.kv_cache[:, :, seq.block_table].flatten(2, 3)[:, :, :len(p)]
+        assert torch.allclose(kv, want, atol=1e-4), rid
+        ref.release_kv(rid)
+    assert len(handed) == 6 * 4
