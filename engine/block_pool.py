@@ -30,8 +30,10 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    """The hash of a full block: its tokens and its parent's hash (None for the first block)."""
-    return hash((parent, tokens))
+    """The hash of a full block: its tokens and its parent's hash (None for the first block). The
+    same in every process (a tuple of ints hashes alike everywhere; None would not: its hash is
+    its address before Python 3.12), so hashes can name blocks between router and workers."""
+    return hash((0 if parent is None else parent, tokens))
 
 
 class BlockPool:

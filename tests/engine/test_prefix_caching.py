@@ -1,6 +1,10 @@
 """Prefix caching (engine/block_pool.py) against transformers: hits change what is computed, never the tokens."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -130,3 +134,15 @@ def test_pool_reclaims_idle_blocks_before_cached_ones_and_least_recent_first():
     with pytest.raises(RuntimeError):
         d.block_table = [3]
         pool.free(d)
+
+
+def test_block_hashes_are_the_same_in_every_process():
+    """Hashes name blocks between processes (a decode worker, the router): none may depend on the
+    process (Python 3.11 hashes None by its address)."""
+    from engine.block_pool import chain_hash
+
+    code = "from engine.block_pool import chain_hash as h; print(h(h(None, (1, 2, 3)), (4, 5, 6)))"
+    root = str(Path(__file__).parents[2])
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                           env={"PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2", "random")}
+    assert runs == {str(chain_hash(chain_hash(None, (1, 2, 3)), (4, 5, 6)))}
