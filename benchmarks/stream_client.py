@@ -96,10 +96,14 @@ def _request(host: str, port: int, path: str, body: dict) -> bytes:
             f"Accept: text/event-stream\r\nConnection: close\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
 
 
-async def _run(host: str, port: int, path: str, bodies: list[dict], timeout_s: float) -> list[StreamResult]:
+async def _run(host: str, port: int, path: str, bodies: list[dict], timeout_s: float,
+               offsets: list[float] | None = None) -> list[StreamResult]:
     loop = asyncio.get_running_loop()
+    start = loop.time()
 
-    async def one(body: dict) -> StreamResult:
+    async def one(body: dict, offset: float) -> StreamResult:
+        if offset > 0:
+            await asyncio.sleep(max(0.0, start + offset - loop.time()))
         done = loop.create_future()
         proto = _Stream(_request(host, port, path, body), done)
         try:
@@ -113,7 +117,7 @@ async def _run(host: str, port: int, path: str, bodies: list[dict], timeout_s: f
             transport.close()
             return proto.result(f"no end within {timeout_s:.0f} s")
 
-    return await asyncio.gather(*(one(b) for b in bodies))
+    return await asyncio.gather(*(one(b, o) for b, o in zip(bodies, offsets or [0.0] * len(bodies))))
 
 
 def _child() -> None:
@@ -127,21 +131,24 @@ def _child() -> None:
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return
-    results = asyncio.run(_run(args["host"], args["port"], args["path"], args["bodies"], args["timeout_s"]))
+    results = asyncio.run(_run(args["host"], args["port"], args["path"], args["bodies"], args["timeout_s"],
+                               args.get("offsets")))
     print(json.dumps([asdict(r) for r in results]), flush=True)
 
 
 def run_streams(host: str, port: int, path: str, bodies: list[dict], processes: int = 4,
-                timeout_s: float = 600.0) -> tuple[list[StreamResult], float]:
-    """Sends every body at once from `processes` client processes; returns each request's result
-    (in the order of `bodies`) and the wall seconds from the start to the last stream's end."""
+                timeout_s: float = 600.0, offsets: list[float] | None = None) -> tuple[list[StreamResult], float]:
+    """Sends every body at once (or each `offsets[i]` seconds after the start) from `processes`
+    client processes; returns each request's result (in the order of `bodies`) and the wall seconds
+    from the start to the last stream's end."""
     processes = max(1, min(processes, len(bodies)))
     children = []
     for i in range(processes):
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
         p.stdin.write(json.dumps({"host": host, "port": port, "path": path, "bodies": bodies[i::processes],
-                                  "timeout_s": timeout_s}) + "\n")
+                                  "timeout_s": timeout_s,
+                                  "offsets": offsets[i::processes] if offsets else None}) + "\n")
         p.stdin.flush()
         children.append(p)
     try:
