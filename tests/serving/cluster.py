@@ -142,10 +142,12 @@ def completion(url: str, prompt: str = "Hello there", max_tokens: int = 4, timeo
 
 # A deployment with a slow model, for holding requests in a phase: prefill takes 0.2 s per
 # 16-token chunk, decode 0.05 s per token, and a decode worker runs one sequence at a time
-# (so that a KV offer can be held waiting for admission).
+# (so that a KV offer can be held waiting for admission). No prefix caching: the tests send the
+# same prompts again and again, and each must be computed for its phases to last.
 WORKER_TIMEOUT = 2.5
-PREFILL = ["--debug-step-delay", "0.2", "--max-num-batched-tokens", "16", "--heartbeat-interval", "0.25"]
-DECODE = ["--debug-step-delay", "0.05", "--max-num-seqs", "1", "--heartbeat-interval", "0.25"]
+NO_CACHE = ["--no-enable-prefix-caching"]
+PREFILL = ["--debug-step-delay", "0.2", "--max-num-batched-tokens", "16", "--heartbeat-interval", "0.25", *NO_CACHE]
+DECODE = ["--debug-step-delay", "0.05", "--max-num-seqs", "1", "--heartbeat-interval", "0.25", *NO_CACHE]
 LONG_PROMPT = " ".join(f"word{i}" for i in range(60))  # ~120 tokens: 8 prefill steps of 16, ~1.6 s
 
 
