@@ -39,11 +39,13 @@ class Chunk:
     num_generated: int = 0     # tokens generated so far (for usage)
 
 
-def _merge_tokens(state: RequestState, evs: list[Event]) -> Event:
+def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) -> Event:
     """The first of `evs` with the token events right after it merged in (one chunk for several
-    steps' tokens, under load); the events from the first error or after a finish are put back."""
+    steps' tokens, under load); the events from the first error or after a finish are put back.
+    `alone`: merge nothing (the request's first token goes out by itself: the client sees when it
+    came, and the gap to the second)."""
     first = evs[0]
-    if first.kind != "tokens" or first.finish_reason is not None or len(evs) == 1:
+    if first.kind != "tokens" or first.finish_reason is not None or len(evs) == 1 or alone:
         state.unread(evs[1:])
         first.parts = [(first.at, len(first.token_ids))]
         return first
@@ -101,7 +103,7 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                     "the first token" if generated == 0 else "the next token")
                 outcome = "timeout"
                 raise APIError(f"timed out waiting for {what}", 503) from None
-            ev = _merge_tokens(state, evs)
+            ev = _merge_tokens(state, evs, alone=generated == 0)
             if ev.kind == "error":
                 if ev.retry_from is not None and state.attempt == 0 and generated == 0:
                     try:

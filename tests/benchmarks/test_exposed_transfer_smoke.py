@@ -32,10 +32,12 @@ def test_smoke_run_measures_every_request(demo_model, tmp_path):
             assert r["usage"]["prompt_tokens"] == 32 and r["usage"]["completion_tokens"] == 8
             times = [t for t, n in r["chunks"] for _ in range(n)]
             assert len(times) == 8 and times == sorted(times)
-            assert times[1] - times[0] > 0
+            # the stream was not delivered at once (a client may read two tokens in one read, and a
+            # router that fell behind sends tokens 2.. together; the first goes out alone)
+            assert times[-1] > times[0]
         s = res["summary"][name]
         assert s["completed"] == 3 and s["failed"] == 0
-        assert s["ttft_ms_p50"] > 0 and 0 < s["gap12_ms_p50"] <= s["gap12_ms_p90"]
+        assert s["ttft_ms_p50"] > 0 and 0 <= s["gap12_ms_p50"] <= s["gap12_ms_p90"]
         assert s["prefill_ms"] > 0 and s["decode_step_ms"] > 0
     assert res["summary"]["colocated"]["exposed_ms"] is None
     ex = res["summary"][disagg]
