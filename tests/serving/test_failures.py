@@ -13,6 +13,8 @@ printed (pytest -s) as `RESULT ...` lines.
 """
 from __future__ import annotations
 
+import contextlib
+
 import signal
 import time
 
@@ -93,30 +95,36 @@ def test_prefill_killed_during_kv_transfer_frees_decode_blocks(cluster):
     sender = holder(c, "prefill", "transfers")         # first token out, the KV offered...
     receiver = holder(c, "decode", "waiting")          # ...and waiting for a free decode slot
     c.signal(sender, signal.SIGSTOP)                   # the sender cannot send a byte from now on
-    t_stop = time.monotonic()
-    for h in hogs:                                     # free the decode workers: the offer is accepted
-        h.close()
+    try:
+        t_stop = time.monotonic()
+        for h in hogs:                                     # free the decode workers: the offer is accepted
+            h.close()
 
-    def accepted_or_sender_dead():
-        # The state under test needs the offer accepted while the router still counts the
-        # stopped sender alive: past its worker timeout the router drops the request first.
-        ws = c.workers()
-        if ws[receiver]["transfers"] == 1:
-            return "accepted"
-        return None if ws[sender]["alive"] else "the router declared the stopped sender dead first"
-    state = wait_for(accepted_or_sender_dead, 15, "the transfer accepted")
-    report("SIGSTOP prefill, decode slot freed -> KV offer accepted after", time.monotonic() - t_stop)
-    assert state == "accepted", state
-    assert c.workers()[receiver]["free_blocks"] < 64   # blocks reserved for KV that never comes
-    c.signal(sender, signal.SIGKILL)
-    t_kill = time.monotonic()
-    assert s.result() == "error-event", (s.outcome, s.error)
-    freed = c.wait_all_free([receiver])
-    report("kill -9 prefill during KV transfer -> stream ended after", s.t_end - t_kill)
-    report("kill -9 prefill during KV transfer -> decode blocks free after", time.monotonic() - t_kill)
-    assert s.t_end - t_kill < ENDED_S and freed < FREED_S
-    assert completion(c.url).status_code == 200
-    c.wait_all_free()
+        def accepted_or_sender_dead():
+            # The state under test needs the offer accepted while the router still counts the
+            # stopped sender alive: past its worker timeout the router drops the request first.
+            ws = c.workers()
+            if ws[receiver]["transfers"] == 1:
+                return "accepted"
+            return None if ws[sender]["alive"] else "the router declared the stopped sender dead first"
+        state = wait_for(accepted_or_sender_dead, 15, "the transfer accepted")
+        report("SIGSTOP prefill, decode slot freed -> KV offer accepted after", time.monotonic() - t_stop)
+        assert state == "accepted", state
+        assert c.workers()[receiver]["free_blocks"] < 64   # blocks reserved for KV that never comes
+        c.signal(sender, signal.SIGKILL)
+        t_kill = time.monotonic()
+        assert s.result() == "error-event", (s.outcome, s.error)
+        freed = c.wait_all_free([receiver])
+        report("kill -9 prefill during KV transfer -> stream ended after", s.t_end - t_kill)
+        report("kill -9 prefill during KV transfer -> decode blocks free after", time.monotonic() - t_kill)
+        assert s.t_end - t_kill < ENDED_S and freed < FREED_S
+        assert completion(c.url).status_code == 200
+        c.wait_all_free()
+    except BaseException:  # leave the module's cluster as the next tests expect it: no stopped worker
+        with contextlib.suppress(ProcessLookupError):
+            c.signal(sender, signal.SIGKILL)
+        restore(c, sender)
+        raise
     restore(c, sender)
 
 
