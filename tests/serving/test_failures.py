@@ -90,6 +90,20 @@ def test_prefill_killed_during_kv_transfer_frees_decode_blocks(cluster):
     """Guards: the decode worker holding blocks reserved for a transfer whose sender died until
     the lease runs out (30 s), and the request hanging meanwhile."""
     c = cluster
+    # The state under test needs the offer accepted while the router still counts the stopped
+    # sender alive (its worker timeout, 2.5 s). On a machine loaded past its cores, freeing a decode
+    # slot and seeing the acceptance in a heartbeat took longer once in about four runs: then the
+    # router rightly ends the request first, and the scenario is set up again (at most 3 times).
+    for attempt in range(3):
+        if _kill_sender_during_transfer(c):
+            return
+        print(f"\nRESULT attempt {attempt + 1}: the router declared the stopped sender dead before the "
+              "offer was accepted; setting up again")
+    raise AssertionError("3 attempts: the KV offer was never accepted within the worker timeout")
+
+
+def _kill_sender_during_transfer(c: Cluster) -> bool:
+    """One run of the scenario; False when its precondition was missed (the cluster restored)."""
     hogs = occupy_decoders(c)
     s = Stream(c.url, "Short prompt", max_tokens=20)
     sender = holder(c, "prefill", "transfers")         # first token out, the KV offered...
@@ -101,15 +115,18 @@ def test_prefill_killed_during_kv_transfer_frees_decode_blocks(cluster):
             h.close()
 
         def accepted_or_sender_dead():
-            # The state under test needs the offer accepted while the router still counts the
-            # stopped sender alive: past its worker timeout the router drops the request first.
             ws = c.workers()
             if ws[receiver]["transfers"] == 1:
                 return "accepted"
-            return None if ws[sender]["alive"] else "the router declared the stopped sender dead first"
+            return None if ws[sender]["alive"] else "sender dead"
         state = wait_for(accepted_or_sender_dead, 15, "the transfer accepted")
+        if state != "accepted":
+            c.signal(sender, signal.SIGKILL)
+            assert s.result() == "error-event", (s.outcome, s.error)   # it ends, clearly, all the same
+            c.wait_all_free()
+            restore(c, sender)
+            return False
         report("SIGSTOP prefill, decode slot freed -> KV offer accepted after", time.monotonic() - t_stop)
-        assert state == "accepted", state
         assert c.workers()[receiver]["free_blocks"] < 64   # blocks reserved for KV that never comes
         c.signal(sender, signal.SIGKILL)
         t_kill = time.monotonic()
@@ -126,6 +143,7 @@ def test_prefill_killed_during_kv_transfer_frees_decode_blocks(cluster):
         restore(c, sender)
         raise
     restore(c, sender)
+    return True
 
 
 def test_decode_killed_during_kv_transfer_frees_prefill_blocks(cluster):

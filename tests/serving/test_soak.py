@@ -24,18 +24,21 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def request(rng: random.Random) -> tuple[str, dict]:
-    n = rng.randint(1, 12)
+def request(rng: random.Random, long: bool = False) -> tuple[str, dict]:
+    # A request its client will abandon asks for many tokens (EOS ignored), so it is still running
+    # when the client gives up however fast the server is: the share of aborts does not depend on
+    # the machine's speed (a fast CI run once finished most short ones within their 0-150 ms).
+    n = rng.randint(200, 400) if long else rng.randint(1, 12)
     stream = rng.random() < 0.5
     kind = rng.choice(["chat", "completion", "generate"])
     if kind == "chat":
-        return "/v1/chat/completions", {"model": "demo", "max_tokens": n, "stream": stream,
+        return "/v1/chat/completions", {"model": "demo", "max_tokens": n, "stream": stream, "ignore_eos": long,
                                         "messages": [{"role": "user", "content": f"Question {rng.random()}"}]}
     if kind == "completion":
-        return "/v1/completions", {"model": "demo", "max_tokens": n, "stream": stream,
+        return "/v1/completions", {"model": "demo", "max_tokens": n, "stream": stream, "ignore_eos": long,
                                    "prompt": "Soak " * rng.randint(1, 40)}
     return "/generate", {"prompt_token_ids": [rng.randrange(1, 1000) for _ in range(rng.randint(1, 64))],
-                         "max_tokens": n, "stream": stream}
+                         "max_tokens": n, "stream": stream, "ignore_eos": long}
 
 
 async def soak(url: str, n: int, seed: int) -> dict[str, int]:
@@ -46,8 +49,8 @@ async def soak(url: str, n: int, seed: int) -> dict[str, int]:
         sem = asyncio.Semaphore(CONCURRENCY)
 
         async def one(i: int):
-            path, body = request(rng)
             abort_after = rng.uniform(0.0, 0.15) if rng.random() < ABORT_SHARE else None
+            path, body = request(rng, long=abort_after is not None)
             async with sem:
                 async def call():
                     async with client.stream("POST", url + path, json=body) as r:
