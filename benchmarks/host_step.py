@@ -81,7 +81,7 @@ def run_one(batch: int, ctx: int, steps: int, churn: int, warmup: int = 20) -> d
             p = int(torch.randint(ctx - 32, ctx + 32, (1,), generator=g))
             rid = f"r{next_id}"
             next_id += 1
-            assert eng.reserve_import(rid, [7] * p, 9, params) is not None
+            assert eng.reserve_import(rid, [7] * p, 9, params) is not None  # (blocks, held)
             eng.activate_import(rid)
 
     add(batch)

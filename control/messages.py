@@ -89,6 +89,7 @@ class Heartbeat:
     # KV transfers since the worker started (control.transfer_stats): bytes sent or received,
     # failures, completed transfers per duration bucket, and their total duration.
     kv_transfer_bytes: int = 0
+    kv_transfer_saved_bytes: int = 0   # decode: bytes its cached prefixes spared the transfers (delta transfer)
     kv_transfer_failures: int = 0
     kv_transfer_buckets: list[int] = field(default_factory=list)
     kv_transfer_seconds_us: int = 0
@@ -103,6 +104,14 @@ class Heartbeat:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     cached_blocks: int = 0
+    # KV events, for KV-aware routing: chained block hashes cached and evicted since the last
+    # heartbeat that carried events (numbered by kv_events_seq, +1 each), or with kv_snapshot
+    # every hash cached now. A router that sees a number skipped knows it missed some; the
+    # worker sends a snapshot every few seconds and after it registered again.
+    kv_events_seq: int = 0
+    kv_stored: list[int] = field(default_factory=list)
+    kv_removed: list[int] = field(default_factory=list)
+    kv_snapshot: bool = False
 
 
 @dataclass

@@ -20,10 +20,12 @@ class TransferStats:
         self.buckets = [0] * (len(KV_TRANSFER_BUCKETS) + 1)
         self.seconds_us = 0
         self.ns_per_token = 0.0           # moving average over completed transfers (0: none yet)
+        self.saved_bytes = 0              # KV bytes that did not travel: the receiver held them (delta transfer)
         self._started: dict[str, tuple[float, int]] = {}
 
-    def started(self, request_id: str, num_tokens: int = 0) -> None:
+    def started(self, request_id: str, num_tokens: int = 0, saved_bytes: int = 0) -> None:
         self._started[request_id] = (time.monotonic(), num_tokens)
+        self.saved_bytes += saved_bytes
 
     def ended(self, request_id: str, ok: bool | None) -> None:
         """ok: True (done, timed), False (failed), None (cancelled: neither)."""
@@ -43,5 +45,6 @@ class TransferStats:
 
     def heartbeat_fields(self) -> dict:
         stats = getattr(self.endpoint, "stats", None) or {}
-        return {"kv_transfer_bytes": int(stats.get("bytes", 0)), "kv_transfer_failures": self.failures,
+        return {"kv_transfer_bytes": int(stats.get("bytes", 0)), "kv_transfer_saved_bytes": self.saved_bytes,
+                "kv_transfer_failures": self.failures,
                 "kv_transfer_buckets": list(self.buckets), "kv_transfer_seconds_us": self.seconds_us}

@@ -26,6 +26,9 @@ from control.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+KV_SNAPSHOT_S = 10.0  # a full list of cached block hashes this often, healing any lost event
+KV_EVENTS_S = 0.1     # cached blocks the router has not heard of go out this soon
+
 
 class WorkerLoop:
     def __init__(self, settings: WorkerSettings, engine: LLMEngine | None, ctx: zmq.Context | None):
@@ -43,6 +46,10 @@ class WorkerLoop:
         self.prefill_s_per_token = 0.0
         self.decode_step_s = 0.0
         self._unsynced = (0, 0.0)   # prompt tokens and seconds of steps that returned no tokens
+        # KV events for the router (kv_event_fields): numbered, with a full snapshot now and then
+        self.engine.pool.record_events = self.engine.pool.caching
+        self._kv_seq = 0
+        self._kv_snapshot_at = 0.0  # monotonic time of the next snapshot (0: the next heartbeat)
 
     def run(self, stop: threading.Event | None = None) -> None:
         self.start()
@@ -118,14 +125,41 @@ class WorkerLoop:
         return outs
 
     def speed_fields(self, stats=None) -> dict:
-        """The heartbeat's measured speeds (`stats`: the TransferStats of sent KV, if any) and
-        prefix-cache figures."""
+        """The heartbeat's measured speeds (`stats`: the TransferStats of sent KV, if any),
+        prefix-cache figures and KV events."""
         pool = self.engine.pool
         return {"prefill_ns_per_token": int(self.prefill_s_per_token * 1e9),
                 "decode_step_us": int(self.decode_step_s * 1e6),
                 "kv_send_ns_per_token": int(stats.ns_per_token) if stats is not None else 0,
                 "prefix_cache_queries": pool.queries, "prefix_cache_hits": pool.hits,
-                "cached_blocks": pool.num_cached}
+                "cached_blocks": pool.num_cached, **self.kv_event_fields()}
+
+    def kv_event_fields(self) -> dict:
+        """The block hashes cached and evicted since the last heartbeat, or a snapshot of all
+        (the first heartbeat, after registering again, when events were dropped, every
+        KV_SNAPSHOT_S): what the router's KV index needs (router/kv_index.py)."""
+        pool = self.engine.pool
+        if not pool.caching:
+            return {}
+        now = time.monotonic()
+        events = None if now >= self._kv_snapshot_at else pool.drain_events()
+        if events is None:
+            self._kv_snapshot_at = now + KV_SNAPSHOT_S
+            self._kv_seq += 1
+            return {"kv_events_seq": self._kv_seq, "kv_stored": pool.cached_hashes(), "kv_snapshot": True}
+        stored, removed = events
+        if stored or removed:
+            self._kv_seq += 1
+        return {"kv_events_seq": self._kv_seq, "kv_stored": stored, "kv_removed": removed}
+
+    def heartbeat_due(self) -> bool:
+        """A heartbeat every --heartbeat-interval, and sooner (after 0.1 s) while the engine has
+        cached blocks the router has not heard of: the next turn of a conversation may come
+        quickly, and should find where its prefix is."""
+        interval = self.settings.heartbeat_s
+        if self.engine.pool.has_events:
+            interval = min(interval, KV_EVENTS_S)
+        return self.link.heartbeat_due(interval)
 
     def prefill_backlog(self) -> int:
         """Prompt tokens this engine holds and has not computed yet."""
@@ -143,7 +177,10 @@ class WorkerLoop:
         watched KV endpoint has something)."""
         for msg in self.link.recv(timeout_ms=timeout_ms):
             try:
-                if not self.link.control(msg, self.abort_all):
+                if self.link.control(msg, self.abort_all):
+                    if isinstance(msg, messages.Registered):
+                        self._kv_snapshot_at = 0.0  # a new router knows nothing of this cache
+                else:
                     self._handle(msg)
             except RegistrationRefused:
                 raise

@@ -42,6 +42,7 @@ class KVIntake:
                                       settings.worker_id, settings.kv_address, **options)
         self.offers: OrderedDict[str, KVOffer] = OrderedDict()  # waiting for blocks, in arrival order
         self.stats = TransferStats(self.receiver)
+        self._block_bytes = worker.layout.num_layers * worker.layout.block_layer_bytes  # one block, all layers
 
     def poll(self) -> None:
         """New offers in, ended transfers out, then reserve blocks for what fits."""
@@ -86,20 +87,23 @@ class KVIntake:
                 params = messages.decode_params(meta["params"])
                 if not engine.can_reserve(len(prompt)):
                     return
-                blocks = engine.reserve_import(rid, prompt, first, params)
+                reserved = engine.reserve_import(rid, prompt, first, params)
             except (KeyError, TypeError, ValueError, RequestRejected) as e:
                 log.warning("refused an offer: %s", e, extra=for_request(rid))
                 del self.offers[rid]
                 self.receiver.reject(rid, f"bad offer: {e}")
                 self.worker.link.send(messages.Failed(rid, f"decode worker refused the request: {e}", 400))
                 continue
-            if blocks is None:
+            if reserved is None:
                 return
+            blocks, held = reserved
             del self.offers[rid]
-            self.receiver.accept(rid, blocks)
-            self.stats.started(rid, len(prompt))
-            log.debug("KV offer accepted: %d prompt tokens into %d blocks", len(prompt), len(blocks),
-                      extra=for_request(rid))
+            # Delta transfer: the prompt's first `held` blocks are cached here (the chained hashes
+            # of its tokens found them), so only the rest travel.
+            self.receiver.accept(rid, blocks, held=held)
+            self.stats.started(rid, len(prompt), saved_bytes=held * self._block_bytes)
+            log.debug("KV offer accepted: %d prompt tokens into %d blocks, %d of them cached here", len(prompt),
+                      len(blocks), held, extra=for_request(rid))
 
     def _ended(self, ev) -> None:
         rid = ev.request_id

@@ -105,7 +105,7 @@ class DecodeWorker(WorkerLoop):
                 self.handoff.emit(outs)
         if self.handoff:
             self.handoff.poll()
-        if self.link.heartbeat_due(self.settings.heartbeat_s):
+        if self.heartbeat_due():
             sch = self.engine.scheduler
             transfer = self.intake.stats.heartbeat_fields()
             if self.handoff:  # KV both received and sent: one set of figures for both directions

@@ -14,6 +14,11 @@ is registered only once every token in it is computed and known, and a sequence 
 only at positions past what it has computed, so a block is never shared while it is still
 being written. At least the prompt's last token is always computed: it yields the logits
 of the first new token.
+
+Events: while `record_events` is set, every hash that enters the cache and every hash that
+leaves it (its block reclaimed) is recorded, in order, for `drain_events()`: a worker sends them
+to the router, which learns from them where each prefix is cached (KV-aware routing). Events
+nobody drains are dropped past a bound, and the next drain asks for a snapshot instead.
 """
 from __future__ import annotations
 
@@ -50,6 +55,9 @@ class BlockPool:
         self._cached: dict[int, int] = {}                         # hash -> block
         self.queries = 0   # prompt tokens looked up in the cache
         self.hits = 0      # of those, tokens found cached
+        self.record_events = False
+        self._events: list[tuple[bool, int]] = []  # (stored?, hash) since the last drain
+        self._events_lost = False
 
     @property
     def num_free(self) -> int:
@@ -82,6 +90,7 @@ class BlockPool:
             if h is not None:  # the least recently used cached block: reclaimed
                 del self._cached[h]
                 self._hash[b] = self._tokens[b] = None
+                self._event(False, h)
             self._refs[b] = 1
             seq.block_table.append(b)
 
@@ -105,12 +114,14 @@ class BlockPool:
         bs = self.block_size
         return tuple(seq.token_ids[i * bs:(i + 1) * bs])
 
-    def match_prefix(self, seq: Sequence) -> list[int]:
-        """The cached blocks that hold the start of `seq`'s tokens (not taken yet); never all of
-        them: the last token is computed again, for its logits."""
+    def match_prefix(self, seq: Sequence, upto: int | None = None) -> list[int]:
+        """The cached blocks that hold the start of `seq`'s tokens [0, upto) (not taken yet). By
+        default never all of them: the last token is computed again, for its logits. A sequence
+        whose prompt KV comes from another worker passes upto = its prompt length: every full
+        prompt block found here is one that need not travel."""
         if not self.caching:
             return []
-        usable = (len(seq.token_ids) - 1) // self.block_size
+        usable = (len(seq.token_ids) - 1 if upto is None else min(upto, len(seq.token_ids))) // self.block_size
         blocks, parent = [], None
         for i in range(usable):
             tokens = self._block_tokens(seq, i)
@@ -162,7 +173,38 @@ class BlockPool:
             if parent not in self._cached and self._hash[b] is None:
                 self._cached[parent] = b
                 self._hash[b], self._tokens[b] = parent, tokens
+                self._event(True, parent)
             # else: the same prefix is cached in another block already (computed side by side)
+
+    def _event(self, stored: bool, h: int) -> None:
+        if not self.record_events:
+            return
+        if len(self._events) >= 2 * self.num_blocks:  # nobody drains: a snapshot will do instead
+            self._events.clear()
+            self._events_lost = True
+        self._events.append((stored, h))
+
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events) or self._events_lost
+
+    def drain_events(self) -> tuple[list[int], list[int]] | None:
+        """(hashes stored, hashes removed) since the last drain, or None when some were dropped
+        (then send `cached_hashes()` as a snapshot). A hash stored then removed (or the reverse)
+        within one drain is reported by its last event only."""
+        if self._events_lost:
+            self._events_lost = False
+            self._events.clear()
+            return None
+        last = dict((h, stored) for stored, h in self._events)
+        self._events.clear()
+        return [h for h, s in last.items() if s], [h for h, s in last.items() if not s]
+
+    def cached_hashes(self) -> list[int]:
+        """Every hash cached now (a snapshot for the router); pending events are dropped."""
+        self._events.clear()
+        self._events_lost = False
+        return list(self._cached)
 
     def check(self) -> None:
         """Invariants, for tests: counts never negative, free blocks held by nobody, the hash

@@ -301,24 +301,30 @@ class LLMEngine:
             self._free(seq)
 
     def reserve_import(self, request_id: str, prompt_token_ids: list[int], first_token: int | None,
-                       params: SamplingParams) -> list[int] | None:
+                       params: SamplingParams) -> tuple[list[int], int] | None:
         """Allocate blocks for a sequence prefilled elsewhere; None when they are not free now.
 
         The blocks hold prompt + first token: the KV of the prompt arrives into them, and the
         first token's KV is computed by the next decode step. The first token may still be
         unknown (the KV was offered while the prefill ran); activate_import() then brings it.
+        Returns (blocks, held): the first `held` blocks are this engine's cached prefix of the
+        prompt (taken, so they cannot be reclaimed meanwhile), whose KV need not travel.
         """
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(len(prompt_token_ids), params)
         tokens = list(prompt_token_ids) + ([] if first_token is None else [int(first_token)])
         seq = Sequence(request_id, tokens, len(prompt_token_ids), params, arrival=next(self._arrival))
-        if not self.pool.can_allocate(seq, seq.num_prompt_tokens + 1):
+        need = seq.num_prompt_tokens + 1
+        cached = self.pool.match_prefix(seq, upto=seq.num_prompt_tokens)
+        if not self.pool.can_take_prefix(seq, cached, need):
             return None
-        self.pool.allocate(seq, seq.num_prompt_tokens + 1)
+        if self.pool.caching:
+            self.pool.take_prefix(seq, cached)  # counts the lookup: prompt tokens, and those held here
+        self.pool.allocate(seq, need)
         self.seqs[request_id] = seq
         self.transfers.receiving[request_id] = False
-        return list(seq.block_table)
+        return list(seq.block_table), len(cached)
 
     def can_reserve(self, num_prompt_tokens: int) -> bool:
         return (blocks_needed(num_prompt_tokens + 1, self.pool.block_size) <= self.pool.num_free

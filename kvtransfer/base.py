@@ -236,8 +236,10 @@ class KVReceiver(ABC):
         """New offers, each returned once; admit with accept() or refuse with reject()."""
 
     @abstractmethod
-    def accept(self, request_id: str, block_ids: list[int]) -> None:
-        """Start receiving into ``block_ids`` (at least ceil(num_tokens/block_size) of them)."""
+    def accept(self, request_id: str, block_ids: list[int], held: int = 0) -> None:
+        """Start receiving into ``block_ids`` (at least ceil(num_tokens/block_size) of them).
+        ``held``: the first ``held`` of them hold this request's KV already (a prefix cache hit
+        on this side); only the rest travel (delta transfer), and those are never written."""
 
     @abstractmethod
     def reject(self, request_id: str, reason: str) -> None: ...

@@ -9,12 +9,17 @@ Message flow, every backend::
     connect()  HELLO(layout)                      ->     layout check
                                                   <-     HELLO_OK | HELLO_REFUSED(mismatch)
     offer()    OFFER(rid, num_tokens, meta, lease_s, ready)  ->   poll_offers()
-                                                  <-     ACCEPT (accept(rid, dst_blocks))
+                                                  <-     ACCEPT(held) (accept(rid, dst_blocks, held))
                                                          | REJECT(reason) (reject())
                DATA(chunk 0), DATA(chunk 1), ...  ->     written into the accepted blocks
                                                   <-     ACK (every cell written, READY seen)
     poll() -> DONE                                       poll() -> DONE
     CANCEL (either way) aborts: cancel(), lease expiry, bad data, close().
+
+    Delta transfer: ACCEPT's ``held`` (0 if absent) says how many leading blocks of the request
+    the receiver holds already (its prefix cache has them: the decode worker found the prompt's
+    chained block hashes there); only blocks [held, nblocks) travel, on every backend. With
+    held == nblocks no byte moves and DONE waits only for READY.
 
     Offer early: OFFER(ready=False) is accepted alike but gets no DATA until ready() sends
     READY(meta) (ready_layers(n) before it may let the chunks of layers [0, n) go ahead); the
@@ -64,7 +69,8 @@ pickle is never used, so a peer can at worst send garbage that ``decode`` reject
     HELLO_REFUSED{error, kind}    receiver -> sender   kind "layout" (error = mismatch message)
     OFFER{xid, rid, num_tokens, nblocks, meta, lease_s, ready?}   ready False: KV still being
                                                        written; READY follows (offer early)
-    ACCEPT{xid, rid} / REJECT{xid, rid, reason}        receiver -> sender
+    ACCEPT{xid, rid, held?} / REJECT{xid, rid, reason} receiver -> sender   held: leading blocks
+                                                       the receiver has already (delta transfer)
     DATA{xid, rid, chunk, l0, l1, b0, b1, dtype, shape, nbytes} + one raw payload frame
     ACK{xid, rid}                 receiver -> sender   after the last DATA byte was written
     READY{xid, rid, meta?}        sender -> receiver   an offer made with ready=False: KV written
@@ -165,20 +171,25 @@ class Chunk:
 
 
 def plan_chunks(num_layers: int, nblocks: int, block_layer_bytes: int,
-                chunk_bytes: int) -> list[Chunk]:
-    """Split a request into chunks of <= chunk_bytes (never less than one block of one layer).
+                chunk_bytes: int, first: int = 0) -> list[Chunk]:
+    """Split blocks [first, nblocks) of a request into chunks of <= chunk_bytes (never less than
+    one block of one layer); none when first == nblocks (the receiver holds them all).
 
     Whole layers are grouped while a layer fits; a layer bigger than chunk_bytes is split by
     blocks.  Layer-major order lets a future decode side start on early layers first."""
-    per_layer = nblocks * block_layer_bytes
+    if not 0 <= first <= nblocks:
+        raise ValueError(f"first block {first} outside [0, {nblocks}]")
+    if first == nblocks:
+        return []
+    per_layer = (nblocks - first) * block_layer_bytes
     if per_layer <= chunk_bytes:
         step = max(1, chunk_bytes // per_layer)
-        return [Chunk(i, l0, min(l0 + step, num_layers), 0, nblocks)
+        return [Chunk(i, l0, min(l0 + step, num_layers), first, nblocks)
                 for i, l0 in enumerate(range(0, num_layers, step))]
     step = max(1, chunk_bytes // block_layer_bytes)
     out: list[Chunk] = []
     for layer in range(num_layers):
-        for b0 in range(0, nblocks, step):
+        for b0 in range(first, nblocks, step):
             out.append(Chunk(len(out), layer, layer + 1, b0, min(b0 + step, nblocks)))
     return out
 

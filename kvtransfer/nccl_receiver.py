@@ -151,17 +151,17 @@ class NcclKVReceiver(ZmqKVReceiver):
         super()._forget(inbound)
         self._nccl_in.pop(inbound.rid, None)
 
-    def accept(self, request_id: str, block_ids: list[int]) -> None:
-        dst_idx = self._admit(request_id, block_ids)
+    def accept(self, request_id: str, block_ids: list[int], held: int = 0) -> None:
+        dst_idx = self._admit(request_id, block_ids, held)
         accepted_at = None
         if self._side_stream is not None:  # engine thread, engine's stream: see _land
             accepted_at = torch.cuda.Event()
             accepted_at.record(torch.cuda.current_stream(self.kv_cache.device))
-        self._command(self._cmd_accept, request_id, dst_idx, accepted_at)
+        self._command(self._cmd_accept, request_id, dst_idx, held, accepted_at)
 
-    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor,
+    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor, held: int = 0,
                     accepted_at: "torch.cuda.Event | None" = None) -> None:
-        super()._cmd_accept(rid, dst_idx)
+        super()._cmd_accept(rid, dst_idx, held)
         inbound = self._in.get(rid)
         if inbound is not None and inbound.accepted:
             self._nccl_in[rid].accepted_at = accepted_at
@@ -179,7 +179,9 @@ class NcclKVReceiver(ZmqKVReceiver):
         inbound = nccl_in.inbound
         pair = self._pairs[inbound.key]  # type: ignore[index]  # OFFERs only come from live pairs
         nccl_in.chunks = frames.plan_chunks(self.layout.num_layers, inbound.nblocks,
-                                            self.layout.block_layer_bytes, nccl_in.chunk_bytes)
+                                            self.layout.block_layer_bytes, nccl_in.chunk_bytes, inbound.held)
+        if not nccl_in.chunks:
+            return  # every block held here: the base class finished it at accept or READY
         pair.active.append(nccl_in)
         self._post_recvs(inbound.key)  # type: ignore[arg-type]
 

@@ -35,6 +35,7 @@ class _Inbound:
     nblocks: int
     deadline: float
     accepted: bool = False
+    held: int = 0          # accept(): leading blocks that hold the KV already; never written
     dst_idx: torch.Tensor | None = None  # [nblocks] int64 on the CPU (from accept())
     dst_dev: torch.Tensor | None = None  # dst_idx on the cache device (I/O thread, lazily)
     covered: torch.Tensor | None = None  # [num_layers, nblocks] bool: cells written so far
@@ -84,10 +85,10 @@ class ReceiverCore(_Endpoint, KVReceiver):
             self._drained_locked()
         return offers
 
-    def accept(self, request_id: str, block_ids: list[int]) -> None:
-        self._command(self._cmd_accept, request_id, self._admit(request_id, block_ids))
+    def accept(self, request_id: str, block_ids: list[int], held: int = 0) -> None:
+        self._command(self._cmd_accept, request_id, self._admit(request_id, block_ids, held), held)
 
-    def _admit(self, request_id: str, block_ids: list[int]) -> torch.Tensor:
+    def _admit(self, request_id: str, block_ids: list[int], held: int = 0) -> torch.Tensor:
         """Engine thread: check accept()'s arguments and mark the offer accepted; the block ids
         to write, [nblocks] int64 on the CPU."""
         with self._lock:
@@ -101,6 +102,8 @@ class ReceiverCore(_Endpoint, KVReceiver):
                     or max(ids) >= self.kv_cache.shape[2]:
                 raise ValueError(f"{request_id}: need {n} distinct block ids in "
                                  f"[0, {self.kv_cache.shape[2]}), got {list(block_ids)}")
+            if type(held) is not int or not 0 <= held <= n:
+                raise ValueError(f"{request_id}: held must be an int in [0, {n}], got {held!r}")
             self._accepted.add(request_id)
         return torch.tensor(ids, dtype=torch.long)
 
@@ -231,8 +234,10 @@ class ReceiverCore(_Endpoint, KVReceiver):
             self._drop(f"DATA {inbound.rid}: {e}")
             return self._abort(inbound, f"bad DATA chunk: {e}", "error")
         l0, l1, b0, b1 = msg["l0"], msg["l1"], msg["b0"], msg["b1"]
-        if inbound.covered is None:
-            inbound.covered = torch.zeros(self.layout.num_layers, inbound.nblocks, dtype=torch.bool)
+        if b0 < inbound.held:
+            return self._abort(inbound, f"DATA for blocks [{b0},{b1}): the first {inbound.held} are "
+                               "held here already", "error")
+        self._start_covered(inbound)
         # [l1-l0, 2, num_blocks, ...] view of the cache; index_copy_ writes whole blocks in place.
         self.kv_cache[l0:l1].index_copy_(2, inbound.dst(self.kv_cache.device)[b0:b1],
                                          chunk.to(self.kv_cache.device))
@@ -242,6 +247,13 @@ class ReceiverCore(_Endpoint, KVReceiver):
         self.stats["chunks"] += 1
         self.stats["bytes"] += msg["nbytes"]
         self._finish_if_complete(inbound)
+
+    def _start_covered(self, inbound: _Inbound) -> None:
+        """The cells map, with the held blocks' columns counted as written."""
+        if inbound.covered is None:
+            inbound.covered = torch.zeros(self.layout.num_layers, inbound.nblocks, dtype=torch.bool)
+            inbound.covered[:, :inbound.held] = True
+            inbound.ncovered = self.layout.num_layers * inbound.held
 
     def _finish_if_complete(self, inbound: _Inbound) -> None:
         """DONE once every cell is written and, for an early offer, its READY has come: data
@@ -292,18 +304,23 @@ class ReceiverCore(_Endpoint, KVReceiver):
             why = "expired" if msg.get("expired") is True else "cancelled"
             self._abort(inbound, msg["reason"], why, tell=False)
 
-    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor) -> None:
+    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor, held: int = 0) -> None:
         inbound = self._in.get(rid)
         if inbound is None or inbound.accepted:
             return self._emit(rid, TransferStatus.FAILED, "offer no longer available "
                                                           "(expired or cancelled)")
         inbound.accepted = True
         inbound.dst_idx = dst_idx
+        inbound.held = held
         self._send_ctrl(inbound.key, self._accept_msg(inbound))
+        if held == inbound.nblocks:  # every block here already: done once READY says so
+            self._start_covered(inbound)
+            self._finish_if_complete(inbound)
 
     def _accept_msg(self, inbound: _Inbound) -> dict:
         """The ACCEPT for ``inbound``; backends may add fields (and plan the data path)."""
-        return frames.make(frames.ACCEPT, xid=inbound.xid, rid=inbound.rid)
+        held = {"held": inbound.held} if inbound.held else {}
+        return frames.make(frames.ACCEPT, xid=inbound.xid, rid=inbound.rid, **held)
 
     def _cmd_cancel(self, rid: str) -> None:
         inbound = self._in.get(rid)

@@ -48,6 +48,7 @@ class _Outbound:
     chunks: list[frames.Chunk] = field(default_factory=list)
     next_chunk: int = 0
     accepted: bool = False
+    held: int = 0          # leading blocks the receiver has already (its ACCEPT): not sent
     kv_ready: bool = True  # False from offer(ready=False) until ready()
     # (layers written, CUDA event recorded on the caller's stream then, or None) per call of
     # offer(ready=True), ready_layers() and ready(), in call order: layer counts only grow
@@ -277,7 +278,13 @@ class SenderCore(_Endpoint, KVSender):
         out = self._match(peer, msg)
         if out is None or out.accepted:
             return
+        held = msg.get("held", 0)
+        if type(held) is not int or not 0 <= held <= len(out.src_idx):
+            self._send_ctrl(peer, frames.make(frames.CANCEL, xid=out.xid, rid=out.rid,
+                                              reason=f"bad ACCEPT: held {held!r}"))
+            return self._finish(out, TransferStatus.FAILED, f"{peer} sent a bad ACCEPT (held {held!r})")
         out.accepted = True
+        out.held = held
         with self._lock:
             self._status[out.rid] = TransferStatus.SENDING
         if out.layers_ready:
@@ -287,7 +294,7 @@ class SenderCore(_Endpoint, KVSender):
         """Accepted and (partly) written: queue the transfer for _pump while a chunk is ready."""
         if not out.chunks:
             out.chunks = frames.plan_chunks(self.layout.num_layers, len(out.src_idx),
-                                            self.layout.block_layer_bytes, self.chunk_bytes)
+                                            self.layout.block_layer_bytes, self.chunk_bytes, out.held)
         rr = self._round_robin.setdefault(out.peer, deque())
         if out.sendable() and out not in rr:
             rr.append(out)

@@ -383,8 +383,8 @@ class ZmqKVReceiver(ReceiverCore):
         if remote is not None and inbound is not None and inbound.xid == msg["xid"] and inbound.key == key:
             inbound.src_idx = torch.tensor(src, dtype=torch.long)
 
-    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor) -> None:
-        super()._cmd_accept(rid, dst_idx)
+    def _cmd_accept(self, rid: str, dst_idx: torch.Tensor, held: int = 0) -> None:
+        super()._cmd_accept(rid, dst_idx, held)
         if (inbound := self._in.get(rid)) is not None:
             self._pull(inbound)
 
@@ -400,12 +400,14 @@ class ZmqKVReceiver(ReceiverCore):
             return
         dev = self.kv_cache.device
         # This thread's current stream is the engine's: the copy lands behind every step queued so far.
-        self.kv_cache.index_copy_(2, inbound.dst(dev),
-                                  remote.index_select(2, inbound.src_idx.to(dev, non_blocking=True)))
+        held = inbound.held  # blocks [0, held) are here already (delta transfer)
+        if held < inbound.nblocks:
+            self.kv_cache.index_copy_(2, inbound.dst(dev)[held:],
+                                      remote.index_select(2, inbound.src_idx[held:].to(dev, non_blocking=True)))
+            self.stats["chunks"] += 1
+            self.stats["bytes"] += self.layout.num_layers * (inbound.nblocks - held) * self.layout.block_layer_bytes
         inbound.covered = torch.ones(self.layout.num_layers, inbound.nblocks, dtype=torch.bool)
         inbound.ncovered = inbound.covered.numel()
-        self.stats["chunks"] += 1
-        self.stats["bytes"] += self.layout.num_layers * inbound.nblocks * self.layout.block_layer_bytes
         self._finish_if_complete(inbound)  # waits for the copy (DONE promises the bytes are there)
 
     def _t_wait(self, timeout_s: float, want_write: list) -> list[tuple[Hashable, dict, Payload]]:

@@ -46,9 +46,11 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
-    p.add_argument("--routing-policy", default="round_robin", choices=["round_robin", "least_loaded"],
-                   help="how a request's workers are picked: in turn, or the one with the fewest requests "
-                        "placed on it (default: %(default)s)")
+    p.add_argument("--routing-policy", default="round_robin", choices=["round_robin", "least_loaded", "kv_aware"],
+                   help="how a request's workers are picked: in turn, the one with the fewest requests placed "
+                        "on it, or by what each caches of the prompt against its load (kv_aware: the prefill "
+                        "worker with the fewest tokens to compute, the decode worker with the fewest to receive; "
+                        "learnt from the workers' KV events) (default: %(default)s)")
     p.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated", "adaptive"],
                    help="where prefills run: a prefill pool, the decode worker (workers of role both), "
                         "or either, decided per request from measured speeds")

@@ -74,7 +74,7 @@ class PrefillWorker(WorkerLoop):
                 time.sleep(self.settings.debug_step_delay_s)
             self._step()
         self.handoff.poll()
-        if self.link.heartbeat_due(self.settings.heartbeat_s):
+        if self.heartbeat_due():
             sch = self.engine.scheduler
             stats = self.handoff.stats
             self.link.send(messages.Heartbeat(self.settings.worker_id, len(sch.running), len(sch.waiting),

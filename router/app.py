@@ -230,7 +230,8 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
         hub = router.hub
         load = {"mode": settings.mode, "requests_in_flight": len(hub.requests) if hub else 0,
                 "queued_requests": hub.admission.requests if hub else 0,
-                "placements": dict(hub.placements) if hub else {}}
+                "placements": dict(hub.placements) if hub else {},
+                "routing": {f"{job}/{reason}": n for (job, reason), n in sorted(hub.routing.items())} if hub else {}}
         if router.draining:
             body = error_body("shutting down", "service_unavailable")
             body.update(load, workers=workers)

@@ -38,6 +38,7 @@ from control.droplog import DropLog
 from control.security import CurveKeys, check_bind
 
 from .admission import Admission
+from .kv_index import prompt_hashes
 from .placement import Candidate, choose_prefill
 from .registry import MODES, WorkerInfo, WorkerRegistry
 from .request import Event, RequestState
@@ -56,6 +57,10 @@ class WorkerHub:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.mode = mode
         self.placements = {"local": 0, "handed_off": 0}   # where prefills ran: on the decode worker or not
+        # routing decisions: (job, reason) -> count. reason: the policy's name, or for kv_aware
+        # "prefix" (the worker picked caches part of the prompt) or "load" (none does, or too busy)
+        self.routing: dict[tuple[str, str], int] = {}
+        self.kv_overlap_weight = 1.0  # kv_aware: a prompt token to send or compute, against one in use
         self.registry = registry
         self.admission = admission or Admission(10**9, 10**12)
         self.ctx = ctx or zmq.asyncio.Context()
@@ -146,20 +151,77 @@ class WorkerHub:
         """(prefill worker, decode worker) for the request in this router's mode."""
         reg = self.registry
         if self.mode == "disaggregated":
-            pw, dw = reg.pick("prefill", exclude), reg.pick("decode")
+            pw, dw = self._pick("prefill", state, exclude), self._pick("decode", state, set())
             if pw is None or dw is None:
                 raise LookupError("no live " + ("prefill" if pw is None else "decode") + " worker")
             return pw, dw
-        dw = reg.pick("decode", exclude)
+        dw = self._pick("decode", state, exclude)
         if dw is None:
             raise LookupError("no live decode worker")
         if self.mode == "colocated":
             return dw, dw
         others = [self._candidate(w) for w in reg.candidates("prefill", exclude | {dw.worker_id})]
-        pw, costs = choose_prefill(self._candidate(dw), others, len(state.prompt_token_ids))
+        cached = {c.worker.worker_id: self._cached_tokens(state, c.worker, compute=True)
+                  for c in [self._candidate(dw), *others]}
+        pw, costs = choose_prefill(self._candidate(dw), others, len(state.prompt_token_ids), cached,
+                                   self._cached_tokens(state, dw, compute=False))
         log.debug("request %s: prefill on %s (estimated costs %s)", state.request_id, pw.worker_id,
                   {k: round(v * 1e3, 2) for k, v in costs.items()})
         return pw, dw
+
+    def _pick(self, job: str, state: RequestState, exclude: set[str]) -> WorkerInfo | None:
+        """The worker for `job` ("prefill": computes the prompt; "decode": receives its KV, or in
+        colocated mode computes it too) by the routing policy. kv_aware weighs what each worker
+        caches of the prompt (router/kv_index.py) against its load, in prompt tokens:
+
+            prefill worker P:  queued(P) + uncached(P)          its backlog, then this prompt's part
+                                                                that it must compute
+            decode worker D:   w * uncached(D) + in_use(D)      the part of the KV that must travel
+                                                                (or be computed, colocated), against
+                                                                the tokens D holds for its sequences
+
+        where queued(P) counts prompt tokens placed on P whose first token has not come back and
+        in_use(D) the KV blocks D reports in use (as tokens) plus prompts placed there and not yet
+        started; w is kv_overlap_weight (1). Ties go round robin."""
+        reg = self.registry
+        if reg.policy != "kv_aware":
+            w = reg.pick(job, exclude)
+            if w is not None:
+                self._decided(job, reg.policy)
+            return w
+        cands = reg.candidates(job, exclude)
+        if not cands:
+            return None
+        num = len(state.prompt_token_ids)
+        compute = job == "prefill" or self.mode == "colocated"
+        cached = {w.worker_id: self._cached_tokens(state, w, compute) for w in cands}
+        costs = {}
+        for w in cands:
+            if job == "prefill":
+                costs[w.worker_id] = self._candidate(w).backlog + num - cached[w.worker_id]
+            else:
+                hb = w.heartbeat
+                in_use = (hb.total_blocks - hb.free_blocks) * w.layout.block_size if hb else 0
+                coming = sum(len(st.prompt_token_ids) for st in map(self.requests.get, w.outstanding)
+                             if st is not None and st.decode_worker == w.worker_id and st.first_token_at is None)
+                costs[w.worker_id] = self.kv_overlap_weight * (num - cached[w.worker_id]) + in_use + coming
+        wid = reg.pick_cheapest(job, costs)
+        self._decided(job, "prefix" if cached[wid] else "load")
+        if len(cands) > 1:
+            log.debug("request %s: %s on %s (cached tokens %s, costs %s)", state.request_id, job, wid, cached, costs)
+        return reg.workers[wid]
+
+    def _cached_tokens(self, state: RequestState, w: WorkerInfo, compute: bool) -> int:
+        """Prompt tokens `w` caches by the KV index: those it need not compute (compute: at
+        least the last one is computed, for its logits) or receive."""
+        bs = w.layout.block_size
+        if state.block_hashes is None:
+            state.block_hashes = prompt_hashes(state.prompt_token_ids, bs)
+        n = self.registry.kv.cached_blocks(w.worker_id, state.block_hashes) * bs
+        return min(n, (len(state.prompt_token_ids) - 1) // bs * bs) if compute else n
+
+    def _decided(self, job: str, reason: str) -> None:
+        self.routing[(job, reason)] = self.routing.get((job, reason), 0) + 1
 
     def _candidate(self, w: WorkerInfo) -> Candidate:
         """What this router has placed on `w`: prompt tokens still to prefill, sequences to decode."""

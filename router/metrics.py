@@ -10,7 +10,10 @@ Names follow vLLM's (`vllm:` becomes `pdserve:`), each with a `model_name` label
   the prefill worker is part of the time to first token);
 - counters: `prompt_tokens_total`, `generation_tokens_total`, `request_success_total{finished_reason}`;
 - per worker (label `worker`), from the workers' heartbeats: `kv_cache_usage_perc` (0..1),
-  `kv_transfer_bytes_total`, `kv_transfer_seconds` (histogram), `kv_transfer_failures_total`.
+  `kv_transfer_bytes_total`, `kv_transfer_saved_bytes_total` (bytes a decode worker's cached
+  prefix kept from travelling), `kv_transfer_seconds` (histogram), `kv_transfer_failures_total`,
+  `prefix_cache_queries_total` and `prefix_cache_hits_total` (prompt tokens);
+- `routing_decisions_total{job, reason}`: workers picked for prefill and decode, and why.
 
 The older `pdserve_*` series (request outcomes, queue, per-worker load) stay beside them.
 Each router has its own `CollectorRegistry`, so two routers in one process (tests) do not mix.
@@ -102,6 +105,13 @@ class _Live:
                                   labels=["model_name", "worker", "role"])
         tbytes = CounterMetricFamily("pdserve:kv_transfer_bytes", "KV bytes sent (prefill) or received (decode).",
                                      labels=["model_name", "worker", "role"])
+        tsaved = CounterMetricFamily("pdserve:kv_transfer_saved_bytes",
+                                     "KV bytes that did not travel: the decode worker held them cached.",
+                                     labels=["model_name", "worker", "role"])
+        queries = CounterMetricFamily("pdserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels=["model_name", "worker", "role"])
+        hits = CounterMetricFamily("pdserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   labels=["model_name", "worker", "role"])
         tfail = CounterMetricFamily("pdserve:kv_transfer_failures", "KV transfers that failed or timed out.",
                                     labels=["model_name", "worker", "role"])
         tsec = HistogramMetricFamily("pdserve:kv_transfer_seconds", "Duration of completed KV transfers.",
@@ -112,6 +122,9 @@ class _Live:
             free = hb.free_blocks if hb else total
             usage.add_metric(labels, (1 - free / total) if total else 0.0)
             tbytes.add_metric(labels, hb.kv_transfer_bytes if hb else 0)
+            tsaved.add_metric(labels, hb.kv_transfer_saved_bytes if hb else 0)
+            queries.add_metric(labels, hb.prefix_cache_queries if hb else 0)
+            hits.add_metric(labels, hb.prefix_cache_hits if hb else 0)
             tfail.add_metric(labels, hb.kv_transfer_failures if hb else 0)
             counts = list(hb.kv_transfer_buckets) if hb and len(hb.kv_transfer_buckets) == len(
                 KV_TRANSFER_BUCKETS) + 1 else [0] * (len(KV_TRANSFER_BUCKETS) + 1)
@@ -120,15 +133,13 @@ class _Live:
                 cum += n
                 buckets.append((bound, cum))
             tsec.add_metric(labels, buckets, (hb.kv_transfer_seconds_us if hb else 0) / 1e6)
-        queries = CounterMetricFamily("pdserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                      labels=["model_name", "worker", "role"])
-        hits = CounterMetricFamily("pdserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                                   labels=["model_name", "worker", "role"])
-        for w in workers:
-            hb, labels = w.heartbeat, [model, w.worker_id, w.role]
-            queries.add_metric(labels, hb.prefix_cache_queries if hb else 0)
-            hits.add_metric(labels, hb.prefix_cache_hits if hb else 0)
-        yield from (usage, tbytes, tfail, tsec, queries, hits)
+        yield from (usage, tbytes, tsaved, tfail, tsec, queries, hits)
+        decisions = CounterMetricFamily("pdserve:routing_decisions", "Workers picked, by job and reason (the policy's "
+                                        "name; kv_aware: prefix, the worker caches part of the prompt, or load).",
+                                        labels=["model_name", "job", "reason"])
+        for (job, reason), n in sorted(hub.routing.items()) if hub else ():
+            decisions.add_metric([model, job, reason], n)
+        yield decisions
         per_worker = {
             "pdserve_worker_alive": lambda w, hb: int(reg.is_alive(w)),
             "pdserve_worker_free_blocks": lambda w, hb: hb.free_blocks if hb else w.num_blocks,

@@ -10,7 +10,8 @@ what the workers measured, not with a fixed threshold:
             + running(P) * L * s(P)        every sequence decoding on P is delayed by the prompt
             + (P != D) * L * x(P)          the KV then crosses to the decode worker D
 
-for a prompt of L tokens, over every candidate P: the decode worker D and every worker
+for a prompt of L tokens (less what P has cached in the compute terms, less what D has cached in
+the transfer term: only that part travels), over every candidate P: the decode worker D and every worker
 that prefills for others. `s` is the worker's measured engine time per prompt token,
 `x` its measured KV transfer time per token, `backlog` the prompt tokens the router has
 placed on P whose first token has not come back, `running` the sequences the router has
@@ -40,8 +41,11 @@ class Candidate:
     running: int     # sequences placed there to decode, not ended
 
 
-def cost(c: Candidate, num_tokens: int, local: bool, s: float, x: float) -> float:
-    return (c.backlog + num_tokens) * s + c.running * num_tokens * s + (0.0 if local else num_tokens * x)
+def cost(c: Candidate, num_tokens: int, local: bool, s: float, x: float, cached: int = 0, held: int = 0) -> float:
+    """`cached`: prompt tokens P has cached (not computed again); `held`: those the decode worker
+    has cached (not sent: delta transfer)."""
+    compute = num_tokens - cached
+    return (c.backlog + compute) * s + c.running * compute * s + (0.0 if local else (num_tokens - held) * x)
 
 
 def speeds(w: WorkerInfo, fallback_s: float) -> tuple[float, float]:
@@ -51,18 +55,22 @@ def speeds(w: WorkerInfo, fallback_s: float) -> tuple[float, float]:
     return s, x
 
 
-def choose_prefill(decode: Candidate, others: list[Candidate], num_tokens: int) -> tuple[WorkerInfo, dict[str, float]]:
+def choose_prefill(decode: Candidate, others: list[Candidate], num_tokens: int, cached: dict[str, int] | None = None,
+                   held: int = 0) -> tuple[WorkerInfo, dict[str, float]]:
     """The worker to prefill on (the decode worker's own, or one of `others`) and every
-    candidate's cost in seconds, for logs and tests."""
+    candidate's cost in seconds, for logs and tests. `cached`: prompt tokens each worker has
+    cached (by worker id; router/kv_index.py), `held`: those the decode worker has, which a
+    hand-off does not send."""
+    cached = cached or {}
     measured = [c.worker.heartbeat.prefill_ns_per_token * 1e-9 for c in [decode, *others]
                 if c.worker.heartbeat and c.worker.heartbeat.prefill_ns_per_token]
     fallback = sum(measured) / len(measured) if measured else DEFAULT_S_PER_TOKEN
     s, x = speeds(decode.worker, fallback)
-    costs = {decode.worker.worker_id: cost(decode, num_tokens, True, s, x)}
+    costs = {decode.worker.worker_id: cost(decode, num_tokens, True, s, x, cached.get(decode.worker.worker_id, 0))}
     best, best_cost = decode.worker, costs[decode.worker.worker_id]
     for c in others:
         s, x = speeds(c.worker, fallback)
-        costs[c.worker.worker_id] = v = cost(c, num_tokens, False, s, x)
+        costs[c.worker.worker_id] = v = cost(c, num_tokens, False, s, x, cached.get(c.worker.worker_id, 0), held)
         if v < best_cost:
             best, best_cost = c.worker, v
     return best, costs

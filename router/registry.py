@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from kvtransfer import KVLayout, LayoutMismatch
 from control import messages
 
-POLICIES = ("round_robin", "least_loaded")
+from .kv_index import KVIndex
+
+POLICIES = ("round_robin", "least_loaded", "kv_aware")
 MODES = ("disaggregated", "colocated", "adaptive")
 ROLES = ("prefill", "decode", "both")
 # Which roles can do a job: prefill a request for another worker, or decode (and prefill its own).
@@ -79,6 +81,7 @@ class WorkerRegistry:
         self.clock = clock
         self.workers: dict[str, WorkerInfo] = {}
         self._rr = {job: itertools.count() for job in CAN}
+        self.kv = KVIndex()  # which worker caches which prefix, from their heartbeats
 
     def register(self, msg: messages.Register) -> str | None:
         """Adds (or replaces) a worker; returns the reason when it is refused."""
@@ -98,6 +101,7 @@ class WorkerRegistry:
             except LayoutMismatch as e:
                 return str(e)
             break  # all live workers share one layout: comparing with one suffices
+        self.kv.forget(msg.worker_id)  # a new process: whatever it cached before is gone
         self.workers[msg.worker_id] = WorkerInfo(msg.worker_id, msg.role, layout, msg.kv_address, msg.num_blocks,
                                                  msg.max_model_len, msg.pid, self.clock(), incarnation=msg.incarnation)
         return None
@@ -107,9 +111,11 @@ class WorkerRegistry:
         if w is None:
             return False
         w.last_seen, w.heartbeat = self.clock(), msg
+        self.kv.update(msg)
         return True
 
     def remove(self, worker_id: str) -> WorkerInfo | None:
+        self.kv.forget(worker_id)
         return self.workers.pop(worker_id, None)
 
     def seen(self, worker_id: str) -> None:
@@ -143,6 +149,12 @@ class WorkerRegistry:
         if self.policy == "least_loaded":
             return min(live, key=lambda w: w.load)  # ties: lowest id, stable across calls
         return live[next(self._rr[job]) % len(live)]
+
+    def pick_cheapest(self, job: str, costs: dict[str, float]) -> str:
+        """The worker id of the lowest cost; ties taken in turn (round robin among them)."""
+        best = min(costs.values())
+        ties = sorted(w for w, c in costs.items() if c == best)
+        return ties[next(self._rr[job]) % len(ties)]
 
     def candidates(self, job: str, exclude: set[str] = frozenset()) -> list[WorkerInfo]:
         """Live, not draining workers that can do `job`, by id."""

@@ -35,6 +35,7 @@ class RequestState:
         self.request_id = request_id     # the id on the wire: base_id, then base_id.N for attempt N
         self.attempt = 0
         self.prompt_token_ids = prompt_token_ids
+        self.block_hashes: list[int] | None = None  # the prompt's chained block hashes (KV-aware routing)
         self.params = params
         self.prefill_worker: str | None = None
         self.decode_worker: str | None = None

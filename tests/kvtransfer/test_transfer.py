@@ -453,3 +453,93 @@ def test_fileno_is_readable_exactly_while_there_is_something_to_poll(make_pair):
     check_copied(p, [4], [2])
     p.receiver.close()
     assert p.receiver.poll() == [] and p.receiver.poll_offers() == []  # no fd touched
+
+
+# ---- delta transfer: the receiver holds the first blocks already ---------------------------------
+SENTINEL = 7.5  # what "cached" blocks hold in these tests: a byte written over them would show
+
+
+def _held_bytes(p, n: int) -> int:
+    return p.receiver.layout.num_layers * n * p.receiver.layout.block_layer_bytes
+
+
+@pytest.mark.parametrize("held", [1, 3, 6])
+def test_delta_transfer_moves_only_the_blocks_not_held(make_pair, held):
+    """accept(held=k): blocks [0, k) are never written and their bytes never travel; the rest
+    arrive bit for bit, so with the held blocks holding what the sender has, the result equals a
+    full transfer's."""
+    p = make_pair(sender_kw={"chunk_bytes": 1024})  # several chunks, some split by blocks
+    src_ids, dst_ids = [5, 2, 8, 11, 0, 30, 17], [3, 39, 1, 20, 7, 12, 33]
+    num_tokens = 6 * 4 + 1
+    p.dst[:, :, dst_ids[:held]] = SENTINEL
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, dst_ids, held=held)
+    p.sender.offer(p.peer, "r", src_ids, num_tokens, {}, lease_s=10)
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    assert p.sent_status("r") is DONE and p.recv_statuses("r") == [DONE]
+    assert bool((p.dst[:, :, dst_ids[:held]] == SENTINEL).all()), "a held block was written"
+    check_copied(p, src_ids[held:], dst_ids[held:])
+    check_untouched(p, set(dst_ids))
+    moved = _held_bytes(p, len(dst_ids) - held)
+    assert p.receiver.stats["bytes"] == moved and p.sender.stats["bytes"] in (0, moved)  # 0: on one GPU
+    # the same offer again in full, into fresh blocks that then hold what a delta left alone
+    full = [21, 22, 23, 24, 25, 26, 27]
+    p.dst[:, :, dst_ids[:held]] = p.src[:, :, src_ids[:held]]
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, full)
+    p.sender.offer(p.peer, "r2", src_ids, num_tokens, {}, lease_s=10)
+    p.run_until(lambda: "r2" in p.sent and "r2" in p.recv)
+    assert torch.equal(as_bytes(p.dst[:, :, dst_ids]), as_bytes(p.dst[:, :, full]))
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_delta_transfer_of_a_fully_held_prompt_moves_nothing(make_pair, early):
+    """Every block held: no byte travels; DONE comes at once, or (early offer) with READY's meta."""
+    p = make_pair()
+    src_ids, dst_ids = [4, 6], [10, 11]
+    p.dst[:, :, dst_ids] = SENTINEL
+    p.on_offer = lambda off: p.receiver.accept(off.request_id, dst_ids, held=2)
+    p.sender.offer(p.peer, "r", src_ids, 8, {}, lease_s=10, ready=not early)
+    if early:
+        p.run_until(lambda: p.sender.status("r") is TransferStatus.SENDING, what="ACCEPT")
+        deadline = time.monotonic() + 0.2
+        p.run_until(lambda: time.monotonic() > deadline)
+        assert "r" not in p.recv  # no DONE before READY: the first token comes with it
+        p.sender.ready("r", meta={"first_token": 9})
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    assert p.sent_status("r") is DONE and p.recv_statuses("r") == [DONE]
+    if early:
+        assert p.recv["r"][0].meta == {"first_token": 9}
+    assert bool((p.dst[:, :, dst_ids] == SENTINEL).all())
+    assert p.receiver.stats["bytes"] == 0 and p.sender.stats["bytes"] == 0
+
+
+def test_delta_transfer_argument_and_protocol_errors(kind, make_pair):
+    p = make_pair()
+    p.sender.offer(p.peer, "r", [0, 1], 8, {}, lease_s=10)
+    p.run_until(lambda: "r" in p.offers, what="the offer")
+    for bad in (-1, 3, 1.0, True):
+        with pytest.raises(ValueError):
+            p.receiver.accept("r", [5, 6], held=bad)
+    p.receiver.accept("r", [5, 6], held=1)  # still acceptable after the refused calls
+    p.run_until(lambda: "r" in p.sent and "r" in p.recv)
+    assert p.sent_status("r") is DONE
+    # a receiver that claims more held blocks than the offer has: the sender fails it, both ends
+    p.receiver._accept_msg = lambda inbound: frames.make(frames.ACCEPT, xid=inbound.xid, rid=inbound.rid,
+                                                         held=inbound.nblocks + 1)
+    p.sender.offer(p.peer, "bad", [0, 1], 8, {}, lease_s=10)
+    p.run_until(lambda: "bad" in p.offers, what="the offer")
+    p.receiver.accept("bad", [5, 6])
+    p.run_until(lambda: "bad" in p.sent and "bad" in p.recv)
+    assert p.sent_status("bad") is FAILED and "held" in p.sent["bad"].error
+    # (a receiver on the sender's GPU copies by itself what it asked for, all of it here: DONE)
+    ends = ([FAILED], [CANCELLED], [DONE]) if kind == "zmq-same-gpu" else ([FAILED], [CANCELLED])
+    assert p.recv_statuses("bad") in ends
+
+
+def test_plan_chunks_from_a_first_block():
+    chunks = plan_chunks(4, 10, 100, 250, first=3)   # a layer of 7 blocks is 700 B > 250: split
+    assert {(c.b0, c.b1) for c in chunks} == {(3, 5), (5, 7), (7, 9), (9, 10)}
+    assert [c.index for c in chunks] == list(range(len(chunks))) and len(chunks) == 16
+    assert plan_chunks(4, 10, 10, 1000, first=10) == []
+    assert all(c.b0 == 2 for c in plan_chunks(4, 10, 10, 1000, first=2))
+    with pytest.raises(ValueError):
+        plan_chunks(4, 10, 10, 1000, first=11)
