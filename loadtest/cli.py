@@ -33,10 +33,12 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="seconds one request may take, start to last byte (default: %(default)s)")
 
     g = p.add_argument_group("dataset")
-    g.add_argument("--dataset", choices=("random", "prefix", "sharegpt", "jsonl"), default=None,
+    g.add_argument("--dataset", choices=("random", "prefix", "multiturn", "sharegpt", "jsonl"), default=None,
                    help="(default: random, or from --dataset-path: *.jsonl is jsonl, else sharegpt); prefix: "
                         "random prompts in --prefix-groups groups, each sharing a --prefix-len-token prefix, "
-                        "with a unique --input-len suffix")
+                        "with a unique --input-len suffix; multiturn: --num-conversations conversations of "
+                        "--turns turns, each opening with its own --prefix-len-token context, each turn "
+                        "re-sending the conversation so far (replies included) and an --input-len message")
     g.add_argument("--dataset-path", default=None, metavar="FILE",
                    help='ShareGPT JSON, or JSONL of {"prompt": text or token ids, "max_tokens"?: N}')
     g.add_argument("--tokenizer", default=None, metavar="DIR",
@@ -52,7 +54,13 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-groups", type=int, default=8, metavar="G",
                    help="--dataset prefix: groups of prompts sharing a prefix (default: %(default)s)")
     g.add_argument("--prefix-len", type=int, default=1024, metavar="P",
-                   help="--dataset prefix: tokens of each group's shared prefix (default: %(default)s)")
+                   help="--dataset prefix: tokens of each group's shared prefix; multiturn: of each "
+                        "conversation's context (default: %(default)s)")
+    g.add_argument("--num-conversations", type=int, default=8, metavar="C",
+                   help="--dataset multiturn: conversations, started at --request-rate (default: %(default)s)")
+    g.add_argument("--turns", type=int, default=4, metavar="T",
+                   help="--dataset multiturn: turns a conversation, each sent when the previous reply "
+                        "has arrived; C * T requests in all (default: %(default)s)")
     g.add_argument("--range-ratio", type=float, default=0.0, metavar="R",
                    help="random lengths uniform in [len * (1 - R), len * (1 + R)] (default: %(default)s)")
 
@@ -116,6 +124,7 @@ def _url(base: str, path: str) -> str:
 
 
 def _load_samples(args, rng):
+    """The run's ``Sample``s, or its ``Conversation``s for ``--dataset multiturn``."""
     from loadtest import datasets
 
     tok_dir = args.tokenizer or (args.model if args.model and os.path.isdir(args.model) else None)
@@ -124,6 +133,15 @@ def _load_samples(args, rng):
     kind = args.dataset or ("random" if not args.dataset_path
                             else "jsonl" if args.dataset_path.endswith(".jsonl") else "sharegpt")
     out_len = args.output_len or datasets.DEFAULT_OUTPUT_LEN
+    if kind == "multiturn":
+        if args.dataset_path:
+            raise ValueError("--dataset multiturn takes no --dataset-path")
+        if args.num_prompts is not None:
+            raise ValueError("--dataset multiturn sends --num-conversations x --turns requests; "
+                             "it takes no --num-prompts")
+        return datasets.multiturn_conversations(args.num_conversations, args.turns, args.prefix_len,
+                                                args.input_len, out_len, args.range_ratio, rng, chat=chat,
+                                                tokenizer=tok)
     if kind in ("random", "prefix"):
         if args.dataset_path:
             raise ValueError(f"--dataset {kind} takes no --dataset-path")
@@ -171,7 +189,9 @@ async def _bench(args, samples, settings_list, arrival_seed, extra_body: dict) -
         from tqdm import tqdm
     except ImportError:  # the bar is a nicety
         tqdm = None
-    limit = args.max_concurrency or max(len(samples), args.warmup, 1)  # never queue in the pool
+    # Never queue in the pool: a sample, or a conversation, has one request in flight at most.
+    limit = args.max_concurrency or max(len(samples), args.warmup, 1)
+    n = runner.num_requests(samples)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout),
                                  limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)) as client:
         try:
@@ -190,7 +210,7 @@ async def _bench(args, samples, settings_list, arrival_seed, extra_body: dict) -
             print(f"Maximum request concurrency: {settings.max_concurrency}")
             bar = None
             if tqdm is not None and not args.disable_tqdm:
-                bar = tqdm(total=len(samples), file=sys.stderr, desc=f"{settings.request_rate:g} req/s")
+                bar = tqdm(total=n, file=sys.stderr, desc=f"{settings.request_rate:g} req/s")
             result = await runner.run(client, endpoint, samples, settings, np.random.default_rng(arrival_seed),
                                       on_done=(lambda _: bar.update(1)) if bar else None)
             if bar:
@@ -202,7 +222,7 @@ async def _bench(args, samples, settings_list, arrival_seed, extra_body: dict) -
             print(report.format_summary(result), flush=True)
             runs.append(result)
             if args.result_file:  # after every rate, so a stopped sweep keeps the rates done
-                report.write_result(args.result_file, _config(args, model, len(samples)), runs)
+                report.write_result(args.result_file, _config(args, model, n), runs)
         if args.result_file:
             print(f"Results written to {args.result_file}")
     return 0 if any(r.metrics["completed"] for r in runs) else 1

@@ -16,8 +16,9 @@ first token and an empty finish event as one more inter-token gap.
 
 Output tokens come from the server's ``usage.completion_tokens`` when it sends one, else
 from the count of content-bearing events; ``usage.prompt_tokens`` likewise replaces the
-dataset's prompt length. Every failure becomes a result with its ``Failure`` kind, never an
-exception.
+dataset's prompt length. The reply's text (completions ``text``, chat ``delta.content``) is
+kept for the next turn of a multi-turn conversation, but not written to the result file.
+Every failure becomes a result with its ``Failure`` kind, never an exception.
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ class RequestResult:
     failure: Failure | None = None
     status: int | None = None          # HTTP status, when one arrived
     error: str = ""                    # what went wrong, for people
+    conversation: int | None = None    # multi-turn: the conversation's index
+    turn: int | None = None            # multi-turn: the turn, from 1
+    reply: str = field(default="", repr=False, compare=False)  # the text received; not in the result file
 
     @property
     def ok(self) -> bool:
@@ -92,6 +96,8 @@ class RequestResult:
             "output_tokens": self.output_tokens,
             "status": self.status,
             "error": None if self.ok else {"kind": self.failure.value, "message": self.error},
+            "conversation": self.conversation,
+            "turn": self.turn,
         }
 
     @classmethod
@@ -101,7 +107,7 @@ class RequestResult:
             start=d["start_s"], queue=d.get("queue_s", 0.0), ttft=d["ttft_s"], itl=list(d["itl_s"]),
             e2el=d["e2el_s"], prompt_tokens=d["prompt_tokens"], output_tokens=d["output_tokens"],
             status=d.get("status"), failure=Failure(err["kind"]) if err else None,
-            error=err.get("message", ""),
+            error=err.get("message", ""), conversation=d.get("conversation"), turn=d.get("turn"),
         )
 
 
@@ -121,7 +127,8 @@ class Endpoint:
         if self.chat:
             if not isinstance(sample.prompt, str):
                 raise ValueError("the chat endpoint takes text prompts, not token ids")
-            body["messages"] = [{"role": "user", "content": sample.prompt}]
+            body["messages"] = [{"role": role, "content": text} for role, text in sample.history]
+            body["messages"].append({"role": "user", "content": sample.prompt})
             body["max_completion_tokens"] = sample.output_len
         else:
             body["prompt"] = sample.prompt
@@ -174,6 +181,15 @@ def _has_content(data: dict[str, Any], chat: bool) -> bool:
                 or delta.get("tool_calls"))
 
 
+def _content_text(data: dict[str, Any], chat: bool) -> str:
+    """The reply text an event adds: what a conversation's next turn sends back (reasoning
+    and tool calls are not part of it)."""
+    choice = data["choices"][0]
+    if chat:
+        return (choice.get("delta") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
 def _error_message(data: Any) -> str:
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
@@ -215,6 +231,7 @@ async def _stream(client: httpx.AsyncClient, endpoint: Endpoint, sample: Sample,
                     r.itl.append(now - last)
                 last = now
                 chunks += 1
+                r.reply += _content_text(data, endpoint.chat)
                 r.output_tokens = chunks  # so far; usage replaces it at the end
             usage = data.get("usage") or {}
             if usage.get("completion_tokens") is not None:

@@ -1,15 +1,17 @@
-"""Benchmark prompts: random ones, random ones sharing prefixes, a ShareGPT JSON file, or a JSONL file.
+"""Benchmark prompts: random ones, random ones sharing prefixes, multi-turn conversations, a
+ShareGPT JSON file, or a JSONL file.
 
 Every loader returns ``Sample``s: the prompt (text, or token ids for the completions
 endpoint), its length in tokens, and the ``max_tokens`` to ask for. Without a tokenizer,
 text lengths are word counts: an estimate, replaced by the server's ``usage.prompt_tokens``
-whenever the server reports it.
+whenever the server reports it. Multi-turn conversations are ``Conversation``s instead: a
+turn's ``Sample`` holds the earlier replies, so it is built during the run.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 
@@ -31,6 +33,8 @@ class Sample:
     prompt: str | list[int]        # text, or token ids (completions endpoint only)
     prompt_len: int                # tokens (a word count when no tokenizer was given)
     output_len: int                # max_tokens to request
+    # Chat endpoint, multi-turn: the (role, content) messages before the prompt (the last user message).
+    history: tuple[tuple[str, str], ...] = ()
 
 
 class Tokenizer:
@@ -154,6 +158,85 @@ def prefix_samples(
             plen = len(tokenizer.encode(prompt)) if tokenizer else head.prompt_len + tail.prompt_len
         out.append(Sample(prompt, plen, tail.output_len))
     return out
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One multi-turn conversation: a context prompt, then one user message a turn.
+
+    Turn k's request re-sends the whole conversation so far: the context, user messages 1..k-1
+    with the server's reply to each, then user message k. Replies are only known during the
+    run, so ``turn()`` builds a turn's ``Sample`` from the previous turn's and its reply, and
+    turn k+1's prompt starts with turn k's prompt followed by the reply exactly (what a prefix
+    cache can reuse). On the completions endpoint the prompt is one text, or token ids when the
+    dataset has them; on the chat endpoint the context is the system message and the turns are
+    user and assistant messages.
+
+    The completions stream carries text, not token ids, so with token-id prompts the reply is
+    re-encoded with the tokenizer: the ids a client holding only the text would send (they can
+    differ from the generated ids where decoding then encoding merges tokens, as they would for
+    any real client). Token-id prompts only exist with a tokenizer; without one the prompts are
+    text and the reply is appended as it came.
+    """
+
+    context: Sample                  # the system / context prompt (its output_len unused)
+    users: tuple[Sample, ...]        # one user message a turn, with the max_tokens of its reply
+    chat: bool = False
+    tokenizer: Tokenizer | None = field(default=None, repr=False, compare=False)
+
+    def turn(self, k: int, prev: Sample | None = None, reply: str = "", reply_tokens: int = 0) -> Sample:
+        """Turn k's request (from 0): the first needs nothing; a later one needs the previous
+        turn's request ``prev`` and the server's ``reply`` to it, ``reply_tokens`` long."""
+        user = self.users[k]
+        if k == 0:
+            if self.chat:
+                return Sample(user.prompt, self.context.prompt_len + user.prompt_len, user.output_len,
+                              (("system", self.context.prompt),))
+            return _joined(self.context, user, user.output_len)
+        if self.chat:
+            history = prev.history + (("user", prev.prompt), ("assistant", reply))
+            return Sample(user.prompt, prev.prompt_len + reply_tokens + user.prompt_len, user.output_len, history)
+        if isinstance(prev.prompt, list):
+            ids = prev.prompt + self.tokenizer.encode(reply)
+            answered = Sample(ids, len(ids), 0)
+        else:
+            answered = Sample(prev.prompt + reply, prev.prompt_len + reply_tokens, 0)
+        return _joined(answered, user, user.output_len)
+
+
+def _joined(head: Sample, tail: Sample, output_len: int) -> Sample:
+    """``head`` then ``tail``: token ids end to end, or texts with a space between (lengths added)."""
+    if isinstance(head.prompt, list):
+        ids = head.prompt + tail.prompt
+        return Sample(ids, len(ids), output_len)
+    return Sample(head.prompt + " " + tail.prompt, head.prompt_len + tail.prompt_len, output_len)
+
+
+def multiturn_conversations(
+    conversations: int,
+    turns: int,
+    context_len: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    rng: np.random.Generator,
+    *,
+    chat: bool,
+    tokenizer: Tokenizer | None = None,
+) -> list[Conversation]:
+    """``conversations`` conversations of ``turns`` turns: each opens with its own random
+    ``context_len``-token context and sends a random user message of about ``input_len`` tokens
+    a turn, asking for about ``output_len``. Token ids on the completions endpoint with a
+    tokenizer; lengths, tokens and words otherwise as random_samples()."""
+    if conversations < 1 or turns < 1:
+        raise ValueError("--num-conversations and --turns must be at least 1")
+    if context_len < 1:
+        raise ValueError("--prefix-len must be at least 1")
+    kw = dict(token_ids=not chat, tokenizer=tokenizer)
+    contexts = random_samples(conversations, context_len, 1, 0.0, rng, **kw)
+    users = random_samples(conversations * turns, input_len, output_len, range_ratio, rng, **kw)
+    return [Conversation(ctx, tuple(users[i * turns:(i + 1) * turns]), chat, tokenizer)
+            for i, ctx in enumerate(contexts)]
 
 
 def _word_count(text: str) -> int:

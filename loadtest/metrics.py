@@ -13,6 +13,9 @@ vllm/benchmarks/serve.py:
 * goodput = completed requests meeting every given SLO / duration, where a request meets an
   SLO when its TTFT, TPOT or E2EL is at most the SLO (a request with one output token counts
   TPOT as 0). SLO attainment = those requests / all requests sent, failed ones included.
+* multi-turn runs only: the median TTFT of completed first turns and of completed later turns
+  (``median_ttft_turn1_ms``, ``median_ttft_later_turns_ms``): a later turn re-sends its
+  conversation, so a server that caches prefixes should answer it sooner.
 """
 from __future__ import annotations
 
@@ -111,4 +114,8 @@ def summarize(
     for metric in LATENCY_METRICS:
         for stat, v in latency_stats(latency_values(results, metric), percentiles).items():
             m[f"{stat}_{metric}_ms"] = v
+    if any(r.turn is not None for r in results):
+        for key, later in (("turn1", False), ("later_turns", True)):
+            ttfts = [r.ttft for r in ok if (r.turn > 1) == later]
+            m[f"median_ttft_{key}_ms"] = latency_stats(ttfts, ())["median"]
     return m

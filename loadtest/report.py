@@ -9,7 +9,8 @@ file)::
                "warmup_failed", "metrics": {see metrics.summarize},
                "requests": [{"start_s", "queue_s", "ttft_s", "itl_s": [...], "e2el_s",
                              "prompt_tokens", "output_tokens", "status": HTTP status or null,
-                             "error": null or {"kind", "message"}}, ...]}, ...]}
+                             "error": null or {"kind", "message"},
+                             "conversation", "turn": multi-turn only, else null}, ...]}, ...]}
 
 Per-request times are seconds, ``start_s`` from the run's start; summary latencies are ms.
 """
@@ -92,5 +93,8 @@ def format_summary(run: RunResult) -> str:
             stat, _, rest = key.partition("_")
             if rest == f"{metric}_ms":
                 lines.append(_row(f"{stat.capitalize()} {short} (ms):", value, ".2f"))
+        if metric == "ttft" and "median_ttft_turn1_ms" in m:  # multi-turn runs
+            lines += [_row("Median TTFT, turn 1 (ms):", m["median_ttft_turn1_ms"], ".2f"),
+                      _row("Median TTFT, later turns (ms):", m["median_ttft_later_turns_ms"], ".2f")]
     lines.append("=" * 50)
     return "\n".join(lines)

@@ -5,6 +5,12 @@ A request's path: scheduled (its send time from ``arrivals``, counted from the r
 by the request timeout) -> done, as a ``RequestResult`` whether it succeeded or not. Warm-up
 requests go first, all at once within the concurrency limit, and are not counted. The run's
 duration is from its start to the end of its last request.
+
+A multi-turn ``Conversation`` takes one send time, for its first turn; each later turn is
+ready when the previous turn's reply has completely arrived (it re-sends that reply), and
+then waits for a concurrency slot like any request: a slot is held per request, not per
+conversation. A failed turn's conversation goes on with whatever reply text had arrived, so
+a run always sends every turn. Warm-up requests are conversations' first turns.
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ import numpy as np
 
 from loadtest import arrivals, metrics
 from loadtest.client import Clock, Endpoint, RequestResult, send
-from loadtest.datasets import Sample
+from loadtest.datasets import Conversation, Sample
+
+Work = Sequence[Sample] | Sequence[Conversation]
 
 
 @dataclass
@@ -79,17 +87,23 @@ class RunResult:
         )
 
 
+def num_requests(work: Work) -> int:
+    """Requests a run sends (warm-up aside): one a sample, one a conversation's turn."""
+    return sum(len(w.users) if isinstance(w, Conversation) else 1 for w in work)
+
+
 async def run(
     client: httpx.AsyncClient,
     endpoint: Endpoint,
-    samples: Sequence[Sample],
+    work: Work,
     settings: RunSettings,
     rng: np.random.Generator,
     *,
     clock: Clock = time.perf_counter,
     on_done: Callable[[RequestResult], None] | None = None,
 ) -> RunResult:
-    """Send every sample at its scheduled time and summarize; ``on_done`` sees each result."""
+    """Send every sample, or every conversation's turns in turn, from its scheduled time and
+    summarize; results are in ``work``'s order (a conversation's by turn); ``on_done`` sees each."""
     slots = asyncio.Semaphore(settings.max_concurrency) if settings.max_concurrency else None
 
     async def one(sample: Sample, at: float, t0: float) -> RequestResult:
@@ -103,23 +117,44 @@ async def run(
         r.queue = r.start - arrived
         return r
 
+    def first(w: Sample | Conversation) -> Sample:
+        return w.turn(0) if isinstance(w, Conversation) else w
+
     warmup_failed = 0
     if settings.warmup:
         t0 = clock()
-        warm = [samples[i % len(samples)] for i in range(settings.warmup)]
+        warm = [first(work[i % len(work)]) for i in range(settings.warmup)]
         warmed = await asyncio.gather(*(one(s, 0.0, t0) for s in warm))
         warmup_failed = sum(not r.ok for r in warmed)
 
-    times = arrivals.send_times(len(samples), settings.request_rate, settings.burstiness, rng)
+    times = arrivals.send_times(len(work), settings.request_rate, settings.burstiness, rng)
     t0 = clock()
 
-    async def counted(sample: Sample, at: float) -> RequestResult:
-        r = await one(sample, at, t0)
+    def counted(r: RequestResult) -> RequestResult:
         if on_done:
             on_done(r)
         return r
 
-    results = list(await asyncio.gather(*(counted(s, float(at)) for s, at in zip(samples, times))))
+    async def conversation(index: int, conv: Conversation, at: float) -> list[RequestResult]:
+        results: list[RequestResult] = []
+        sample = conv.turn(0)
+        for k in range(len(conv.users)):
+            if k:
+                prev = results[-1]
+                sample = conv.turn(k, sample, prev.reply, prev.output_tokens)
+            # A later turn's send time has passed: it arrives now, after the previous reply.
+            r = await one(sample, at, t0)
+            r.conversation, r.turn = index, k + 1
+            results.append(counted(r))
+        return results
+
+    async def item(index: int, w: Sample | Conversation, at: float) -> list[RequestResult]:
+        if isinstance(w, Conversation):
+            return await conversation(index, w, at)
+        return [counted(await one(w, at, t0))]
+
+    done = await asyncio.gather(*(item(i, w, float(at)) for i, (w, at) in enumerate(zip(work, times))))
+    results = [r for rs in done for r in rs]
     duration = clock() - t0
     return RunResult(
         request_rate=settings.request_rate, burstiness=settings.burstiness,

@@ -6,7 +6,9 @@
   sleeping for real.
 
 ``script_for(body)`` picks the ``Script`` for a request body; ``by_prompt`` keys on the
-prompt text (or the chat message).
+prompt text (or the chat message). A ``log`` list, when given, gets ``("start", body)`` when a
+request arrives and ``("end", body)`` before its stream's last byte goes out, so a request
+logged after another's end was sent after that response had completely arrived.
 """
 from __future__ import annotations
 
@@ -36,6 +38,11 @@ class Script:
     usage: bool = True
     usage_tokens: Optional[int] = None # completion_tokens to report (default: tokens)
     prompt_tokens: int = 5
+    label: str = "t"                   # token i's text is f"{label}{i} "
+
+    def reply(self) -> str:
+        """The text of every token the script sends (all of them, unless it fails first)."""
+        return "".join(f"{self.label}{i} " for i in range(self.tokens))
 
     def events(self, chat: bool) -> list[tuple[float, Optional[bytes]]]:
         """(delay before it in s, SSE bytes or HANG) in order."""
@@ -58,7 +65,7 @@ class Script:
                 return out + [(0.0, ev({"error": {"message": "engine died", "code": 500}})), (0.0, b"data: [DONE]\n\n")]
             if i == self.hang_after:
                 return out + [(0.0, HANG)]
-            out.append((self.first_delay if i == 0 else self.gap, chunk(f"t{i} ")))
+            out.append((self.first_delay if i == 0 else self.gap, chunk(f"{self.label}{i} ")))
         out.append((0.0, chunk(None if chat else "", "length")))
         if self.usage:
             n = self.tokens if self.usage_tokens is None else self.usage_tokens
@@ -120,7 +127,7 @@ def mock_transport(script_for: Callable[[dict], Script], clock: FakeClock,
     return httpx.MockTransport(handler)
 
 
-def asgi_app(script_for: Callable[[dict], Script]):
+def asgi_app(script_for: Callable[[dict], Script], log: Optional[list] = None):
     async def app(scope, receive, send):
         if scope["type"] != "http":
             return
@@ -138,6 +145,8 @@ def asgi_app(script_for: Callable[[dict], Script]):
         if scope["method"] == "GET" and scope["path"] == "/v1/models":
             return await respond(200, json.dumps({"data": [{"id": "fake-model"}]}).encode())
         body = json.loads(raw)
+        if log is not None:
+            log.append(("start", body))
         s = script_for(body)
         if s.status != 200:
             return await respond(s.status, _error_body(s.status))
@@ -156,19 +165,21 @@ def asgi_app(script_for: Callable[[dict], Script]):
             if due > loop.time():
                 await asyncio.sleep(due - loop.time())
             await send({"type": "http.response.body", "body": data, "more_body": True})
+        if log is not None:
+            log.append(("end", body))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return app
 
 
 @contextlib.contextmanager
-def serve(script_for: Callable[[dict], Script]):
+def serve(script_for: Callable[[dict], Script], log: Optional[list] = None):
     """Runs the scripted server on a free loopback port in a thread; yields its base URL."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(asgi_app(script_for), log_level="warning", lifespan="off",
+    config = uvicorn.Config(asgi_app(script_for, log), log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -117,6 +117,81 @@ def test_bad_arguments_exit_2(capsys):
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_multiturn_over_real_sockets(tmp_path, capsys, endpoint):
+    """4 conversations of 3 turns against a server whose every reply is unique: checked against
+    what the server received and sent, every turn re-sends the previous turn and its reply, and
+    a conversation's next turn arrives only after its previous response has ended."""
+    sent, log = [], []  # (body, the reply the server sent); the server's start / end log
+
+    def script_for(body):
+        s = Script(first_delay=0.02, gap=0.005, tokens=4, label=f"r{len(sent)}-")
+        sent.append((body, s.reply()))
+        return s
+
+    chat = endpoint.endswith("chat/completions")
+
+    def words(text):
+        return text.split()
+
+    def context(body):  # the conversation's own opening: 6 words of context
+        return body["messages"][0]["content"] if chat else " ".join(words(body["prompt"])[:6])
+
+    result = tmp_path / "r.json"
+    with serve(script_for, log) as url:
+        rc = cli.main(["bench", "--base-url", url, "--model", "m", "--endpoint", endpoint, "--dataset", "multiturn",
+                       "--num-conversations", "4", "--turns", "3", "--prefix-len", "6", "--input-len", "3",
+                       "--output-len", "4", "--timeout", "5", "--disable-tqdm", "--result-file", str(result)])
+    assert rc == 0
+    assert "Median TTFT, later turns (ms):" in capsys.readouterr().out
+
+    (run,) = read_result(result).runs
+    assert len(sent) == 12 and run.metrics["completed"] == 12  # (a) C * T requests
+    assert sorted((r.conversation, r.turn) for r in run.requests) == [(c, t) for c in range(4) for t in (1, 2, 3)]
+    convs = {}
+    for body, reply in sent:  # in arrival order, so a conversation's turns in turn order
+        convs.setdefault(context(body), []).append((body, reply))
+    assert sorted(len(turns) for turns in convs.values()) == [3] * 4
+    for turns in convs.values():  # (b)
+        first = turns[0][0]
+        if chat:
+            assert [m["role"] for m in first["messages"]] == ["system", "user"]
+            assert [len(words(m["content"])) for m in first["messages"]] == [6, 3]
+        else:
+            assert len(words(first["prompt"])) == 6 + 3
+        for (prev, reply), (body, _) in zip(turns, turns[1:]):
+            assert body["max_completion_tokens" if chat else "max_tokens"] == 4
+            if chat:
+                n = len(prev["messages"])
+                assert body["messages"][:n] == prev["messages"]
+                assert body["messages"][n] == {"role": "assistant", "content": reply}
+                assert body["messages"][n + 1]["role"] == "user" and len(body["messages"]) == n + 2
+                assert len(words(body["messages"][n + 1]["content"])) == 3
+            else:
+                assert body["prompt"].startswith(prev["prompt"] + reply)
+                assert len(words(body["prompt"][len(prev["prompt"] + reply):])) == 3
+    # (c) One request at a time per conversation, while conversations overlap.
+    open_now, most = {}, 0
+    for kind, body in log:
+        key = context(body)
+        open_now[key] = open_now.get(key, 0) + (1 if kind == "start" else -1)
+        assert open_now[key] in (0, 1), "a conversation's turns overlapped"
+        most = max(most, sum(open_now.values()))
+    assert most > 1 and len(log) == 24
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--turns", "0"], "--turns must be at least 1"),
+    (["--num-conversations", "0"], "--num-conversations"),
+    (["--prefix-len", "0"], "--prefix-len must be at least 1"),
+    (["--dataset-path", "x.jsonl"], "takes no --dataset-path"),
+    (["--num-prompts", "8"], "takes no --num-prompts"),
+])
+def test_multiturn_bad_arguments_exit_2(capsys, argv, message):
+    assert cli.main(["bench", "--model", "m", "--dataset", "multiturn", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_register_adds_bench_and_plot():
     parser = argparse.ArgumentParser(prog="pdserve")
     sub = parser.add_subparsers(dest="command", required=True)

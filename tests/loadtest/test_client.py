@@ -51,6 +51,13 @@ def test_output_tokens_from_usage_when_present_else_chunks():
     assert (r.output_tokens, r.prompt_tokens) == (6, 3)
 
 
+@pytest.mark.parametrize("endpoint", [COMPLETIONS, CHAT], ids=["completions", "chat"])
+def test_reply_text_is_kept(endpoint):
+    """What a conversation's next turn sends back; a failed stream keeps what had arrived."""
+    assert run_one(Script(tokens=3, label="w"), endpoint).reply == "w0 w1 w2 "
+    assert run_one(Script(error_after=2), endpoint).reply == "t0 t1 "
+
+
 def test_one_token_has_no_tpot():
     r = run_one(Script(tokens=1))
     assert r.ok and r.output_tokens == 1 and r.itl == [] and r.tpot is None
@@ -92,6 +99,10 @@ def test_request_bodies():
     assert b["ignore_eos"] is True and b["temperature"] == 0 and "prompt" not in b
     assert e.headers() == {"Authorization": "Bearer k"} and COMPLETIONS.headers() == {}
     assert COMPLETIONS.body(Sample([5, 6], 2, 3))["prompt"] == [5, 6]
+    turn2 = Sample("more", 9, 7, (("system", "ctx"), ("user", "hi"), ("assistant", "hello")))
+    assert CHAT.body(turn2)["messages"] == [
+        {"role": "system", "content": "ctx"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
     with pytest.raises(ValueError):
         CHAT.body(Sample([5, 6], 2, 3))
 
@@ -123,3 +134,7 @@ def test_sse_parser():
 def test_result_dict_round_trip():
     for r in (run_one(Script()), run_one(Script(status=503)), run_one(Script(error_after=2))):
         assert RequestResult.from_dict(r.to_dict()) == r
+    r = run_one(Script())
+    r.conversation, r.turn = 3, 2
+    back = RequestResult.from_dict(r.to_dict())
+    assert (back.conversation, back.turn) == (3, 2) and back.reply == ""  # the text is not written

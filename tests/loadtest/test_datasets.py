@@ -120,3 +120,38 @@ def test_prefix_groups_share_their_prefix_and_nothing_else(tokenizer):
     assert all(s.prompt_len == len(tokenizer.encode(s.prompt)) for s in text)
     with pytest.raises(ValueError):
         datasets.prefix_samples(2, 0, 8, 4, 4, 0.0, rng, token_ids=True)
+
+
+def test_multiturn_turns_resend_the_conversation_and_its_replies(tokenizer):
+    """Token ids: turn k+1 = turn k's ids, the reply re-encoded, then the next user message."""
+    convs = datasets.multiturn_conversations(3, 4, 6, 5, 2, 0.0, np.random.default_rng(0), chat=False,
+                                             tokenizer=tokenizer)
+    assert len(convs) == 3 and all(len(c.users) == 4 for c in convs)
+    assert len({tuple(c.context.prompt) for c in convs}) == 3  # each its own context
+    c = convs[0]
+    first = c.turn(0)
+    assert first == Sample(c.context.prompt + c.users[0].prompt, 11, 2)
+    second = c.turn(1, first, "foo bar", 2)
+    assert second == Sample(first.prompt + tokenizer.encode("foo bar") + c.users[1].prompt, 11 + 2 + 5, 2)
+
+
+def test_multiturn_text_and_chat():
+    words = datasets.multiturn_conversations(2, 2, 6, 3, 4, 0.0, np.random.default_rng(0), chat=False)
+    c = words[0]
+    first = c.turn(0)
+    assert first == Sample(c.context.prompt + " " + c.users[0].prompt, 9, 4)
+    assert c.turn(1, first, "a reply", 7) == Sample(first.prompt + "a reply " + c.users[1].prompt, 9 + 7 + 3, 4)
+    chat = datasets.multiturn_conversations(2, 3, 6, 3, 4, 0.0, np.random.default_rng(0), chat=True)[0]
+    first = chat.turn(0)
+    assert first == Sample(chat.users[0].prompt, 9, 4, (("system", chat.context.prompt),))
+    second = chat.turn(1, first, "r1", 2)
+    assert second.prompt == chat.users[1].prompt and second.prompt_len == 14
+    assert second.history == first.history + (("user", first.prompt), ("assistant", "r1"))
+
+
+@pytest.mark.parametrize("conversations, turns, context_len, match", [
+    (0, 4, 8, "--num-conversations"), (8, 0, 8, "--turns"), (8, 4, 0, "--prefix-len")])
+def test_multiturn_rejects_empty_shapes(conversations, turns, context_len, match):
+    with pytest.raises(ValueError, match=match):
+        datasets.multiturn_conversations(conversations, turns, context_len, 3, 4, 0.0, np.random.default_rng(0),
+                                         chat=False)

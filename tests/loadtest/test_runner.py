@@ -9,9 +9,10 @@ import httpx
 import numpy as np
 import pytest
 
+from loadtest import datasets, report
 from loadtest.client import Endpoint
 from loadtest.datasets import Sample
-from loadtest.runner import RunSettings, run
+from loadtest.runner import RunSettings, num_requests, run
 from tests.loadtest.fake_server import FakeClock, Script, by_prompt, mock_transport
 
 ENDPOINT = Endpoint(url="http://fake/v1/completions", model="m")
@@ -148,3 +149,40 @@ def test_requests_go_out_on_schedule():
     starts = np.array([r.start for r in res.requests])
     expected = np.arange(8) * 0.025
     assert np.all(starts >= expected - 1e-3) and np.all(starts <= expected + 0.015)
+
+
+def test_multiturn_turns_follow_their_replies_and_split_ttft():
+    """Virtual time, one request at a time: a first turn (no reply in its prompt yet) answers in
+    100 ms, a later one in 50 ms. Conversation 1's second turn fails after two tokens; its third
+    turn still goes, with those two tokens' text. Warm-up requests are first turns."""
+    convs = datasets.multiturn_conversations(3, 3, 4, 2, 8, 0.0, np.random.default_rng(0), chat=False)
+    failing = convs[1].context.prompt
+
+    def script_for(body):
+        prompt = body["prompt"]
+        if "t0" not in prompt:
+            return Script(first_delay=0.10)
+        return Script(first_delay=0.05, error_after=2 if prompt.startswith(failing) and prompt.count("t0") == 1
+                      else None)
+
+    seen, done, clock = [], [], FakeClock()
+
+    async def go():
+        async with httpx.AsyncClient(transport=mock_transport(script_for, clock, seen)) as client:
+            return await run(client, ENDPOINT, convs, RunSettings(max_concurrency=1, warmup=2),
+                             np.random.default_rng(0), clock=clock, on_done=done.append)
+
+    res = asyncio.run(go())
+    assert num_requests(convs) == len(res.requests) == len(done) == 9 and len(seen) == 2 + 9
+    assert [b["prompt"] for b in seen[:2]] == [convs[0].turn(0).prompt, convs[1].turn(0).prompt]
+    assert [(r.conversation, r.turn) for r in res.requests] == [(c, t) for c in range(3) for t in (1, 2, 3)]
+    assert [r.ok for r in res.requests] == [True] * 4 + [False] + [True] * 4
+    turn2, turn3 = sorted((b["prompt"] for b in seen[2:] if b["prompt"].startswith(failing) and "t0" in b["prompt"]),
+                          key=len)
+    assert turn3 == turn2 + "t0 t1  " + convs[1].users[2].prompt
+    m = res.metrics
+    assert (m["median_ttft_turn1_ms"], m["median_ttft_later_turns_ms"]) == pytest.approx((100, 50))
+    lines = report.format_summary(res).splitlines()
+    assert f"{'Median TTFT, turn 1 (ms):':<40} {'100.00':<10}" in lines
+    assert f"{'Median TTFT, later turns (ms):':<40} {'50.00':<10}" in lines
+    assert "median_ttft_turn1_ms" not in run_virtual(["fast"], RunSettings()).metrics  # single-turn runs
