@@ -39,6 +39,9 @@ def restore(c: Cluster, wid: str) -> None:
     """Restart `wid` under its id and check it takes traffic again."""
     c.worker(wid)
     c.wait_ready([wid])
+    # the router may still count the old process alive (its worker timeout): wait for the new one
+    wait_for(lambda: (w := c.workers()[wid])["alive"] and w["pid"] == c.procs[wid].pid, 60,
+             f"{wid} registered again")
     assert c.workers()[wid]["requests_total"] == 0   # a new process: a new entry
     for _ in range(4):  # round robin over two workers of a role: some land on `wid`
         assert completion(c.url).status_code == 200
@@ -115,14 +118,17 @@ def _kill_sender_during_transfer(c: Cluster) -> bool:
             h.close()
 
         def accepted_or_sender_dead():
+            # Dead first: once the router has declared the sender dead it retries the request on the
+            # other prefill worker, and that retry's offer would count as this one's acceptance.
             ws = c.workers()
-            if ws[receiver]["transfers"] == 1:
-                return "accepted"
-            return None if ws[sender]["alive"] else "sender dead"
+            if not ws[sender]["alive"]:
+                return "sender dead"
+            return "accepted" if ws[receiver]["transfers"] == 1 else None
         state = wait_for(accepted_or_sender_dead, 15, "the transfer accepted")
         if state != "accepted":
             c.signal(sender, signal.SIGKILL)
-            assert s.result() == "error-event", (s.outcome, s.error)   # it ends, clearly, all the same
+            # it ends all the same: retried elsewhere (its first token had not come), or a clear error
+            assert s.result() in ("finished", "error-event"), (s.outcome, s.error)
             c.wait_all_free()
             restore(c, sender)
             return False
