@@ -54,3 +54,14 @@ def test_measured_speeds_decide_and_unmeasured_ones_borrow():
     fast = worker("p", "prefill", 4_000, 500)
     best, _ = choose_prefill(Candidate(d, 0, 0), [Candidate(fast, 0, 0)], 1000)
     assert best is fast
+
+
+def test_cached_tokens_count_on_both_sides():
+    """A prompt the decode worker caches most of stays there; one an idle prefill worker caches
+    goes there, and its hand-off sends only what the decode worker lacks."""
+    d, p = worker("d", "decode", 20_000), worker("p", "prefill", 20_000, 1_000)
+    best, costs = choose_prefill(Candidate(d, 0, 30), [Candidate(p, 0, 0)], 2048, cached={"d": 2032})
+    assert best is d and costs["d"] == pytest.approx(16 * 20e-6 * 31)          # only 16 tokens computed
+    best, costs = choose_prefill(Candidate(d, 0, 30), [Candidate(p, 0, 0)], 2048, cached={"p": 1024}, held=1536)
+    assert best is p
+    assert costs["p"] == pytest.approx(1024 * 20e-6 + 512 * 1e-6)               # computes half, sends a quarter
