@@ -160,10 +160,10 @@ class WorkerHub:
             raise LookupError("no live decode worker")
         if self.mode == "colocated":
             return dw, dw
+        here = self._candidate(dw)
         others = [self._candidate(w) for w in reg.candidates("prefill", exclude | {dw.worker_id})]
-        cached = {c.worker.worker_id: self._cached_tokens(state, c.worker, compute=True)
-                  for c in [self._candidate(dw), *others]}
-        pw, costs = choose_prefill(self._candidate(dw), others, len(state.prompt_token_ids), cached,
+        cached = {c.worker.worker_id: self._cached_tokens(state, c.worker, compute=True) for c in [here, *others]}
+        pw, costs = choose_prefill(here, others, len(state.prompt_token_ids), cached,
                                    self._cached_tokens(state, dw, compute=False))
         log.debug("request %s: prefill on %s (estimated costs %s)", state.request_id, pw.worker_id,
                   {k: round(v * 1e3, 2) for k, v in costs.items()})
@@ -214,6 +214,8 @@ class WorkerHub:
     def _cached_tokens(self, state: RequestState, w: WorkerInfo, compute: bool) -> int:
         """Prompt tokens `w` caches by the KV index: those it need not compute (compute: at
         least the last one is computed, for its logits) or receive."""
+        if not self.registry.kv.size(w.worker_id):
+            return 0  # nothing known cached there (or caching off): no need to hash the prompt
         bs = w.layout.block_size
         if state.block_hashes is None:
             state.block_hashes = prompt_hashes(state.prompt_token_ids, bs)
