@@ -127,7 +127,8 @@ def one_run(args, model: str, caching: bool, ps, policy: str = "round_robin") ->
     if multiturn:
         mode = ["--decode-workers", "2", "--routing-policy", policy]
     gpus = ["--prefill-gpus", "0", "--decode-gpus", "0"] if args.device == "cuda" and args.mode != "colocated" else []
-    extra = ["--gpu-memory-utilization", "0.4"] if args.device == "cuda" else ["--num-kv-blocks", str(args.kv_blocks)]
+    extra = (["--gpu-memory-utilization", str(args.gpu_memory_utilization)] if args.device == "cuda"
+             else ["--num-kv-blocks", str(args.kv_blocks)])
     proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", str(port),
                              "--served-model-name", "bench", "--device", args.device, "--log-level", "WARNING",
                              "--enable-prefix-caching" if caching else "--no-enable-prefix-caching",
@@ -194,7 +195,12 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=8, help="multiturn: conversations")
     ap.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
     ap.add_argument("--workloads", default="shared,unshared,multiturn")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3,
+                    help="CUDA: per worker (the multi-turn runs put three workers on one GPU)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--append", action="store_true",
+                    help="add this run's workloads to --out, written by a run of the same commit and machine "
+                         "(so the workloads can run in separate calls)")
     args = ap.parse_args()
     args.prefill_name = "both-0" if args.mode == "colocated" else "prefill-0"
 
@@ -217,6 +223,12 @@ def main() -> None:
                                "kv_bytes_saved from the decode side's (bytes its cache kept from travelling); "
                                "multiturn: 1 prefill + 2 decode workers, cache on under kv_aware and round_robin "
                                "routing, cache off"}
+    if args.append and args.out and os.path.exists(args.out):
+        with open(args.out) as f:
+            before = json.load(f)
+        if (before["commit"], before["machine"]) != (res["commit"], res["machine"]):
+            sys.exit(f"--append: {args.out} is from {before['commit']} on {before['machine']}")
+        res = before | {"commands": before.get("commands", [before["command"]]) + [res["command"]]}
     for name in args.workloads.split(","):
         variants = {"cache_on": (True, "round_robin"), "cache_off": (False, "round_robin")}
         if name == "multiturn":

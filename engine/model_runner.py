@@ -117,14 +117,19 @@ class ModelRunner:
         finally:
             self.kv_cache = saved
         peak = torch.cuda.max_memory_allocated(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        others = total - free - torch.cuda.memory_reserved(self.device)
-        graph_reserve = 0 if self.cfg.enforce_eager else 512 << 20
-        budget = int(total * self.cfg.gpu_memory_utilization) - peak - others - graph_reserve
-        log.info("GPU memory: %.1f GiB total x %.2f; weights + peak activations %.2f GiB, other %.2f GiB, "
-                 "graphs %.2f GiB -> KV cache %.2f GiB", total / 2**30, self.cfg.gpu_memory_utilization,
-                 peak / 2**30, others / 2**30, graph_reserve / 2**30, budget / 2**30)
         torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        graph_reserve = 0 if self.cfg.enforce_eager else 512 << 20
+        # A per-process limit, as in vLLM: two workers sharing a GPU at 0.4 each get the same
+        # budget whichever profiles first. It is capped by what is free now (less 1 GiB of
+        # headroom for the allocator and the other processes' growth), not lowered by what the
+        # others hold, which would depend on the order the workers started in.
+        mine = int(total * self.cfg.gpu_memory_utilization) - peak - graph_reserve
+        room = free + torch.cuda.memory_reserved(self.device) - peak - graph_reserve - (1 << 30)
+        budget = min(mine, room)
+        log.info("GPU memory: %.1f GiB total x %.2f; weights + peak activations %.2f GiB, free %.2f GiB, "
+                 "graphs %.2f GiB -> KV cache %.2f GiB", total / 2**30, self.cfg.gpu_memory_utilization,
+                 peak / 2**30, free / 2**30, graph_reserve / 2**30, budget / 2**30)
         return budget
 
     # ---- one step ---------------------------------------------------------------------------
