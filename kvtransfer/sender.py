@@ -54,6 +54,7 @@ class _Outbound:
     # offer(ready=True), ready_layers() and ready(), in call order: layer counts only grow
     marks: list[tuple[int, "torch.cuda.Event | None"]] = field(default_factory=list)
     src_dev: torch.Tensor | None = None      # src_idx on the cache device (I/O thread, lazily)
+    pulled: bool = False   # same GPU: the receiver copies the blocks itself (counted once in stats)
 
     @property
     def layers_ready(self) -> int:

@@ -198,8 +198,11 @@ class ZmqKVSender(SenderCore):
         return msg
 
     def _start_data(self, out) -> None:
-        if out.peer not in self._pulling:  # a receiver on this GPU copies the blocks itself
+        if out.peer not in self._pulling:
             super()._start_data(out)
+        elif not out.pulled:  # a receiver on this GPU copies the blocks itself: count them as sent all the same
+            out.pulled = True
+            self.stats["bytes"] += self.layout.num_layers * (len(out.src_idx) - out.held) * self.layout.block_layer_bytes
 
     def _dealer(self, address: str, routing_id: bytes) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)

@@ -47,6 +47,9 @@ def test_the_receiver_copies_and_no_data_moves(pairs):
     others = [b for b in range(p.dst.shape[2]) if b not in dst_ids]
     assert not as_bytes(p.dst[:, :, others]).any()
     assert p.sender.stats["chunks"] == 0 and p.receiver.stats["chunks"] == 3
+    # bytes count on both sides (the sender's metric is "KV bytes sent" whoever moves them), once each
+    moved = 3 * p.src.shape[0] * len(src_ids) * p.src[:, :, 0].numel() * p.src.element_size() // p.src.shape[0]
+    assert p.sender.stats["bytes"] == p.receiver.stats["bytes"] == moved
     assert share.opened == 1 and p.receiver.stats["msgs_dropped"] == 0
 
 
@@ -65,6 +68,7 @@ def test_an_early_offer_is_copied_only_after_ready(pairs):
     assert p.recv_statuses("r") == [TransferStatus.DONE] and p.recv["r"][0].meta == {"first_token": 9}
     assert torch.equal(as_bytes(p.dst[:, :, dst_ids]), as_bytes(p.src[:, :, src_ids]))
     assert p.receiver.stats["msgs_dropped"] == 0 and p.sender.stats["msgs_dropped"] == 0
+    assert p.sender.stats["bytes"] == p.receiver.stats["bytes"] > 0  # ACCEPT and ready() counted once
 
 
 def test_caches_on_different_gpus_use_data(pairs):
