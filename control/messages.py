@@ -57,6 +57,8 @@ class Register:
     max_model_len: int = 0
     pid: int = 0
     incarnation: str = ""       # random per process start: tells a restart from a repeated Register
+    host: str = ""              # control/proc.py host_identity(): a router on the same host watches the pid
+    started: int = 0            # the process's start time (clock ticks since boot), with the pid
 
 
 @dataclass
@@ -130,6 +132,9 @@ class Prefill:
     decode_worker: str
     decode_kv_address: str
     decode_incarnation: str = ""  # changes when the decode worker restarted: connect to it afresh
+    # A migrated request (its worker died mid-stream): the tokens it generated before. They are
+    # computed with the prompt and the request goes on from the next output index.
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -88,14 +88,16 @@ class WorkerLoop:
                                                        f"for {msg.decode_worker}", 400))
             return
         try:
-            self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, prefill_only=not local)
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, prefill_only=not local,
+                                    output_token_ids=msg.output_token_ids)
         except (RequestRejected, ValueError, TypeError) as e:
             log.info("refused: %s", e, extra=for_request(msg.request_id))
             self.link.send(messages.Failed(msg.request_id, str(e), 400))
             return
         if not local:
             self.handoff.expect(msg)
-        log.debug("prefill of %d prompt tokens, %s", len(msg.prompt_token_ids),
+        log.debug("prefill of %d prompt tokens%s, %s", len(msg.prompt_token_ids),
+                  f" + {len(msg.output_token_ids)} generated before a migration" if msg.output_token_ids else "",
                   "decoded here" if local else f"KV to {msg.decode_worker}", extra=for_request(msg.request_id))
 
     def send_tokens(self, outs: list) -> None:

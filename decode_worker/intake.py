@@ -85,9 +85,12 @@ class KVIntake:
                 first = meta.get("first_token")  # absent from an early offer: its DONE brings it
                 first = None if first is None else int(first)
                 params = messages.decode_params(meta["params"])
-                if not engine.can_reserve(len(prompt)):
+                outs = meta.get("output_token_ids") or []  # a migrated request's earlier tokens
+                if not (isinstance(outs, list) and set(map(type, outs)) <= {int}):
+                    raise ValueError("output_token_ids must be a list of token ids")
+                if not engine.can_reserve(len(prompt) + len(outs)):
                     return
-                reserved = engine.reserve_import(rid, prompt, first, params)
+                reserved = engine.reserve_import(rid, prompt, first, params, outs)
             except (KeyError, TypeError, ValueError, RequestRejected) as e:
                 log.warning("refused an offer: %s", e, extra=for_request(rid))
                 del self.offers[rid]
@@ -101,7 +104,7 @@ class KVIntake:
             # Delta transfer: the prompt's first `held` blocks are cached here (the chained hashes
             # of its tokens found them), so only the rest travel.
             self.receiver.accept(rid, blocks, held=held)
-            self.stats.started(rid, len(prompt), saved_bytes=held * self._block_bytes)
+            self.stats.started(rid, offer.num_tokens, saved_bytes=held * self._block_bytes)
             log.debug("KV offer accepted: %d prompt tokens into %d blocks, %d of them cached here", len(prompt),
                       len(blocks), held, extra=for_request(rid))
 

@@ -45,6 +45,7 @@ import zmq
 
 from control import messages
 from control.link import RouterLink
+from control.proc import process_identity
 from control.logs import rid as for_request
 from control.worker_loop import WorkerLoop
 from control.worker_settings import WorkerSettings
@@ -76,7 +77,7 @@ class DecodeWorker(WorkerLoop):
                                              kv_address=self.intake.receiver.address,
                                              num_blocks=self.engine.num_total_blocks,
                                              max_model_len=self.engine.max_model_len, pid=os.getpid(),
-                                             incarnation=self.incarnation),
+                                             incarnation=self.incarnation, **process_identity()),
                            timeout_s=self.settings.register_timeout_s)
         e = self.engine
         log.info("%s ready: %d KV blocks x %d = %d tokens, max_model_len %d; registered with the router at %s, "

@@ -104,16 +104,34 @@ class LLMEngine:
                 f"prompt + max_tokens = {total} tokens can never fit in the KV cache "
                 f"({self.pool.num_blocks} blocks of {self.pool.block_size} tokens)")
 
+    def check_resume(self, num_prompt_tokens: int, params: SamplingParams, output_token_ids) -> list[int]:
+        """The tokens a resumed request already generated (elsewhere, before a migration), checked:
+        the request goes on from output index len(output_token_ids), as if never moved."""
+        outs = list(output_token_ids or ())
+        if outs and (len(outs) >= params.max_tokens or num_prompt_tokens + len(outs) >= self.max_model_len):
+            raise RequestRejected(f"{len(outs)} tokens generated already: nothing left to generate "
+                                  f"(max_tokens {params.max_tokens})")
+        self._check_vocab(outs)
+        return outs
+
+    def _check_vocab(self, token_ids: list[int]) -> None:
+        vocab = self.model_cfg.vocab_size
+        if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab):  # C loops; the culprit only then
+            bad = next(t for t in token_ids if not 0 <= t < vocab)
+            raise RequestRejected(f"token id {bad} is outside the vocabulary (size {vocab})")
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    *, prefill_only: bool = False) -> Sequence:
+                    *, prefill_only: bool = False, output_token_ids: list[int] | None = None) -> Sequence:
+        """`output_token_ids`: the tokens this request generated before it moved here (request
+        migration). They are computed with the prompt, and the next token is sampled as output
+        number len(output_token_ids): seeded noise, stop checks and max_tokens carry on as if
+        the request had never moved."""
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(len(prompt_token_ids), params)
-        vocab = self.model_cfg.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:  # C loops; the culprit only then
-            bad = next(t for t in prompt_token_ids if not 0 <= t < vocab)
-            raise RequestRejected(f"token id {bad} is outside the vocabulary (size {vocab})")
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
+        self._check_vocab(prompt_token_ids)
+        outs = self.check_resume(len(prompt_token_ids), params, output_token_ids)
+        seq = Sequence(request_id, list(prompt_token_ids) + outs, len(prompt_token_ids), params,
                        arrival=next(self._arrival), prefill_only=prefill_only)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -180,7 +198,7 @@ class LLMEngine:
             hooks = []
             for s in batch:
                 q = s.seq
-                if q.prefill_only and q.num_computed_tokens + s.num_new_tokens == q.num_prompt_tokens:
+                if q.prefill_only and q.num_computed_tokens + s.num_new_tokens == q.num_tokens:  # a migrated one: + outputs
                     if (hook := self.on_last_chunk(q.request_id, list(q.block_table))) is not None:
                         hooks.append(hook)
             if hooks:
@@ -301,7 +319,8 @@ class LLMEngine:
             self._free(seq)
 
     def reserve_import(self, request_id: str, prompt_token_ids: list[int], first_token: int | None,
-                       params: SamplingParams) -> tuple[list[int], int] | None:
+                       params: SamplingParams, output_token_ids: list[int] | None = None
+                       ) -> tuple[list[int], int] | None:
         """Allocate blocks for a sequence prefilled elsewhere; None when they are not free now.
 
         The blocks hold prompt + first token: the KV of the prompt arrives into them, and the
@@ -309,14 +328,18 @@ class LLMEngine:
         unknown (the KV was offered while the prefill ran); activate_import() then brings it.
         Returns (blocks, held): the first `held` blocks are this engine's cached prefix of the
         prompt (taken, so they cannot be reclaimed meanwhile), whose KV need not travel.
+        A migrated request (`output_token_ids`: what it generated before) has its KV computed
+        over prompt + those tokens, and goes on after them.
         """
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(len(prompt_token_ids), params)
-        tokens = list(prompt_token_ids) + ([] if first_token is None else [int(first_token)])
+        outs = self.check_resume(len(prompt_token_ids), params, output_token_ids)
+        tokens = list(prompt_token_ids) + outs + ([] if first_token is None else [int(first_token)])
         seq = Sequence(request_id, tokens, len(prompt_token_ids), params, arrival=next(self._arrival))
-        need = seq.num_prompt_tokens + 1
-        cached = self.pool.match_prefix(seq, upto=seq.num_prompt_tokens)
+        seq.num_kv_tokens = kv = len(prompt_token_ids) + len(outs)
+        need = kv + 1
+        cached = self.pool.match_prefix(seq, upto=kv)
         if not self.pool.can_take_prefix(seq, cached, need):
             return None
         if self.pool.caching:
@@ -326,22 +349,23 @@ class LLMEngine:
         self.transfers.receiving[request_id] = False
         return list(seq.block_table), len(cached)
 
-    def can_reserve(self, num_prompt_tokens: int) -> bool:
-        return (blocks_needed(num_prompt_tokens + 1, self.pool.block_size) <= self.pool.num_free
+    def can_reserve(self, num_kv_tokens: int) -> bool:
+        return (blocks_needed(num_kv_tokens + 1, self.pool.block_size) <= self.pool.num_free
                 and len(self.scheduler.running) < self.cfg.max_num_seqs)
 
     def activate_import(self, request_id: str, first_token: int | None = None) -> None:
         """The KV has arrived: the sequence joins the running batch at its first token (given
         here when reserve_import() did not have it; ValueError when neither had it)."""
         seq = self.seqs[request_id]
-        if seq.num_tokens == seq.num_prompt_tokens:
+        kv = seq.num_kv_tokens
+        if seq.num_tokens == kv:
             if first_token is None:
                 raise ValueError("the first token never came with the KV")
             if not 0 <= int(first_token) < self.model_cfg.vocab_size:
                 raise ValueError(f"first token {first_token} is outside the vocabulary")
             seq.token_ids.append(int(first_token))
-        seq.num_computed_tokens = seq.num_prompt_tokens
-        self.pool.register(seq, seq.num_prompt_tokens)  # the prompt's KV arrived: cached here too
+        seq.num_computed_tokens = kv
+        self.pool.register(seq, kv)  # the prompt's KV arrived: cached here too
         self.transfers.forget(request_id)
         self.scheduler.add_running(seq)
 

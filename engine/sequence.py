@@ -65,6 +65,9 @@ class Sequence:
     # Prefix caching: the chained hashes of the leading full blocks registered or found cached
     # (block_pool.py); reset when the blocks are freed.
     block_hashes: list[int] = field(default_factory=list)
+    # Imported (KV from another worker): the tokens whose KV arrives, the prompt and, for a
+    # migrated request, the outputs generated before it moved (reserve_import).
+    num_kv_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

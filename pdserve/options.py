@@ -56,6 +56,10 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                         "or either, decided per request from measured speeds")
     p.add_argument("--worker-timeout", type=float, default=5.0, help="seconds without a heartbeat before a worker is dead")
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of every request in seconds")
+    p.add_argument("--max-migrations", type=int, default=2,
+                   help="times a request may move to another worker when the one holding it dies, restarts, "
+                        "leaves or fails its KV transfer; it carries on from the tokens already streamed "
+                        "(0: the stream ends with an error instead) (default: %(default)s)")
     p.add_argument("--first-token-timeout", type=float, default=300.0, help="longest wait for a first token (s)")
     p.add_argument("--next-token-timeout", type=float, default=60.0, help="longest wait for each next token (s)")
     p.add_argument("--max-queued-requests", type=int, default=256,
@@ -139,6 +143,7 @@ def router_settings(args, control_address: str):
                           worker_timeout_s=args.worker_timeout, request_timeout_s=args.request_timeout,
                           first_token_timeout_s=args.first_token_timeout,
                           next_token_timeout_s=args.next_token_timeout, max_model_len=args.max_model_len,
+                          max_migrations=args.max_migrations,
                           max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
                           max_request_bytes=args.max_request_bytes, max_tokens_cap=args.max_tokens_cap,
                           api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or None,

@@ -66,7 +66,7 @@ class KVHandOff:
             elif self.engine.is_sending(rid):  # offered early, while the step computed it
                 msg = self.targets.pop(rid)
                 self.sender.ready(rid, meta={"first_token": out.new_token_ids[0]})
-                self.stats.started(rid, len(msg.prompt_token_ids))  # what the decode worker waits for
+                self.stats.started(rid, _kv_tokens(msg))  # what the decode worker waits for
             else:
                 self._hand_off(rid, out.new_token_ids[0])
 
@@ -100,8 +100,7 @@ class KVHandOff:
         if msg is None or self.engine.is_sending(rid) or self.peers.get(msg.decode_worker) != msg.decode_incarnation:
             return None  # a first handshake (up to 3 s) waits for after the step: offered late
         try:
-            self.sender.offer(msg.decode_worker, rid, block_ids, len(msg.prompt_token_ids),
-                              {"prompt_token_ids": msg.prompt_token_ids, "params": messages.encode_params(msg.params)},
+            self.sender.offer(msg.decode_worker, rid, block_ids, _kv_tokens(msg), _offer_meta(msg),
                               lease_s=self.worker.settings.kv_lease_s, ready=False)
         except Exception as e:  # offered after the prefill instead, where a failure ends the request
             log.warning("early KV offer to %s failed: %s", msg.decode_worker, e, extra=for_request(rid))
@@ -119,9 +118,8 @@ class KVHandOff:
         try:
             self._connect(msg)
             seq_blocks = w.engine.kv_block_ids(rid)
-            meta = {"prompt_token_ids": msg.prompt_token_ids, "first_token": first_token,
-                    "params": messages.encode_params(msg.params)}
-            self.sender.offer(msg.decode_worker, rid, seq_blocks, len(msg.prompt_token_ids), meta,
+            meta = _offer_meta(msg) | {"first_token": first_token}
+            self.sender.offer(msg.decode_worker, rid, seq_blocks, _kv_tokens(msg), meta,
                               lease_s=w.settings.kv_lease_s)
         except Exception as e:  # handshake refused or timed out, peer gone: this request cannot go on
             log.error("KV hand-off of %s to %s failed: %s", rid, msg.decode_worker, e, extra=for_request(rid))
@@ -130,7 +128,7 @@ class KVHandOff:
             w.link.send(messages.Failed(rid, f"KV hand-off to {msg.decode_worker} failed: {e}", 503))
             return
         w.engine.start_sending(rid)
-        self.stats.started(rid, len(msg.prompt_token_ids))
+        self.stats.started(rid, _kv_tokens(msg))
         log.debug("first token sent, KV (%d blocks) offered to %s", len(seq_blocks), msg.decode_worker,
                   extra=for_request(rid))
 
@@ -146,3 +144,17 @@ class KVHandOff:
             log.warning("KV transfer of %s ended %s: %s", ev.request_id, ev.status.value, ev.error,
                         extra=for_request(ev.request_id))
             self.worker.link.send(messages.Failed(ev.request_id, f"KV transfer {ev.status.value}: {ev.error or 'no ACK'}", 503))
+
+
+def _kv_tokens(msg: messages.Prefill) -> int:
+    """Tokens whose KV travels: the prompt, and what a migrated request generated before."""
+    return len(msg.prompt_token_ids) + len(msg.output_token_ids)
+
+
+def _offer_meta(msg: messages.Prefill) -> dict:
+    """The request as the decode worker needs it, riding on the offer (its first token comes
+    with the offer, or with the transfer's DONE when offered early)."""
+    meta = {"prompt_token_ids": msg.prompt_token_ids, "params": messages.encode_params(msg.params)}
+    if msg.output_token_ids:
+        meta["output_token_ids"] = msg.output_token_ids
+    return meta

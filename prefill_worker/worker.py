@@ -34,6 +34,7 @@ import zmq
 from engine import LLMEngine
 from control import messages
 from control.link import RouterLink
+from control.proc import process_identity
 from control.worker_loop import WorkerLoop
 from control.worker_settings import WorkerSettings
 
@@ -57,7 +58,7 @@ class PrefillWorker(WorkerLoop):
         self.link.register(messages.Register(self.settings.worker_id, self.role, self.layout.to_dict(),
                                          num_blocks=self.engine.num_total_blocks,
                                          max_model_len=self.engine.max_model_len, pid=os.getpid(),
-                                         incarnation=self.incarnation),
+                                         incarnation=self.incarnation, **process_identity()),
                            timeout_s=self.settings.register_timeout_s)
         e = self.engine
         log.info("%s ready: %d KV blocks x %d = %d tokens, max_model_len %d; registered with the router at %s",

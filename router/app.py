@@ -231,6 +231,7 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
         load = {"mode": settings.mode, "requests_in_flight": len(hub.requests) if hub else 0,
                 "queued_requests": hub.admission.requests if hub else 0,
                 "placements": dict(hub.placements) if hub else {},
+                "migrations": dict(hub.migrations) if hub else {},
                 "routing": {f"{job}/{reason}": n for (job, reason), n in sorted(hub.routing.items())} if hub else {}}
         if router.draining:
             body = error_body("shutting down", "service_unavailable")

@@ -3,9 +3,10 @@
 `generate()` places the request, then turns the workers' token events into text chunks:
 incremental detokenization (never a broken UTF-8 character), stop strings (matched across
 chunk boundaries, never sent), timeouts on the first and on every next token, and the
-request deadline. If the prefill worker fails before the first token, the request is
-placed once more on another prefill worker (the client never sees it); any other failure
-is an `APIError`. However the stream ends (finish, stop string, error, timeout, client
+request deadline. If a worker holding the request is lost (or fails its KV transfer), the
+request moves to another worker with the tokens streamed so far and goes on from the next
+one: the client sees one stream, unless it has moved --max-migrations times already or no
+worker is left (then an `APIError`, like any other failure). However the stream ends (finish, stop string, error, timeout, client
 gone), the workers holding the request are told to free it and the router forgets it.
 """
 from __future__ import annotations
@@ -105,13 +106,16 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                 raise APIError(f"timed out waiting for {what}", 503) from None
             ev = _merge_tokens(state, evs, alone=generated == 0)
             if ev.kind == "error":
-                if ev.retry_from is not None and state.attempt == 0 and generated == 0:
-                    try:
-                        await hub.retry(state, ev.retry_from)
-                        metrics.count("retried")
-                        continue
-                    except LookupError as e:
-                        ev.message += f"; no other prefill worker to retry on ({e})"
+                if ev.failed_worker is not None:
+                    if len(state.moves) < settings.max_migrations:
+                        try:
+                            await hub.migrate(state, ev.failed_worker, ev.why)
+                            metrics.count("retried")
+                            continue
+                        except LookupError as e:
+                            ev.message += f"; no other worker to move the request to ({e})"
+                    elif settings.max_migrations:
+                        ev.message += f"; moved {len(state.moves)} times already (--max-migrations)"
                 outcome = "error"
                 raise APIError(ev.message, ev.code)
             # Latencies as the tokens reached the router (a merged chunk's events each at its own time):
@@ -130,6 +134,7 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
             if ev.token_ids:
                 metrics.generation_tokens.inc(len(ev.token_ids))
             generated += len(ev.token_ids)
+            state.output_token_ids += ev.token_ids  # where a migration would go on from
             text = detok.add(ev.token_ids)
             finish = ev.finish_reason
             if finish is not None:
@@ -155,9 +160,10 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                 return
     finally:
         metrics.count(outcome)
-        log.info("request %s %s%s: %d prompt + %d generated tokens in %.3f s", rid, outcome,
+        log.info("request %s %s%s: %d prompt + %d generated tokens in %.3f s%s", rid, outcome,
                  f" ({finish})" if outcome == "finished" else "", len(prompt_token_ids), generated,
-                 time.monotonic() - state.created)
+                 time.monotonic() - state.created,
+                 "".join(f"; moved off {w} ({why}) after {n} tokens" for w, why, n in state.moves))
         if ended:
             hub.finish(state)
         else:

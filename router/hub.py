@@ -10,8 +10,14 @@ fails the requests of workers that go silent. Requests are `RequestState`s in
 
 Who is responsible for a request, for the watchdog: its prefill worker until the decode
 worker sends the request's first token (the KV has arrived), its decode worker from
-placement to the end. A request whose prefill worker fails before the first token is
-marked retryable; `generation` then calls `retry()` once.
+placement to the end. When a worker is lost (silent past the worker timeout, its process
+gone, restarted, left while holding requests) or a worker reports a request failed with 503
+(a KV transfer failed), each request it held gets an error event naming it; `generation`
+then calls `migrate()` (up to --max-migrations times a request): the request is placed
+again, away from that worker, with the tokens already streamed, and goes on from the next
+one (the client sees one stream). Deaths on this host are seen within a watchdog tick
+(`control/proc.py`: the worker's process is checked by pid and start time), elsewhere after
+the worker timeout.
 
 Stale traffic: tokens for a request id the router does not hold (it ended, was retried,
 or belonged to a previous router) are answered with an `Abort`, so an orphan never runs
@@ -35,6 +41,8 @@ import zmq.asyncio
 
 from control import messages
 from control.droplog import DropLog
+from control.logs import rid as for_request
+from control.proc import host_identity, process_alive
 from control.security import CurveKeys, check_bind
 
 from .admission import Admission
@@ -86,7 +94,8 @@ class WorkerHub:
             self.sock.bind(address)
         self.address = address
         self.requests: dict[str, RequestState] = {}
-        self.retries = 0
+        self.migrations: dict[str, int] = {}  # why -> requests moved to another worker for that reason
+        self.host = host_identity()            # workers on this host are watched by pid
         self._drops = DropLog(log)
         self._tasks: list[asyncio.Task] = []
 
@@ -112,22 +121,31 @@ class WorkerHub:
             self.admission.release(state)
             raise
 
-    async def retry(self, state: RequestState, failed_worker: str) -> None:
-        """Places the request again, on another prefill worker, after `failed_worker` failed it
-        before its first token. The old attempt is aborted wherever it may linger."""
-        self.retries += 1
+    async def migrate(self, state: RequestState, failed_worker: str, why: str) -> None:
+        """Places the request again, away from `failed_worker`, going on after the tokens the
+        client has had (`state.output_token_ids`); the old attempt is aborted wherever it may
+        linger (a worker declared dead may come back: its tokens for the old id are stale).
+        Raises LookupError when no worker can take it."""
         old_id, holders = state.request_id, {state.prefill_worker, state.decode_worker} - {None}
         self._forget(state)
         for wid in holders:
             await self._send(wid, messages.Abort([old_id]))
         state.next_attempt()
-        log.warning("retrying request %s on another prefill worker (%s failed before its first token)",
-                    state.base_id, failed_worker)
+        state.moves.append((failed_worker, why, len(state.output_token_ids)))
         try:
-            await self._place(state, exclude={failed_worker})
+            try:
+                await self._place(state, exclude={failed_worker})
+            except LookupError:
+                # Nothing else: the failure may not have been that worker's (a transfer failed
+                # because its peer died), so try it too if it is alive.
+                await self._place(state, exclude=set())
         except LookupError:
             self.admission.release(state)
             raise
+        self.migrations[why] = self.migrations.get(why, 0) + 1
+        log.warning("request %s moved off %s (%s) after %d tokens: now %s -> %s", state.base_id, failed_worker,
+                    why, len(state.output_token_ids), state.prefill_worker, state.decode_worker,
+                    extra=for_request(state.base_id))
 
     async def _place(self, state: RequestState, exclude: set[str]) -> None:
         exclude = set(exclude)
@@ -139,7 +157,7 @@ class WorkerHub:
                 w.outstanding.add(state.request_id)
                 w.requests_total += 1
             msg = messages.Prefill(state.request_id, state.prompt_token_ids, state.params, dw.worker_id, dw.kv_address,
-                               dw.incarnation)
+                                   dw.incarnation, state.output_token_ids)
             if await self._send(pw.worker_id, msg):
                 self.placements["local" if pw is dw else "handed_off"] += 1
                 return
@@ -151,7 +169,7 @@ class WorkerHub:
         """(prefill worker, decode worker) for the request in this router's mode."""
         reg = self.registry
         if self.mode == "disaggregated":
-            pw, dw = self._pick("prefill", state, exclude), self._pick("decode", state, set())
+            pw, dw = self._pick("prefill", state, exclude), self._pick("decode", state, exclude)
             if pw is None or dw is None:
                 raise LookupError("no live " + ("prefill" if pw is None else "decode") + " worker")
             return pw, dw
@@ -293,14 +311,17 @@ class WorkerHub:
         elif isinstance(msg, messages.Failed):
             st = self.requests.get(msg.request_id)
             if st is not None and sender in (st.prefill_worker, st.decode_worker):
-                st.on_error(msg.message, msg.code)
+                # 503: the worker could not go on (a KV transfer failed): the request may move.
+                # Anything else (400: the worker refused the request) is the request's own fault.
+                st.on_error(msg.message, msg.code, failed_worker=sender if msg.code == 503 else None,
+                            why="failed")
         elif isinstance(msg, messages.Register):
             await self._on_register(sender, msg)
         elif isinstance(msg, messages.Leaving):
             w = self.registry.workers.get(sender)
             if msg.worker_id == sender and w is not None:
                 log.info("%s worker %s left (drained)%s", w.role, sender, f": {msg.message}" if msg.message else "")
-                self._fail_requests(w, f"{w.role} worker {sender} shut down")
+                self._fail_requests(w, f"{w.role} worker {sender} shut down", "left")
                 self.registry.remove(sender)
         else:
             log.warning("ignored unexpected %s from %s", type(msg).__name__, sender)
@@ -341,28 +362,36 @@ class WorkerHub:
             # The same process again (a lost `Registered`, or it forgot us): its requests go on.
             new.outstanding, new.requests_total = old.outstanding, old.requests_total
         elif old is not None:
-            self._fail_requests(old, f"{old.role} worker {old.worker_id} restarted")
+            self._fail_requests(old, f"{old.role} worker {old.worker_id} restarted", "restarted")
         log.info("registered %s worker %s (pid %d, %d KV blocks)%s", msg.role, msg.worker_id, msg.pid,
                  msg.num_blocks, " again" if old is not None else "")
         await self._send(sender, messages.Registered(msg.worker_id))
 
-    def _fail_requests(self, w: WorkerInfo, why: str) -> None:
-        """Ends every request `w` is responsible for; the prefill worker's requests without a
-        first token are marked for one retry elsewhere."""
+    def _fail_requests(self, w: WorkerInfo, message: str, why: str) -> None:
+        """An error event, naming `w`, for every request `w` is responsible for: the request
+        moves elsewhere (generation.py) unless it has moved --max-migrations times already."""
         for rid in list(w.outstanding):
             st = self.requests.get(rid)
-            if st is None:
-                continue
-            retryable = st.prefill_worker == w.worker_id and st.first_token_at is None
-            st.on_error(why, 503, retry_from=w.worker_id if retryable else None)
+            if st is not None:
+                st.on_error(message, 503, failed_worker=w.worker_id, why=why)
         w.outstanding.clear()
 
-    async def _watchdog(self, interval_s: float = 0.5) -> None:
-        """Fails the requests placed on workers that stopped heartbeating."""
+    async def _watchdog(self, interval_s: float = 0.1) -> None:
+        """Fails the requests placed on workers that stopped heartbeating, or whose process on
+        this host is gone (seen within `interval_s`, not after the worker timeout)."""
         while True:
             await asyncio.sleep(interval_s)
+            for w in list(self.registry.workers.values()):
+                if w.exited or w.host != self.host or not self.host or not self.registry.is_alive(w):
+                    continue
+                if not process_alive(w.pid, w.started):
+                    w.exited = True
+                    self.registry.mark_dead(w)
+                    log.warning("%s worker %s: its process (pid %d) is gone: %d requests to move", w.role,
+                                w.worker_id, w.pid, len(w.outstanding))
+                    self._fail_requests(w, f"{w.role} worker {w.worker_id} exited", "process_exited")
             for w in self.registry.dead():
                 if w.outstanding:
-                    log.warning("%s worker %s is silent: failing its %d requests", w.role, w.worker_id,
+                    log.warning("%s worker %s is silent: %d requests to move", w.role, w.worker_id,
                                 len(w.outstanding))
-                self._fail_requests(w, f"{w.role} worker {w.worker_id} stopped responding")
+                    self._fail_requests(w, f"{w.role} worker {w.worker_id} stopped responding", "heartbeat_timeout")

@@ -13,7 +13,8 @@ Names follow vLLM's (`vllm:` becomes `pdserve:`), each with a `model_name` label
   `kv_transfer_bytes_total`, `kv_transfer_saved_bytes_total` (bytes a decode worker's cached
   prefix kept from travelling), `kv_transfer_seconds` (histogram), `kv_transfer_failures_total`,
   `prefix_cache_queries_total` and `prefix_cache_hits_total` (prompt tokens);
-- `routing_decisions_total{job, reason}`: workers picked for prefill and decode, and why.
+- `routing_decisions_total{job, reason}`: workers picked for prefill and decode, and why;
+- `request_migrations_total{reason}`: requests moved off a lost worker, and why.
 
 The older `pdserve_*` series (request outcomes, queue, per-worker load) stay beside them.
 Each router has its own `CollectorRegistry`, so two routers in one process (tests) do not mix.
@@ -140,6 +141,12 @@ class _Live:
         for (job, reason), n in sorted(hub.routing.items()) if hub else ():
             decisions.add_metric([model, job, reason], n)
         yield decisions
+        moved = CounterMetricFamily("pdserve:request_migrations", "Requests moved to another worker when the one "
+                                    "holding them was lost, by reason (heartbeat_timeout, process_exited, "
+                                    "restarted, left, failed).", labels=["model_name", "reason"])
+        for why, n in sorted(hub.migrations.items()) if hub else ():
+            moved.add_metric([model, why], n)
+        yield moved
         per_worker = {
             "pdserve_worker_alive": lambda w, hb: int(reg.is_alive(w)),
             "pdserve_worker_free_blocks": lambda w, hb: hb.free_blocks if hb else w.num_blocks,

@@ -40,6 +40,9 @@ class WorkerInfo:
     pid: int
     last_seen: float
     incarnation: str = ""
+    host: str = ""                  # host identity (control/proc.py): pid and start time mean something here
+    started: int = 0
+    exited: bool = False            # its process was seen gone (the router's watchdog)
     heartbeat: messages.Heartbeat | None = None
     outstanding: set[str] = field(default_factory=set)   # request ids this router has placed here
     requests_total: int = 0                               # requests ever placed here
@@ -103,13 +106,16 @@ class WorkerRegistry:
             break  # all live workers share one layout: comparing with one suffices
         self.kv.forget(msg.worker_id)  # a new process: whatever it cached before is gone
         self.workers[msg.worker_id] = WorkerInfo(msg.worker_id, msg.role, layout, msg.kv_address, msg.num_blocks,
-                                                 msg.max_model_len, msg.pid, self.clock(), incarnation=msg.incarnation)
+                                                 msg.max_model_len, msg.pid, self.clock(), incarnation=msg.incarnation,
+                                                 host=msg.host, started=msg.started)
         return None
 
     def heartbeat(self, msg: messages.Heartbeat) -> bool:
         w = self.workers.get(msg.worker_id)
         if w is None:
             return False
+        if w.exited:
+            return True  # sent before its process died, read after: it stays dead
         w.last_seen, w.heartbeat = self.clock(), msg
         self.kv.update(msg)
         return True
@@ -118,9 +124,13 @@ class WorkerRegistry:
         self.kv.forget(worker_id)
         return self.workers.pop(worker_id, None)
 
+    def mark_dead(self, w: WorkerInfo) -> None:
+        """Dead now (its process is gone), not after the worker timeout."""
+        w.last_seen = float("-inf")
+
     def seen(self, worker_id: str) -> None:
         w = self.workers.get(worker_id)
-        if w is not None:
+        if w is not None and not w.exited:
             w.last_seen = self.clock()
 
     def is_alive(self, w: WorkerInfo) -> bool:

@@ -3,9 +3,13 @@
 One `RequestState` per request, owned by `generation.generate` and indexed by the hub's
 request table under its current wire id. Its events wait in an inbox that the reader empties
 whole (`next_events`): under load several steps' tokens are taken, detokenized and written to
-the client at once, so the router's work per token falls as the load rises. A retry (the prefill worker died before the first
-token) gives the request a new attempt: a new wire id and event queue, so anything the
-previous attempt's workers still send is recognised as stale and ignored.
+the client at once, so the router's work per token falls as the load rises.
+
+A migration (a worker holding the request died, restarted, left, or failed its KV transfer)
+gives the request a new attempt: a new wire id and event queue, so anything the previous
+attempt's workers still send (a worker declared dead that comes back) is recognised as stale,
+answered with an Abort and dropped: that is the fence. The new attempt goes on from the tokens
+the client has been given (`output_token_ids`), at the next output index.
 """
 from __future__ import annotations
 
@@ -23,7 +27,10 @@ class Event:
     finish_reason: str | None = None
     message: str = ""
     code: int = 503
-    retry_from: str | None = None   # error only: the failed prefill worker, when a retry elsewhere is allowed
+    # error only: the worker that failed, when the request may move elsewhere (a migration),
+    # and why (the label of pdserve:request_migrations_total)
+    failed_worker: str | None = None
+    why: str = ""
     at: float = 0.0                 # time.monotonic() when it reached the router
     # tokens only: (arrival, number of tokens) of each event merged into this one (router.generation)
     parts: list[tuple[float, int]] = field(default_factory=list)
@@ -46,13 +53,19 @@ class RequestState:
         self._next_index = 0
         self._early: dict[int, tuple[list[int], str | None]] = {}
         self.done = False
+        self.output_token_ids: list[int] = []  # every token given to the client so far (generation.py)
+        self.moves: list[tuple[str, str, int]] = []  # migrations: (worker left, why, tokens generated then)
 
     def next_attempt(self) -> None:
+        """A new attempt, going on after the tokens the client has: whatever is still queued
+        from the old one (tokens after them, the error) is dropped, and comes again from the
+        new one."""
         self.attempt += 1
         self.request_id = f"{self.base_id}.{self.attempt}"
         self.prefill_worker = self.decode_worker = None
+        self.block_hashes = None
         self._inbox = []
-        self._next_index, self._early = 0, {}
+        self._next_index, self._early = len(self.output_token_ids), {}
 
     def on_tokens(self, index: int, token_ids: list[int], reason: str | None) -> None:
         # The first token comes from the prefill worker and the rest from the decode worker,
@@ -67,8 +80,9 @@ class RequestState:
                 self.first_token_at = time.monotonic()
             self._put(Event("tokens", ids, r))
 
-    def on_error(self, message: str, code: int = 503, retry_from: str | None = None) -> None:
-        self._put(Event("error", message=message, code=code, retry_from=retry_from))
+    def on_error(self, message: str, code: int = 503, failed_worker: str | None = None, why: str = "") -> None:
+        """`failed_worker`: the request may move off it (migration), for reason `why`."""
+        self._put(Event("error", message=message, code=code, failed_worker=failed_worker, why=why))
 
     def _put(self, ev: Event) -> None:
         ev.at = time.monotonic()

@@ -17,6 +17,8 @@ class RouterSettings:
     request_timeout_s: float = 600.0
     first_token_timeout_s: float = 300.0
     next_token_timeout_s: float = 60.0
+    # A request whose worker is lost moves to another at most this often (0: it fails instead).
+    max_migrations: int = 2
     max_model_len: int | None = None
     # Overload: requests waiting for their first token, and their prompt tokens (admission.py).
     max_queued_requests: int = 256
@@ -36,6 +38,8 @@ class RouterSettings:
                      "max_queued_requests", "max_queued_tokens", "max_request_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.max_migrations < 0:
+            raise ValueError("max_migrations must be >= 0")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError("max_tokens_cap must be >= 1")
         from .registry import MODES

@@ -75,7 +75,7 @@ def test_restart_fails_requests_retryably_but_a_repeated_register_does_not():
         assert st.pending() == 0 and "r1" in hub.registry.workers["p0"].outstanding
         await p.register(incarnation="b")                       # a new process under the same id
         (ev,) = await st.next_events(2)
-        assert ev.kind == "error" and ev.retry_from == "p0" and "restarted" in ev.message
+        assert ev.kind == "error" and ev.failed_worker == "p0" and ev.why == "restarted" and "restarted" in ev.message
     run(t)
 
 
@@ -98,4 +98,81 @@ def test_prefill_responsibility_ends_with_the_first_decode_token():
         other.sock.close()
         got = [ev.token_ids for ev in await st.next_events(0)]
         assert got == [[5], [6]]
+    run(t)
+
+
+def test_migration_places_the_request_elsewhere_with_its_tokens_and_fences_the_old_worker():
+    """d0 dies after streaming 2 tokens: the request goes to d1 (prefill again on p0) with those
+    2 tokens, under a new wire id; what d0 sends later for the old id is answered with Abort
+    and never reaches the client."""
+    async def t(hub, p, d):
+        d1 = Fake(hub.ctx, hub, "d1")
+        try:
+            await d1.register()
+            st = RequestState("r1", [1, 2, 3], SamplingParams(max_tokens=8))
+            await hub.submit(st)
+            first = await p.recv()
+            assert isinstance(first, messages.Prefill) and first.output_token_ids == []
+            dw = first.decode_worker
+            old = d if dw == "d0" else d1
+            new = d1 if old is d else d
+            await p.send(messages.Tokens("p0", [["r1", 0, [40], None]]))
+            await old.send(messages.Tokens(old.wid, [["r1", 1, [41], None]]))
+            evs = []
+            while sum(len(e.token_ids) for e in evs) < 2:
+                evs += await st.next_events(2)
+            st.output_token_ids = [40, 41]          # what generation.py records as it streams them
+            await old.register(incarnation="b")     # a new process under the old id: its requests are lost
+            (ev,) = await st.next_events(2)
+            assert ev.failed_worker == old.wid and ev.why == "restarted"
+            await hub.migrate(st, ev.failed_worker, ev.why)
+            assert isinstance(await old.recv(), messages.Abort)   # the old attempt, wherever it lingers
+            again = await p.recv()
+            while not isinstance(again, messages.Prefill):        # (p0 also gets the old attempt's Abort)
+                again = await p.recv()
+            assert again.request_id == "r1.1" and again.decode_worker == new.wid
+            assert again.output_token_ids == [40, 41] and again.prompt_token_ids == [1, 2, 3]
+            assert hub.migrations == {"restarted": 1} and st.moves == [(old.wid, "restarted", 2)]
+            await old.send(messages.Tokens(old.wid, [["r1", 2, [99], None]]))   # fenced: stale id
+            assert (await old.recv()).request_ids == ["r1"]
+            await p.send(messages.Tokens("p0", [["r1.1", 2, [42], None]]))
+            await new.send(messages.Tokens(new.wid, [["r1.1", 3, [43], "stop"]]))
+            got = []
+            while not got or got[-1].finish_reason is None:
+                got += await st.next_events(2)
+            assert [t for e in got for t in e.token_ids] == [42, 43]
+        finally:
+            d1.sock.close()
+    run(t)
+
+
+def test_a_worker_process_gone_on_this_host_is_dead_at_once():
+    """Guards: a kill -9 noticed only after the worker timeout (30 s here)."""
+    import subprocess
+    import sys
+
+    from control.proc import process_identity, start_time
+
+    async def t(hub, p, d):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            ident = process_identity() | {"started": start_time(child.pid)}
+            await d.send(messages.Register("d0", "decode", LAYOUT, "ipc:///x", 64, 512, child.pid, "c", **ident))
+            assert isinstance(await d.recv(), messages.Registered)
+            st = RequestState("r1", [1, 2, 3], SamplingParams(max_tokens=4))
+            await hub.submit(st)
+            await asyncio.sleep(0.3)
+            assert st.pending() == 0 and hub.registry.is_alive(hub.registry.workers["d0"])
+            child.kill()                      # a zombie until reaped: dead all the same
+            t0 = asyncio.get_running_loop().time()
+            (ev,) = await st.next_events(5)
+            assert ev.failed_worker == "d0" and ev.why == "process_exited"
+            assert asyncio.get_running_loop().time() - t0 < 1.0
+            assert not hub.registry.is_alive(hub.registry.workers["d0"])
+            await d.send(messages.Heartbeat("d0"))   # read after the death: it stays dead
+            await asyncio.sleep(0.1)
+            assert not hub.registry.is_alive(hub.registry.workers["d0"])
+        finally:
+            child.kill()
+            child.wait()
     run(t)

@@ -1,0 +1,53 @@
+"""Is a worker's process still there? For workers on the router's own host, read from /proc.
+
+A worker killed with kill -9 sends nothing: without this, the router learns of it only when
+its heartbeats have been missing for the worker timeout. A worker on the same host (the same
+kernel boot and the same pid namespace: `host_identity`) registers its pid and the start time
+of its process, and the router's watchdog checks them every tick: a pid that is gone, a zombie,
+or a pid reused by a process started at another time is a dead worker. Workers elsewhere (other
+hosts, containers with their own pid namespace) have another identity and are left to the
+heartbeats. Where /proc is missing, the identity is "" and nothing is watched this way.
+"""
+from __future__ import annotations
+
+import os
+
+
+def host_identity() -> str:
+    """Who can see whose pids: the kernel's boot id and this process's pid namespace."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 first), None if none."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            text = f.read()
+    except (OSError, ValueError):
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def start_time(pid: int) -> int:
+    """When the process started (clock ticks since boot), 0 if unknown."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else 0
+
+
+def process_alive(pid: int, started: int = 0) -> bool:
+    """False when process `pid` is gone, a zombie, or another process than the one that
+    started at `started` (0: not checked)."""
+    fields = _stat(pid)
+    if not fields or fields[0] in ("Z", "X", "x"):
+        return False
+    return not started or len(fields) <= 19 or int(fields[19]) == started
+
+
+def process_identity() -> dict:
+    """Register's `host` and `started` for this process."""
+    return {"host": host_identity(), "started": start_time(os.getpid())}

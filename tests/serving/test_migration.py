@@ -1,0 +1,130 @@
+"""Request migration on live processes: a decode worker killed mid-stream costs a pause, not a
+failed request.
+
+One deployment for the module: router (--max-migrations 1, worker timeout 5 s), prefill worker
+p0, decode workers d0 and d1 (a step delay of 20 ms: a 300-token stream lasts ~6 s, long
+enough to kill its worker in the middle). The reference for greedy streams is transformers'
+greedy text for the prompt; for seeded sampled streams, the same request run again
+undisturbed. A kill -9 on this host is seen by the router's watchdog from the process table
+(control/proc.py), not after the 5 s worker timeout: the resume time shows it. Measured times
+are printed (pytest -s) as `RESULT ...` lines.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.serving.cluster import Cluster, Stream, completion, holder, wait_for
+
+TIMEOUT_S = 5.0
+DECODE = ["--debug-step-delay", "0.02", "--heartbeat-interval", "0.25"]
+# Greedy continuations of these run to 300 tokens or stop at EOS early (both are compared).
+PROMPTS = ["The weather today", "Hello there", "Keep going", "Short prompt", "Once upon a time", "Tell me a story"]
+
+
+@pytest.fixture(scope="module")
+def cluster(demo_model):
+    c = Cluster(demo_model, ["--worker-timeout", str(TIMEOUT_S), "--max-migrations", "1"])
+    c.worker("p0", "--heartbeat-interval", "0.25")
+    for w in ("d0", "d1"):
+        c.worker(w, *DECODE)
+    try:
+        c.wait_ready(["p0", "d0", "d1"])
+        yield c
+    finally:
+        c.stop()
+
+
+def restore(c: Cluster, wid: str) -> None:
+    c.worker(wid)
+    wait_for(lambda: (w := c.workers().get(wid)) and w["alive"] and w["pid"] == c.procs[wid].pid, 60,
+             f"{wid} registered again")
+
+
+def migrations(c: Cluster) -> dict[str, float]:
+    text = httpx.get(c.url + "/metrics", timeout=10).text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'pdserve:request_migrations_total\{[^}]*reason="(\w+)"\} (\S+)', text)}
+
+
+def report(what: str, seconds: float) -> None:
+    print(f"\nRESULT {what}: {seconds:.2f} s")
+
+
+def test_decode_killed_mid_stream_every_stream_completes_with_the_same_tokens(cluster, reference):
+    c = cluster
+    seeded = [dict(temperature=1.0, seed=s, ignore_eos=True) for s in (7, 8)]
+    streams = [Stream(c.url, p, max_tokens=300, ignore_eos=False) for p in PROMPTS]
+    streams += [Stream(c.url, "Tell me a story", max_tokens=300, **kw) for kw in seeded]
+    long = [s for s, p in zip(streams, PROMPTS + ["seeded"] * 2) if p in ("The weather today", "Hello there")]
+    for s in long:
+        s.wait_chunks(20)
+    running = {w: h["running"] for w, h in c.workers().items() if w.startswith("d")}
+    victim = max(running, key=running.get)
+    assert running[victim] >= 1, running
+    c.signal(victim, signal.SIGKILL)
+    t_kill = time.monotonic()
+    before = [s.chunks for s in streams]
+    for s in streams:
+        assert s.result(120) == "finished", (s.outcome, s.error)
+    for s, p in zip(streams, PROMPTS):
+        want = reference.text(reference.greedy(reference.tok.encode(p), 300))
+        assert "".join(s.texts) == want, p
+    # The longest pause after the kill, over the streams still going then: the moved ones' resume.
+    gaps = [next(t for t in s.times if t > t_kill) - t_kill for s, n in zip(streams, before)
+            if s.times and s.times[-1] > t_kill]
+    report(f"kill -9 {victim} mid-stream -> every stream going again after (max over {len(gaps)})", max(gaps))
+    assert max(gaps) < TIMEOUT_S - 1.5, "the death was not seen before the worker timeout"
+    moved = migrations(c)
+    assert moved.get("process_exited", 0) >= running[victim], moved
+    assert c.health()["migrations"]["process_exited"] == moved["process_exited"]
+    c.wait_all_free()
+    # seeded sampling: the moved streams equal an undisturbed run of the same requests
+    again = [Stream(c.url, "Tell me a story", max_tokens=300, **kw) for kw in seeded]
+    for s, ref in zip(streams[-2:], again):
+        assert ref.result(120) == "finished"
+        assert "".join(s.texts) == "".join(ref.texts)
+    restore(c, victim)
+    c.wait_all_free()
+
+
+def test_a_request_moves_at_most_max_migrations_times_and_the_last_worker_fails_clearly(cluster):
+    c = cluster
+    s = Stream(c.url, "Hello there", max_tokens=300)
+    s.wait_chunks(10)
+    first = holder(c, "decode", "running")
+    c.signal(first, signal.SIGKILL)
+    n = s.chunks
+    s.wait_chunks(n + 10)                                  # moved to the other decode worker, going on
+    restore(c, first)                                      # two decode workers again, but...
+    second = next(w for w in ("d0", "d1") if w != first)
+    c.signal(second, signal.SIGKILL)                       # ...the request has moved once already
+    t_kill = time.monotonic()
+    assert s.result() == "error-event", (s.outcome, s.error)
+    assert "--max-migrations" in s.error["message"] and s.error["type"] == "service_unavailable"
+    report("kill -9 of the worker a moved request went to -> error event after", s.t_end - t_kill)
+    assert s.t_end - t_kill < TIMEOUT_S
+    restore(c, second)
+    c.wait_all_free()
+
+    # No decode worker left at all: the stream ends with a clear error, at once.
+    s = Stream(c.url, "Hello there", max_tokens=300)
+    s.wait_chunks(5)
+    busy = holder(c, "decode", "running")
+    idle = next(w for w in ("d0", "d1") if w != busy)
+    c.signal(idle, signal.SIGKILL)
+    wait_for(lambda: not c.workers()[idle]["alive"], 5, f"{idle} seen dead")
+    c.signal(busy, signal.SIGKILL)
+    t_kill = time.monotonic()
+    assert s.result() == "error-event", (s.outcome, s.error)
+    assert "no other worker" in s.error["message"], s.error
+    report("kill -9 of the last decode worker -> error event after", s.t_end - t_kill)
+    assert s.t_end - t_kill < TIMEOUT_S
+    restore(c, "d0")
+    restore(c, "d1")
+    assert completion(c.url).status_code == 200
+    c.wait_all_free()
