@@ -71,19 +71,21 @@ def test_prefill_killed_mid_prefill_is_retried_on_another(cluster):
     restore(c, victim)
 
 
-def test_decode_killed_mid_stream_ends_with_error_event(cluster):
+def test_decode_killed_mid_stream_moves_to_the_other(cluster):
     """Guards: a stream whose decode worker died hanging until the next-token timeout (60 s),
-    or ending without an error the client can see."""
+    or failing although the other decode worker could carry it on (request migration; the
+    tokens are checked against transformers in test_migration.py)."""
     c = cluster
-    s = Stream(c.url, "Once upon a time", max_tokens=300)
+    s = Stream(c.url, "Once upon a time", max_tokens=120)
     s.wait_chunks(3)
     victim = holder(c, "decode", "running")
     c.signal(victim, signal.SIGKILL)
     t_kill = time.monotonic()
-    assert s.result() == "error-event", (s.outcome, s.error)
-    assert victim in s.error["message"] and s.error["type"] == "service_unavailable"
-    report("kill -9 decode mid-stream -> stream ended (error event, [DONE]) after", s.t_end - t_kill)
-    assert s.t_end - t_kill < ENDED_S
+    n = s.chunks
+    assert s.result() == "finished", (s.outcome, s.error)
+    resumed = next(t for t in s.times[n:] if t > t_kill) - t_kill
+    report("kill -9 decode mid-stream -> stream going again on the other after", resumed)
+    assert resumed < ENDED_S
     assert completion(c.url).status_code == 200
     c.wait_all_free()
     restore(c, victim)
@@ -136,9 +138,9 @@ def _kill_sender_during_transfer(c: Cluster) -> bool:
         assert c.workers()[receiver]["free_blocks"] < 64   # blocks reserved for KV that never comes
         c.signal(sender, signal.SIGKILL)
         t_kill = time.monotonic()
-        assert s.result() == "error-event", (s.outcome, s.error)
-        freed = c.wait_all_free([receiver])
-        report("kill -9 prefill during KV transfer -> stream ended after", s.t_end - t_kill)
+        freed = c.wait_all_free([receiver], timeout_s=20)
+        assert s.result() == "finished", (s.outcome, s.error)  # moved: prefilled again on the other
+        report("kill -9 prefill during KV transfer -> moved stream finished after", s.t_end - t_kill)
         report("kill -9 prefill during KV transfer -> decode blocks free after", time.monotonic() - t_kill)
         assert s.t_end - t_kill < ENDED_S and freed < FREED_S
         assert completion(c.url).status_code == 200
@@ -162,13 +164,13 @@ def test_decode_killed_during_kv_transfer_frees_prefill_blocks(cluster):
     receiver = holder(c, "decode", "waiting")          # ...and waiting for a free decode slot
     c.signal(receiver, signal.SIGKILL)
     t_kill = time.monotonic()
-    assert s.result() == "error-event", (s.outcome, s.error)
-    freed = c.wait_all_free([sender])
-    report("kill -9 decode during KV transfer -> stream ended after", s.t_end - t_kill)
-    report("kill -9 decode during KV transfer -> prefill blocks free after", time.monotonic() - t_kill)
-    assert s.t_end - t_kill < ENDED_S and freed < FREED_S
-    for h in hogs:
+    for h in hogs:                                     # the other decode worker takes the moved request
         h.close()
+    assert s.result() == "finished", (s.outcome, s.error)
+    report("kill -9 decode during KV transfer -> moved stream finished after", s.t_end - t_kill)
+    c.wait_all_free([sender])                          # the dead receiver's transfer let go, not at its lease
+    report("kill -9 decode during KV transfer -> prefill blocks free after", time.monotonic() - t_kill)
+    assert time.monotonic() - t_kill < ENDED_S + FREED_S
     assert completion(c.url).status_code == 200
     c.wait_all_free()
     restore(c, receiver)
@@ -193,9 +195,11 @@ def test_sigstop_prefill_then_decode_hang_not_crash(cluster):
     victim = holder(c, "decode", "running")
     c.signal(victim, signal.SIGSTOP)
     t_stop = time.monotonic()
-    assert s.result() == "error-event", (s.outcome, s.error)
-    report("SIGSTOP decode mid-stream -> stream ended (error event) after", s.t_end - t_stop)
-    assert s.t_end - t_stop < ENDED_S
+    n = s.chunks
+    assert s.result() == "finished", (s.outcome, s.error)   # moved after the worker timeout
+    resumed = next(t for t in s.times[n:] if t > t_stop) - t_stop
+    report("SIGSTOP decode mid-stream -> stream going again on the other after", resumed)
+    assert WORKER_TIMEOUT - 0.5 < resumed < ENDED_S
     assert completion(c.url).status_code == 200       # the other decode worker serves
     c.signal(victim, signal.SIGCONT)
     c.wait_ready([victim], 10)

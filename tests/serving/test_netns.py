@@ -91,22 +91,21 @@ def test_decode_worker_cut_off_the_network_then_back(netns, demo_model, tmp_path
                  "one stream on each decode worker")             # heartbeats lag a little behind
         ip("link", "set", HOST_IF, "down")
         t_cut = time.monotonic()
-        wait_for(lambda: any(s.t_end for s in streams), WORKER_TIMEOUT + 5, "the cut-off stream to end")
-        cut = next(s for s in streams if s.t_end)
-        assert cut.result() == "error-event" and "d1" in cut.error["message"], (cut.outcome, cut.error)
-        print(f"\nRESULT network cut (veth down) on decode mid-stream -> stream ended (error event) after: "
-              f"{cut.t_end - t_cut:.2f} s")
-        assert cut.t_end - t_cut < WORKER_TIMEOUT + 2
+        # d1's process is alive: only its heartbeats' silence tells; its stream then moves to d0
+        wait_for(lambda: c.health()["migrations"].get("heartbeat_timeout"), WORKER_TIMEOUT + 5,
+                 "the cut-off stream to move")
+        t_moved = time.monotonic() - t_cut
+        print(f"\nRESULT network cut (veth down) on decode mid-stream -> stream moved to d0 after: {t_moved:.2f} s")
+        assert t_moved < WORKER_TIMEOUT + 2
         for _ in range(3):                                   # served by the reachable workers meanwhile
             assert completion(c.url).status_code == 200
-        other = next(s for s in streams if s is not cut)
+        for s in streams:                                    # both complete: the cut one on d0
+            assert s.result(90) == "finished", (s.outcome, s.error)
 
         ip("link", "set", HOST_IF, "up")
         t_up = time.monotonic()
         c.wait_ready(["d1"], timeout_s=30)
         t_alive = time.monotonic() - t_up
-        other.join(60)
-        assert other.outcome == "finished"
         t_free = c.wait_all_free(timeout_s=30)               # stale sequence on d1 aborted, blocks free
         print(f"\nRESULT link back up -> d1 alive again after {t_alive:.2f} s, all blocks free "
               f"{t_free:.2f} s later")
