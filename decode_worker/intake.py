@@ -42,7 +42,6 @@ class KVIntake:
                                       settings.worker_id, settings.kv_address, **options)
         self.offers: OrderedDict[str, KVOffer] = OrderedDict()  # waiting for blocks, in arrival order
         self.stats = TransferStats(self.receiver)
-        self._block_bytes = worker.layout.num_layers * worker.layout.block_layer_bytes  # one block, all layers
 
     def poll(self) -> None:
         """New offers in, ended transfers out, then reserve blocks for what fits."""
@@ -104,7 +103,7 @@ class KVIntake:
             # Delta transfer: the prompt's first `held` blocks are cached here (the chained hashes
             # of its tokens found them), so only the rest travel.
             self.receiver.accept(rid, blocks, held=held)
-            self.stats.started(rid, offer.num_tokens, saved_bytes=held * self._block_bytes)
+            self.stats.started(rid, offer.num_tokens, saved_bytes=held * self.worker.layout.block_bytes)
             log.debug("KV offer accepted: %d prompt tokens into %d blocks, %d of them cached here", len(prompt),
                       len(blocks), held, extra=for_request(rid))
 

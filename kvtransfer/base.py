@@ -119,6 +119,11 @@ class KVLayout:
         """Bytes of one block in one layer, K and V together (the chunking unit)."""
         return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.torch_dtype.itemsize
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block over all layers: what a transfer moves per block."""
+        return self.num_layers * self.block_layer_bytes
+
     def chunk_shape(self, nlayers: int, nblocks: int) -> list[int]:
         return [nlayers, 2, nblocks, self.block_size, self.num_kv_heads, self.head_dim]
 

@@ -202,7 +202,7 @@ class ZmqKVSender(SenderCore):
             super()._start_data(out)
         elif not out.pulled:  # a receiver on this GPU copies the blocks itself: count them as sent all the same
             out.pulled = True
-            self.stats["bytes"] += self.layout.num_layers * (len(out.src_idx) - out.held) * self.layout.block_layer_bytes
+            self.stats["bytes"] += (len(out.src_idx) - out.held) * self.layout.block_bytes
 
     def _dealer(self, address: str, routing_id: bytes) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -408,7 +408,7 @@ class ZmqKVReceiver(ReceiverCore):
             self.kv_cache.index_copy_(2, inbound.dst(dev)[held:],
                                       remote.index_select(2, inbound.src_idx[held:].to(dev, non_blocking=True)))
             self.stats["chunks"] += 1
-            self.stats["bytes"] += self.layout.num_layers * (inbound.nblocks - held) * self.layout.block_layer_bytes
+            self.stats["bytes"] += (inbound.nblocks - held) * self.layout.block_bytes
         inbound.covered = torch.ones(self.layout.num_layers, inbound.nblocks, dtype=torch.bool)
         inbound.ncovered = inbound.covered.numel()
         self._finish_if_complete(inbound)  # waits for the copy (DONE promises the bytes are there)

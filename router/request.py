@@ -63,7 +63,6 @@ class RequestState:
         self.attempt += 1
         self.request_id = f"{self.base_id}.{self.attempt}"
         self.prefill_worker = self.decode_worker = None
-        self.block_hashes = None
         self._inbox = []
         self._next_index, self._early = len(self.output_token_ids), {}
 
