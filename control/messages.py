@@ -18,6 +18,8 @@ The flow, drawn once (the worker modules and the router point here):
       | <------------ Registered | RegisterRefused
       | Heartbeat (every --heartbeat-interval) > |   a router that restarted answers
       | <------------------------ NotRegistered  |   NotRegistered: drop all, register again
+      | Alive (a thread, when nothing else went  |   the loop is blocked but the process is
+      |   out for a heartbeat interval) -------> |   well: not dead yet (control/link.py)
     prefill                                  router                    decode
       | <--------------------------- Prefill   |   (prompt, params, decode worker)
       | Tokens (the first token, at once) ---> |
@@ -117,6 +119,15 @@ class Heartbeat:
 
 
 @dataclass
+class Alive:
+    """Worker -> router, from a thread of its own: this process is up and its loop turns, though
+    it has sent nothing for a heartbeat interval (it is blocked in a long step or a KV
+    handshake). Counts only for the registration of that `incarnation`."""
+    worker_id: str
+    incarnation: str = ""
+
+
+@dataclass
 class Leaving:
     """Worker -> router, the last message of a worker that drained: it holds nothing the router
     should wait for; what it still held is handed back (retried elsewhere where allowed)."""
@@ -157,8 +168,8 @@ class Abort:
 
 
 MESSAGES: dict[str, type] = {c.__name__: c for c in
-                             (Register, Registered, RegisterRefused, NotRegistered, Heartbeat, Prefill, Tokens,
-                              Failed, Abort, Leaving)}
+                             (Register, Registered, RegisterRefused, NotRegistered, Heartbeat, Alive, Prefill,
+                              Tokens, Failed, Abort, Leaving)}
 # Field names and annotations per message, read once (encode and decode run per message).
 _FIELDS: dict[type, dict[str, str]] = {c: {f.name: f.type for f in dataclasses.fields(c)}
                                        for c in (*MESSAGES.values(), SamplingParams)}

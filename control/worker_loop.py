@@ -53,9 +53,11 @@ class WorkerLoop:
 
     def run(self, stop: threading.Event | None = None) -> None:
         self.start()
+        self.link.start_beats(self.settings.heartbeat_s)
         stop = stop or threading.Event()
         try:
             while not stop.is_set():
+                self.link.turned_at = time.monotonic()
                 self.run_once()
             self.drain(self.settings.shutdown_timeout_s)
         finally:
@@ -68,6 +70,7 @@ class WorkerLoop:
         log.info("%s draining: %d requests held, up to %.0f s", self.settings.worker_id, len(self.holds()), timeout_s)
         deadline = time.monotonic() + timeout_s
         while self.holds() and time.monotonic() < deadline:
+            self.link.turned_at = time.monotonic()
             self.run_once()
         left = self.holds()
         if left:

@@ -15,7 +15,7 @@ class WorkerSettings:
     kv_address: str = "tcp://127.0.0.1:0"   # decode: where to receive KV (port 0: any free port)
     kv_lease_s: float = 30.0            # prefill: how long a handed-off KV is held without an ACK
     kv_offer_early: bool = True         # prefill: offer KV when its last chunk is scheduled, not after
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = 0.2
     register_timeout_s: float = 60.0
     engine: dict = field(default_factory=dict)   # engine.EngineConfig overrides
     curve_keys: str | None = None       # the deployment's CURVE secret key file (pdserve keys)

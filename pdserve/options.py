@@ -54,7 +54,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated", "adaptive"],
                    help="where prefills run: a prefill pool, the decode worker (workers of role both), "
                         "or either, decided per request from measured speeds")
-    p.add_argument("--worker-timeout", type=float, default=5.0, help="seconds without a heartbeat before a worker is dead")
+    p.add_argument("--worker-timeout", type=float, default=1.0,
+                   help="seconds without a message from a worker (heartbeats included) before it is dead")
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of every request in seconds")
     p.add_argument("--max-migrations", type=int, default=2,
                    help="times a request may move to another worker when the one holding it dies, restarts, "
@@ -115,7 +116,8 @@ def add_worker_timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-offer", choices=("early", "late"), default="early",
                    help="prefill: offer a request's KV to its decode worker when its last prompt chunk is "
                         "scheduled (early: blocks are reserved while it is computed) or after the prefill")
-    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    p.add_argument("--heartbeat-interval", type=float, default=0.2,
+                   help="seconds between heartbeats (load reports; a thread covers a busy loop)")
     p.add_argument("--debug-step-delay", type=float, default=0.0,
                    help="testing aid: sleep this long before every engine step (simulates a slow model)")
 

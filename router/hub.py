@@ -308,6 +308,9 @@ class WorkerHub:
             elif not self.registry.heartbeat(msg):
                 log.info("heartbeat from unregistered worker %s: asking it to register", sender)
                 await self._send(sender, messages.NotRegistered(sender))
+        elif isinstance(msg, messages.Alive):
+            if msg.worker_id == sender:
+                self.registry.beat(msg)
         elif isinstance(msg, messages.Failed):
             st = self.requests.get(msg.request_id)
             if st is not None and sender in (st.prefill_worker, st.decode_worker):
@@ -379,8 +382,15 @@ class WorkerHub:
     async def _watchdog(self, interval_s: float = 0.1) -> None:
         """Fails the requests placed on workers that stopped heartbeating, or whose process on
         this host is gone (seen within `interval_s`, not after the worker timeout)."""
+        loop = asyncio.get_running_loop()
+        woke = loop.time()
         while True:
             await asyncio.sleep(interval_s)
+            late, woke = loop.time() - woke - interval_s, loop.time()
+            if late > interval_s:
+                # This loop was held up (a busy or starved router): messages may be waiting
+                # unread, so the workers' silence over that time does not count against them.
+                self.registry.excuse(late)
             for w in list(self.registry.workers.values()):
                 if w.exited or w.host != self.host or not self.host or not self.registry.is_alive(w):
                     continue

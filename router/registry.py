@@ -120,6 +120,19 @@ class WorkerRegistry:
         self.kv.update(msg)
         return True
 
+    def beat(self, msg: messages.Alive) -> None:
+        """An Alive from the registered process of that id: it lives (its loop is busy)."""
+        w = self.workers.get(msg.worker_id)
+        if w is not None and not w.exited and w.incarnation == msg.incarnation:
+            w.last_seen = self.clock()
+
+    def excuse(self, seconds: float) -> None:
+        """The router heard nothing for `seconds` (its own loop was held up): that silence is
+        not the workers'."""
+        for w in self.workers.values():
+            if not w.exited:
+                w.last_seen += seconds
+
     def remove(self, worker_id: str) -> WorkerInfo | None:
         self.kv.forget(worker_id)
         return self.workers.pop(worker_id, None)

@@ -13,7 +13,7 @@ class RouterSettings:
     control_address: str = "tcp://127.0.0.1:0"   # ZeroMQ endpoint the workers connect to
     policy: str = "round_robin"
     mode: str = "disaggregated"             # where prefills run: router.registry.MODES, router.placement
-    worker_timeout_s: float = 5.0
+    worker_timeout_s: float = 1.0
     request_timeout_s: float = 600.0
     first_token_timeout_s: float = 300.0
     next_token_timeout_s: float = 60.0

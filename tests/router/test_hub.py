@@ -37,10 +37,10 @@ class Fake:
         return messages.decode(await asyncio.wait_for(self.sock.recv(), timeout))
 
 
-def run(test):
+def run(test, worker_timeout_s: float = 30):
     async def main():
         ctx = zmq.asyncio.Context()
-        hub = WorkerHub(WorkerRegistry(worker_timeout_s=30), "tcp://127.0.0.1:0", ctx)
+        hub = WorkerHub(WorkerRegistry(worker_timeout_s=worker_timeout_s), "tcp://127.0.0.1:0", ctx)
         hub.start()
         p, d = Fake(ctx, hub, "p0"), Fake(ctx, hub, "d0")
         try:
@@ -176,3 +176,40 @@ def test_a_worker_process_gone_on_this_host_is_dead_at_once():
             child.kill()
             child.wait()
     run(t)
+
+
+def test_alive_beats_keep_a_worker_alive_for_its_own_registration_only():
+    """Guards: a worker whose loop is blocked (its beat thread still sends Alive) declared dead;
+    an Alive from an earlier process of that id, or from another connection, reviving one."""
+    async def t(hub, p, d):
+        reg = hub.registry
+        for _ in range(12):                                   # 1.2 s against a 0.5 s timeout
+            await p.send(messages.Alive("p0", "a"))
+            await d.send(messages.Alive("d0", "old-process"))
+            await p.send(messages.Alive("d0", "a"))           # d0's name on p0's connection
+            await asyncio.sleep(0.1)
+        assert reg.is_alive(reg.workers["p0"])
+        assert not reg.is_alive(reg.workers["d0"])
+    run(t, worker_timeout_s=0.5)
+
+
+def test_a_held_up_router_loop_does_not_count_against_the_workers():
+    """Guards: a router whose own loop was blocked past the worker timeout (nothing read the
+    workers' messages meanwhile) declaring every worker dead and moving their requests."""
+    import time
+
+    async def t(hub, p, d):
+        st = RequestState("r1", [1, 2, 3], SamplingParams(max_tokens=4))
+        await hub.submit(st)
+        assert isinstance(await p.recv(), messages.Prefill)
+        await p.send(messages.Heartbeat("p0"))
+        await d.send(messages.Heartbeat("d0"))
+        await asyncio.sleep(0.05)
+        time.sleep(1.0)                                       # the loop is held up: 2x the timeout
+        await asyncio.sleep(0.15)                             # the watchdog's turn comes first
+        reg = hub.registry
+        assert reg.is_alive(reg.workers["p0"]) and reg.is_alive(reg.workers["d0"])
+        assert st.pending() == 0, "the request was moved"
+        await asyncio.sleep(0.6)                              # silent for longer, the loop free: dead
+        assert not reg.is_alive(reg.workers["p0"])
+    run(t, worker_timeout_s=0.5)
