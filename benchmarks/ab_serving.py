@@ -4,8 +4,10 @@
         [--mode 1p1d|colocated] [--num-requests 32] [--output-len 64] [--repeats 7] [--json FILE]
 
 Both servers (demo model, or --model) run side by side for the whole run and are timed in
-turns, A then B, after a warm-up run each, so that a drift of the machine's speed (other
-load, thermal) falls on both alike; the one not being timed is idle. The load is that of
+turns after a warm-up run each, so that a drift of the machine's speed (other load, thermal)
+falls on both alike; the one not being timed is idle. The order swaps every round (AB, BA,
+AB, ...): on the 2-core machine the second run of a pair was 4-9% faster whichever side it
+was, a bias that the swap cancels. The load is that of
 benchmarks/cpu_serving.py: all requests at once, streaming /v1/completions with token-id
 prompts, EOS ignored; a figure is output tokens per wall second from the first request sent
 to the last byte received. Reported: the median of each side, and the median over the rounds
@@ -27,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.cpu_serving import run_http  # noqa: E402
-from benchmarks.hf_baselines import command, commit  # noqa: E402
+from benchmarks.hf_baselines import commit  # noqa: E402
 from tests.serving.conftest import free_port, stop, wait_healthy  # noqa: E402
 
 
@@ -71,9 +73,9 @@ def main() -> None:
         for proc, port in servers.values():
             wait_healthy(f"http://127.0.0.1:{port}", [proc])
             run_http(port, prompts, args.output_len)  # warm-up
-        for _ in range(args.repeats):
-            for k, (_, port) in servers.items():
-                t, n = run_http(port, prompts, args.output_len)
+        for r in range(args.repeats):
+            for k in ("a", "b") if r % 2 == 0 else ("b", "a"):
+                t, n = run_http(servers[k][1], prompts, args.output_len)
                 assert n == n_out, (n, n_out)
                 times[k].append(t)
     finally:
@@ -88,7 +90,7 @@ def main() -> None:
           f"(per round: {', '.join(f'{a / b:.3f}' for a, b in zip(times['a'], times['b']))})")
     if args.json:
         res = {"machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} torch {torch.__version__}",
-               "commit": commit(), "command": command(), "mode": args.mode, "device": args.device,
+               "commit": commit(), "command": shlex.join(["python", *sys.argv]), "mode": args.mode, "device": args.device,
                "num_requests": args.num_requests, "prompt_len_min_max": [args.min_len, args.max_len],
                "output_len": args.output_len, "repeats": args.repeats,
                "a_flags": sides["a"], "b_flags": sides["b"],

@@ -160,3 +160,41 @@ def test_soak_three_kills_with_restarts_lose_no_request(cluster, reference):
     moved = sum(migrations(c).values())
     report(f"soak: 200 streams, kill -9 x3 with restarts, {int(moved)} moves in all, 0 failed, in", time.monotonic() - t0)
     c.wait_all_free()
+
+
+@pytest.fixture(scope="module")
+def two_prefill(demo_model):
+    """Prefill workers p0 and p1 computing 8 prompt tokens per 0.5 s step (a migrated request's
+    prompt + generated tokens take a few steps: a window to kill its prefill worker in), decode
+    workers d0 and d1; --max-migrations 2."""
+    c = Cluster(demo_model, ["--worker-timeout", str(TIMEOUT_S), "--max-migrations", "2"])
+    for w in ("p0", "p1"):
+        c.worker(w, "--debug-step-delay", "0.5", "--max-num-batched-tokens", "8", "--heartbeat-interval", "0.25")
+    for w in ("d0", "d1"):
+        c.worker(w, *DECODE)
+    try:
+        c.wait_ready(["p0", "p1", "d0", "d1"])
+        yield c
+    finally:
+        c.stop()
+
+
+def test_the_prefill_worker_of_a_migration_killed_too_the_request_moves_again(two_prefill, reference):
+    c = two_prefill
+    s = Stream(c.url, "Hello there", max_tokens=120, ignore_eos=False)
+    s.wait_chunks(20)
+    first = holder(c, "decode", "running")
+    c.signal(first, signal.SIGKILL)
+    # the migration: prompt + 20-odd generated tokens, 8 a step, on one of the prefill workers
+    again = holder(c, "prefill")
+    assert c.workers()[again]["requests_in_flight"] == 1
+    c.signal(again, signal.SIGKILL)
+    t_kill = time.monotonic()
+    assert s.result(120) == "finished", (s.outcome, s.error)
+    assert "".join(s.texts) == reference.text(reference.greedy(reference.tok.encode("Hello there"), 120))
+    assert migrations(c).get("process_exited") == 2, migrations(c)
+    report("kill -9 of the prefill worker of a migration -> the stream going again after",
+           next(t for t in s.times if t > t_kill) - t_kill)
+    for w in (first, again):
+        restore(c, w)
+    c.wait_all_free()
