@@ -7,7 +7,8 @@ Both servers (demo model, or --model) run side by side for the whole run and are
 turns after a warm-up run each, so that a drift of the machine's speed (other load, thermal)
 falls on both alike; the one not being timed is idle. The order swaps every round (AB, BA,
 AB, ...): on the 2-core machine the second run of a pair was 4-9% faster whichever side it
-was, a bias that the swap cancels. The load is that of
+was, a bias that the swap cancels. Each round has prompts of its own (the same for both
+sides), so the prefix cache finds none of them. The load is otherwise that of
 benchmarks/cpu_serving.py: all requests at once, streaming /v1/completions with token-id
 prompts, EOS ignored; a figure is output tokens per wall second from the first request sent
 to the last byte received. Reported: the median of each side, and the median over the rounds
@@ -61,9 +62,13 @@ def main() -> None:
     if args.model is None:
         from pdserve.demo_model import write_demo_model
         args.model = str(write_demo_model(tempfile.mkdtemp() + "/m", arch="llama"))
-    g = torch.Generator().manual_seed(0)
-    lens = torch.randint(args.min_len, args.max_len + 1, (args.num_requests,), generator=g).tolist()
-    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lens]
+    def prompts(seed: int) -> list[list[int]]:
+        """Round `seed`'s prompts: new every round (the prefix cache would serve prompts sent
+        before), the same for both sides within one."""
+        g = torch.Generator().manual_seed(seed)
+        lens = torch.randint(args.min_len, args.max_len + 1, (args.num_requests,), generator=g).tolist()
+        return [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lens]
+
     n_out = args.num_requests * args.output_len
 
     sides = {"a": shlex.split(args.a), "b": shlex.split(args.b)}
@@ -72,10 +77,10 @@ def main() -> None:
     try:
         for proc, port in servers.values():
             wait_healthy(f"http://127.0.0.1:{port}", [proc])
-            run_http(port, prompts, args.output_len)  # warm-up
+            run_http(port, prompts(10_000 + port), args.output_len)  # warm-up
         for r in range(args.repeats):
             for k in ("a", "b") if r % 2 == 0 else ("b", "a"):
-                t, n = run_http(servers[k][1], prompts, args.output_len)
+                t, n = run_http(servers[k][1], prompts(r), args.output_len)
                 assert n == n_out, (n, n_out)
                 times[k].append(t)
     finally:
@@ -92,7 +97,7 @@ def main() -> None:
         res = {"machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} torch {torch.__version__}",
                "commit": commit(), "command": shlex.join(["python", *sys.argv]), "mode": args.mode, "device": args.device,
                "num_requests": args.num_requests, "prompt_len_min_max": [args.min_len, args.max_len],
-               "output_len": args.output_len, "repeats": args.repeats,
+               "output_len": args.output_len, "repeats": args.repeats, "prompts": "new each round, the same for A and B",
                "a_flags": sides["a"], "b_flags": sides["b"],
                "a_out_tok_s": round(n_out / med["a"], 1), "b_out_tok_s": round(n_out / med["b"], 1),
                "b_over_a_paired_median": round(paired, 4),

@@ -56,9 +56,13 @@ def main() -> None:
     from pdserve.demo_model import write_demo_model
 
     model = str(write_demo_model(tempfile.mkdtemp() + "/m", arch="llama"))
-    g = torch.Generator().manual_seed(0)
-    lens = torch.randint(args.min_len, args.max_len + 1, (args.num_requests,), generator=g).tolist()
-    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lens]
+    def prompts(run: int) -> list[list[int]]:
+        """Run `run`'s prompts (-1: the warm-up): new every run, since the prefix cache (on by
+        default, in both paths) would serve prompts sent before; run k is the same in both paths."""
+        g = torch.Generator().manual_seed(1000 + run)
+        lens = torch.randint(args.min_len, args.max_len + 1, (args.num_requests,), generator=g).tolist()
+        return [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lens]
+
     n_out = args.num_requests * args.output_len
 
     port = free_port()
@@ -70,10 +74,10 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, [proc])
-        run_http(port, prompts, args.output_len)  # warm-up
+        run_http(port, prompts(-1), args.output_len)  # warm-up
         http_times = []
-        for _ in range(args.repeats):
-            t, n = run_http(port, prompts, args.output_len)
+        for r in range(args.repeats):
+            t, n = run_http(port, prompts(r), args.output_len)
             assert n == n_out, (n, n_out)
             http_times.append(t)
     finally:
@@ -82,11 +86,12 @@ def main() -> None:
 
     llm = LLM(model, device="cpu", num_kv_blocks=4096)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-    llm.generate(prompts, params)
+    llm.generate(prompts(-1), params)
     off_times = []
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
+        batch = prompts(r)
         t0 = time.perf_counter()
-        llm.generate(prompts, params)
+        llm.generate(batch, params)
         off_times.append(time.perf_counter() - t0)
     t_off = sorted(off_times)[len(off_times) // 2]
 

@@ -171,7 +171,8 @@ def prefill_mfu(model: str, num: int, length: int, tflops: float) -> dict:
     from engine import LLMEngine, SamplingParams
 
     eng = LLMEngine(model, device="cuda", max_num_batched_tokens=num * length, max_num_seqs=64,
-                    gpu_memory_utilization=0.85, enforce_eager=True)  # prefill never uses the graphs
+                    gpu_memory_utilization=0.85, enforce_eager=True,  # prefill never uses the graphs
+                    enable_prefix_caching=False)  # the same prompts each repeat: all computed
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 128000, (length,), generator=g).tolist() for _ in range(num)]
     k = [0]

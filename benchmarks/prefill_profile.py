@@ -30,7 +30,8 @@ def probe(model: str, num: int, length: int, backend: str, compile_ops: bool, tf
 
     eng = LLMEngine(model, device="cuda", max_num_batched_tokens=num * length, max_num_seqs=64,
                     gpu_memory_utilization=0.85, enforce_eager=True, attention_backend=backend,
-                    compile_ops=compile_ops, async_scheduling=async_scheduling)
+                    compile_ops=compile_ops, async_scheduling=async_scheduling,
+                    enable_prefix_caching=False)  # the same prompts each repeat: all computed
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 128000, (length,), generator=g).tolist() for _ in range(num)]
     k = [0]

@@ -55,22 +55,46 @@ def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]
     return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
 
 
+class PromptSets:
+    """A fresh prompt set per run, the same for every path: with prompts sent again, the prefix
+    cache would serve later runs from their first one's KV (and a comparison between paths would
+    depend on what each had seen before)."""
+
+    def __init__(self, n: int, hi: int, steady_streams: int, vocab: int):
+        self.n, self.hi, self.steady_streams, self.vocab = n, hi, steady_streams, vocab
+        self._seeds: dict[tuple, int] = {}
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def _seed(self, key: tuple) -> int:
+        return self._seeds.setdefault(key, 1000 + len(self._seeds))
+
+    def run(self, name: str, i: int = 0) -> list[list[int]]:
+        seed = self._seed(("run", name, i))
+        if seed not in self._cache:
+            self._cache[seed] = workload(self.n, 64, self.hi, self.vocab, seed)
+        return self._cache[seed]
+
+    def steady(self, i: int) -> list[list[int]]:
+        return workload(self.steady_streams, 32, 32, self.vocab, self._seed(("steady", i)))
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
 # ---- offline --------------------------------------------------------------------------------
-def offline(model: str, device: str, engine_opts: dict, prompts, out_len: int, temps, repeats: int,
-            steady_prompts, steady_len: int) -> dict:
+def offline(model: str, device: str, engine_opts: dict, sets: "PromptSets", out_len: int, temps, repeats: int,
+            steady_len: int) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(model, device=device, **engine_opts)
     res: dict = {}
     for temp in temps:
         params = SamplingParams(max_tokens=out_len, temperature=temp, ignore_eos=True)
-        llm.generate(prompts, params)  # warm-up
+        llm.generate(sets.run("warm-up"), params)
         times = []
-        for _ in range(repeats):
+        for r in range(repeats):
+            prompts = sets.run(f"t{temp:g}", r)
             _sync(device)
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params)
@@ -86,6 +110,7 @@ def offline(model: str, device: str, engine_opts: dict, prompts, out_len: int, t
     eng = llm.engine
     runs = []
     for r in range(3):  # the first pass warms the batch's CUDA graph
+        steady_prompts = sets.steady(r)
         for i, p in enumerate(steady_prompts):
             eng.add_request(f"steady-{r}-{i}", p, SamplingParams(max_tokens=steady_len, temperature=0,
                                                                  ignore_eos=True))
@@ -143,7 +168,7 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-def served(model: str, config: str, args, engine_flags: list[str], prompts, steady_prompts) -> dict:
+def served(model: str, config: str, args, engine_flags: list[str], sets: "PromptSets") -> dict:
     port = free_port()
     gpus = ["--prefill-gpus", "0", "--decode-gpus", "0"] if args.device == "cuda" and config == "1p1d" else []
     proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", str(port),
@@ -153,30 +178,32 @@ def served(model: str, config: str, args, engine_flags: list[str], prompts, stea
     res: dict = {}
     try:
         wait_healthy(f"http://127.0.0.1:{port}", [proc], timeout_s=600)
-        http_run(port, prompts, args.output_len, 0, args.client_processes)  # warm-up
+        http_run(port, sets.run("warm-up"), args.output_len, 0, args.client_processes)
         for temp in args.temperatures:
-            runs = [http_run(port, prompts, args.output_len, temp, args.client_processes) for _ in range(args.repeats)]
+            runs = [http_run(port, sets.run(f"t{temp:g}", r), args.output_len, temp, args.client_processes)
+                    for r in range(args.repeats)]
             res[f"t{temp:g}"] = {"out_tok_s": round(median([r["out_tok_s"] for r in runs]), 1),
                                  "runs_s": [round(r["wall_s"], 3) for r in runs],
                                  "tpot_ms_median": round(median([r["tpot_ms"] for r in runs]), 3),
                                  "ttft_ms_median": round(median([r["ttft_ms"] for r in runs]), 1)}
             print(f"{config} temperature {temp:g}: {res[f't{temp:g}']}", flush=True)
-        one = [http_run(port, prompts, args.output_len, 0, 1) for _ in range(args.client_check_runs)]
+        one = [http_run(port, sets.run("one-client", r), args.output_len, 0, 1)
+               for r in range(args.client_check_runs)]
         res["one_client_process_t0_out_tok_s"] = round(median([r["out_tok_s"] for r in one]), 1)
-        steady = [http_run(port, steady_prompts, args.steady_len, 0, args.client_processes)
-                  for _ in range(args.repeats)]
+        steady = [http_run(port, sets.steady(3 + r), args.steady_len, 0, args.client_processes)
+                  for r in range(args.repeats)]
         res["steady_tpot_ms"] = round(median([r["tpot_ms"] for r in steady]), 3)
         res["steady_out_tok_s"] = round(median([r["out_tok_s"] for r in steady]), 1)
         print(f"{config}: one client process {res['one_client_process_t0_out_tok_s']} tok/s; steady decode TPOT "
               f"{res['steady_tpot_ms']} ms", flush=True)
         if args.profile and config == "colocated":
-            res["profile"] = profile(proc.pid, port, prompts, args)
+            res["profile"] = profile(proc.pid, port, sets, args)
     finally:
         stop([proc])
     return res
 
 
-def profile(serve_pid: int, port: int, prompts, args) -> dict:
+def profile(serve_pid: int, port: int, sets: "PromptSets", args) -> dict:
     """py-spy on the router (the serve process) and each worker during one more temperature-0 run."""
     spy = shutil.which("py-spy")
     if spy is None:
@@ -192,7 +219,7 @@ def profile(serve_pid: int, port: int, prompts, args) -> dict:
     t0 = time.perf_counter()
     runs = 0
     while time.perf_counter() - t0 < duration - 2:
-        http_run(port, prompts, args.output_len, 0, args.client_processes)
+        http_run(port, sets.run("profile", runs), args.output_len, 0, args.client_processes)
         runs += 1
     errors = {}
     for name, p in spies.items():
@@ -245,8 +272,8 @@ def main() -> None:
     from transformers import AutoConfig
     vocab = AutoConfig.from_pretrained(model).vocab_size
     hi = 1024 if args.device == "cuda" and not q else 256
-    prompts = workload(args.num_prompts, 64, hi, min(vocab, 128000), seed=0)
-    steady_prompts = workload(args.steady_streams, 32, 32, min(vocab, 128000), seed=1)
+    sets = PromptSets(args.num_prompts, hi, args.steady_streams, min(vocab, 128000))
+    prompts, steady_prompts = sets.run("t0", 0), sets.steady(0)
     engine_opts = {"max_num_batched_tokens": args.max_num_batched_tokens}
     engine_flags = ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.device == "cuda":
@@ -263,6 +290,9 @@ def main() -> None:
                  "workload": {"requests": len(prompts), "prompt_len_min_max": [min(map(len, prompts)),
                                                                                max(map(len, prompts))],
                               "output_len": args.output_len, "ignore_eos": True, "all_at_once": True,
+                              "prompts": "a fresh set of random prompts for every run (the warm-up, each "
+                                         "repeat, offline and over HTTP alike: run k of both sides has the same "
+                                         "prompts), so the prefix cache (on, the default) finds nothing",
                               "steady": {"streams": len(steady_prompts), "prompt_len": 32, "output_len": args.steady_len}},
                  "engine_options": engine_opts, "repeats": args.repeats, "client_processes": args.client_processes,
                  "definition": "out_tok_s: output tokens / wall seconds from the first request sent to the last "
@@ -274,13 +304,13 @@ def main() -> None:
             with open(args.out, "w") as f:
                 f.write(json.dumps(res, indent=2) + "\n")
 
-    res["offline"] = offline(model, args.device, engine_opts, prompts, args.output_len, args.temperatures,
-                             args.repeats, steady_prompts, args.steady_len)
+    res["offline"] = offline(model, args.device, engine_opts, sets, args.output_len, args.temperatures,
+                             args.repeats, args.steady_len)
     save()
     args.expect_run_s = len(prompts) * args.output_len / res["offline"]["t0"]["out_tok_s"]
     for config in args.configs.split(","):
         try:
-            r = served(model, config, args, engine_flags, prompts, steady_prompts)
+            r = served(model, config, args, engine_flags, sets)
         except Exception as e:  # keep what was measured; say what failed
             r = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(f"{config} failed: {r['error']}", flush=True)
