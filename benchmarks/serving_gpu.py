@@ -84,14 +84,15 @@ def median(xs: list[float]) -> float:
 
 # ---- offline --------------------------------------------------------------------------------
 def offline(model: str, device: str, engine_opts: dict, sets: "PromptSets", out_len: int, temps, repeats: int,
-            steady_len: int) -> dict:
+            steady_len: int, warmup_runs: int = 1) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(model, device=device, **engine_opts)
     res: dict = {}
     for temp in temps:
         params = SamplingParams(max_tokens=out_len, temperature=temp, ignore_eos=True)
-        llm.generate(sets.run("warm-up"), params)
+        for w in range(warmup_runs):
+            llm.generate(sets.run("warm-up", w), params)
         times = []
         for r in range(repeats):
             prompts = sets.run(f"t{temp:g}", r)
@@ -178,7 +179,8 @@ def served(model: str, config: str, args, engine_flags: list[str], sets: "Prompt
     res: dict = {}
     try:
         wait_healthy(f"http://127.0.0.1:{port}", [proc], timeout_s=600)
-        http_run(port, sets.run("warm-up"), args.output_len, 0, args.client_processes)
+        for w in range(args.warmup_runs):
+            http_run(port, sets.run("warm-up", w), args.output_len, 0, args.client_processes)
         for temp in args.temperatures:
             runs = [http_run(port, sets.run(f"t{temp:g}", r), args.output_len, temp, args.client_processes)
                     for r in range(args.repeats)]
@@ -241,6 +243,8 @@ def main() -> None:
     ap.add_argument("--steady-len", type=int, default=None, help="default 512; 32 with --quick")
     ap.add_argument("--repeats", type=int, default=None, help="default 3; 1 with --quick")
     ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--warmup-runs", type=int, default=1,
+                    help="untimed runs before the timed ones (offline: before each temperature's; HTTP: once)")
     ap.add_argument("--configs", default="colocated,1p1d")
     ap.add_argument("--client-processes", type=int, default=4)
     ap.add_argument("--client-check-runs", type=int, default=1,
@@ -294,7 +298,7 @@ def main() -> None:
                                          "repeat, offline and over HTTP alike: run k of both sides has the same "
                                          "prompts), so the prefix cache (on, the default) finds nothing",
                               "steady": {"streams": len(steady_prompts), "prompt_len": 32, "output_len": args.steady_len}},
-                 "engine_options": engine_opts, "repeats": args.repeats, "client_processes": args.client_processes,
+                 "engine_options": engine_opts, "repeats": args.repeats, "warmup_runs": args.warmup_runs, "client_processes": args.client_processes,
                  "definition": "out_tok_s: output tokens / wall seconds from the first request sent to the last "
                                "byte; median of the repeats. tpot: (last event - first event) / (tokens - 1) per "
                                "stream, median over streams, then over runs. share: HTTP / offline."}
@@ -305,7 +309,7 @@ def main() -> None:
                 f.write(json.dumps(res, indent=2) + "\n")
 
     res["offline"] = offline(model, args.device, engine_opts, sets, args.output_len, args.temperatures,
-                             args.repeats, args.steady_len)
+                             args.repeats, args.steady_len, args.warmup_runs)
     save()
     args.expect_run_s = len(prompts) * args.output_len / res["offline"]["t0"]["out_tok_s"]
     for config in args.configs.split(","):
