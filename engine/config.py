@@ -168,6 +168,8 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # Reuse the KV of cached full blocks that start a new request's prompt (block_pool.py).
     enable_prefix_caching: bool = True
+    # Ranks (processes, one GPU each on CUDA) that hold one model between them (engine/parallel.py).
+    tensor_parallel_size: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -177,6 +179,8 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be at least 1")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 

@@ -7,8 +7,19 @@ from .sequence import RequestOutput, SamplingParams
 
 class LLM:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", **engine_options):
+        """`engine_options`: EngineConfig fields, e.g. tensor_parallel_size=2 (one process per
+        rank; `close()` or a `with` block stops them)."""
         self.engine = LLMEngine(str(model), device=device, dtype=dtype, **engine_options)
         self._next_id = 0
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompt_token_ids: list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:

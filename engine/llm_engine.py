@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,8 +73,18 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position_embeddings,
                                  self.model_cfg.max_position_embeddings)
-        self.runner = ModelRunner(self.model_cfg, cfg, self.device, self.dtype, self.max_model_len)
+        self.tp = None
+        if cfg.tensor_parallel_size > 1:
+            self.tp = self._launch_tp(model)
+        try:
+            self.runner = ModelRunner(self.model_cfg, cfg, self.device, self.dtype, self.max_model_len, tp=self.tp)
+        except BaseException:
+            self.close()
+            raise
         self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
+        if self.tp is not None and self.async_scheduling:
+            log.info("tensor parallelism: async scheduling off (not yet with collectives)")
+            self.async_scheduling = False
         self._in_flight: _InFlight | None = None   # async scheduling: the step whose tokens are unread
         self.pool = BlockPool(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
@@ -119,6 +130,26 @@ class LLMEngine:
         if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab):  # C loops; the culprit only then
             bad = next(t for t in token_ids if not 0 <= t < vocab)
             raise RequestRejected(f"token id {bad} is outside the vocabulary (size {vocab})")
+
+    def _launch_tp(self, model: str):
+        """Rank 0 of a tensor-parallel group: checks the shards first (a clear error, before any
+        process starts), then starts the other ranks (engine/parallel.py)."""
+        from . import parallel
+
+        n, m = self.cfg.tensor_parallel_size, self.model_cfg
+        parallel.head_shard(m.num_heads, m.num_kv_heads, 0, n)
+        parallel.even_shard(m.intermediate_size, 0, n, "intermediate_size")
+        if self.device.type == "cuda" and (self.device.index or 0) + n > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {n} from GPU {self.device.index or 0} needs more GPUs than the "
+                             f"{torch.cuda.device_count()} visible")
+        tp = parallel.launch(model, n, self.device, self.dtype, parallel.engine_fields(self.cfg), self.max_model_len)
+        weakref.finalize(self, tp.close)  # an engine dropped without close() still stops its ranks
+        return tp
+
+    def close(self) -> None:
+        """Stops the other ranks of a tensor-parallel group (nothing to do without one)."""
+        if self.tp is not None:
+            self.tp.close()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     *, prefill_only: bool = False, output_token_ids: list[int] | None = None) -> Sequence:

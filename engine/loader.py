@@ -45,8 +45,14 @@ def load_weights(model, model_dir: str | Path) -> None:
                     continue
                 if name not in targets:
                     raise ValueError(f"unexpected tensor {name!r} in {path.name}: this checkpoint does not match {model.cfg.architecture}")
-                param, rows = targets[name]
-                src = f.get_tensor(name)
+                t = targets[name]
+                if t.src is None:
+                    src = f.get_tensor(name)
+                else:  # this rank's slice only (tensor parallelism): read no more than it
+                    dim, start, n = t.src
+                    part = f.get_slice(name)
+                    src = part[start:start + n] if dim == 0 else part[:, start:start + n]
+                param, rows = t.param, t.rows
                 dst = param if rows is None else param.narrow(0, rows[0], rows[1])
                 if dst.shape != src.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != expected {tuple(dst.shape)}")

@@ -13,6 +13,7 @@ from .attention_backends import make_attention
 from .config import EngineConfig, ModelConfig, to_device
 from .loader import load_weights
 from .models.llama import LlamaForCausalLM
+from .parallel import OP_ALL_LOGITS, OP_RUN, OP_STOP, TPGroup, head_shard
 from .scheduler import ScheduledSeq
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,18 @@ class Pending:
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int):
+                 max_model_len: int, tp: TPGroup | None = None):
+        """`tp`: this process's place in a tensor-parallel group (engine/parallel.py); rank 0
+        sends every step to the others before running it, which run it too (`follow`)."""
         self.model_cfg, self.cfg, self.device, self.dtype = model_cfg, cfg, device, dtype
+        self.tp = tp = tp or TPGroup()
+        self.heads = head_shard(model_cfg.num_heads, model_cfg.num_kv_heads, tp.rank, tp.size)
         self.block_size = cfg.block_size
-        attn = make_attention(cfg.attention_backend, device, num_heads=model_cfg.num_heads,
-                              num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
+        attn = make_attention(cfg.attention_backend, device, num_heads=self.heads.q_heads,
+                              num_kv_heads=self.heads.kv_heads, head_dim=model_cfg.head_dim,
                               scale=model_cfg.head_dim ** -0.5)
         with torch.device("meta"):
-            model = LlamaForCausalLM(model_cfg, attn)
+            model = LlamaForCausalLM(model_cfg, attn, tp)
         # Materialise on the target device in the target dtype, then fill from the checkpoint;
         # the rotary tables stay float32.
         model = model.to_empty(device=device).to(dtype)
@@ -47,7 +52,8 @@ class ModelRunner:
             model.ops.compile()
         self.attn_name = attn.name
         self.max_model_len = max_model_len
-        self.num_blocks = self._num_blocks()
+        # Every rank must hold the same blocks: the smallest budget of the group.
+        self.num_blocks = int(tp.all_reduce_min(torch.tensor([self._num_blocks()], device=device)).item())
         # kv_cache: [L, 2, num_blocks, block_size, Hkv, D]
         self.kv_cache = self._new_cache(self.num_blocks)
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %s)", self.num_blocks, self.block_size,
@@ -64,7 +70,7 @@ class ModelRunner:
             except Exception as e:
                 log.warning("Triton attention precompile failed (%s); variants compile on first use", e)
         self.graphs = None
-        if device.type == "cuda" and attn.name == "triton" and not cfg.enforce_eager:
+        if device.type == "cuda" and attn.name == "triton" and not cfg.enforce_eager and tp.size == 1:
             from .cuda_graphs import DecodeGraphs
 
             buckets = tuple(b for b in cfg.cuda_graph_buckets if b <= cfg.max_num_seqs) or (1,)
@@ -73,13 +79,14 @@ class ModelRunner:
 
     def _new_cache(self, num_blocks: int) -> torch.Tensor:
         m = self.model_cfg
-        return torch.zeros(m.num_layers, 2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim,
+        return torch.zeros(m.num_layers, 2, num_blocks, self.block_size, self.heads.kv_heads, m.head_dim,
                            dtype=self.dtype, device=self.device)
 
     @property
     def bytes_per_block(self) -> int:
+        """Of this rank's KV heads."""
         m = self.model_cfg
-        return m.num_layers * 2 * self.block_size * m.num_kv_heads * m.head_dim * torch.finfo(self.dtype).bits // 8
+        return m.num_layers * 2 * self.block_size * self.heads.kv_heads * m.head_dim * torch.finfo(self.dtype).bits // 8
 
     def _num_blocks(self) -> int:
         if self.cfg.num_kv_blocks is not None:
@@ -108,6 +115,7 @@ class ModelRunner:
         saved = getattr(self, "kv_cache", None)
         self.kv_cache = self._new_cache(nb)
         try:
+            # (under TP every rank runs this in its __init__ at the same time: the collectives pair up)
             _, ids, pos, meta = self.prepare([ScheduledSeq(seq, n)])
             with torch.inference_mode():
                 hidden = self.model(ids, pos, self.kv_cache, meta)
@@ -207,6 +215,7 @@ class ModelRunner:
     def all_logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Logits at every scheduled position ([T, V], the packed order of `prepare`); for scoring
         and tests."""
+        self._send(OP_ALL_LOGITS, batch)
         _, input_ids, positions, meta = self.prepare(batch)
         return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, meta)).float()
 
@@ -229,8 +238,36 @@ class ModelRunner:
                         fill = ([r for r, _ in at], [src for _, src in at], pending.tokens)
                 # model dtype: the sampler upcasts if it samples
                 return batch, self.graphs.run(seqs, fill), range(len(batch))
+        self._send(OP_RUN, batch)
         with torch.inference_mode():
             return self._run_eager(batch, on_layer, pending)
+
+    # ---- tensor parallelism -----------------------------------------------------------------
+    def _send(self, op: int, batch: list[ScheduledSeq]) -> None:
+        """Rank 0 of a TP group: the other ranks run `op` on this batch too."""
+        if self.tp.size == 1 or self.tp.rank != 0:
+            return
+        bs, rows = self.block_size, []
+        for s in batch:
+            q, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+            rows.append((start, n, q.num_tokens, q.token_ids[start:start + n], q.block_table[:-(-(start + n) // bs)]))
+        self.tp.send_step(op, rows)
+
+    def follow(self) -> None:
+        """A rank other than 0: run every step rank 0 sends, until it says stop (or the group
+        fails: TPGroupError)."""
+        while True:
+            op, rows = self.tp.recv_step()
+            if op == OP_STOP:
+                return
+            batch = [ScheduledSeq(_Remote(*r), r[1]) for r in rows]
+            if op == OP_RUN:
+                with torch.inference_mode():
+                    self._run_eager(batch)
+            elif op == OP_ALL_LOGITS:
+                self.all_logits(batch)
+            else:
+                raise RuntimeError(f"unknown step op {op} from rank 0")
 
     def _run_eager(self, batch: list[ScheduledSeq], on_layer=None, pending: Pending | None = None
                    ) -> tuple[list[ScheduledSeq], torch.Tensor, list[int]]:
@@ -260,3 +297,24 @@ def _length_groups(lens: list[int], block_size: int, ratio: float = 1.5, min_row
             groups.append((start, i, -(-lens[i - 1] // block_size)))
             start = i
     return groups
+
+
+class _Remote:
+    """A sequence as rank 0 sent it to the other ranks of a TP group: what `prepare` and
+    `_run_eager` read (its new tokens, where they start, its length and block table)."""
+    __slots__ = ("num_computed_tokens", "num_tokens", "block_table", "token_ids")
+
+    def __init__(self, start: int, n: int, total: int, ids: list[int], table: list[int]):
+        self.num_computed_tokens, self.num_tokens, self.block_table = start, total, table
+        self.token_ids = _Window(start, ids)
+
+
+class _Window:
+    """Token ids [start, start + len(ids)) of a sequence, indexed by their positions."""
+    __slots__ = ("start", "ids")
+
+    def __init__(self, start: int, ids: list[int]):
+        self.start, self.ids = start, ids
+
+    def __getitem__(self, sl: slice) -> list[int]:
+        return self.ids[sl.start - self.start: sl.stop - self.start]

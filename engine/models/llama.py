@@ -8,6 +8,11 @@ RoPE, SiLU-gated MLP), so logits agree with it in float32.
 Parameters are fused where the checkpoint keeps them apart (q|k|v and gate|up): one
 matmul each instead of three and two. `load_weights` maps HF names onto the fused
 tensors.
+
+Under tensor parallelism (`tp`, engine/parallel.py) each rank builds the same modules with
+its share of heads, intermediate rows and vocabulary, and `weight_targets` names the slice of
+each checkpoint tensor it loads; o_proj, down_proj and the embedding all-reduce, the logits
+are gathered. With one rank nothing of this runs.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from torch import nn
 
 from ..attention import AttentionMetadata
 from ..config import ModelConfig
+from ..parallel import TPGroup, even_shard, head_shard, vocab_shard
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,9 +125,11 @@ def _inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn_backend, ops: Ops):
+    def __init__(self, cfg: ModelConfig, attn_backend, ops: Ops, tp: TPGroup):
         super().__init__()
-        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.tp = tp
+        self.shard = head_shard(cfg.num_heads, cfg.num_kv_heads, tp.rank, tp.size)
+        self.nh, self.nkv, self.hd = self.shard.q_heads, self.shard.kv_heads, cfg.head_dim
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
@@ -139,28 +147,28 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
         o = self.attn.forward(q, k, v, kv_layer, meta)          # [T, H, D]
-        return self.o_proj(o.reshape(t, self.q_size))
+        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, tp: TPGroup):
         super().__init__()
-        self.ops = ops
-        self.inter = cfg.intermediate_size
+        self.ops, self.tp = ops, tp
+        self.start, self.inter = even_shard(cfg.intermediate_size, tp.rank, tp.size, "intermediate_size")
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.ops.silu_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn_backend, ops: Ops):
+    def __init__(self, cfg: ModelConfig, attn_backend, ops: Ops, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = Attention(cfg, attn_backend, ops)
+        self.self_attn = Attention(cfg, attn_backend, ops, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = MLP(cfg, ops)
+        self.mlp = MLP(cfg, ops, tp)
 
     def forward(self, x, residual, positions, rotary, kv_layer, meta):
         # Returns (this layer's output delta, the residual stream before it): the next norm
@@ -175,14 +183,16 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn_backend):
+    def __init__(self, cfg: ModelConfig, attn_backend, tp: TPGroup | None = None):
         super().__init__()
         self.cfg = cfg
+        self.tp = tp = tp or TPGroup()
         self.ops = Ops()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, attn_backend, self.ops) for _ in range(cfg.num_layers))
+        self.vocab_start, vocab = vocab_shard(cfg.vocab_size, tp.rank, tp.size)
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attn_backend, self.ops, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab, bias=False)
         self.rotary: Rotary | None = None  # set by init_rotary(): a table, not a parameter
 
     def init_rotary(self, max_positions: int, device) -> None:
@@ -191,39 +201,64 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata, on_layer=None) -> torch.Tensor:
         # input_ids, positions: [T]; kv_cache: [L, 2, N, block, Hkv, D] -> hidden [T, hidden]
         # on_layer(n): called once layers [0, n) are queued (their KV is written in stream order)
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
             if on_layer is not None:
                 on_layer(i + 1)
         return self.norm.add_forward(x, residual)[0]
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self.embed_tokens(input_ids)
+        # This rank's rows of the vocabulary; the others' ids look up zeros, and the all-reduce
+        # adds the one rank that has each.
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.embed_tokens.num_embeddings)
+        x = self.embed_tokens(local.clamp(0, self.embed_tokens.num_embeddings - 1))
+        return self.tp.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w)
+        return self.tp.gather_last(F.linear(hidden, w), self.cfg.vocab_size)
 
     # ---- loading -------------------------------------------------------------------------
-    def weight_targets(self):
-        """HF parameter name -> (our parameter, row offset, rows) for fused tensors."""
-        c, targets = self.cfg, {"model.embed_tokens.weight": (self.embed_tokens.weight, None),
-                                "model.norm.weight": (self.norm.weight, None)}
+    def weight_targets(self) -> dict[str, "Target"]:
+        """HF parameter name -> where its tensor (or this rank's slice of it) goes."""
+        c = self.cfg
+        vocab = (0, self.vocab_start, self.embed_tokens.num_embeddings)
+        targets = {"model.embed_tokens.weight": Target(self.embed_tokens.weight, src=vocab),
+                   "model.norm.weight": Target(self.norm.weight)}
         if self.lm_head is not None:
-            targets["lm_head.weight"] = (self.lm_head.weight, None)
-        q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+            targets["lm_head.weight"] = Target(self.lm_head.weight, src=vocab)
+        hd = c.head_dim
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             a, m = layer.self_attn, layer.mlp
-            targets[p + "input_layernorm.weight"] = (layer.input_layernorm.weight, None)
-            targets[p + "post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, None)
-            for name, off, rows in (("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)):
-                targets[p + f"self_attn.{name}.weight"] = (a.qkv_proj.weight, (off, rows))
+            sh, q, kv = a.shard, a.q_size, a.kv_size
+            targets[p + "input_layernorm.weight"] = Target(layer.input_layernorm.weight)
+            targets[p + "post_attention_layernorm.weight"] = Target(layer.post_attention_layernorm.weight)
+            for name, off, rows, first in (("q_proj", 0, q, sh.q_start * hd), ("k_proj", q, kv, sh.kv_start * hd),
+                                           ("v_proj", q + kv, kv, sh.kv_start * hd)):
+                targets[p + f"self_attn.{name}.weight"] = Target(a.qkv_proj.weight, (off, rows), (0, first, rows))
                 if c.qkv_bias:
-                    targets[p + f"self_attn.{name}.bias"] = (a.qkv_proj.bias, (off, rows))
-            targets[p + "self_attn.o_proj.weight"] = (a.o_proj.weight, None)
+                    targets[p + f"self_attn.{name}.bias"] = Target(a.qkv_proj.bias, (off, rows), (0, first, rows))
+            targets[p + "self_attn.o_proj.weight"] = Target(a.o_proj.weight, src=(1, sh.q_start * hd, q))
             if c.qk_norm:
-                targets[p + "self_attn.q_norm.weight"] = (a.q_norm.weight, None)
-                targets[p + "self_attn.k_norm.weight"] = (a.k_norm.weight, None)
-            targets[p + "mlp.gate_proj.weight"] = (m.gate_up_proj.weight, (0, inter))
-            targets[p + "mlp.up_proj.weight"] = (m.gate_up_proj.weight, (inter, inter))
-            targets[p + "mlp.down_proj.weight"] = (m.down_proj.weight, None)
+                targets[p + "self_attn.q_norm.weight"] = Target(a.q_norm.weight)
+                targets[p + "self_attn.k_norm.weight"] = Target(a.k_norm.weight)
+            inter = (0, m.start, m.inter)
+            targets[p + "mlp.gate_proj.weight"] = Target(m.gate_up_proj.weight, (0, m.inter), inter)
+            targets[p + "mlp.up_proj.weight"] = Target(m.gate_up_proj.weight, (m.inter, m.inter), inter)
+            targets[p + "mlp.down_proj.weight"] = Target(m.down_proj.weight, src=(1, m.start, m.inter))
         return targets
+
+
+class Target:
+    """Where one checkpoint tensor goes: rows [offset, offset + n) of `param` (all of it: None),
+    from the slice `src` = (dim, start, length) of the checkpoint tensor (all of it: None)."""
+    __slots__ = ("param", "rows", "src")
+
+    def __init__(self, param: torch.Tensor, rows: tuple[int, int] | None = None,
+                 src: tuple[int, int, int] | None = None):
+        self.param, self.rows, self.src = param, rows, src

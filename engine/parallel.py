@@ -1,0 +1,229 @@
+"""Tensor parallelism: one process per rank, Megatron-style shards, rank 0 schedules.
+
+A TP group of N ranks holds one model: the attention heads and the MLP's intermediate rows
+are split N ways (column-parallel q|k|v and gate|up, row-parallel o_proj and down_proj with
+one all-reduce each), and so is the vocabulary (the embedding looks up its own rows and
+all-reduces; the lm_head's logits are all-gathered, only for the rows that sample). KV heads
+are split too; when there are fewer KV heads than ranks, each is held by N / num_kv_heads
+ranks (replicated), the ones whose query heads use it. Every rank has its own KV cache of
+the same number of blocks, holding its heads.
+
+Rank 0 is the engine: it schedules, samples and owns the block pool. Before each forward it
+broadcasts the step (per sequence: first position, new tokens, block table) as int64
+tensors; the other ranks (`follow`, started as `python -m engine.tp_rank`) rebuild the same
+inputs and run the same forward. Nothing is pickled: the group's transport carries tensors
+only. The group is torch.distributed's gloo (CPU) or NCCL (CUDA) backend over a TCPStore on
+loopback, outside any global process group, so one process may hold several engines.
+
+A rank that dies takes the group down: its peers' next collective fails ("connection closed
+by peer"), rank 0 raises `TPGroupError` and the other ranks exit. Under TP a GPU runs
+without CUDA graphs and without async scheduling (not yet captured with collectives).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import asdict
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_S = 300.0       # a collective waits this long for a silent (not dead) rank
+OP_STOP, OP_RUN, OP_ALL_LOGITS = 0, 1, 2
+
+
+class TPGroupError(RuntimeError):
+    """A rank of the tensor-parallel group failed or left: the group cannot go on."""
+
+
+class HeadShard(NamedTuple):
+    """The attention heads one rank holds: query heads [q_start, q_start + q_heads), KV heads
+    [kv_start, kv_start + kv_heads)."""
+    q_start: int
+    q_heads: int
+    kv_start: int
+    kv_heads: int
+
+
+def head_shard(num_heads: int, num_kv_heads: int, rank: int, size: int) -> HeadShard:
+    if num_heads % size:
+        raise ValueError(f"tensor_parallel_size {size} must divide the number of attention heads ({num_heads})")
+    q = num_heads // size
+    if num_kv_heads >= size:
+        if num_kv_heads % size:
+            raise ValueError(f"tensor_parallel_size {size} must divide the number of KV heads ({num_kv_heads}) "
+                             f"or be a multiple of it")
+        kv = num_kv_heads // size
+        return HeadShard(rank * q, q, rank * kv, kv)
+    if size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size {size} must be a multiple of the number of KV heads "
+                         f"({num_kv_heads}) when larger")
+    return HeadShard(rank * q, q, rank * num_kv_heads // size, 1)  # replicated: the head its queries use
+
+
+def even_shard(n: int, rank: int, size: int, what: str) -> tuple[int, int]:
+    if n % size:
+        raise ValueError(f"tensor_parallel_size {size} must divide {what} ({n})")
+    return rank * (n // size), n // size
+
+
+def vocab_shard(vocab: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows [start, start + n) of the vocabulary; every rank but the last holds ceil(V / N)."""
+    per = -(-vocab // size)
+    start = min(rank * per, vocab)
+    return start, min(per, vocab - start)
+
+
+class TPGroup:
+    """This process's place in a tensor-parallel group, and the collectives the model uses. A
+    group of one does nothing."""
+
+    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, followers=(), device=None):
+        self.rank, self.size, self.pg, self.store = rank, size, pg, store
+        self.device = device or torch.device("cpu")   # where step messages are built
+        self.followers = list(followers)   # rank 0: the other ranks' processes
+
+    @classmethod
+    def connect(cls, rank: int, size: int, port: int, device: torch.device, followers=()) -> "TPGroup":
+        timeout = datetime.timedelta(seconds=TIMEOUT_S)
+        store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=datetime.timedelta(seconds=120))
+        if device.type == "cuda":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            pg = dist.ProcessGroupNCCL(store, rank, size, opts)
+        else:
+            pg = dist.ProcessGroupGloo(store, rank, size, timeout)
+        return cls(rank, size, pg, store, followers, device)
+
+    def _wait(self, work) -> None:
+        try:
+            work.wait()
+        except RuntimeError as e:
+            raise TPGroupError(f"tensor-parallel group failed (rank {self.rank} of {self.size}): {e}") from e
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            self._wait(self.pg.allreduce([x]))
+        return x
+
+    def all_reduce_min(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = dist.ReduceOp.MIN
+            self._wait(self.pg.allreduce([x], opts))
+        return x
+
+    def gather_last(self, x: torch.Tensor, total: int) -> torch.Tensor:
+        """Every rank's [..., n_r] pieces side by side ([..., total]); pieces of unequal width
+        (the last vocabulary shard) travel padded to the widest."""
+        if self.size == 1:
+            return x
+        per = -(-total // self.size)
+        if x.shape[-1] < per:
+            x = torch.nn.functional.pad(x, (0, per - x.shape[-1]))
+        outs = [torch.empty_like(x) for _ in range(self.size)]
+        self._wait(self.pg.allgather([outs], [x.contiguous()]))
+        return torch.cat(outs, dim=-1)[..., :total]
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        self._wait(self.pg.broadcast(x, 0))
+        return x
+
+    # ---- rank 0: the step each forward runs -----------------------------------------------------
+    def send_step(self, op: int, rows: list[tuple[int, int, int, list[int], list[int]]]) -> None:
+        """Tells the other ranks to run `op` on `rows`: (first position, new tokens, tokens the
+        sequence has, the new token ids, its block table) per sequence, in batch order."""
+        if self.size == 1:
+            return
+        ids = [t for r in rows for t in r[3]]
+        tables = [b for r in rows for b in r[4]]
+        head = [op, len(rows), len(ids), len(tables)]
+        self.broadcast(torch.tensor(head, dtype=torch.int64, device=self.device))
+        if rows:
+            body = [v for r in rows for v in (r[0], r[1], r[2], len(r[4]))] + ids + tables
+            self.broadcast(torch.tensor(body, dtype=torch.int64, device=self.device))
+
+    def recv_step(self) -> tuple[int, list[tuple[int, int, int, list[int], list[int]]]]:
+        device = self.device
+        head = self.broadcast(torch.empty(4, dtype=torch.int64, device=device)).tolist()
+        op, n, n_ids, n_tables = head
+        if n == 0:
+            return op, []
+        body = self.broadcast(torch.empty(4 * n + n_ids + n_tables, dtype=torch.int64, device=device)).tolist()
+        rows, i, j = [], 4 * n, 4 * n + n_ids
+        for k in range(n):
+            start, new, total, width = body[4 * k: 4 * k + 4]
+            rows.append((start, new, total, body[i:i + new], body[j:j + width]))
+            i, j = i + new, j + width
+        return op, rows
+
+    def close(self) -> None:
+        """Rank 0: stop the other ranks (they exit) and wait for them."""
+        if self.rank == 0 and self.size > 1 and self.followers:
+            try:
+                if self.alive():
+                    self.send_step(OP_STOP, [])
+            except TPGroupError:
+                pass
+            for p in self.followers:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            self.followers = []
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.followers)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model: str, size: int, device: torch.device, dtype: torch.dtype, engine_cfg: dict,
+           max_model_len: int) -> TPGroup:
+    """Rank 0 of a new group: starts ranks 1..size-1 (`python -m engine.tp_rank`), each on
+    the next GPU where the device is CUDA, and connects to them."""
+    port = free_port()
+    base = (device.index or 0) if device.type == "cuda" else None
+    followers = []
+    for rank in range(1, size):
+        dev = f"cuda:{base + rank}" if base is not None else "cpu"
+        cmd = [sys.executable, "-m", "engine.tp_rank", "--model", model, "--rank", str(rank), "--size", str(size),
+               "--port", str(port), "--device", dev, "--dtype", str(dtype).removeprefix("torch."),
+               "--max-model-len", str(max_model_len), "--engine", json.dumps(engine_cfg),
+               "--parent", str(os.getpid())]
+        env = dict(os.environ, PYTHONPATH=_root_on_path(), PDSERVE_TP_THREADS=str(torch.get_num_threads()))
+        followers.append(subprocess.Popen(cmd, env=env))
+    try:
+        return TPGroup.connect(0, size, port, device, followers)
+    except Exception:
+        for p in followers:
+            p.kill()
+            p.wait()
+        raise
+
+
+def _root_on_path() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rest = os.environ.get("PYTHONPATH", "")
+    return root + (os.pathsep + rest if rest else "")
+
+
+def engine_fields(cfg) -> dict:
+    """The EngineConfig fields a follower needs, as JSON-able values."""
+    d = asdict(cfg)
+    d.pop("extra", None)
+    return d
+

@@ -1,0 +1,121 @@
+"""Tensor parallelism on CPU (gloo, one process per rank) against transformers: prefill logits
+within float32 tolerance and greedy tokens equal, for every architecture, with KV heads split
+and with KV heads replicated (fewer KV heads than ranks); a rank lost takes the group down
+cleanly."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from engine import LLM, LLMEngine, SamplingParams
+from engine.parallel import TPGroupError, head_shard, vocab_shard
+from tests.engine.conftest import make_checkpoint
+from tests.engine.test_models import hf_greedy, prompts, rel_err
+
+
+def check_against_transformers(path, hf, tp: int) -> None:
+    # A small cache and token budget: preemption and chunked prompts run under TP too.
+    with LLM(str(path), device="cpu", num_kv_blocks=24, block_size=4, max_num_batched_tokens=32,
+             tensor_parallel_size=tp) as llm:
+        engine = llm.engine
+        for p in prompts(211)[-2:]:
+            ours = engine.prompt_logits(p, chunk_size=5)
+            with torch.no_grad():
+                ref = hf(torch.tensor([p])).logits[0].float()
+            assert ours.shape == ref.shape
+            assert rel_err(ours, ref) < 1e-4
+        ps = prompts(211)
+        outs = llm.generate(ps, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+        assert engine.scheduler.num_preemptions > 0
+        for p, o in zip(ps, outs):
+            assert o.token_ids == hf_greedy(hf, p, 10), f"prompt of {len(p)} tokens"
+        assert engine.num_free_blocks == engine.num_total_blocks
+        procs = list(engine.tp.followers)
+    assert all(p.poll() is not None for p in procs), "a rank outlived close()"
+
+
+def test_tp2_matches_transformers(tmp_path, arch):
+    """KV heads split: 2 KV heads, one per rank; an odd vocabulary (211) split 106 + 105."""
+    hf = make_checkpoint(tmp_path, arch)
+    check_against_transformers(tmp_path, hf, 2)
+
+
+@pytest.mark.parametrize("arch,tp,kv", [("llama", 2, 1), ("qwen3", 4, 2)])
+def test_fewer_kv_heads_than_ranks_replicates_them(tmp_path, arch, tp, kv):
+    hf = make_checkpoint(tmp_path, arch, num_key_value_heads=kv)
+    check_against_transformers(tmp_path, hf, tp)
+
+
+def test_each_rank_holds_its_shard_only(tmp_path):
+    make_checkpoint(tmp_path, "llama")
+    with LLM(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2) as llm:
+        runner = llm.engine.runner
+        layer = runner.model.layers[0]
+        assert layer.self_attn.qkv_proj.weight.shape[0] == (2 + 1 + 1) * 24   # 2 of 4 q heads, 1 of 2 kv, head_dim 24
+        assert layer.mlp.gate_up_proj.weight.shape[0] == 2 * 48               # half of 96, gate and up
+        assert runner.model.embed_tokens.weight.shape[0] == 106              # ceil(211 / 2)
+        assert runner.kv_cache.shape[4] == 1                                 # one KV head's cache
+    assert head_shard(4, 2, 1, 4) == (1, 1, 0, 1)  # query head 1 uses KV head 0, as query head 0 does
+    assert vocab_shard(211, 1, 2) == (106, 105)
+    assert head_shard(8, 2, 3, 4).kv_start == 1   # ranks 2, 3 use KV head 1
+
+
+def test_shapes_that_cannot_be_split_are_refused_before_any_process_starts(tmp_path):
+    make_checkpoint(tmp_path, "llama")
+    with pytest.raises(ValueError, match="attention heads"):
+        LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="at least 1"):
+        LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=0)
+
+
+def test_a_rank_killed_fails_the_group_cleanly(tmp_path):
+    make_checkpoint(tmp_path, "llama")
+    llm = LLM(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2)
+    try:
+        (follower,) = llm.engine.tp.followers
+        assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))
+        follower.send_signal(signal.SIGKILL)
+        follower.wait(10)
+        with pytest.raises(TPGroupError, match="tensor-parallel group failed"):
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))
+        assert not llm.engine.seqs and llm.engine.num_free_blocks == llm.engine.num_total_blocks
+    finally:
+        llm.close()
+
+
+def test_rank_0_killed_takes_the_other_ranks_with_it(tmp_path):
+    make_checkpoint(tmp_path, "llama")
+    script = textwrap.dedent(f"""
+        import sys, time
+        from engine import LLM
+        llm = LLM({str(tmp_path)!r}, device="cpu", num_kv_blocks=16, tensor_parallel_size=2)
+        print(llm.engine.tp.followers[0].pid, flush=True)
+        time.sleep(120)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rank0 = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=root)
+    try:
+        follower = int(rank0.stdout.readline())
+        rank0.send_signal(signal.SIGKILL)
+        rank0.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _running(follower):
+            time.sleep(0.05)
+        assert not _running(follower), "rank 1 outlived rank 0"
+    finally:
+        rank0.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
