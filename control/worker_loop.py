@@ -17,6 +17,7 @@ import uuid
 import zmq
 
 from engine import LLMEngine, RequestRejected
+from engine.parallel import TPGroupError
 from kvtransfer import KVLayout
 from control import messages
 from control.logs import rid as for_request
@@ -26,6 +27,10 @@ from control.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+# Tensor-parallel workers (engine/parallel.py) hold each KV head on one rank; moving a request's
+# KV between workers would need every rank's heads, which the hand-off does not gather yet.
+TP_NO_HANDOFF = ("the KV hand-off between tensor-parallel workers is not built yet; serve them with "
+                 "--mode colocated (role both)")
 KV_SNAPSHOT_S = 10.0  # a full list of cached block hashes this often, healing any lost event
 KV_EVENTS_S = 0.1     # cached blocks the router has not heard of go out this soon
 
@@ -62,6 +67,7 @@ class WorkerLoop:
             self.drain(self.settings.shutdown_timeout_s)
         finally:
             self.close()
+            self.engine.close()  # the other ranks of a tensor-parallel engine
 
     def drain(self, timeout_s: float) -> None:
         """Finish what this worker holds (bounded by `timeout_s`), then leave the router."""
@@ -86,6 +92,9 @@ class WorkerLoop:
         """A request placed here to prefill: decoded here too when this worker is its decode
         worker, else handed off to the decode worker it names (workers with a `handoff`)."""
         local = msg.decode_worker == self.settings.worker_id
+        if not local and self.engine.tp is not None:
+            self.link.send(messages.Failed(msg.request_id, f"worker {self.settings.worker_id}: {TP_NO_HANDOFF}", 400))
+            return
         if not local and self.handoff is None:
             self.link.send(messages.Failed(msg.request_id, f"worker {self.settings.worker_id} cannot prefill "
                                                        f"for {msg.decode_worker}", 400))
@@ -161,6 +170,9 @@ class WorkerLoop:
         """A heartbeat every --heartbeat-interval, and sooner (after 0.1 s) while the engine has
         cached blocks the router has not heard of: the next turn of a conversation may come
         quickly, and should find where its prefix is."""
+        tp = self.engine.tp
+        if tp is not None and not tp.alive():  # a rank died: this worker cannot step again
+            raise TPGroupError(f"a tensor-parallel rank of {self.settings.worker_id} exited")
         interval = self.settings.heartbeat_s
         if self.engine.pool.has_events:
             interval = min(interval, KV_EVENTS_S)

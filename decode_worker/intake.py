@@ -18,6 +18,7 @@ from control import messages
 from control.logs import rid as for_request
 from control.security import check_bind
 from control.transfer_stats import TransferStats
+from control.worker_loop import TP_NO_HANDOFF
 from engine import RequestRejected
 from kvtransfer import KVOffer, TransferStatus, make_receiver
 
@@ -80,6 +81,8 @@ class KVIntake:
             rid, offer = next(iter(self.offers.items()))
             meta = offer.meta
             try:
+                if engine.tp is not None:
+                    raise ValueError(TP_NO_HANDOFF)
                 prompt = list(meta["prompt_token_ids"])
                 first = meta.get("first_token")  # absent from an early offer: its DONE brings it
                 first = None if first is None else int(first)

@@ -19,6 +19,8 @@ ENGINE_FLAGS = {  # flag -> (EngineConfig field, type, help)
     "--max-num-seqs": ("max_num_seqs", int, "cap on running sequences (default 256)"),
     "--max-model-len": ("max_model_len", int, "context length cap (default: the model's)"),
     "--gpu-memory-utilization": ("gpu_memory_utilization", float, "share of GPU memory to use (default 0.9)"),
+    "--tensor-parallel-size": ("tensor_parallel_size", int, "ranks (processes, one GPU each) holding one model "
+                               "(default 1); under serve, every worker's unless set per pool"),
 }
 
 
@@ -135,6 +137,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "worker, prefill workers first, when the host has enough; else none)")
     p.add_argument("--decode-gpus", default=None,
                    help="GPU ids for decode workers, e.g. 1 or 2,3 (default: as for --prefill-gpus)")
+    p.add_argument("--prefill-tensor-parallel-size", type=int, default=None,
+                   help="tensor-parallel ranks of each prefill worker (default: --tensor-parallel-size)")
+    p.add_argument("--decode-tensor-parallel-size", type=int, default=None,
+                   help="tensor-parallel ranks of each decode worker (default: --tensor-parallel-size)")
 
 
 def router_settings(args, control_address: str):
@@ -188,7 +194,7 @@ def require(args, *names: str) -> None:
 
 
 # Flags of a worker that `serve` sets itself, per child, instead of passing its own value on.
-SUPERVISOR_SET = frozenset({"help", "config", "router", "worker_id", "kv_address", "threads"})
+SUPERVISOR_SET = frozenset({"help", "config", "router", "worker_id", "kv_address", "threads", "tensor_parallel_size"})
 
 
 def child_argv(worker_parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:

@@ -89,16 +89,29 @@ def _start_workers(args, run_dir: str, control: str, procs: list[subprocess.Pope
     gpus = gpu_placement(args)
     for role, n, i0, pool in worker_plan(args):
         passed_on = child_argv(worker_parser(role), args)
+        tp = pool_tp_size(args, pool)
         for i in range(n):
             cmd = [sys.executable, "-m", "pdserve", role, "--worker-id", f"{role}-{i0 + i}", "--router", control,
-                   "--threads", str(threads)] + passed_on
+                   "--threads", str(threads)] + passed_on + ["--tensor-parallel-size", str(tp)]
             if role != "prefill":
                 cmd += ["--kv-address", f"ipc://{run_dir}/kv-{role}-{i0 + i}"]
             env = dict(os.environ)
             if gpus[pool]:
-                env["CUDA_VISIBLE_DEVICES"] = visible_device(gpus[pool][i % len(gpus[pool])])
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(visible_device(g) for g in worker_gpus(gpus[pool], i, tp))
                 log.info("%s-%d on GPU %s", role, i0 + i, env["CUDA_VISIBLE_DEVICES"])
             procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_set_parent_death_signal))
+
+
+def worker_gpus(pool: list[str], i: int, tp: int) -> list[str]:
+    """The GPUs of worker `i` of a pool whose workers have `tp` ranks each: the next `tp` of the
+    pool's GPUs, in turn (a pool of fewer GPUs than ranks wraps, and its workers share them)."""
+    return [pool[(i * tp + r) % len(pool)] for r in range(tp)]
+
+
+def pool_tp_size(args, pool: str) -> int:
+    """Tensor-parallel ranks of each worker of `pool` ("prefill" or "decode")."""
+    own = getattr(args, f"{pool}_tensor_parallel_size", None)
+    return own or getattr(args, "tensor_parallel_size", None) or 1
 
 
 def worker_plan(args) -> list[tuple[str, int, int, str]]:
@@ -136,10 +149,11 @@ def gpu_placement(args) -> dict[str, list[str]]:
     import torch
 
     n_gpus = torch.cuda.device_count()
-    need = args.prefill_workers + args.decode_workers
+    n_prefill = args.prefill_workers * pool_tp_size(args, "prefill")
+    need = n_prefill + args.decode_workers * pool_tp_size(args, "decode")
     if n_gpus >= need:
         ids = [str(i) for i in range(need)]
-        out = {"prefill": ids[: args.prefill_workers], "decode": ids[args.prefill_workers:]}
+        out = {"prefill": ids[:n_prefill], "decode": ids[n_prefill:]}
     return out
 
 

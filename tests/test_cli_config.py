@@ -119,3 +119,17 @@ def test_every_worker_flag_given_to_serve_reaches_the_worker(role):
     assert {k: getattr(child, k) for k in want} == want
     # and nothing is passed when serve was given only defaults
     assert options.child_argv(worker, serve_parser.parse_args([])) == []
+
+
+def test_tensor_parallel_workers_get_gpus_of_their_own():
+    """serve: each worker of a pool with N ranks takes the next N of the pool's GPUs, and the
+    pool's own size wins over --tensor-parallel-size."""
+    import argparse
+
+    from pdserve.supervisor import pool_tp_size, worker_gpus
+
+    assert [worker_gpus(["0", "1", "2", "3"], i, 2) for i in range(2)] == [["0", "1"], ["2", "3"]]
+    assert worker_gpus(["4", "5"], 1, 1) == ["5"]
+    args = argparse.Namespace(tensor_parallel_size=2, prefill_tensor_parallel_size=4, decode_tensor_parallel_size=None)
+    assert (pool_tp_size(args, "prefill"), pool_tp_size(args, "decode")) == (4, 2)
+    assert pool_tp_size(argparse.Namespace(), "decode") == 1
