@@ -79,7 +79,8 @@ class LLMEngine:
         try:
             self.runner = ModelRunner(self.model_cfg, cfg, self.device, self.dtype, self.max_model_len, tp=self.tp)
         except BaseException:
-            self.close()
+            if self.tp is not None:
+                self.tp.kill()  # they may wait in a collective this rank never reaches
             raise
         self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
         if self.tp is not None and self.async_scheduling:

@@ -13,7 +13,8 @@ broadcasts the step (per sequence: first position, new tokens, block table) as i
 tensors; the other ranks (`follow`, started as `python -m engine.tp_rank`) rebuild the same
 inputs and run the same forward. Nothing is pickled: the group's transport carries tensors
 only. The group is torch.distributed's gloo (CPU) or NCCL (CUDA) backend over a TCPStore on
-loopback, outside any global process group, so one process may hold several engines.
+loopback (gloo's own sockets too), outside any global process group, so one process may hold
+several engines.
 
 A rank that dies takes the group down: its peers' next collective fails ("connection closed
 by peer"), rank 0 raises `TPGroupError` and the other ranks exit. Under TP a GPU runs
@@ -86,22 +87,32 @@ class TPGroup:
     """This process's place in a tensor-parallel group, and the collectives the model uses. A
     group of one does nothing."""
 
-    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, followers=(), device=None):
+    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, followers=(), device=None, listener=None):
         self.rank, self.size, self.pg, self.store = rank, size, pg, store
+        self._listener = listener  # rank 0: the store's loopback socket (kept open while the store lives)
         self.device = device or torch.device("cpu")   # where step messages are built
         self.followers = list(followers)   # rank 0: the other ranks' processes
 
     @classmethod
-    def connect(cls, rank: int, size: int, port: int, device: torch.device, followers=()) -> "TPGroup":
+    def connect(cls, rank: int, size: int, port: int, device: torch.device, followers=(),
+                listener: socket.socket | None = None) -> "TPGroup":
+        """Joins the group whose store listens on loopback `port` (rank 0 passes `listener`, that
+        socket, already bound: a TCPStore binding its own port would listen on every interface)."""
         timeout = datetime.timedelta(seconds=TIMEOUT_S)
-        store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=datetime.timedelta(seconds=120))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL works on the current device
+        kw = {"master_listen_fd": listener.fileno()} if listener is not None else {}
+        store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=datetime.timedelta(seconds=120), **kw)
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             pg = dist.ProcessGroupNCCL(store, rank, size, opts)
         else:
-            pg = dist.ProcessGroupGloo(store, rank, size, timeout)
-        return cls(rank, size, pg, store, followers, device)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]  # loopback only
+            opts._timeout = timeout
+            pg = dist.ProcessGroupGloo(store, rank, size, opts)
+        return cls(rank, size, pg, store, followers, device, listener)
 
     def _wait(self, work) -> None:
         try:
@@ -180,22 +191,32 @@ class TPGroup:
                     p.kill()
                     p.wait()
             self.followers = []
+        if self._listener is not None:
+            self._listener.close()
+
+    def kill(self) -> None:
+        """Rank 0: end the other ranks at once (they may be anywhere, e.g. in a collective of a
+        start that failed here)."""
+        for p in self.followers:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self.followers = []
+        if self._listener is not None:
+            self._listener.close()
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.followers)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(model: str, size: int, device: torch.device, dtype: torch.dtype, engine_cfg: dict,
            max_model_len: int) -> TPGroup:
     """Rank 0 of a new group: starts ranks 1..size-1 (`python -m engine.tp_rank`), each on
     the next GPU where the device is CUDA, and connects to them."""
-    port = free_port()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(size)
+    port = listener.getsockname()[1]
     base = (device.index or 0) if device.type == "cuda" else None
     followers = []
     for rank in range(1, size):
@@ -207,11 +228,12 @@ def launch(model: str, size: int, device: torch.device, dtype: torch.dtype, engi
         env = dict(os.environ, PYTHONPATH=_root_on_path(), PDSERVE_TP_THREADS=str(torch.get_num_threads()))
         followers.append(subprocess.Popen(cmd, env=env))
     try:
-        return TPGroup.connect(0, size, port, device, followers)
+        return TPGroup.connect(0, size, port, device, followers, listener)
     except Exception:
         for p in followers:
             p.kill()
             p.wait()
+        listener.close()
         raise
 
 

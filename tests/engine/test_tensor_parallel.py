@@ -67,6 +67,37 @@ def test_each_rank_holds_its_shard_only(tmp_path):
     assert head_shard(8, 2, 3, 4).kv_start == 1   # ranks 2, 3 use KV head 1
 
 
+def listening(pid: int) -> list[str]:
+    """The local addresses (hex ip:port of /proc/net/tcp*) that process `pid` listens on."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    out = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                    out.append(cols[1])
+    return out
+
+
+def test_the_group_listens_on_loopback_only(tmp_path):
+    make_checkpoint(tmp_path, "llama")
+    before = set(listening(os.getpid()))  # this test process may hold sockets of earlier tests
+    with LLM(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2) as llm:
+        addrs = [a for a in listening(os.getpid()) if a not in before]
+        addrs += listening(llm.engine.tp.followers[0].pid)
+    assert addrs, "no listening socket found"
+    # 0100007F: 127.0.0.1 (little-endian hex); anything else (0.0.0.0, ::) would be reachable from outside
+    assert all(a.split(":")[0] == "0100007F" for a in addrs), addrs
+
+
 def test_shapes_that_cannot_be_split_are_refused_before_any_process_starts(tmp_path):
     make_checkpoint(tmp_path, "llama")
     with pytest.raises(ValueError, match="attention heads"):
@@ -119,3 +150,27 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_start_that_fails_on_rank_0_ends_the_other_ranks_at_once(tmp_path, monkeypatch):
+    """Guards: ranks left waiting (up to the 300 s collective timeout) in a start rank 0 gave up."""
+    import engine.llm_engine as le
+    from engine import parallel
+
+    make_checkpoint(tmp_path, "llama")
+    procs, real_launch = [], parallel.launch
+
+    def launch(*a, **kw):
+        g = real_launch(*a, **kw)
+        procs.extend(g.followers)
+        return g
+
+    def broken(*a, **kw):
+        raise RuntimeError("rank 0 could not start")
+
+    monkeypatch.setattr(parallel, "launch", launch)
+    monkeypatch.setattr(le, "ModelRunner", broken)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="could not start"):
+        LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2)
+    assert procs and all(p.poll() is not None for p in procs) and time.monotonic() - t0 < 30
