@@ -135,17 +135,18 @@ class RouterLink:
             return True
         return False
 
-    def start_beats(self, interval_s: float) -> None:
+    def start_beats(self, interval_s: float, healthy=None) -> None:
         """From now on, an `Alive` goes out whenever nothing else has for `interval_s`, while
-        the loop turns (it sets `turned_at`) at least every LOOP_STALL_S. Call after `register`."""
+        the loop turns (it sets `turned_at`) at least every LOOP_STALL_S and `healthy()` (if
+        given: e.g. every rank of a tensor-parallel engine is up) holds. Call after `register`."""
         if self._beats is not None or self._registration is None:
             return
         frame = messages.encode(messages.Alive(self.worker_id, self._registration.incarnation))
-        self._beats = threading.Thread(target=self._beat, args=(frame, interval_s), daemon=True,
+        self._beats = threading.Thread(target=self._beat, args=(frame, interval_s, healthy), daemon=True,
                                        name=f"{self.worker_id}-beats")
         self._beats.start()
 
-    def _beat(self, frame: bytes, interval_s: float) -> None:
+    def _beat(self, frame: bytes, interval_s: float, healthy=None) -> None:
         wait = interval_s
         while not self._stopping.wait(wait):
             now = time.monotonic()
@@ -157,6 +158,8 @@ class RouterLink:
                 self._drops.warning("%s: the worker loop has not turned for %.0f s: no more beats",
                                     self.worker_id, now - self.turned_at)
                 continue
+            if healthy is not None and not healthy():
+                continue  # the loop may be blocked on what failed: let the router see silence
             with self._lock:
                 try:
                     self.sock.send(frame, zmq.NOBLOCK)

@@ -58,7 +58,8 @@ class WorkerLoop:
 
     def run(self, stop: threading.Event | None = None) -> None:
         self.start()
-        self.link.start_beats(self.settings.heartbeat_s)
+        tp = self.engine.tp
+        self.link.start_beats(self.settings.heartbeat_s, healthy=tp.alive if tp is not None else None)
         stop = stop or threading.Event()
         try:
             while not stop.is_set():

@@ -37,7 +37,9 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_S = 300.0       # a collective waits this long for a silent (not dead) rank
+# A collective waits this long for a silent (not dead) rank (the environment may set it: tests).
+TIMEOUT_S = float(os.environ.get("PDSERVE_TP_TIMEOUT_S", "300"))
+IDLE_TIMEOUT = datetime.timedelta(days=365)  # the other ranks' wait for rank 0's next step
 OP_STOP, OP_RUN, OP_ALL_LOGITS = 0, 1, 2
 
 
@@ -87,9 +89,8 @@ class TPGroup:
     """This process's place in a tensor-parallel group, and the collectives the model uses. A
     group of one does nothing."""
 
-    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, followers=(), device=None, listener=None):
+    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, followers=(), device=None):
         self.rank, self.size, self.pg, self.store = rank, size, pg, store
-        self._listener = listener  # rank 0: the store's loopback socket (kept open while the store lives)
         self.device = device or torch.device("cpu")   # where step messages are built
         self.followers = list(followers)   # rank 0: the other ranks' processes
 
@@ -100,9 +101,11 @@ class TPGroup:
         socket, already bound: a TCPStore binding its own port would listen on every interface)."""
         timeout = datetime.timedelta(seconds=TIMEOUT_S)
         if device.type == "cuda":
-            torch.cuda.set_device(device)  # NCCL works on the current device
+            torch.cuda.set_device(device.index or 0)  # NCCL works on the current device
         kw = {"master_listen_fd": listener.fileno()} if listener is not None else {}
         store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=datetime.timedelta(seconds=120), **kw)
+        if listener is not None:
+            listener.detach()  # the store owns the descriptor now (and closes it)
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
@@ -112,7 +115,7 @@ class TPGroup:
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]  # loopback only
             opts._timeout = timeout
             pg = dist.ProcessGroupGloo(store, rank, size, opts)
-        return cls(rank, size, pg, store, followers, device, listener)
+        return cls(rank, size, pg, store, followers, device)
 
     def _wait(self, work) -> None:
         try:
@@ -144,8 +147,8 @@ class TPGroup:
         self._wait(self.pg.allgather([outs], [x.contiguous()]))
         return torch.cat(outs, dim=-1)[..., :total]
 
-    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
-        self._wait(self.pg.broadcast(x, 0))
+    def broadcast(self, x: torch.Tensor, timeout: datetime.timedelta | None = None) -> torch.Tensor:
+        self._wait(self.pg.broadcast(x, 0) if timeout is None else self.pg.broadcast(x, 0, timeout))
         return x
 
     # ---- rank 0: the step each forward runs -----------------------------------------------------
@@ -164,7 +167,10 @@ class TPGroup:
 
     def recv_step(self) -> tuple[int, list[tuple[int, int, int, list[int], list[int]]]]:
         device = self.device
-        head = self.broadcast(torch.empty(4, dtype=torch.int64, device=device)).tolist()
+        # The wait for the next step has no time limit: an engine may be idle for hours. A rank
+        # that dies is seen at once all the same (its connection closes), and rank 0's death
+        # ends this process (PR_SET_PDEATHSIG).
+        head = self.broadcast(torch.empty(4, dtype=torch.int64, device=device), IDLE_TIMEOUT).tolist()
         op, n, n_ids, n_tables = head
         if n == 0:
             return op, []
@@ -179,11 +185,14 @@ class TPGroup:
     def close(self) -> None:
         """Rank 0: stop the other ranks (they exit) and wait for them."""
         if self.rank == 0 and self.size > 1 and self.followers:
+            if not self.alive():
+                self.kill()  # a broken group: the others cannot take a STOP
+                return
             try:
-                if self.alive():
-                    self.send_step(OP_STOP, [])
+                self.send_step(OP_STOP, [])
             except TPGroupError:
-                pass
+                self.kill()
+                return
             for p in self.followers:
                 try:
                     p.wait(timeout=30)
@@ -191,8 +200,6 @@ class TPGroup:
                     p.kill()
                     p.wait()
             self.followers = []
-        if self._listener is not None:
-            self._listener.close()
 
     def kill(self) -> None:
         """Rank 0: end the other ranks at once (they may be anywhere, e.g. in a collective of a
@@ -202,8 +209,6 @@ class TPGroup:
                 p.kill()
             p.wait()
         self.followers = []
-        if self._listener is not None:
-            self._listener.close()
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.followers)

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 import torch
@@ -49,6 +50,9 @@ def main() -> int:
     ap.add_argument("--parent", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s tp-rank{args.rank} %(levelname)s %(message)s")
+    # A Ctrl-C reaches every process of the terminal's group; rank 0 decides when the group
+    # stops (it drains first, then sends STOP), and its death ends this process anyway.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     if args.parent and os.getppid() != args.parent:
         return 1  # rank 0 died before we could follow it
@@ -60,7 +64,6 @@ def _die_with_parent() -> None:
     rank 0 must not leave ranks behind, blocked in a collective)."""
     try:
         import ctypes
-        import signal
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -69,4 +72,7 @@ def _die_with_parent() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)  # skip the process group's destructors at exit (gloo aborts in them)

@@ -53,6 +53,7 @@ def serve(args, warn_if_open) -> int:
     try:
         preflight.check_model_dir(args.model, "serve")
         preflight.check_gpus(args)
+        check_tensor_parallel(args)
         http_socket = preflight.bind_http(args.host, args.port)
     except preflight.Unusable as e:
         print(f"pdserve serve: {e}", file=sys.stderr)
@@ -84,8 +85,9 @@ def serve(args, warn_if_open) -> int:
 def _start_workers(args, run_dir: str, control: str, procs: list[subprocess.Popen]) -> None:
     """Start every worker of the plan, each appended to `procs` as soon as it runs (so that the
     caller stops the ones started when a later one fails to start)."""
-    n_workers = args.prefill_workers + args.decode_workers
-    threads = args.threads or max(1, (os.cpu_count() or 1) // n_workers)
+    # every rank of every worker is a process of its own: the cores are shared among all of them
+    n_procs = args.prefill_workers * pool_tp_size(args, "prefill") + args.decode_workers * pool_tp_size(args, "decode")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(n_procs, 1))
     gpus = gpu_placement(args)
     for role, n, i0, pool in worker_plan(args):
         passed_on = child_argv(worker_parser(role), args)
@@ -100,6 +102,31 @@ def _start_workers(args, run_dir: str, control: str, procs: list[subprocess.Pope
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(visible_device(g) for g in worker_gpus(gpus[pool], i, tp))
                 log.info("%s-%d on GPU %s", role, i0 + i, env["CUDA_VISIBLE_DEVICES"])
             procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_set_parent_death_signal))
+
+
+def check_tensor_parallel(args) -> None:
+    """Tensor-parallel workers only where they can serve (preflight.Unusable otherwise): in
+    colocated mode (no KV hand-off between workers yet), with as many GPUs in a pool given by
+    id as one worker has ranks (fewer would put two ranks on one GPU)."""
+    from pdserve.preflight import Unusable
+
+    for pool in ("prefill", "decode"):
+        tp = pool_tp_size(args, pool)
+        if tp < 1:
+            raise Unusable(f"--{pool}-tensor-parallel-size / --tensor-parallel-size must be at least 1")
+        if tp == 1:
+            continue
+        if args.mode != "colocated":
+            raise Unusable(f"tensor-parallel workers (size {tp}) need --mode colocated for now: the KV hand-off "
+                           f"between tensor-parallel workers is not built yet")
+        if args.mode == "colocated" and args.prefill_workers and args.decode_workers \
+                and pool_tp_size(args, "prefill") != pool_tp_size(args, "decode"):
+            raise Unusable("in colocated mode both pools are workers of one kind: give them one tensor-parallel "
+                           "size (their KV layouts must match)")
+        given = getattr(args, f"{pool}_gpus", None)
+        ids = [g for g in (given or "").split(",") if g.strip()]
+        if ids and len(ids) < tp:
+            raise Unusable(f"--{pool}-gpus {given} gives {len(ids)} GPU(s) to workers of {tp} ranks each")
 
 
 def worker_gpus(pool: list[str], i: int, tp: int) -> list[str]:

@@ -128,9 +128,11 @@ class WorkerRegistry:
 
     def excuse(self, seconds: float) -> None:
         """The router heard nothing for `seconds` (its own loop was held up): that silence is
-        not the workers'."""
+        not the workers'. Only the workers alive when it began are excused (a dead one stays
+        dead until it is heard from)."""
+        began = self.clock() - seconds
         for w in self.workers.values():
-            if not w.exited:
+            if not w.exited and began - w.last_seen <= self.worker_timeout_s:
                 w.last_seen += seconds
 
     def remove(self, worker_id: str) -> WorkerInfo | None:

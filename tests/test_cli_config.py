@@ -133,3 +133,24 @@ def test_tensor_parallel_workers_get_gpus_of_their_own():
     args = argparse.Namespace(tensor_parallel_size=2, prefill_tensor_parallel_size=4, decode_tensor_parallel_size=None)
     assert (pool_tp_size(args, "prefill"), pool_tp_size(args, "decode")) == (4, 2)
     assert pool_tp_size(argparse.Namespace(), "decode") == 1
+
+
+def test_serve_refuses_tensor_parallel_workers_where_they_cannot_serve():
+    import argparse
+
+    from pdserve.preflight import Unusable
+    from pdserve.supervisor import check_tensor_parallel
+
+    def args(**kw):
+        d = dict(mode="colocated", prefill_workers=0, decode_workers=1, tensor_parallel_size=2,
+                 prefill_tensor_parallel_size=None, decode_tensor_parallel_size=None, prefill_gpus=None, decode_gpus=None)
+        return argparse.Namespace(**{**d, **kw})
+
+    check_tensor_parallel(args())
+    check_tensor_parallel(args(decode_gpus="0,1"))
+    with pytest.raises(Unusable, match="--mode colocated"):
+        check_tensor_parallel(args(mode="disaggregated"))
+    with pytest.raises(Unusable, match="gives 1 GPU"):
+        check_tensor_parallel(args(decode_gpus="3"))
+    with pytest.raises(Unusable, match="one tensor-parallel size"):
+        check_tensor_parallel(args(prefill_workers=1, prefill_tensor_parallel_size=1))

@@ -64,3 +64,29 @@ def test_beats_cover_a_silent_loop_and_stop_with_a_stuck_one(monkeypatch):
         assert link._beats is not None and not link._beats.is_alive()
         router.close(linger=0)
         ctx.term()
+
+
+def test_no_beats_while_unhealthy():
+    """Guards: a worker whose loop is blocked on a broken tensor-parallel group kept alive by
+    its beats (the router must see silence and move its requests)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    link = RouterLink(ctx, f"tcp://127.0.0.1:{port}", "d0")
+    healthy = [True]
+    try:
+        t = threading.Thread(target=link.register, args=(messages.Register("d0", "decode", {}, incarnation="i"),),
+                             kwargs={"timeout_s": 10}, daemon=True)
+        t.start()
+        ident, _ = router.recv_multipart()
+        router.send_multipart([ident, messages.encode(messages.Registered("d0"))])
+        t.join(5)
+        link.start_beats(0.05, healthy=lambda: healthy[0])
+        assert len(received(router, 0.4)) >= 3
+        healthy[0] = False
+        received(router, 0.1)   # one may be on its way
+        assert not received(router, 0.4)
+    finally:
+        link.close()
+        router.close(linger=0)
+        ctx.term()

@@ -174,3 +174,16 @@ def test_a_start_that_fails_on_rank_0_ends_the_other_ranks_at_once(tmp_path, mon
     with pytest.raises(RuntimeError, match="could not start"):
         LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2)
     assert procs and all(p.poll() is not None for p in procs) and time.monotonic() - t0 < 30
+
+
+def test_ranks_wait_for_the_next_step_past_the_collective_timeout(tmp_path, monkeypatch):
+    """Guards: an engine idle for longer than the group's timeout (300 s by default; 2 s here)
+    losing its ranks, which waited for the next step with that timeout."""
+    monkeypatch.setenv("PDSERVE_TP_TIMEOUT_S", "2")
+    make_checkpoint(tmp_path, "llama")
+    with LLM(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2) as llm:
+        sp = SamplingParams(max_tokens=3, temperature=0)
+        first = llm.generate([[5, 6, 7]], sp)
+        time.sleep(3.5)
+        assert llm.engine.tp.alive()
+        assert llm.generate([[5, 6, 7]], sp)[0].token_ids == first[0].token_ids

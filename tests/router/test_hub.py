@@ -213,3 +213,17 @@ def test_a_held_up_router_loop_does_not_count_against_the_workers():
         await asyncio.sleep(0.6)                              # silent for longer, the loop free: dead
         assert not reg.is_alive(reg.workers["p0"])
     run(t, worker_timeout_s=0.5)
+
+
+def test_the_excuse_for_a_held_up_router_does_not_revive_a_dead_worker():
+    now = [100.0]
+    reg = WorkerRegistry(worker_timeout_s=1.0, clock=lambda: now[0])
+    for wid in ("p0", "d0"):
+        role = "prefill" if wid == "p0" else "decode"
+        assert reg.register(messages.Register(wid, role, LAYOUT, "ipc:///x" if role == "decode" else "", 64, 512, 1,
+                                              "a")) is None
+    reg.workers["d0"].last_seen = 97.0        # silent for 3 s: dead before the router stalled
+    now[0] = 102.5                            # p0 last heard at 100.0; the router was stuck 2 s
+    reg.excuse(2.0)
+    assert reg.is_alive(reg.workers["p0"])
+    assert not reg.is_alive(reg.workers["d0"])
