@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.cpu_serving import run_http  # noqa: E402
 from benchmarks.hf_baselines import commit  # noqa: E402
+from benchmarks.serving_gpu import workload  # noqa: E402
 from tests.serving.conftest import free_port, stop, wait_healthy  # noqa: E402
 
 
@@ -65,9 +66,7 @@ def main() -> None:
     def prompts(seed: int) -> list[list[int]]:
         """Round `seed`'s prompts: new every round (the prefix cache would serve prompts sent
         before), the same for both sides within one."""
-        g = torch.Generator().manual_seed(seed)
-        lens = torch.randint(args.min_len, args.max_len + 1, (args.num_requests,), generator=g).tolist()
-        return [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lens]
+        return workload(args.num_requests, args.min_len, args.max_len, 1000, seed)
 
     n_out = args.num_requests * args.output_len
 

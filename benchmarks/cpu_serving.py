@@ -25,6 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.serving_gpu import workload  # noqa: E402
 from benchmarks.stream_client import run_streams  # noqa: E402
 from tests.serving.conftest import free_port, stop, wait_healthy  # noqa: E402
 
@@ -59,9 +60,7 @@ def main() -> None:
     def prompts(run: int) -> list[list[int]]:
         """Run `run`'s prompts (-1: the warm-up): new every run, since the prefix cache (on by
         default, in both paths) would serve prompts sent before; run k is the same in both paths."""
-        g = torch.Generator().manual_seed(1000 + run)
-        lens = torch.randint(args.min_len, args.max_len + 1, (args.num_requests,), generator=g).tolist()
-        return [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lens]
+        return workload(args.num_requests, args.min_len, args.max_len, 1000, seed=1000 + run)
 
     n_out = args.num_requests * args.output_len
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -31,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 def one(model: str, budget: int, graphs: bool) -> float:
     import torch
 
+    from benchmarks.gpu_engine import timed
     from engine import LLMEngine, SamplingParams
 
     eng = LLMEngine(model, device="cuda", max_num_batched_tokens=budget, max_num_seqs=64,
@@ -44,16 +43,7 @@ def one(model: str, budget: int, graphs: bool) -> float:
         while eng.has_unfinished():
             eng.step()
 
-    for _ in range(3):
-        once()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        once()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return timed(once, 7, 3)  # median of 7 after 3 warm-up runs
 
 
 def main() -> None:

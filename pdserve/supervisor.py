@@ -110,8 +110,8 @@ def check_tensor_parallel(args) -> None:
     id as one worker has ranks (fewer would put two ranks on one GPU)."""
     from pdserve.preflight import Unusable
 
-    for pool in ("prefill", "decode"):
-        tp = pool_tp_size(args, pool)
+    sizes = {pool: pool_tp_size(args, pool) for pool in ("prefill", "decode")}
+    for pool, tp in sizes.items():
         if tp < 1:
             raise Unusable(f"--{pool}-tensor-parallel-size / --tensor-parallel-size must be at least 1")
         if tp == 1:
@@ -119,8 +119,7 @@ def check_tensor_parallel(args) -> None:
         if args.mode != "colocated":
             raise Unusable(f"tensor-parallel workers (size {tp}) need --mode colocated for now: the KV hand-off "
                            f"between tensor-parallel workers is not built yet")
-        if args.mode == "colocated" and args.prefill_workers and args.decode_workers \
-                and pool_tp_size(args, "prefill") != pool_tp_size(args, "decode"):
+        if args.prefill_workers and args.decode_workers and sizes["prefill"] != sizes["decode"]:
             raise Unusable("in colocated mode both pools are workers of one kind: give them one tensor-parallel "
                            "size (their KV layouts must match)")
         given = getattr(args, f"{pool}_gpus", None)
@@ -137,8 +136,10 @@ def worker_gpus(pool: list[str], i: int, tp: int) -> list[str]:
 
 def pool_tp_size(args, pool: str) -> int:
     """Tensor-parallel ranks of each worker of `pool` ("prefill" or "decode")."""
-    own = getattr(args, f"{pool}_tensor_parallel_size", None)
-    return own or getattr(args, "tensor_parallel_size", None) or 1
+    for name in (f"{pool}_tensor_parallel_size", "tensor_parallel_size"):  # 0 stays 0: refused, not 1
+        if getattr(args, name, None) is not None:
+            return getattr(args, name)
+    return 1
 
 
 def worker_plan(args) -> list[tuple[str, int, int, str]]:

@@ -152,5 +152,7 @@ def test_serve_refuses_tensor_parallel_workers_where_they_cannot_serve():
         check_tensor_parallel(args(mode="disaggregated"))
     with pytest.raises(Unusable, match="gives 1 GPU"):
         check_tensor_parallel(args(decode_gpus="3"))
+    with pytest.raises(Unusable, match="at least 1"):
+        check_tensor_parallel(args(tensor_parallel_size=0))
     with pytest.raises(Unusable, match="one tensor-parallel size"):
         check_tensor_parallel(args(prefill_workers=1, prefill_tensor_parallel_size=1))

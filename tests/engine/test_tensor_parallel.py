@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from control.proc import process_alive
 from engine import LLM, LLMEngine, SamplingParams
 from engine.parallel import TPGroupError, head_shard, vocab_shard
 from tests.engine.conftest import make_checkpoint
@@ -137,19 +138,11 @@ def test_rank_0_killed_takes_the_other_ranks_with_it(tmp_path):
         rank0.send_signal(signal.SIGKILL)
         rank0.wait(10)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _running(follower):
+        while time.monotonic() < deadline and process_alive(follower):
             time.sleep(0.05)
-        assert not _running(follower), "rank 1 outlived rank 0"
+        assert not process_alive(follower), "rank 1 outlived rank 0"
     finally:
         rank0.kill()
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_start_that_fails_on_rank_0_ends_the_other_ranks_at_once(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -133,6 +134,13 @@ class Cluster:
                 p.kill()
                 p.wait()
         shutil.rmtree(self.dir, ignore_errors=True)  # logs, ipc sockets
+
+
+def migrations(c: Cluster) -> dict[str, float]:
+    """pdserve:request_migrations_total by reason, from /metrics."""
+    text = httpx.get(c.url + "/metrics", timeout=10).text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'pdserve:request_migrations_total\{[^}]*reason="(\w+)"\} (\S+)', text)}
 
 
 def completion(url: str, prompt: str = "Hello there", max_tokens: int = 4, timeout: float = 60, **kw) -> httpx.Response:

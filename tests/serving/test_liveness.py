@@ -8,15 +8,13 @@ step. Measured times are printed (pytest -s) as `RESULT ...` lines.
 """
 from __future__ import annotations
 
-import re
 import signal
 import threading
 import time
 
-import httpx
 import pytest
 
-from tests.serving.cluster import Cluster, Stream, holder, wait_for
+from tests.serving.cluster import Cluster, Stream, holder, migrations, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +27,6 @@ def cluster(demo_model):
         yield c
     finally:
         c.stop()
-
-
-def migrations(c: Cluster) -> dict[str, float]:
-    text = httpx.get(c.url + "/metrics", timeout=10).text
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(r'pdserve:request_migrations_total\{[^}]*reason="(\w+)"\} (\S+)', text)}
 
 
 def test_a_worker_blocked_past_the_timeout_is_not_declared_dead(cluster, reference):

@@ -11,14 +11,12 @@ are printed (pytest -s) as `RESULT ...` lines.
 """
 from __future__ import annotations
 
-import re
 import signal
 import time
 
-import httpx
 import pytest
 
-from tests.serving.cluster import Cluster, Stream, completion, holder, wait_for
+from tests.serving.cluster import Cluster, Stream, completion, holder, migrations, wait_for
 
 TIMEOUT_S = 5.0
 DECODE = ["--debug-step-delay", "0.02", "--heartbeat-interval", "0.25"]
@@ -43,12 +41,6 @@ def restore(c: Cluster, wid: str) -> None:
     c.worker(wid)
     wait_for(lambda: (w := c.workers().get(wid)) and w["alive"] and w["pid"] == c.procs[wid].pid, 60,
              f"{wid} registered again")
-
-
-def migrations(c: Cluster) -> dict[str, float]:
-    text = httpx.get(c.url + "/metrics", timeout=10).text
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(r'pdserve:request_migrations_total\{[^}]*reason="(\w+)"\} (\S+)', text)}
 
 
 def report(what: str, seconds: float) -> None:

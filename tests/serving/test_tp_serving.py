@@ -3,7 +3,6 @@
 rank killed takes its worker out (the router sees it gone), and no process is left behind."""
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 
@@ -11,20 +10,13 @@ import httpx
 import openai
 import pytest
 
+from control.proc import process_alive
 from tests.serving.conftest import start_serve, stop
 
 
 def children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +44,9 @@ def test_a_rank_killed_takes_its_worker_out_and_leaves_no_process(tp_server):
     rank1_killed = time.monotonic()
     subprocess.run(["kill", "-9", str(rank1)], check=True)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and alive(worker):   # idle: no collective would notice
+    while time.monotonic() < deadline and process_alive(worker):   # idle: no collective would notice
         time.sleep(0.05)
-    assert not alive(worker), "the worker outlived its rank"
+    assert not process_alive(worker), "the worker outlived its rank"
     gone = time.monotonic() - rank1_killed
     r = httpx.post(tp_server.url + "/v1/completions", json={"model": "demo", "prompt": "Hello", "max_tokens": 8},
                    timeout=60)
