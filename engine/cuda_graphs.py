@@ -62,7 +62,19 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, ops=None) -> None:
+        """`ops`: an `Ops` set compiled for the capture alone (see Ops in models/llama.py); the
+        model runs through it during the capture, and through its own set again after."""
+        if ops is None:
+            return self._capture()
+        saved = self.model.ops.functions()
+        self.model.ops.use(ops.functions())
+        try:
+            self._capture()
+        finally:
+            self.model.ops.use(saved)
+
+    def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -12,7 +12,7 @@ from .attention import AttentionMetadata
 from .attention_backends import make_attention
 from .config import EngineConfig, ModelConfig, to_device
 from .loader import load_weights
-from .models.llama import LlamaForCausalLM
+from .models.llama import LlamaForCausalLM, Ops
 from .parallel import OP_ALL_LOGITS, OP_RUN, OP_STOP, TPGroup, head_shard
 from .scheduler import ScheduledSeq
 
@@ -75,7 +75,11 @@ class ModelRunner:
 
             buckets = tuple(b for b in cfg.cuda_graph_buckets if b <= cfg.max_num_seqs) or (1,)
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, buckets)
-            self.graphs.capture()
+            ops = None
+            if cfg.compile_ops:
+                ops = Ops()
+                ops.compile(tag="graphs")
+            self.graphs.capture(ops)
 
     def _new_cache(self, num_blocks: int) -> torch.Tensor:
         m = self.model_cfg

@@ -16,6 +16,8 @@ are gathered. With one rank nothing of this runs.
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,18 +55,36 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 class Ops:
     """The elementwise pieces of a layer. Eager by default; on a GPU `compile()` swaps in
     torch.compile'd versions, which fuse each into one kernel (RMSNorm alone is six eager
-    kernels, x 2-4 per layer: at small batch those launches cost more than the math)."""
+    kernels, x 2-4 per layer: at small batch those launches cost more than the math).
+
+    Dynamo keeps its compiled entries, and their guards, on the function's code object. So
+    `compile(tag)` compiles copies of the functions under new code objects: the decode CUDA
+    graphs capture with a set of their own (engine/cuda_graphs.py), and their batch sizes and
+    layouts neither add entries to the set the eager prefill steps run through nor push it
+    past dynamo's recompile limit (past it, a function runs eagerly, unfused)."""
+
+    NAMES = ("rms_norm", "add_rms_norm", "apply_rope", "silu_mul")
 
     def __init__(self):
         self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
         self.apply_rope, self.silu_mul = apply_rope, silu_mul
 
-    def compile(self) -> None:
+    def compile(self, tag: str = "") -> None:
         opts = dict(dynamic=True, fullgraph=True)
-        self.rms_norm = torch.compile(rms_norm, **opts)
-        self.add_rms_norm = torch.compile(add_rms_norm, **opts)
-        self.apply_rope = torch.compile(apply_rope, **opts)
-        self.silu_mul = torch.compile(silu_mul, **opts)
+        for name in self.NAMES:
+            fn = globals()[name]
+            if tag:
+                fn = types.FunctionType(fn.__code__.replace(co_name=f"{name}_{tag}"), fn.__globals__,
+                                        f"{name}_{tag}", fn.__defaults__, fn.__closure__)
+            setattr(self, name, torch.compile(fn, **opts))
+
+    def functions(self) -> dict:
+        return {name: getattr(self, name) for name in self.NAMES}
+
+    def use(self, functions: dict) -> None:
+        """Runs these functions from now on (the modules share this object)."""
+        for name, fn in functions.items():
+            setattr(self, name, fn)
 
 
 class RMSNorm(nn.Module):

@@ -137,3 +137,52 @@ def test_engine_graph_path_on_cpu_equals_eager(tmp_path):
         assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
     assert outs[True] == outs[False]
     assert replays[0] >= 8
+
+
+def test_graph_capture_compiles_ops_of_its_own():
+    """The decode graphs capture through a compiled copy of the elementwise ops under other code
+    objects (dynamo keys its entries on the code object: the capture's many batch sizes would
+    otherwise use up the recompile limit of the set the prefill steps run through). The copies
+    compute what the originals do, and the model's own set is back after the capture, also
+    when it fails."""
+    from types import SimpleNamespace
+
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.models import llama
+
+    ops = llama.Ops()
+    ops.compile(tag="graphs")  # lazy: nothing compiles before a call
+    g = torch.Generator().manual_seed(0)
+    x, r, w = (torch.randn(5, 16, generator=g) for _ in range(3))
+    q, k = torch.randn(5, 4, 16, generator=g), torch.randn(5, 2, 16, generator=g)
+    cos, sin, pos = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g), torch.tensor([0, 3, 1, 31, 7])
+    args = {"rms_norm": (x, w, 1e-6), "add_rms_norm": (x, r, w, 1e-6), "apply_rope": (q, k, cos, sin, pos),
+            "silu_mul": (torch.randn(5, 32, generator=g),)}
+    for name, fn in ops.functions().items():
+        copy, original = fn._torchdynamo_orig_callable, getattr(llama, name)
+        assert copy.__code__ is not original.__code__ and copy.__code__.co_name == f"{name}_graphs"
+        want, got = original(*args[name]), copy(*args[name])
+        for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    model = SimpleNamespace(ops=llama.Ops())
+    own = model.ops.functions()
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    graphs.model = model
+    seen = []
+
+    def capture(fail):
+        def run():
+            seen.append(model.ops.functions())
+            if fail:
+                raise RuntimeError("capture failed")
+        graphs._capture = run
+
+    for fail in (False, True):
+        capture(fail)
+        if fail:
+            with pytest.raises(RuntimeError):
+                graphs.capture(ops)
+        else:
+            graphs.capture(ops)
+        assert seen[-1] == ops.functions() and model.ops.functions() == own
