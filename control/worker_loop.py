@@ -18,8 +18,8 @@ import zmq
 
 from engine import LLMEngine, RequestRejected
 from engine.parallel import TPGroupError
-from kvtransfer import KVLayout
 from control import messages
+from control.kv_staging import full_layout
 from control.logs import rid as for_request
 from control.security import CurveKeys
 from control.link import RegistrationRefused
@@ -27,10 +27,6 @@ from control.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-# Tensor-parallel workers (engine/parallel.py) hold each KV head on one rank; moving a request's
-# KV between workers would need every rank's heads, which the hand-off does not gather yet.
-TP_NO_HANDOFF = ("the KV hand-off between tensor-parallel workers is not built yet; serve them with "
-                 "--mode colocated (role both)")
 KV_SNAPSHOT_S = 10.0  # a full list of cached block hashes this often, healing any lost event
 KV_EVENTS_S = 0.1     # cached blocks the router has not heard of go out this soon
 
@@ -42,7 +38,8 @@ class WorkerLoop:
         self.incarnation = uuid.uuid4().hex  # this process's start, as the router and peers tell it
         self.engine = engine or LLMEngine(settings.model, device=settings.device, dtype=settings.dtype,
                                           **settings.engine)
-        self.layout = KVLayout.from_cache(self.engine.runner.kv_cache, settings.model)
+        # every KV head of the model, whatever this worker's TP size (control/kv_staging.py)
+        self.layout = full_layout(self.engine, settings.model)
         self.ctx = ctx or zmq.Context.instance()
         self.keys = CurveKeys.load(settings.curve_keys) if settings.curve_keys else None
         self.draining = False
@@ -93,9 +90,6 @@ class WorkerLoop:
         """A request placed here to prefill: decoded here too when this worker is its decode
         worker, else handed off to the decode worker it names (workers with a `handoff`)."""
         local = msg.decode_worker == self.settings.worker_id
-        if not local and self.engine.tp is not None:
-            self.link.send(messages.Failed(msg.request_id, f"worker {self.settings.worker_id}: {TP_NO_HANDOFF}", 400))
-            return
         if not local and self.handoff is None:
             self.link.send(messages.Failed(msg.request_id, f"worker {self.settings.worker_id} cannot prefill "
                                                        f"for {msg.decode_worker}", 400))

@@ -8,6 +8,9 @@ the transfer ends the sequence joins the running batch (DONE) or its blocks are 
 (failure, cancel, abort), and a failure is reported to the router with `Failed`. Which
 blocks a transfer holds, and when they are freed, is the engine's to track
 (engine/kv_holds.py); the transfer's messages are drawn in kvtransfer's frame schema.
+A tensor-parallel worker receives every KV head into a staging cache on rank 0, and when the
+transfer is done its ranks take their own heads into the reserved blocks
+(control/kv_staging.py); an offer waits while the staging is full.
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ from control import messages
 from control.logs import rid as for_request
 from control.security import check_bind
 from control.transfer_stats import TransferStats
-from control.worker_loop import TP_NO_HANDOFF
+from control.kv_staging import KVStaging
 from engine import RequestRejected
-from kvtransfer import KVOffer, TransferStatus, make_receiver
+from kvtransfer import KVOffer, TransferStatus, blocks_needed, make_receiver
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,13 @@ class KVIntake:
                 options["context"] = self._kv_ctx
         self.worker = worker
         self.engine = worker.engine
-        self.receiver = make_receiver(settings.kv_transport, worker.engine.runner.kv_cache, worker.layout,
+        # A tensor-parallel worker's transfers write every head into a staging cache on rank 0.
+        self.staging = None if worker.engine.tp is None else KVStaging(worker.engine, settings.model)
+        cache = worker.engine.runner.kv_cache if self.staging is None else self.staging.cache
+        self.receiver = make_receiver(settings.kv_transport, cache, worker.layout,
                                       settings.worker_id, settings.kv_address, **options)
         self.offers: OrderedDict[str, KVOffer] = OrderedDict()  # waiting for blocks, in arrival order
+        self.landing: dict[str, tuple[list[int], int]] = {}  # staged request -> (engine blocks, held)
         self.stats = TransferStats(self.receiver)
 
     def poll(self) -> None:
@@ -81,8 +88,6 @@ class KVIntake:
             rid, offer = next(iter(self.offers.items()))
             meta = offer.meta
             try:
-                if engine.tp is not None:
-                    raise ValueError(TP_NO_HANDOFF)
                 prompt = list(meta["prompt_token_ids"])
                 first = meta.get("first_token")  # absent from an early offer: its DONE brings it
                 first = None if first is None else int(first)
@@ -90,8 +95,14 @@ class KVIntake:
                 outs = meta.get("output_token_ids") or []  # a migrated request's earlier tokens
                 if not (isinstance(outs, list) and set(map(type, outs)) <= {int}):
                     raise ValueError("output_token_ids must be a list of token ids")
+                nblocks = blocks_needed(offer.num_tokens, self.worker.layout.block_size)
+                if self.staging is not None and not self.staging.fits(nblocks):
+                    raise ValueError(f"{nblocks} blocks of KV do not fit the staging cache "
+                                     f"({self.staging.num_slots} blocks)")
                 if not engine.can_reserve(len(prompt) + len(outs)):
                     return
+                if self.staging is not None and self.staging.num_free < nblocks:
+                    return  # a transfer's end frees slots
                 reserved = engine.reserve_import(rid, prompt, first, params, outs)
             except (KeyError, TypeError, ValueError, RequestRejected) as e:
                 log.warning("refused an offer: %s", e, extra=for_request(rid))
@@ -103,6 +114,9 @@ class KVIntake:
                 return
             blocks, held = reserved
             del self.offers[rid]
+            if self.staging is not None:  # the KV lands in slots; the ranks take it when it is done
+                self.landing[rid] = (blocks[:nblocks], held)
+                blocks = self.staging.take(rid, nblocks)
             # Delta transfer: the prompt's first `held` blocks are cached here (the chained hashes
             # of its tokens found them), so only the rest travel.
             self.receiver.accept(rid, blocks, held=held)
@@ -124,13 +138,20 @@ class KVIntake:
         if ev.status not in (TransferStatus.DONE, TransferStatus.CANCELLED):
             log.warning("KV transfer ended %s: %s", ev.status.value, ev.error or "", extra=for_request(rid))
         error = f"KV transfer {ev.status.value}: {ev.error or ''}"
-        if ev.status is TransferStatus.DONE and not aborted:
-            try:
-                engine.activate_import(rid, (ev.meta or {}).get("first_token"))
-                return
-            except (TypeError, ValueError) as e:
-                log.warning("KV arrived unusable: %s", e, extra=for_request(rid))
-                error = f"KV transfer done, but {e}"
+        landing = self.landing.pop(rid, None)
+        try:
+            if ev.status is TransferStatus.DONE and not aborted:
+                try:
+                    if landing is not None:
+                        self.staging.land(rid, *landing)
+                    engine.activate_import(rid, (ev.meta or {}).get("first_token"))
+                    return
+                except (TypeError, ValueError) as e:
+                    log.warning("KV arrived unusable: %s", e, extra=for_request(rid))
+                    error = f"KV transfer done, but {e}"
+        finally:
+            if landing is not None:
+                self.staging.release(rid)
         engine.release_kv(rid)
         if not aborted and ev.status is not TransferStatus.CANCELLED:
             self.worker.link.send(messages.Failed(rid, error, 503))

@@ -13,7 +13,7 @@ from .attention_backends import make_attention
 from .config import EngineConfig, ModelConfig, to_device
 from .loader import load_weights
 from .models.llama import LlamaForCausalLM, Ops
-from .parallel import OP_ALL_LOGITS, OP_RUN, OP_STOP, TPGroup, head_shard
+from .parallel import OP_ALL_LOGITS, OP_KV_EXPORT, OP_KV_IMPORT, OP_RUN, OP_STOP, TPGroup, head_shard
 from .scheduler import ScheduledSeq
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,50 @@ class ModelRunner:
             rows.append((start, n, q.num_tokens, q.token_ids[start:start + n], q.block_table[:-(-(start + n) // bs)]))
         self.tp.send_step(op, rows)
 
+    # ---- KV hand-off under tensor parallelism ---------------------------------------------------
+    def export_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """The KV of these blocks with every KV head of the model, [L, 2, n, block_size, H, D]
+        (rank 0; under TP every rank gives its heads, and a head held by several ranks is
+        taken from one). A hand-off between workers of different TP sizes moves this layout."""
+        self._send_blocks(OP_KV_EXPORT, block_ids)
+        return self._export_kv(block_ids)
+
+    def import_kv(self, block_ids: list[int], full: torch.Tensor) -> None:
+        """Writes `full` ([L, 2, n, block_size, H, D], every KV head) into these blocks: each rank
+        keeps its own heads (rank 0)."""
+        m = self.model_cfg
+        want = (m.num_layers, 2, len(block_ids), self.block_size, m.num_kv_heads, m.head_dim)
+        if tuple(full.shape) != want:
+            raise ValueError(f"KV of shape {tuple(full.shape)} for {len(block_ids)} blocks; expected {want}")
+        self._send_blocks(OP_KV_IMPORT, block_ids)
+        self._import_kv(block_ids, full.to(self.device, self.dtype))
+
+    def _send_blocks(self, op: int, block_ids: list[int]) -> None:
+        if self.tp.size > 1 and self.tp.rank == 0:
+            self.tp.send_step(op, [(0, 0, 0, [], list(block_ids))])
+
+    def _export_kv(self, block_ids: list[int]) -> torch.Tensor:
+        mine = self.kv_cache.index_select(2, to_device(block_ids, torch.int64, self.device))
+        if self.tp.size == 1:
+            return mine
+        m = self.model_cfg
+        full = mine.new_empty(*mine.shape[:4], m.num_kv_heads, m.head_dim)
+        for r, part in enumerate(self.tp.all_gather(mine)):
+            h = head_shard(m.num_heads, m.num_kv_heads, r, self.tp.size)
+            full[..., h.kv_start:h.kv_start + h.kv_heads, :] = part
+        return full
+
+    def _import_kv(self, block_ids: list[int], full: torch.Tensor | None = None) -> None:
+        m = self.model_cfg
+        if full is None:  # a rank other than 0: rank 0 broadcasts it
+            full = torch.empty(m.num_layers, 2, len(block_ids), self.block_size, m.num_kv_heads, m.head_dim,
+                               dtype=self.dtype, device=self.device)
+        if self.tp.size > 1:
+            self.tp.broadcast(full.contiguous() if self.tp.rank == 0 else full)
+        h = self.heads
+        self.kv_cache.index_copy_(2, to_device(block_ids, torch.int64, self.device),
+                                  full[..., h.kv_start:h.kv_start + h.kv_heads, :].contiguous())
+
     def follow(self) -> None:
         """A rank other than 0: run every step rank 0 sends, until it says stop (or the group
         fails: TPGroupError)."""
@@ -264,6 +308,10 @@ class ModelRunner:
             op, rows = self.tp.recv_step()
             if op == OP_STOP:
                 return
+            if op in (OP_KV_EXPORT, OP_KV_IMPORT):
+                ids = rows[0][4]
+                self._export_kv(ids) if op == OP_KV_EXPORT else self._import_kv(ids)
+                continue
             batch = [ScheduledSeq(_Remote(*r), r[1]) for r in rows]
             if op == OP_RUN:
                 with torch.inference_mode():

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 TIMEOUT_S = float(os.environ.get("PDSERVE_TP_TIMEOUT_S", "300"))
 IDLE_TIMEOUT = datetime.timedelta(days=365)  # the other ranks' wait for rank 0's next step
 OP_STOP, OP_RUN, OP_ALL_LOGITS = 0, 1, 2
+OP_KV_EXPORT, OP_KV_IMPORT = 3, 4  # a KV hand-off: blocks out of / into every rank's cache
 
 
 class TPGroupError(RuntimeError):
@@ -146,6 +147,14 @@ class TPGroup:
         outs = [torch.empty_like(x) for _ in range(self.size)]
         self._wait(self.pg.allgather([outs], [x.contiguous()]))
         return torch.cat(outs, dim=-1)[..., :total]
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `x` (all of one shape), in rank order."""
+        if self.size == 1:
+            return [x]
+        outs = [torch.empty_like(x) for _ in range(self.size)]
+        self._wait(self.pg.allgather([outs], [x.contiguous()]))
+        return outs
 
     def broadcast(self, x: torch.Tensor, timeout: datetime.timedelta | None = None) -> torch.Tensor:
         self._wait(self.pg.broadcast(x, 0) if timeout is None else self.pg.broadcast(x, 0, timeout))

@@ -67,7 +67,11 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 class KVLayout:
     """Handshake fingerprint: everything that must agree for blocks to be copied byte-for-byte.
 
-    num_blocks is deliberately absent: each worker sizes its own pool."""
+    num_blocks is deliberately absent: each worker sizes its own pool. `tp_size` is the
+    worker's tensor-parallel size: a worker of several ranks moves its KV with every head of
+    the model (`num_kv_heads` is the model's; control/kv_staging.py gathers the heads from
+    the ranks and hands each rank its own), so workers of any TP sizes exchange blocks. It is
+    said, not compared: a mismatch of the other fields names it with both sides' values."""
 
     model: str
     dtype: str
@@ -75,6 +79,9 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     block_size: int
+    tp_size: int = 1
+
+    BRIDGED = ("tp_size",)  # differ freely: the staging bridges them
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,12 +92,15 @@ class KVLayout:
         if not isinstance(d, dict):
             raise ValueError(f"layout must be a dict, got {type(d).__name__}")
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        if set(d) != set(fields):
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        if not set(fields) - optional <= set(d) <= set(fields):
             raise ValueError(f"layout keys {sorted(d)} != expected {sorted(fields)}")
         for k, v in d.items():
             want = str if k in ("model", "dtype") else int
             if not isinstance(v, want) or isinstance(v, bool):
                 raise ValueError(f"layout field {k} must be {want.__name__}, got {v!r}")
+        if d.get("tp_size", 1) < 1:
+            raise ValueError(f"layout field tp_size must be at least 1, got {d['tp_size']!r}")
         return cls(**d)
 
     @classmethod
@@ -105,10 +115,11 @@ class KVLayout:
         diffs = []
         for f in dataclasses.fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if mine != theirs:
+            if mine != theirs and f.name not in self.BRIDGED:
                 diffs.append(f"{f.name}: {self_side}={mine} {other_side}={theirs}")
         if diffs:
-            raise LayoutMismatch("KV layout mismatch: " + "; ".join(diffs))
+            tp = f" (tensor-parallel sizes {self_side}={self.tp_size} {other_side}={other.tp_size})"
+            raise LayoutMismatch("KV layout mismatch: " + "; ".join(diffs) + tp)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -67,10 +67,6 @@ def cmd_router(args) -> int:
 
 def make_worker(role: str, settings):
     """The worker process object of `role` ("prefill", "decode" or "both")."""
-    from control.worker_loop import TP_NO_HANDOFF
-
-    if role != "both" and settings.engine.get("tensor_parallel_size", 1) > 1:
-        raise ValueError(f"a {role} worker cannot run tensor-parallel yet: {TP_NO_HANDOFF}")
     if role == "prefill":
         from prefill_worker.worker import PrefillWorker
 

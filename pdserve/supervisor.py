@@ -105,9 +105,9 @@ def _start_workers(args, run_dir: str, control: str, procs: list[subprocess.Pope
 
 
 def check_tensor_parallel(args) -> None:
-    """Tensor-parallel workers only where they can serve (preflight.Unusable otherwise): in
-    colocated mode (no KV hand-off between workers yet), with as many GPUs in a pool given by
-    id as one worker has ranks (fewer would put two ranks on one GPU)."""
+    """Tensor-parallel sizes that can serve (preflight.Unusable otherwise): at least 1, and as
+    many GPUs in a pool given by id as one worker has ranks (fewer would put two ranks on one
+    GPU). The pools' sizes may differ: hand-offs move every KV head (control/kv_staging.py)."""
     from pdserve.preflight import Unusable
 
     sizes = {pool: pool_tp_size(args, pool) for pool in ("prefill", "decode")}
@@ -116,12 +116,6 @@ def check_tensor_parallel(args) -> None:
             raise Unusable(f"--{pool}-tensor-parallel-size / --tensor-parallel-size must be at least 1")
         if tp == 1:
             continue
-        if args.mode != "colocated":
-            raise Unusable(f"tensor-parallel workers (size {tp}) need --mode colocated for now: the KV hand-off "
-                           f"between tensor-parallel workers is not built yet")
-        if args.prefill_workers and args.decode_workers and sizes["prefill"] != sizes["decode"]:
-            raise Unusable("in colocated mode both pools are workers of one kind: give them one tensor-parallel "
-                           "size (their KV layouts must match)")
         given = getattr(args, f"{pool}_gpus", None)
         ids = [g for g in (given or "").split(",") if g.strip()]
         if ids and len(ids) < tp:

@@ -10,7 +10,9 @@ the transport can: zmq; nccl moves it all after the step). When the step ends th
 transfer's DONE), or cancels it when that token already ended the request. With
 `kv_offer_early` off, for the first hand-off to a decode worker (its handshake, up to 3 s, must
 not stall the step and the heartbeats with it) and when the early offer failed, the KV is
-offered after the prefill instead, first token in the offer. Either way the blocks stay held until the
+offered after the prefill instead, first token in the offer. A tensor-parallel worker offers after
+the prefill only: its ranks' heads are gathered into a staging cache first, between steps
+(control/kv_staging.py; a hand-off waits while the staging is full). Either way the blocks stay held until the
 transfer ends (ACK, lease out, failure, cancel), which `poll` notices and turns into freed
 blocks and, on failure, a `Failed` to the router. Which blocks a transfer holds, and when they
 are freed, is the engine's to track (engine/kv_holds.py); the messages and transfer states
@@ -19,9 +21,11 @@ are drawn in control/messages.py and kvtransfer's frame schema.
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from kvtransfer import TransferStatus, make_sender
 from control import messages
+from control.kv_staging import KVStaging
 from control.logs import rid as for_request
 from control.transfer_stats import TransferStats
 
@@ -42,12 +46,16 @@ class KVHandOff:
             # KV sockets made on this context are CURVE clients of the deployment key.
             self._kv_ctx = options["context"] = worker.keys.client_context(io_threads=4)
         self.engine = worker.engine
-        self.sender = make_sender(worker.settings.kv_transport, worker.engine.runner.kv_cache, worker.layout,
+        # A tensor-parallel worker's transfers read every head from a staging cache on rank 0.
+        self.staging = None if worker.engine.tp is None else KVStaging(worker.engine, worker.settings.model)
+        cache = worker.engine.runner.kv_cache if self.staging is None else self.staging.cache
+        self.sender = make_sender(worker.settings.kv_transport, cache, worker.layout,
                                   worker.settings.worker_id, **options)
         self.targets: dict[str, messages.Prefill] = {}  # request id -> its Prefill (until the KV is handed off)
         self.peers: dict[str, str] = {}              # decode worker -> incarnation we completed a handshake with
+        self.staging_wait: deque[tuple[str, int]] = deque()  # (request id, first token): no staging room yet
         self.stats = TransferStats(self.sender)
-        if worker.settings.kv_offer_early:
+        if worker.settings.kv_offer_early and self.staging is None:
             worker.engine.on_last_chunk = self._offer_early
 
     def expect(self, msg: messages.Prefill) -> None:
@@ -73,11 +81,19 @@ class KVHandOff:
     def poll(self) -> None:
         for ev in self.sender.poll():
             self._ended(ev)
+        while self.staging_wait:  # in order, while the staging has room
+            rid, first = self.staging_wait[0]
+            if rid not in self.targets:  # aborted meanwhile
+                self.staging_wait.popleft()
+            elif self._hand_off(rid, first):
+                self.staging_wait.popleft()
+            else:
+                break
 
     def abort(self, rid: str) -> None:
         """Forgets the request's hand-off and cancels its transfer, if any. The engine's abort
         then frees the blocks now, or when the sender reports the transfer's end (kv_holds.py)."""
-        self.targets.pop(rid, None)
+        self.targets.pop(rid, None)  # (a hand-off waiting for staging room is dropped with it)
         if self.engine.is_sending(rid):
             self.sender.cancel(rid)
 
@@ -112,27 +128,46 @@ class KVHandOff:
             return None
         return lambda n: self.sender.ready_layers(rid, n)
 
-    def _hand_off(self, rid: str, first_token: int) -> None:
+    def _hand_off(self, rid: str, first_token: int) -> bool:
+        """Offers the request's KV after its prefill. False when it must wait for staging room
+        (kept; `poll` tries again), True when it is offered or has failed."""
         w = self.worker
-        msg = self.targets.pop(rid)
+        msg = self.targets[rid]
         try:
             self._connect(msg)
             seq_blocks = w.engine.kv_block_ids(rid)
+            n = -(-_kv_tokens(msg) // w.layout.block_size)  # blocks with KV (the first token's is not yet)
+            if self.staging is not None:
+                if not self.staging.fits(n):
+                    raise ValueError(f"{n} blocks of KV do not fit the staging cache ({self.staging.num_slots} blocks)")
+                slots = self.staging.export(rid, seq_blocks[:n])
+                if slots is None:
+                    if (rid, first_token) not in self.staging_wait:
+                        self.staging_wait.append((rid, first_token))
+                    return False
+                seq_blocks = slots
+            del self.targets[rid]
             meta = _offer_meta(msg) | {"first_token": first_token}
             self.sender.offer(msg.decode_worker, rid, seq_blocks, _kv_tokens(msg), meta,
                               lease_s=w.settings.kv_lease_s)
         except Exception as e:  # handshake refused or timed out, peer gone: this request cannot go on
             log.error("KV hand-off of %s to %s failed: %s", rid, msg.decode_worker, e, extra=for_request(rid))
+            self.targets.pop(rid, None)
+            if self.staging is not None:
+                self.staging.release(rid)
             self.stats.failed()
             w.engine.release_kv(rid)
             w.link.send(messages.Failed(rid, f"KV hand-off to {msg.decode_worker} failed: {e}", 503))
-            return
+            return True
         w.engine.start_sending(rid)
         self.stats.started(rid, _kv_tokens(msg))
         log.debug("first token sent, KV (%d blocks) offered to %s", len(seq_blocks), msg.decode_worker,
                   extra=for_request(rid))
+        return True
 
     def _ended(self, ev) -> None:
+        if self.staging is not None:
+            self.staging.release(ev.request_id)
         if not self.engine.is_sending(ev.request_id):
             return  # cancelled with its request (aborted, or ended by its first token): freed then
         self.targets.pop(ev.request_id, None)  # an early offer that failed while the prompt computed

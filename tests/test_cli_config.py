@@ -135,7 +135,7 @@ def test_tensor_parallel_workers_get_gpus_of_their_own():
     assert pool_tp_size(argparse.Namespace(), "decode") == 1
 
 
-def test_serve_refuses_tensor_parallel_workers_where_they_cannot_serve():
+def test_serve_refuses_tensor_parallel_sizes_that_cannot_serve():
     import argparse
 
     from pdserve.preflight import Unusable
@@ -148,11 +148,14 @@ def test_serve_refuses_tensor_parallel_workers_where_they_cannot_serve():
 
     check_tensor_parallel(args())
     check_tensor_parallel(args(decode_gpus="0,1"))
-    with pytest.raises(Unusable, match="--mode colocated"):
-        check_tensor_parallel(args(mode="disaggregated"))
+    # any mode, and pools of different sizes: the hand-off moves every KV head (kv_staging.py)
+    check_tensor_parallel(args(mode="disaggregated", prefill_workers=1, prefill_tensor_parallel_size=1))
+    check_tensor_parallel(args(mode="adaptive", prefill_workers=1, prefill_tensor_parallel_size=4,
+                               prefill_gpus="0,1,2,3", decode_gpus="4,5"))
     with pytest.raises(Unusable, match="gives 1 GPU"):
         check_tensor_parallel(args(decode_gpus="3"))
     with pytest.raises(Unusable, match="at least 1"):
         check_tensor_parallel(args(tensor_parallel_size=0))
-    with pytest.raises(Unusable, match="one tensor-parallel size"):
-        check_tensor_parallel(args(prefill_workers=1, prefill_tensor_parallel_size=1))
+    with pytest.raises(Unusable, match="gives 2 GPU"):
+        check_tensor_parallel(args(mode="disaggregated", prefill_workers=1, prefill_tensor_parallel_size=4,
+                                   prefill_gpus="0,1"))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import closing
 
 import pytest
 import torch
@@ -66,6 +67,43 @@ def test_each_rank_holds_its_shard_only(tmp_path):
     assert head_shard(4, 2, 1, 4) == (1, 1, 0, 1)  # query head 1 uses KV head 0, as query head 0 does
     assert vocab_shard(211, 1, 2) == (106, 105)
     assert head_shard(8, 2, 3, 4).kv_start == 1   # ranks 2, 3 use KV head 1
+
+
+@pytest.mark.parametrize("p_tp,d_tp,kv", [(2, 1, 2), (1, 2, 2), (2, 2, 1), (4, 2, 2)])
+def test_kv_moves_between_groups_of_different_sizes(tmp_path, p_tp, d_tp, kv):
+    """Prefill on a group of `p_tp` ranks, the KV exported with every head (export_kv gathers
+    the ranks' heads), imported into a group of `d_tp` ranks (each keeps its own), decode
+    there: greedy tokens equal transformers'. kv=1: each head held by two ranks on a side."""
+    hf = make_checkpoint(tmp_path, "llama", num_key_value_heads=kv)
+    ps = prompts(211)[-3:]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    opts = dict(device="cpu", num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
+    with closing(LLMEngine(str(tmp_path), tensor_parallel_size=p_tp, **opts)) as pre, \
+            closing(LLMEngine(str(tmp_path), tensor_parallel_size=d_tp, **opts)) as dec:
+        for i, p in enumerate(ps):
+            pre.add_request(f"r{i}", p, params, prefill_only=True)
+        first = {}
+        while pre.has_unfinished():
+            for out in pre.step():
+                first[out.request_id] = out.new_token_ids[0]
+        got = {}
+        for i, p in enumerate(ps):
+            rid, n = f"r{i}", -(-len(p) // 4)
+            full = pre.runner.export_kv(pre.kv_block_ids(rid)[:n])
+            assert full.shape[4] == kv  # every KV head of the model
+            pre.release_kv(rid)
+            dst, held = dec.reserve_import(rid, p, first[rid], params)
+            dec.runner.import_kv(dst[:n], full)
+            dec.activate_import(rid)
+            got[rid] = [first[rid]]
+        while dec.has_unfinished():
+            for out in dec.step():
+                got[out.request_id] += out.new_token_ids
+        for i, p in enumerate(ps):
+            assert got[f"r{i}"] == hf_greedy(hf, p, 6), f"prompt of {len(p)} tokens"
+        assert pre.num_free_blocks == pre.num_total_blocks and dec.num_free_blocks == dec.num_total_blocks
+        with pytest.raises(ValueError, match="expected"):
+            dec.runner.import_kv(dst[:1], full)  # n blocks of KV for one block id
 
 
 def listening(pid: int) -> list[str]:

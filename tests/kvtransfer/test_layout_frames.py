@@ -15,13 +15,22 @@ def test_layout_roundtrip_and_compat():
     a = layout_for(torch.bfloat16)
     assert KVLayout.from_dict(a.to_dict()) == a
     a.check_compatible(KVLayout.from_dict(a.to_dict()))
-    b = KVLayout("other", "float16", 3, 4, 8, 32)
+    b = KVLayout("other", "float16", 3, 4, 8, 32, tp_size=2)
     with pytest.raises(LayoutMismatch) as ei:
         a.check_compatible(b)
     assert str(ei.value) == ("KV layout mismatch: model: prefill=tiny decode=other; "
                              "dtype: prefill=bfloat16 decode=float16; "
-                             "num_kv_heads: prefill=2 decode=4; block_size: prefill=4 decode=32")
-    for bad in ({**a.to_dict(), "extra": 1}, {"model": "x"}, {**a.to_dict(), "num_layers": "3"}):
+                             "num_kv_heads: prefill=2 decode=4; block_size: prefill=4 decode=32 "
+                             "(tensor-parallel sizes prefill=1 decode=2)")
+    # TP sizes alone differ: bridged (every KV head travels), said in the fingerprint
+    wide = KVLayout.from_dict({**a.to_dict(), "tp_size": 4})
+    a.check_compatible(wide)
+    assert wide.tp_size == 4 and wide != a
+    older = a.to_dict()
+    del older["tp_size"]
+    assert KVLayout.from_dict(older) == a  # a peer that does not say its TP size has one rank
+    for bad in ({**a.to_dict(), "extra": 1}, {"model": "x"}, {**a.to_dict(), "num_layers": "3"},
+                {**a.to_dict(), "tp_size": 0}):
         with pytest.raises(ValueError):
             KVLayout.from_dict(bad)
 

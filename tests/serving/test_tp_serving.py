@@ -1,10 +1,13 @@
-"""A tensor-parallel worker behind the router (CPU, gloo): `pdserve serve --mode colocated
---tensor-parallel-size 2` serves the official `openai` client transformers' greedy text; a
-rank killed takes its worker out (the router sees it gone), and no process is left behind."""
+"""Tensor-parallel workers behind the router (CPU, gloo): `pdserve serve --mode colocated
+--tensor-parallel-size 2` serves the official `openai` client transformers' greedy text, and so
+do a prefill pool and a decode pool of different TP sizes (P=2 -> D=1, P=1 -> D=2: the KV moves
+with every head, control/kv_staging.py); a rank killed takes its worker out (the router sees it
+gone), and no process is left behind."""
 from __future__ import annotations
 
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -59,3 +62,34 @@ def test_a_rank_killed_takes_its_worker_out_and_leaves_no_process(tp_server):
         time.sleep(0.05)
     assert not [w for w in health["workers"] if w["alive"]], (worker, health)
     print(f"\nRESULT kill -9 of rank 1 of an idle worker -> the worker gone after {gone:.2f} s")
+
+
+@pytest.fixture(scope="module", params=[(2, 1), (1, 2)], ids=["P2-D1", "P1-D2"])
+def split_server(request, demo_model):
+    p_tp, d_tp = request.param
+    s = start_serve(demo_model, "--prefill-workers", "1", "--decode-workers", "1", "--max-migrations", "0",
+                    "--prefill-tensor-parallel-size", str(p_tp), "--decode-tensor-parallel-size", str(d_tp))
+    yield s
+    stop(s.procs)
+
+
+def test_prefill_and_decode_groups_of_different_sizes_serve_transformers_greedy_text(split_server, reference):
+    """The demo model has 2 KV heads: a rank of a 2-rank group holds one of them."""
+    client = openai.OpenAI(base_url=split_server.url + "/v1", api_key="none")
+    prompts = ["The weather today", "Once upon a time", "Hello there", "A long time ago in a galaxy far away, "
+               "there lived a small robot who wanted to learn", "1, 2, 3,"]
+
+    def one(prompt):
+        return client.completions.create(model="demo", prompt=prompt, max_tokens=20, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(4) as pool:  # at once: several hand-offs share the staging
+        texts = list(pool.map(one, prompts))
+    for prompt, text in zip(prompts, texts):
+        assert text == reference.text(reference.greedy(reference.tok.encode(prompt), 20)), prompt
+    chat = [{"role": "user", "content": "Tell me a story"}]
+    stream = client.chat.completions.create(model="demo", messages=chat, max_tokens=16, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == reference.text(reference.greedy(reference.chat_ids(chat), 16))
+    health = httpx.get(split_server.url + "/health", timeout=10).json()
+    roles = sorted(w["role"] for w in health["workers"] if w["alive"])
+    assert roles == ["decode", "prefill"], health

@@ -1,0 +1,103 @@
+"""Where a tensor-parallel worker's KV hand-offs meet the transport: blocks with every KV head.
+
+A worker of N ranks holds each KV head on one rank (or, with fewer KV heads than ranks, on
+N / num_kv_heads of them: engine/parallel.py `head_shard`), so no rank's cache holds a
+request's whole KV. Its transfers therefore move blocks with every head of the model, the
+layout a worker of one rank has, and any two workers exchange KV whatever their TP sizes
+(P=2 -> D=1, P=1 -> D=2, P=4 -> D=2, replicated heads):
+
+- sending: after the prefill, `export` gathers the request's blocks from every rank
+  (`ModelRunner.export_kv`, one all-gather) into slots of this staging cache on rank 0, and
+  the transfer reads them from there;
+- receiving: the transfer writes into slots here, and when it is done `land` sends the
+  blocks to every rank, which keeps its own heads (`ModelRunner.import_kv`, one broadcast).
+
+Both run on the worker's loop, between engine steps, where the other ranks wait for the
+next step: the ranks run the same collectives in the same order. Slots are held per request
+until its transfer ends (`release`, which every end path calls: done, failed, cancelled,
+aborted). The staging cache lives on rank 0's device; it holds at least two requests of the
+longest context (`slots_for`), and a hand-off that finds no room waits for a transfer to end.
+A worker of one rank has none of this: its transfers read and write its engine's cache.
+"""
+from __future__ import annotations
+
+import torch
+
+from kvtransfer import KVLayout
+
+
+def full_layout(engine, model: str) -> KVLayout:
+    """The layout a worker's transfers move: its cache's, with every KV head of the model."""
+    r = engine.runner
+    m = r.model_cfg
+    layout = KVLayout.from_cache(r.kv_cache, model)
+    return KVLayout(layout.model, layout.dtype, layout.num_layers, m.num_kv_heads, layout.head_dim,
+                    layout.block_size, tp_size=r.tp.size)
+
+
+def slots_for(engine) -> int:
+    """Staging blocks: two requests of the longest context, or a step's worth of tokens twice,
+    but no more than the engine's own cache has blocks."""
+    bs = engine.runner.block_size
+    tokens = 2 * max(engine.max_model_len, engine.cfg.max_num_batched_tokens)
+    return max(1, min(engine.num_total_blocks, -(-tokens // bs)))
+
+
+class KVStaging:
+    def __init__(self, engine, model: str, num_blocks: int | None = None):
+        self.runner = engine.runner
+        self.layout = full_layout(engine, model)
+        n = num_blocks or slots_for(engine)
+        kv = self.runner.kv_cache
+        self.cache = torch.zeros(self.layout.chunk_shape(self.layout.num_layers, n), dtype=kv.dtype, device=kv.device)
+        self._free = list(range(n - 1, -1, -1))   # a stack: the lowest slot next
+        self.held: dict[str, list[int]] = {}      # request id -> its slots
+
+    @property
+    def num_slots(self) -> int:
+        return self.cache.shape[2]
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def fits(self, n: int) -> bool:
+        """Could `n` blocks ever be staged here (when nothing else is)?"""
+        return n <= self.num_slots
+
+    def take(self, rid: str, n: int) -> list[int] | None:
+        """`n` slots for the request, or None when fewer are free now."""
+        if rid in self.held:
+            raise ValueError(f"request {rid!r} already holds staging slots")
+        if n > len(self._free):
+            return None
+        slots = [self._free.pop() for _ in range(n)]
+        self.held[rid] = slots
+        return slots
+
+    def release(self, rid: str) -> None:
+        """The request's slots are free again (nothing when it holds none)."""
+        self._free.extend(reversed(self.held.pop(rid, [])))
+
+    def export(self, rid: str, block_ids: list[int]) -> list[int] | None:
+        """Sending side: the request's engine blocks, every head, into slots; their ids, or None
+        when there is no room now."""
+        slots = self.take(rid, len(block_ids))
+        if slots is None:
+            return None
+        try:
+            full = self.runner.export_kv(block_ids)
+            self.cache.index_copy_(2, torch.tensor(slots, device=self.cache.device), full)
+        except BaseException:
+            self.release(rid)
+            raise
+        return slots
+
+    def land(self, rid: str, block_ids: list[int], first: int = 0) -> None:
+        """Receiving side: the request's staged blocks [first, len(block_ids)) into those engine
+        blocks of every rank (the first `first` are cached there already)."""
+        slots = self.held[rid][first:len(block_ids)]
+        if not slots:
+            return
+        full = self.cache.index_select(2, torch.tensor(slots, device=self.cache.device))
+        self.runner.import_kv(list(block_ids[first:]), full)
