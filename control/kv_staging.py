@@ -15,15 +15,22 @@ layout a worker of one rank has, and any two workers exchange KV whatever their 
 Both run on the worker's loop, between engine steps, where the other ranks wait for the
 next step: the ranks run the same collectives in the same order. Slots are held per request
 until its transfer ends (`release`, which every end path calls: done, failed, cancelled,
-aborted). The staging cache lives on rank 0's device; it holds at least two requests of the
-longest context (`slots_for`), and a hand-off that finds no room waits for a transfer to end.
-A worker of one rank has none of this: its transfers read and write its engine's cache.
+aborted); a hand-off that finds no room waits for a transfer to end. The staging cache is in
+host memory, where the zmq transport stages its chunks anyway and there is room for two
+requests of the longest context (`slots_for`); for the nccl transport, which moves device
+memory, it is on rank 0's device, outside the engine's KV budget, and so no larger than an
+eighth of the engine's cache (but always room for one request of the longest context). A
+worker of one rank has none of this: its transfers read and write its engine's cache.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from kvtransfer import KVLayout
+
+log = logging.getLogger(__name__)
 
 
 def full_layout(engine, model: str) -> KVLayout:
@@ -35,23 +42,37 @@ def full_layout(engine, model: str) -> KVLayout:
                     layout.block_size, tp_size=r.tp.size)
 
 
-def slots_for(engine) -> int:
+def staging_device(engine, transport: str) -> torch.device:
+    return engine.runner.kv_cache.device if transport == "nccl" else torch.device("cpu")
+
+
+def slots_for(engine, device: torch.device | None = None) -> int:
     """Staging blocks: two requests of the longest context, or a step's worth of tokens twice,
-    but no more than the engine's own cache has blocks."""
+    but no more than the engine's own cache has blocks; on a GPU no more than an eighth of the
+    engine's cache bytes, unless one request of the longest context needs more."""
     bs = engine.runner.block_size
-    tokens = 2 * max(engine.max_model_len, engine.cfg.max_num_batched_tokens)
-    return max(1, min(engine.num_total_blocks, -(-tokens // bs)))
+    one = -(-engine.max_model_len // bs)
+    n = min(engine.num_total_blocks, -(-2 * max(engine.max_model_len, engine.cfg.max_num_batched_tokens) // bs))
+    if device is not None and device.type == "cuda":
+        r = engine.runner
+        full_block = r.bytes_per_block * r.model_cfg.num_kv_heads // r.heads.kv_heads
+        n = min(n, max(one, r.kv_cache.numel() * r.kv_cache.element_size() // 8 // full_block))
+    return max(1, n)
 
 
 class KVStaging:
-    def __init__(self, engine, model: str, num_blocks: int | None = None):
+    def __init__(self, engine, model: str, num_blocks: int | None = None, device: torch.device | None = None):
+        """`device`: where the staging cache lives (host memory by default; see staging_device)."""
         self.runner = engine.runner
         self.layout = full_layout(engine, model)
-        n = num_blocks or slots_for(engine)
+        device = torch.device("cpu") if device is None else device
+        n = num_blocks or slots_for(engine, device)
         kv = self.runner.kv_cache
-        self.cache = torch.zeros(self.layout.chunk_shape(self.layout.num_layers, n), dtype=kv.dtype, device=kv.device)
+        self.cache = torch.zeros(self.layout.chunk_shape(self.layout.num_layers, n), dtype=kv.dtype, device=device)
         self._free = list(range(n - 1, -1, -1))   # a stack: the lowest slot next
         self.held: dict[str, list[int]] = {}      # request id -> its slots
+        log.info("KV staging for hand-offs between tensor-parallel sizes: %d blocks (%.1f MiB) on %s", n,
+                 self.cache.numel() * self.cache.element_size() / 2**20, device)
 
     @property
     def num_slots(self) -> int:
@@ -86,7 +107,7 @@ class KVStaging:
         if slots is None:
             return None
         try:
-            full = self.runner.export_kv(block_ids)
+            full = self.runner.export_kv(block_ids).to(self.cache.device)
             self.cache.index_copy_(2, torch.tensor(slots, device=self.cache.device), full)
         except BaseException:
             self.release(rid)

@@ -25,7 +25,7 @@ from collections import deque
 
 from kvtransfer import TransferStatus, make_sender
 from control import messages
-from control.kv_staging import KVStaging
+from control.kv_staging import KVStaging, staging_device
 from control.logs import rid as for_request
 from control.transfer_stats import TransferStats
 
@@ -47,7 +47,8 @@ class KVHandOff:
             self._kv_ctx = options["context"] = worker.keys.client_context(io_threads=4)
         self.engine = worker.engine
         # A tensor-parallel worker's transfers read every head from a staging cache on rank 0.
-        self.staging = None if worker.engine.tp is None else KVStaging(worker.engine, worker.settings.model)
+        self.staging = None if worker.engine.tp is None else KVStaging(
+            worker.engine, worker.settings.model, device=staging_device(worker.engine, worker.settings.kv_transport))
         cache = worker.engine.runner.kv_cache if self.staging is None else self.staging.cache
         self.sender = make_sender(worker.settings.kv_transport, cache, worker.layout,
                                   worker.settings.worker_id, **options)

@@ -39,6 +39,7 @@ def test_slots_are_taken_and_given_back_per_request(engines):
 def test_default_size_holds_two_of_the_longest_requests_within_the_engines_cache(engines):
     e = engines[0]
     assert slots_for(e) == min(e.num_total_blocks, 2 * max(24, 16) // 4) == 12
+    assert KVStaging(e, "m").cache.device.type == "cpu" and KVStaging(e, "m").num_slots == 12
     layout = full_layout(e, "m")
     assert (layout.num_kv_heads, layout.tp_size) == (e.model_cfg.num_kv_heads, 1)
 
