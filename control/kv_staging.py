@@ -18,8 +18,9 @@ until its transfer ends (`release`, which every end path calls: done, failed, ca
 aborted); a hand-off that finds no room waits for a transfer to end. The staging cache is in
 host memory, where the zmq transport stages its chunks anyway and there is room for two
 requests of the longest context (`slots_for`); for the nccl transport, which moves device
-memory, it is on rank 0's device, outside the engine's KV budget, and so no larger than an
-eighth of the engine's cache (but always room for one request of the longest context). A
+memory, it is on rank 0's device, outside the engine's KV budget, and so no larger than a
+sixteenth of the engine's cache: a request whose KV does not fit it fails with a message
+that says so (the zmq transport has room). A
 worker of one rank has none of this: its transfers read and write its engine's cache.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from kvtransfer import KVLayout
 
 log = logging.getLogger(__name__)
+GPU_SHARE = 16  # a staging cache on the GPU (nccl) is outside the KV budget: keep it small
 
 
 def full_layout(engine, model: str) -> KVLayout:
@@ -48,15 +50,14 @@ def staging_device(engine, transport: str) -> torch.device:
 
 def slots_for(engine, device: torch.device | None = None) -> int:
     """Staging blocks: two requests of the longest context, or a step's worth of tokens twice,
-    but no more than the engine's own cache has blocks; on a GPU no more than an eighth of the
-    engine's cache bytes, unless one request of the longest context needs more."""
+    but no more than the engine's own cache has blocks; on a GPU no more than 1/GPU_SHARE of the
+    engine's cache bytes (a longer request's hand-off then fails, saying so)."""
     bs = engine.runner.block_size
-    one = -(-engine.max_model_len // bs)
     n = min(engine.num_total_blocks, -(-2 * max(engine.max_model_len, engine.cfg.max_num_batched_tokens) // bs))
     if device is not None and device.type == "cuda":
         r = engine.runner
         full_block = r.bytes_per_block * r.model_cfg.num_kv_heads // r.heads.kv_heads
-        n = min(n, max(one, r.kv_cache.numel() * r.kv_cache.element_size() // 8 // full_block))
+        n = min(n, r.kv_cache.numel() * r.kv_cache.element_size() // GPU_SHARE // full_block)
     return max(1, n)
 
 
@@ -68,7 +69,8 @@ class KVStaging:
         device = torch.device("cpu") if device is None else device
         n = num_blocks or slots_for(engine, device)
         kv = self.runner.kv_cache
-        self.cache = torch.zeros(self.layout.chunk_shape(self.layout.num_layers, n), dtype=kv.dtype, device=device)
+        # (in host memory, pages untouched stay unbacked: a large staging costs what hand-offs use)
+        self.cache = torch.empty(self.layout.chunk_shape(self.layout.num_layers, n), dtype=kv.dtype, device=device)
         self._free = list(range(n - 1, -1, -1))   # a stack: the lowest slot next
         self.held: dict[str, list[int]] = {}      # request id -> its slots
         log.info("KV staging for hand-offs between tensor-parallel sizes: %d blocks (%.1f MiB) on %s", n,
@@ -85,6 +87,11 @@ class KVStaging:
     def fits(self, n: int) -> bool:
         """Could `n` blocks ever be staged here (when nothing else is)?"""
         return n <= self.num_slots
+
+    def too_long(self, n: int) -> str:
+        where = "GPU memory (--kv-transport nccl; zmq stages in host memory)" if self.cache.is_cuda else "host memory"
+        return (f"its KV ({n} blocks) does not fit the staging cache of a tensor-parallel worker "
+                f"({self.num_slots} blocks of {where})")
 
     def take(self, rid: str, n: int) -> list[int] | None:
         """`n` slots for the request, or None when fewer are free now."""

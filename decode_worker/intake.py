@@ -98,8 +98,7 @@ class KVIntake:
                     raise ValueError("output_token_ids must be a list of token ids")
                 nblocks = blocks_needed(offer.num_tokens, self.worker.layout.block_size)
                 if self.staging is not None and not self.staging.fits(nblocks):
-                    raise ValueError(f"{nblocks} blocks of KV do not fit the staging cache "
-                                     f"({self.staging.num_slots} blocks)")
+                    raise ValueError(self.staging.too_long(nblocks))
                 if not engine.can_reserve(len(prompt) + len(outs)):
                     return
                 if self.staging is not None and self.staging.num_free < nblocks:

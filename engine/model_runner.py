@@ -13,7 +13,7 @@ from .attention_backends import make_attention
 from .config import EngineConfig, ModelConfig, to_device
 from .loader import load_weights
 from .models.llama import LlamaForCausalLM, Ops
-from .parallel import OP_ALL_LOGITS, OP_KV_EXPORT, OP_KV_IMPORT, OP_RUN, OP_STOP, TPGroup, head_shard
+from .parallel import OP_ALL_LOGITS, OP_KV_EXPORT, OP_KV_IMPORT, OP_RUN, OP_STOP, TPGroup, TPGroupError, head_shard
 from .scheduler import ScheduledSeq
 
 log = logging.getLogger(__name__)
@@ -262,8 +262,11 @@ class ModelRunner:
         """The KV of these blocks with every KV head of the model, [L, 2, n, block_size, H, D]
         (rank 0; under TP every rank gives its heads, and a head held by several ranks is
         taken from one). A hand-off between workers of different TP sizes moves this layout."""
+        if self.tp.size == 1:
+            return self._export_kv(block_ids)
+        bufs = self._export_buffers(len(block_ids))  # before the others are told: a failure here is this request's
         self._send_blocks(OP_KV_EXPORT, block_ids)
-        return self._export_kv(block_ids)
+        return self._in_step(lambda: self._export_kv(block_ids, bufs))
 
     def import_kv(self, block_ids: list[int], full: torch.Tensor) -> None:
         """Writes `full` ([L, 2, n, block_size, H, D], every KV head) into these blocks: each rank
@@ -272,20 +275,46 @@ class ModelRunner:
         want = (m.num_layers, 2, len(block_ids), self.block_size, m.num_kv_heads, m.head_dim)
         if tuple(full.shape) != want:
             raise ValueError(f"KV of shape {tuple(full.shape)} for {len(block_ids)} blocks; expected {want}")
+        full = full.to(self.device, self.dtype).contiguous()
         self._send_blocks(OP_KV_IMPORT, block_ids)
-        self._import_kv(block_ids, full.to(self.device, self.dtype))
+        self._in_step(lambda: self._import_kv(block_ids, full))
+
+    def _in_step(self, fn):
+        """Runs rank 0's part of a step the other ranks were sent: past that point any failure
+        leaves them waiting in a collective this rank will not run, so it ends the group (the
+        worker sees it at its next turn) and raises TPGroupError."""
+        try:
+            return fn()
+        except TPGroupError:
+            raise
+        except BaseException as e:
+            self.tp.kill()
+            raise TPGroupError(f"tensor-parallel group stopped: rank 0 failed in a KV step: {e}") from e
 
     def _send_blocks(self, op: int, block_ids: list[int]) -> None:
         if self.tp.size > 1 and self.tp.rank == 0:
             self.tp.send_step(op, [(0, 0, 0, [], list(block_ids))])
 
-    def _export_kv(self, block_ids: list[int]) -> torch.Tensor:
-        mine = self.kv_cache.index_select(2, to_device(block_ids, torch.int64, self.device))
+    def _export_buffers(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """This rank's heads of n blocks, every rank's (the all-gather's outputs), and on rank 0
+        all heads."""
+        m, h = self.model_cfg, self.heads
+        shape = (m.num_layers, 2, n, self.block_size, h.kv_heads, m.head_dim)
+        mine = torch.empty(shape, dtype=self.dtype, device=self.device)
+        full = mine.new_empty(*shape[:4], m.num_kv_heads, m.head_dim) if self.tp.rank == 0 else None
+        return mine, [torch.empty_like(mine) for _ in range(self.tp.size)], full
+
+    def _export_kv(self, block_ids: list[int], bufs=None) -> torch.Tensor:
+        idx = to_device(block_ids, torch.int64, self.device)
         if self.tp.size == 1:
+            return self.kv_cache.index_select(2, idx)
+        mine, parts, full = bufs or self._export_buffers(len(block_ids))
+        torch.index_select(self.kv_cache, 2, idx, out=mine)
+        self.tp.all_gather_into(parts, mine)
+        if full is None:
             return mine
         m = self.model_cfg
-        full = mine.new_empty(*mine.shape[:4], m.num_kv_heads, m.head_dim)
-        for r, part in enumerate(self.tp.all_gather(mine)):
+        for r, part in enumerate(parts):
             h = head_shard(m.num_heads, m.num_kv_heads, r, self.tp.size)
             full[..., h.kv_start:h.kv_start + h.kv_heads, :] = part
         return full
@@ -296,7 +325,7 @@ class ModelRunner:
             full = torch.empty(m.num_layers, 2, len(block_ids), self.block_size, m.num_kv_heads, m.head_dim,
                                dtype=self.dtype, device=self.device)
         if self.tp.size > 1:
-            self.tp.broadcast(full.contiguous() if self.tp.rank == 0 else full)
+            self.tp.broadcast(full)
         h = self.heads
         self.kv_cache.index_copy_(2, to_device(block_ids, torch.int64, self.device),
                                   full[..., h.kv_start:h.kv_start + h.kv_heads, :].contiguous())

@@ -94,6 +94,7 @@ class TPGroup:
         self.rank, self.size, self.pg, self.store = rank, size, pg, store
         self.device = device or torch.device("cpu")   # where step messages are built
         self.followers = list(followers)   # rank 0: the other ranks' processes
+        self.killed = False                # rank 0 ended them (kill): the group cannot step again
 
     @classmethod
     def connect(cls, rank: int, size: int, port: int, device: torch.device, followers=(),
@@ -148,12 +149,9 @@ class TPGroup:
         self._wait(self.pg.allgather([outs], [x.contiguous()]))
         return torch.cat(outs, dim=-1)[..., :total]
 
-    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's `x` (all of one shape), in rank order."""
-        if self.size == 1:
-            return [x]
-        outs = [torch.empty_like(x) for _ in range(self.size)]
-        self._wait(self.pg.allgather([outs], [x.contiguous()]))
+    def all_gather_into(self, outs: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `x` (contiguous, all of one shape) into `outs`, in rank order."""
+        self._wait(self.pg.allgather([outs], [x]))
         return outs
 
     def broadcast(self, x: torch.Tensor, timeout: datetime.timedelta | None = None) -> torch.Tensor:
@@ -218,9 +216,10 @@ class TPGroup:
                 p.kill()
             p.wait()
         self.followers = []
+        self.killed = True
 
     def alive(self) -> bool:
-        return all(p.poll() is None for p in self.followers)
+        return not self.killed and all(p.poll() is None for p in self.followers)
 
 
 def launch(model: str, size: int, device: torch.device, dtype: torch.dtype, engine_cfg: dict,

@@ -84,7 +84,10 @@ class KVLayout:
     BRIDGED = ("tp_size",)  # differ freely: the staging bridges them
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["tp_size"] == 1:
+            del d["tp_size"]  # what a peer from before tp_size sends and expects
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVLayout":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
+from engine.parallel import TPGroupError
 from kvtransfer import TransferStatus, make_sender
 from control import messages
 from control.kv_staging import KVStaging, staging_device
@@ -76,6 +77,8 @@ class KVHandOff:
                 msg = self.targets.pop(rid)
                 self.sender.ready(rid, meta={"first_token": out.new_token_ids[0]})
                 self.stats.started(rid, _kv_tokens(msg))  # what the decode worker waits for
+            elif self.staging_wait:  # behind the hand-offs waiting for staging room, in order
+                self.staging_wait.append((rid, out.new_token_ids[0]))
             else:
                 self._hand_off(rid, out.new_token_ids[0])
 
@@ -140,10 +143,10 @@ class KVHandOff:
             n = -(-_kv_tokens(msg) // w.layout.block_size)  # blocks with KV (the first token's is not yet)
             if self.staging is not None:
                 if not self.staging.fits(n):
-                    raise ValueError(f"{n} blocks of KV do not fit the staging cache ({self.staging.num_slots} blocks)")
+                    raise ValueError(self.staging.too_long(n))
                 slots = self.staging.export(rid, seq_blocks[:n])
                 if slots is None:
-                    if (rid, first_token) not in self.staging_wait:
+                    if not self.staging_wait or self.staging_wait[0][0] != rid:  # (poll retries the head)
                         self.staging_wait.append((rid, first_token))
                     return False
                 seq_blocks = slots
@@ -151,6 +154,8 @@ class KVHandOff:
             meta = _offer_meta(msg) | {"first_token": first_token}
             self.sender.offer(msg.decode_worker, rid, seq_blocks, _kv_tokens(msg), meta,
                               lease_s=w.settings.kv_lease_s)
+        except TPGroupError:
+            raise  # the worker's group is gone: the worker ends
         except Exception as e:  # handshake refused or timed out, peer gone: this request cannot go on
             log.error("KV hand-off of %s to %s failed: %s", rid, msg.decode_worker, e, extra=for_request(rid))
             self.targets.pop(rid, None)

@@ -106,6 +106,33 @@ def test_kv_moves_between_groups_of_different_sizes(tmp_path, p_tp, d_tp, kv):
             dec.runner.import_kv(dst[:1], full)  # n blocks of KV for one block id
 
 
+def test_a_kv_step_that_fails_on_rank_0_before_or_after_telling_the_ranks(tmp_path, monkeypatch):
+    """Before the other ranks are sent the step (its buffers cannot be had): that request's
+    failure only, the group goes on. After (they wait in its collective): the group is ended
+    at once (TPGroupError), not left out of step for the next step to meet."""
+    make_checkpoint(tmp_path, "llama")
+    with LLM(str(tmp_path), device="cpu", num_kv_blocks=16, block_size=4, tensor_parallel_size=2) as llm:
+        runner = llm.engine.runner
+        sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        want = llm.generate([[5, 6, 7, 8, 9]], sp)[0].token_ids
+
+        def no_memory(*a):
+            raise torch.OutOfMemoryError("no memory")
+
+        with monkeypatch.context() as m:
+            m.setattr(runner, "_export_buffers", no_memory)
+            with pytest.raises(torch.OutOfMemoryError):
+                runner.export_kv([0, 1])
+        assert runner.export_kv([0, 1]).shape[4] == 2 and runner.tp.alive()
+        assert llm.generate([[5, 6, 7, 8, 9]], sp)[0].token_ids == want
+        procs = list(runner.tp.followers)
+        with monkeypatch.context() as m:
+            m.setattr(runner.tp, "all_gather_into", no_memory)
+            with pytest.raises(TPGroupError):
+                runner.export_kv([0, 1])
+        assert not runner.tp.alive() and all(p.poll() is not None for p in procs)
+
+
 def listening(pid: int) -> list[str]:
     """The local addresses (hex ip:port of /proc/net/tcp*) that process `pid` listens on."""
     inodes = set()

@@ -96,3 +96,42 @@ def test_prefill_and_decode_groups_of_different_sizes_serve_transformers_greedy_
     health = httpx.get(split_server.url + "/health", timeout=10).json()
     roles = sorted(w["role"] for w in health["workers"] if w["alive"])
     assert roles == ["decode", "prefill"], health
+
+
+def test_a_decode_rank_killed_mid_stream_fails_its_requests_and_leaves_no_process(demo_model):
+    """P1 -> D2, a stream running on the decode group: kill -9 of its rank 1 takes the decode
+    worker out, the stream ends with an error instead of hanging, the router marks the worker
+    dead, the prefill worker lives on, and no rank is left behind."""
+    s = start_serve(demo_model, "--prefill-workers", "1", "--decode-workers", "1", "--max-migrations", "0",
+                    "--decode-tensor-parallel-size", "2", "--debug-step-delay", "0.05")
+    try:
+        workers = children(s.procs[0].pid)
+        ranks = {w: children(w) for w in workers}
+        (decode,) = [w for w, r in ranks.items() if r]
+        (prefill,) = [w for w, r in ranks.items() if not r]
+        (rank1,) = ranks[decode]
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                          json={"model": "demo", "prompt": "Once upon a time", "max_tokens": 200, "stream": True,
+                                "ignore_eos": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert any(line.startswith("data: {") for line in lines)  # decoding on the group now
+            subprocess.run(["kill", "-9", str(rank1)], check=True)
+            rest = list(lines)  # ends (the router closes it with an error), does not hang
+        assert "[DONE]" not in "".join(rest[-1:]) or any("error" in line for line in rest), rest[-3:]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and process_alive(decode):
+            time.sleep(0.05)
+        assert not process_alive(decode) and not process_alive(rank1)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            health = httpx.get(s.url + "/health", timeout=10).json()
+            alive = sorted(w["role"] for w in health["workers"] if w["alive"])
+            if alive == ["prefill"]:
+                break
+            time.sleep(0.05)
+        assert alive == ["prefill"], health
+        assert process_alive(prefill)
+    finally:
+        stop(s.procs)
+    assert not any(process_alive(p) for w, r in ranks.items() for p in (w, *r))
