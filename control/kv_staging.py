@@ -114,12 +114,20 @@ class KVStaging:
         if slots is None:
             return None
         try:
-            full = self.runner.export_kv(block_ids).to(self.cache.device)
-            self.cache.index_copy_(2, torch.tensor(slots, device=self.cache.device), full)
+            self.fill(rid, block_ids)
         except BaseException:
             self.release(rid)
             raise
         return slots
+
+    def fill(self, rid: str, block_ids: list[int]) -> None:
+        """Sending side: the request's engine blocks, every head, into the slots it took (an
+        offer made before the prefill ran takes them then, and is filled after it)."""
+        slots = self.held[rid]
+        if len(slots) != len(block_ids):
+            raise ValueError(f"{len(block_ids)} blocks for {len(slots)} staging slots")
+        full = self.runner.export_kv(block_ids).to(self.cache.device)
+        self.cache.index_copy_(2, torch.tensor(slots, device=self.cache.device), full)
 
     def land(self, rid: str, block_ids: list[int], first: int = 0) -> None:
         """Receiving side: the request's staged blocks [first, len(block_ids)) into those engine

@@ -10,9 +10,11 @@ the transport can: zmq; nccl moves it all after the step). When the step ends th
 transfer's DONE), or cancels it when that token already ended the request. With
 `kv_offer_early` off, for the first hand-off to a decode worker (its handshake, up to 3 s, must
 not stall the step and the heartbeats with it) and when the early offer failed, the KV is
-offered after the prefill instead, first token in the offer. A tensor-parallel worker offers after
-the prefill only: its ranks' heads are gathered into a staging cache first, between steps
-(control/kv_staging.py; a hand-off waits while the staging is full). Either way the blocks stay held until the
+offered after the prefill instead, first token in the offer. A tensor-parallel worker offers
+slots of a staging cache (control/kv_staging.py): early, it takes them when the last chunk is
+scheduled and fills them with every rank's heads after the step (the ranks' collectives run
+between steps, so its KV moves after the step, not layer by layer); late, it takes and fills
+them after the prefill, waiting in order while the staging is full. Either way the blocks stay held until the
 transfer ends (ACK, lease out, failure, cancel), which `poll` notices and turns into freed
 blocks and, on failure, a `Failed` to the router. Which blocks a transfer holds, and when they
 are freed, is the engine's to track (engine/kv_holds.py); the messages and transfer states
@@ -57,7 +59,8 @@ class KVHandOff:
         self.peers: dict[str, str] = {}              # decode worker -> incarnation we completed a handshake with
         self.staging_wait: deque[tuple[str, int]] = deque()  # (request id, first token): no staging room yet
         self.stats = TransferStats(self.sender)
-        if worker.settings.kv_offer_early and self.staging is None:
+        self.early_blocks: dict[str, list[int]] = {}  # offered early to staging slots: the blocks to fill them from
+        if worker.settings.kv_offer_early:
             worker.engine.on_last_chunk = self._offer_early
 
     def expect(self, msg: messages.Prefill) -> None:
@@ -69,12 +72,15 @@ class KVHandOff:
             rid = out.request_id
             if rid not in self.targets:
                 continue  # decoded here (a `both` worker's own request)
+            blocks = self.early_blocks.pop(rid, None)
             if not out.handoff:  # its first token ended it and the engine freed the blocks
                 del self.targets[rid]
                 if self.sender.status(rid) is not None:  # offered early: the layers sent so far are
                     self.sender.cancel(rid)              # dropped by the receiver with the transfer
             elif self.engine.is_sending(rid):  # offered early, while the step computed it
                 msg = self.targets.pop(rid)
+                if blocks is not None and not self._fill(rid, msg, blocks):
+                    continue
                 self.sender.ready(rid, meta={"first_token": out.new_token_ids[0]})
                 self.stats.started(rid, _kv_tokens(msg))  # what the decode worker waits for
             elif self.staging_wait:  # behind the hand-offs waiting for staging room, in order
@@ -98,6 +104,7 @@ class KVHandOff:
         """Forgets the request's hand-off and cancels its transfer, if any. The engine's abort
         then frees the blocks now, or when the sender reports the transfer's end (kv_holds.py)."""
         self.targets.pop(rid, None)  # (a hand-off waiting for staging room is dropped with it)
+        self.early_blocks.pop(rid, None)
         if self.engine.is_sending(rid):
             self.sender.cancel(rid)
 
@@ -119,18 +126,44 @@ class KVHandOff:
         msg = self.targets.get(rid)
         if msg is None or self.engine.is_sending(rid) or self.peers.get(msg.decode_worker) != msg.decode_incarnation:
             return None  # a first handshake (up to 3 s) waits for after the step: offered late
+        offered = block_ids
+        if self.staging is not None:
+            n = -(-_kv_tokens(msg) // self.worker.layout.block_size)
+            if self.staging_wait or not self.staging.fits(n) or (offered := self.staging.take(rid, n)) is None:
+                return None  # offered late, in order behind those waiting for room (or refused then)
         try:
-            self.sender.offer(msg.decode_worker, rid, block_ids, _kv_tokens(msg), _offer_meta(msg),
+            self.sender.offer(msg.decode_worker, rid, offered, _kv_tokens(msg), _offer_meta(msg),
                               lease_s=self.worker.settings.kv_lease_s, ready=False)
         except Exception as e:  # offered after the prefill instead, where a failure ends the request
             log.warning("early KV offer to %s failed: %s", msg.decode_worker, e, extra=for_request(rid))
+            if self.staging is not None:
+                self.staging.release(rid)
             return None
+        if self.staging is not None:
+            self.early_blocks[rid] = block_ids[:len(offered)]
+            self.engine.start_sending(rid)
+            return None  # the ranks' heads are gathered after the step (emit)
         self.engine.start_sending(rid)
         log.debug("KV (%d blocks) offered to %s while its last chunk is computed", len(block_ids),
                   msg.decode_worker, extra=for_request(rid))
         if not self.sender.sends_layers_early:
             return None
         return lambda n: self.sender.ready_layers(rid, n)
+
+    def _fill(self, rid: str, msg: messages.Prefill, blocks: list[int]) -> bool:
+        """An early offer of staging slots, after the step: every rank's heads into them. False
+        when that failed (the transfer is cancelled and the request failed)."""
+        try:
+            self.staging.fill(rid, blocks)
+            return True
+        except TPGroupError:
+            raise  # the worker's group is gone: the worker ends
+        except Exception as e:
+            log.error("KV of %s could not be staged: %s", rid, e, extra=for_request(rid))
+            self.sender.cancel(rid)  # its end (poll) frees the slots and the blocks
+            self.stats.failed()
+            self.worker.link.send(messages.Failed(rid, f"KV hand-off to {msg.decode_worker} failed: {e}", 503))
+            return False
 
     def _hand_off(self, rid: str, first_token: int) -> bool:
         """Offers the request's KV after its prefill. False when it must wait for staging room

@@ -22,15 +22,17 @@ from tests.engine.conftest import make_checkpoint
 from tests.engine.test_models import hf_greedy, prompts
 
 
-def worker(engine, path, wid, sent):
+def worker(engine, path, wid, sent, early=True):
     settings = WorkerSettings(model=str(path), router_address="inproc://router", worker_id=wid,
-                              kv_transport="inproc", kv_address=f"inproc://{wid}")
+                              kv_transport="inproc", kv_address=f"inproc://{wid}", kv_offer_early=early)
     return SimpleNamespace(settings=settings, engine=engine, layout=full_layout(engine, str(path)), keys=None,
                            ctx=None, link=SimpleNamespace(send=sent.append))
 
 
-@pytest.mark.parametrize("p_tp,d_tp", [(2, 1), (1, 2)])
-def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monkeypatch, p_tp, d_tp):
+@pytest.mark.parametrize("p_tp,d_tp,early", [(2, 1, True), (2, 1, False), (1, 2, True)])
+def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monkeypatch, p_tp, d_tp, early):
+    """early: offers made when the last chunk is scheduled (staging slots taken then, filled
+    after the step); else after the prefill."""
     hf = make_checkpoint(tmp_path, "llama")
     ps = prompts(211)[-4:]
     bs = 4
@@ -41,16 +43,25 @@ def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monke
     with closing(LLMEngine(str(tmp_path), tensor_parallel_size=p_tp, **opts)) as pre, \
             closing(LLMEngine(str(tmp_path), tensor_parallel_size=d_tp, **opts)) as dec:
         intake = KVIntake(worker(dec, tmp_path, "d0", sent), {"hub": hub})
-        handoff = KVHandOff(worker(pre, tmp_path, "p0", sent), {"hub": hub})
+        handoff = KVHandOff(worker(pre, tmp_path, "p0", sent, early), {"hub": hub})
         assert [h.staging is not None for h in (handoff, intake)] == [p_tp > 1, d_tp > 1]
-        got, waited = {}, 0
-        for i, p in enumerate(ps):
+        got, waited, filled, exported = {}, 0, [], []
+        if handoff.staging is not None:
+            fill, export = handoff.staging.fill, handoff.staging.export
+            handoff.staging.fill = lambda rid, blocks: (filled.append(rid), fill(rid, blocks))[1]
+            handoff.staging.export = lambda rid, blocks: (exported.append(rid), export(rid, blocks))[1]
+        def submit(i):
             rid = f"r{i}"
-            pre.add_request(rid, p, params, prefill_only=True)
-            handoff.expect(messages.Prefill(rid, p, params, "d0", intake.receiver.address, "inc"))
+            pre.add_request(rid, ps[i], params, prefill_only=True)
+            handoff.expect(messages.Prefill(rid, ps[i], params, "d0", intake.receiver.address, "inc"))
+
+        submit(0)  # handed off late: the first hand-off to a decode worker makes the handshake
         deadline = time.monotonic() + 60
         while len(got) < len(ps) or dec.has_unfinished() or pre.seqs:
             assert time.monotonic() < deadline, (got, sent)
+            if "r0" in got and "r1" not in pre.seqs and "r1" not in got and not (handoff.staging and handoff.staging.held):
+                for i in range(1, len(ps)):  # then the rest at once, early where the staging has room
+                    submit(i)
             if pre.has_unfinished():
                 outs = pre.step()
                 for o in outs:
@@ -63,7 +74,10 @@ def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monke
                 for o in dec.step():
                     got[o.request_id] += o.new_token_ids
         assert not sent, sent  # no Failed
-        assert waited >= 2  # hand-offs (P > 1) or offers (D > 1) waited for staging room
+        assert waited >= 2 or (early and p_tp > 1)  # hand-offs (P > 1) or offers (D > 1) waited for staging room
+        if p_tp > 1:  # every request's slots filled once: offered early (fill) or late (export, which fills)
+            assert sorted(filled) == sorted(got)
+            assert bool(set(filled) - set(exported)) == early  # some offered early, filled after their step
         for i, p in enumerate(ps):
             assert got[f"r{i}"] == hf_greedy(hf, p, 5), f"prompt of {len(p)} tokens"
         for side in (handoff, intake):
