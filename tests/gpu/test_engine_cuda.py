@@ -64,6 +64,7 @@ def test_graph_capture_leaves_the_prefill_ops_alone(tmp_path):
     from engine.models import llama
 
     make_checkpoint(tmp_path, "llama")
+    torch._dynamo.reset()  # the entries are per process: other tests' engines compiled these functions too
     llm = LLM(str(tmp_path), device="cuda", dtype="bfloat16", num_kv_blocks=256)
     assert llm.engine.runner.graphs is not None and len(llm.engine.runner.graphs.buckets) > 4
     llm.generate(prompts(4, seed=3), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
