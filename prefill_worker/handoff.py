@@ -27,6 +27,7 @@ from collections import deque
 
 from engine.parallel import TPGroupError
 from kvtransfer import TransferStatus, make_sender
+from kvtransfer.base import TERMINAL
 from control import messages
 from control.kv_staging import KVStaging, staging_device
 from control.logs import rid as for_request
@@ -129,8 +130,11 @@ class KVHandOff:
         offered = block_ids
         if self.staging is not None:
             n = -(-_kv_tokens(msg) // self.worker.layout.block_size)
-            if self.staging_wait or not self.staging.fits(n) or (offered := self.staging.take(rid, n)) is None:
-                return None  # offered late, in order behind those waiting for room (or refused then)
+            if (self.staging_wait or not self.staging.fits(n) or rid in self.staging.held
+                    or (offered := self.staging.take(rid, n)) is None):
+                # offered late, in order behind those waiting for room (or refused then); an id
+                # still holding slots is a request sent again before its last transfer's end was seen
+                return None
         try:
             self.sender.offer(msg.decode_worker, rid, offered, _kv_tokens(msg), _offer_meta(msg),
                               lease_s=self.worker.settings.kv_lease_s, ready=False)
@@ -160,6 +164,8 @@ class KVHandOff:
             raise  # the worker's group is gone: the worker ends
         except Exception as e:
             log.error("KV of %s could not be staged: %s", rid, e, extra=for_request(rid))
+            if self.sender.status(rid) in TERMINAL:
+                return False  # the transfer ended already: its end (poll) frees all and reports it
             self.sender.cancel(rid)  # its end (poll) frees the slots and the blocks
             self.stats.failed()
             self.worker.link.send(messages.Failed(rid, f"KV hand-off to {msg.decode_worker} failed: {e}", 503))
@@ -177,7 +183,8 @@ class KVHandOff:
             if self.staging is not None:
                 if not self.staging.fits(n):
                     raise ValueError(self.staging.too_long(n))
-                slots = self.staging.export(rid, seq_blocks[:n])
+                # (an id still holding slots: sent again before its last transfer's end was seen; poll frees them)
+                slots = None if rid in self.staging.held else self.staging.export(rid, seq_blocks[:n])
                 if slots is None:
                     if not self.staging_wait or self.staging_wait[0][0] != rid:  # (poll retries the head)
                         self.staging_wait.append((rid, first_token))
@@ -207,6 +214,7 @@ class KVHandOff:
     def _ended(self, ev) -> None:
         if self.staging is not None:
             self.staging.release(ev.request_id)
+            self.early_blocks.pop(ev.request_id, None)
         if not self.engine.is_sending(ev.request_id):
             return  # cancelled with its request (aborted, or ended by its first token): freed then
         self.targets.pop(ev.request_id, None)  # an early offer that failed while the prompt computed

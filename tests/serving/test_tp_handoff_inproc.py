@@ -86,3 +86,54 @@ def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monke
         assert pre.num_free_blocks == pre.num_total_blocks and dec.num_free_blocks == dec.num_total_blocks
         handoff.close()
         intake.close()
+
+
+def test_an_id_sent_again_before_its_last_transfer_ended_waits_for_its_slots(tmp_path):
+    """A request ended by its first token cancels its early offer; the same id sent again at once
+    (a client's X-Request-Id) finds the old slots still held until the cancel is seen: it is
+    handed off once they are free, not crashing the step."""
+    hf = make_checkpoint(tmp_path, "llama")
+    p = prompts(211)[-1]
+    opts = dict(device="cpu", num_kv_blocks=64, block_size=4, max_num_batched_tokens=64)
+    hub, sent = InprocHub(), []
+    with closing(LLMEngine(str(tmp_path), tensor_parallel_size=2, **opts)) as pre, \
+            closing(LLMEngine(str(tmp_path), **opts)) as dec:
+        intake = KVIntake(worker(dec, tmp_path, "d0", sent), {"hub": hub})
+        handoff = KVHandOff(worker(pre, tmp_path, "p0", sent), {"hub": hub})
+
+        def submit(rid, max_tokens):
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+            pre.add_request(rid, p, params, prefill_only=True)
+            handoff.expect(messages.Prefill(rid, p, params, "d0", intake.receiver.address, "inc"))
+
+        def turn():
+            outs = pre.step() if pre.has_unfinished() else []
+            handoff.emit(outs)
+            handoff.poll()
+            intake.poll()
+            return outs
+
+        submit("warm", 2)  # the first hand-off makes the handshake (offered late)
+        deadline = time.monotonic() + 30
+        while pre.seqs or handoff.staging.held:
+            assert time.monotonic() < deadline
+            turn()
+            while dec.has_unfinished():
+                dec.step()
+        submit("x", 1)        # early offer; its first token ends it: the offer is cancelled
+        (out,) = turn()
+        assert out.finished and not out.handoff
+        submit("x", 5)        # again, before the cancel's end was polled
+        got = []
+        while not got or dec.has_unfinished() or pre.seqs:
+            assert time.monotonic() < deadline, sent
+            got += [t for o in turn() for t in o.new_token_ids]
+            intake.poll()
+            if dec.has_unfinished():
+                got += [t for o in dec.step() for t in o.new_token_ids]
+        assert not sent, sent
+        assert got == hf_greedy(hf, p, 5)
+        assert handoff.staging.num_free == handoff.staging.num_slots
+        assert pre.num_free_blocks == pre.num_total_blocks and dec.num_free_blocks == dec.num_total_blocks
+        handoff.close()
+        intake.close()
