@@ -25,6 +25,7 @@ worker of one rank has none of this: its transfers read and write its engine's c
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -38,14 +39,20 @@ GPU_SHARE = 16  # a staging cache on the GPU (nccl) is outside the KV budget: ke
 def full_layout(engine, model: str) -> KVLayout:
     """The layout a worker's transfers move: its cache's, with every KV head of the model."""
     r = engine.runner
-    m = r.model_cfg
-    layout = KVLayout.from_cache(r.kv_cache, model)
-    return KVLayout(layout.model, layout.dtype, layout.num_layers, m.num_kv_heads, layout.head_dim,
-                    layout.block_size, tp_size=r.tp.size)
+    return dataclasses.replace(KVLayout.from_cache(r.kv_cache, model), num_kv_heads=r.model_cfg.num_kv_heads,
+                               tp_size=r.tp.size)
 
 
 def staging_device(engine, transport: str) -> torch.device:
     return engine.runner.kv_cache.device if transport == "nccl" else torch.device("cpu")
+
+
+def staging_for(worker) -> "KVStaging | None":
+    """The staging cache of a worker's hand-offs (KVHandOff, KVIntake): None with one rank."""
+    engine, settings = worker.engine, worker.settings
+    if engine.tp is None:
+        return None
+    return KVStaging(engine, settings.model, device=staging_device(engine, settings.kv_transport))
 
 
 def slots_for(engine, device: torch.device | None = None) -> int:
@@ -55,9 +62,7 @@ def slots_for(engine, device: torch.device | None = None) -> int:
     bs = engine.runner.block_size
     n = min(engine.num_total_blocks, -(-2 * max(engine.max_model_len, engine.cfg.max_num_batched_tokens) // bs))
     if device is not None and device.type == "cuda":
-        r = engine.runner
-        full_block = r.bytes_per_block * r.model_cfg.num_kv_heads // r.heads.kv_heads
-        n = min(n, r.kv_cache.numel() * r.kv_cache.element_size() // GPU_SHARE // full_block)
+        n = min(n, engine.runner.kv_cache.nbytes // GPU_SHARE // full_layout(engine, "").block_bytes)
     return max(1, n)
 
 

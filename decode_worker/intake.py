@@ -21,7 +21,7 @@ from control import messages
 from control.logs import rid as for_request
 from control.security import check_bind
 from control.transfer_stats import TransferStats
-from control.kv_staging import KVStaging, staging_device
+from control.kv_staging import staging_for
 from engine import RequestRejected
 from kvtransfer import KVOffer, TransferStatus, blocks_needed, make_receiver
 
@@ -43,8 +43,7 @@ class KVIntake:
         self.worker = worker
         self.engine = worker.engine
         # A tensor-parallel worker's transfers write every head into a staging cache on rank 0.
-        self.staging = None if worker.engine.tp is None else KVStaging(
-            worker.engine, settings.model, device=staging_device(worker.engine, settings.kv_transport))
+        self.staging = staging_for(worker)
         cache = worker.engine.runner.kv_cache if self.staging is None else self.staging.cache
         self.receiver = make_receiver(settings.kv_transport, cache, worker.layout,
                                       settings.worker_id, settings.kv_address, **options)

@@ -82,9 +82,13 @@ class ModelRunner:
             self.graphs.capture(ops)
 
     def _new_cache(self, num_blocks: int) -> torch.Tensor:
+        return torch.zeros(self._kv_shape(num_blocks), dtype=self.dtype, device=self.device)
+
+    def _kv_shape(self, num_blocks: int, kv_heads: int | None = None) -> tuple[int, ...]:
+        """[L, 2, num_blocks, block_size, kv_heads (default: this rank's), D]: the cache's layout."""
         m = self.model_cfg
-        return torch.zeros(m.num_layers, 2, num_blocks, self.block_size, self.heads.kv_heads, m.head_dim,
-                           dtype=self.dtype, device=self.device)
+        heads = self.heads.kv_heads if kv_heads is None else kv_heads
+        return (m.num_layers, 2, num_blocks, self.block_size, heads, m.head_dim)
 
     @property
     def bytes_per_block(self) -> int:
@@ -271,8 +275,7 @@ class ModelRunner:
     def import_kv(self, block_ids: list[int], full: torch.Tensor) -> None:
         """Writes `full` ([L, 2, n, block_size, H, D], every KV head) into these blocks: each rank
         keeps its own heads (rank 0)."""
-        m = self.model_cfg
-        want = (m.num_layers, 2, len(block_ids), self.block_size, m.num_kv_heads, m.head_dim)
+        want = self._kv_shape(len(block_ids), self.model_cfg.num_kv_heads)
         if tuple(full.shape) != want:
             raise ValueError(f"KV of shape {tuple(full.shape)} for {len(block_ids)} blocks; expected {want}")
         full = full.to(self.device, self.dtype).contiguous()
@@ -298,10 +301,8 @@ class ModelRunner:
     def _export_buffers(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """This rank's heads of n blocks, every rank's (the all-gather's outputs), and on rank 0
         all heads."""
-        m, h = self.model_cfg, self.heads
-        shape = (m.num_layers, 2, n, self.block_size, h.kv_heads, m.head_dim)
-        mine = torch.empty(shape, dtype=self.dtype, device=self.device)
-        full = mine.new_empty(*shape[:4], m.num_kv_heads, m.head_dim) if self.tp.rank == 0 else None
+        mine = torch.empty(self._kv_shape(n), dtype=self.dtype, device=self.device)
+        full = mine.new_empty(self._kv_shape(n, self.model_cfg.num_kv_heads)) if self.tp.rank == 0 else None
         return mine, [torch.empty_like(mine) for _ in range(self.tp.size)], full
 
     def _export_kv(self, block_ids: list[int], bufs=None) -> torch.Tensor:
@@ -320,9 +321,8 @@ class ModelRunner:
         return full
 
     def _import_kv(self, block_ids: list[int], full: torch.Tensor | None = None) -> None:
-        m = self.model_cfg
         if full is None:  # a rank other than 0: rank 0 broadcasts it
-            full = torch.empty(m.num_layers, 2, len(block_ids), self.block_size, m.num_kv_heads, m.head_dim,
+            full = torch.empty(self._kv_shape(len(block_ids), self.model_cfg.num_kv_heads),
                                dtype=self.dtype, device=self.device)
         if self.tp.size > 1:
             self.tp.broadcast(full)

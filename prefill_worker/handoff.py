@@ -29,7 +29,7 @@ from engine.parallel import TPGroupError
 from kvtransfer import TransferStatus, make_sender
 from kvtransfer.base import TERMINAL
 from control import messages
-from control.kv_staging import KVStaging, staging_device
+from control.kv_staging import staging_for
 from control.logs import rid as for_request
 from control.transfer_stats import TransferStats
 
@@ -51,8 +51,7 @@ class KVHandOff:
             self._kv_ctx = options["context"] = worker.keys.client_context(io_threads=4)
         self.engine = worker.engine
         # A tensor-parallel worker's transfers read every head from a staging cache on rank 0.
-        self.staging = None if worker.engine.tp is None else KVStaging(
-            worker.engine, worker.settings.model, device=staging_device(worker.engine, worker.settings.kv_transport))
+        self.staging = staging_for(worker)
         cache = worker.engine.runner.kv_cache if self.staging is None else self.staging.cache
         self.sender = make_sender(worker.settings.kv_transport, cache, worker.layout,
                                   worker.settings.worker_id, **options)

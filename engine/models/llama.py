@@ -66,8 +66,7 @@ class Ops:
     NAMES = ("rms_norm", "add_rms_norm", "apply_rope", "silu_mul")
 
     def __init__(self):
-        self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
-        self.apply_rope, self.silu_mul = apply_rope, silu_mul
+        self.use({name: globals()[name] for name in self.NAMES})
 
     def compile(self, tag: str = "") -> None:
         opts = dict(dynamic=True, fullgraph=True)
