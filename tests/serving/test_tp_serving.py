@@ -137,31 +137,34 @@ def test_a_decode_rank_killed_mid_stream_fails_its_requests_and_leaves_no_proces
 
 
 def test_streams_on_a_tp_decode_group_move_on_when_a_rank_dies(demo_model, reference):
-    """p0 and d0 are groups of 2 ranks, d1 has one: greedy streams decoding on d0 when its rank 1
+    """d0 and d1 are groups of 2 ranks: greedy streams decoding on the busier one when its rank 1
     is killed (kill -9) move on (migrated: prefilled again on p0 with what they generated, their
-    KV handed from 2 ranks to 1) and end with transformers' greedy text; d0 and its rank are gone."""
+    KV handed from 1 rank to 2) and end with transformers' greedy text; the worker and its rank
+    are gone."""
     from tests.serving.cluster import Cluster, Stream, wait_for
 
     c = Cluster(demo_model, ["--worker-timeout", "5", "--max-migrations", "1"])
     try:
-        c.worker("p0", "--tensor-parallel-size", "2")
-        c.worker("d0", "--tensor-parallel-size", "2", "--debug-step-delay", "0.03")
-        c.wait_ready(["p0", "d0"])
-        c.worker("d1", "--debug-step-delay", "0.03")  # after d0 is ready: the streams go to d0 first
-        prompts = ["The weather today", "Once upon a time"]
-        streams = [Stream(c.url, p, max_tokens=120) for p in prompts]
+        c.worker("p0")
+        for w in ("d0", "d1"):
+            c.worker(w, "--tensor-parallel-size", "2", "--debug-step-delay", "0.03")
+        c.wait_ready(["p0", "d0", "d1"])
+        prompts = ["The weather today", "Once upon a time", "Hello there"]
+        streams = [Stream(c.url, p, max_tokens=200) for p in prompts]
         for s in streams:
             s.wait_chunks(10)
-        c.wait_ready(["p0", "d0", "d1"])
-        assert c.workers()["d0"]["running"] == 2, c.workers()
-        d0 = c.procs["d0"].pid
-        (rank1,) = children(d0)
+        running = {w: h["running"] for w, h in c.workers().items() if w.startswith("d")}
+        victim = max(running, key=running.get)
+        assert running[victim] >= 1, running
+        worker = c.procs[victim].pid
+        (rank1,) = children(worker)
         subprocess.run(["kill", "-9", str(rank1)], check=True)
         for s, p in zip(streams, prompts):
             assert s.result(120) == "finished", (s.outcome, s.error)
-            assert "".join(s.texts) == reference.text(reference.greedy(reference.tok.encode(p), 120)), p
-        wait_for(lambda: not process_alive(d0) and not process_alive(rank1), 15, "d0 and its rank 1 gone")
-        assert not c.workers()["d0"]["alive"]
-        assert c.health()["migrations"].get("process_exited", 0) + c.health()["migrations"].get("timeout", 0) >= 2
+            assert "".join(s.texts) == reference.text(reference.greedy(reference.tok.encode(p), 200)), p
+        wait_for(lambda: not process_alive(worker) and not process_alive(rank1), 15, f"{victim} and its rank 1 gone")
+        assert not c.workers()[victim]["alive"]
+        moved = c.health()["migrations"]
+        assert sum(moved.values()) >= running[victim], moved
     finally:
         c.stop()
