@@ -83,9 +83,6 @@ class LLMEngine:
                 self.tp.kill()  # they may wait in a collective this rank never reaches
             raise
         self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
-        if self.tp is not None and self.async_scheduling:
-            log.info("tensor parallelism: async scheduling off (not yet with collectives)")
-            self.async_scheduling = False
         self._in_flight: _InFlight | None = None   # async scheduling: the step whose tokens are unread
         self.pool = BlockPool(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)

@@ -246,20 +246,23 @@ class ModelRunner:
                         fill = ([r for r, _ in at], [src for _, src in at], pending.tokens)
                 # model dtype: the sampler upcasts if it samples
                 return batch, self.graphs.run(seqs, fill), range(len(batch))
-        self._send(OP_RUN, batch)
+        self._send(OP_RUN, batch, pending)
         with torch.inference_mode():
             return self._run_eager(batch, on_layer, pending)
 
     # ---- tensor parallelism -----------------------------------------------------------------
-    def _send(self, op: int, batch: list[ScheduledSeq]) -> None:
-        """Rank 0 of a TP group: the other ranks run `op` on this batch too."""
+    def _send(self, op: int, batch: list[ScheduledSeq], pending: Pending | None = None) -> None:
+        """Rank 0 of a TP group: the other ranks run `op` on this batch too (`pending`: the step
+        before's tokens, which some of its inputs are: they are sent device to device)."""
         if self.tp.size == 1 or self.tp.rank != 0:
             return
-        bs, rows = self.block_size, []
-        for s in batch:
+        bs, rows, fills = self.block_size, [], []
+        for k, s in enumerate(batch):
             q, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
             rows.append((start, n, q.num_tokens, q.token_ids[start:start + n], q.block_table[:-(-(start + n) // bs)]))
-        self.tp.send_step(op, rows)
+            if pending is not None and (where := pending.rows.get(id(q))) is not None and start <= where[0] < start + n:
+                fills.append((k, *where))
+        self.tp.send_step(op, rows, fills, pending.tokens if fills else None)
 
     # ---- KV hand-off under tensor parallelism ---------------------------------------------------
     def export_kv(self, block_ids: list[int]) -> torch.Tensor:
@@ -334,7 +337,7 @@ class ModelRunner:
         """A rank other than 0: run every step rank 0 sends, until it says stop (or the group
         fails: TPGroupError)."""
         while True:
-            op, rows = self.tp.recv_step()
+            op, rows, fills, tokens = self.tp.recv_step()
             if op == OP_STOP:
                 return
             if op in (OP_KV_EXPORT, OP_KV_IMPORT):
@@ -342,9 +345,11 @@ class ModelRunner:
                 self._export_kv(ids) if op == OP_KV_EXPORT else self._import_kv(ids)
                 continue
             batch = [ScheduledSeq(_Remote(*r), r[1]) for r in rows]
+            # async scheduling: these inputs are rank 0's last sampled tokens (placeholders in `rows`)
+            pending = Pending(tokens, {id(batch[k].seq): (pos, src) for k, pos, src in fills}) if fills else None
             if op == OP_RUN:
                 with torch.inference_mode():
-                    self._run_eager(batch)
+                    self._run_eager(batch, pending=pending)
             elif op == OP_ALL_LOGITS:
                 self.all_logits(batch)
             else:

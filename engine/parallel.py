@@ -18,7 +18,9 @@ several engines.
 
 A rank that dies takes the group down: its peers' next collective fails ("connection closed
 by peer"), rank 0 raises `TPGroupError` and the other ranks exit. Under TP a GPU runs
-without CUDA graphs and without async scheduling (not yet captured with collectives).
+without CUDA graphs (not yet captured with collectives). Async scheduling works as with one
+rank: a step's inputs that are the step before's sampled tokens, still on rank 0's device,
+reach the other ranks by a broadcast queued behind that step (send_step's `tokens`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from engine.config import to_device
 
 log = logging.getLogger(__name__)
 
@@ -159,35 +163,49 @@ class TPGroup:
         return x
 
     # ---- rank 0: the step each forward runs -----------------------------------------------------
-    def send_step(self, op: int, rows: list[tuple[int, int, int, list[int], list[int]]]) -> None:
+    def send_step(self, op: int, rows: list[tuple[int, int, int, list[int], list[int]]],
+                  fills: list[tuple[int, int, int]] = (), tokens: torch.Tensor | None = None) -> None:
         """Tells the other ranks to run `op` on `rows`: (first position, new tokens, tokens the
-        sequence has, the new token ids, its block table) per sequence, in batch order."""
+        sequence has, the new token ids, its block table) per sequence, in batch order. Async
+        scheduling: `tokens` are the sampled tokens of the step before, still on the device, and
+        `fills` (row, position, index into `tokens`) the inputs that are those tokens (their ids
+        in `rows` are placeholders); they travel device to device, so nothing here waits for
+        the step before to end."""
         if self.size == 1:
             return
         ids = [t for r in rows for t in r[3]]
         tables = [b for r in rows for b in r[4]]
-        head = [op, len(rows), len(ids), len(tables)]
-        self.broadcast(torch.tensor(head, dtype=torch.int64, device=self.device))
+        n_tok = tokens.numel() if fills else 0
+        head = [op, len(rows), len(ids), len(tables), len(fills), n_tok]
+        self.broadcast(to_device(head, torch.int64, self.device))
         if rows:
-            body = [v for r in rows for v in (r[0], r[1], r[2], len(r[4]))] + ids + tables
-            self.broadcast(torch.tensor(body, dtype=torch.int64, device=self.device))
+            body = [v for r in rows for v in (r[0], r[1], r[2], len(r[4]))] + ids + tables + [v for f in fills for v in f]
+            self.broadcast(to_device(body, torch.int64, self.device))
+        if n_tok:
+            self.broadcast(tokens.to(torch.int64).contiguous())
 
-    def recv_step(self) -> tuple[int, list[tuple[int, int, int, list[int], list[int]]]]:
+    def recv_step(self) -> tuple[int, list[tuple[int, int, int, list[int], list[int]]],
+                                 list[tuple[int, int, int]], torch.Tensor | None]:
+        """What rank 0's send_step sent: (op, rows, fills, tokens)."""
         device = self.device
         # The wait for the next step has no time limit: an engine may be idle for hours. A rank
         # that dies is seen at once all the same (its connection closes), and rank 0's death
         # ends this process (PR_SET_PDEATHSIG).
-        head = self.broadcast(torch.empty(4, dtype=torch.int64, device=device), IDLE_TIMEOUT).tolist()
-        op, n, n_ids, n_tables = head
+        head = self.broadcast(torch.empty(6, dtype=torch.int64, device=device), IDLE_TIMEOUT).tolist()
+        op, n, n_ids, n_tables, n_fill, n_tok = head
         if n == 0:
-            return op, []
-        body = self.broadcast(torch.empty(4 * n + n_ids + n_tables, dtype=torch.int64, device=device)).tolist()
+            return op, [], [], None
+        body = self.broadcast(torch.empty(4 * n + n_ids + n_tables + 3 * n_fill, dtype=torch.int64,
+                                          device=device)).tolist()
         rows, i, j = [], 4 * n, 4 * n + n_ids
         for k in range(n):
             start, new, total, width = body[4 * k: 4 * k + 4]
             rows.append((start, new, total, body[i:i + new], body[j:j + width]))
             i, j = i + new, j + width
-        return op, rows
+        f = 4 * n + n_ids + n_tables
+        fills = [tuple(body[f + 3 * k: f + 3 * k + 3]) for k in range(n_fill)]
+        tokens = self.broadcast(torch.empty(n_tok, dtype=torch.int64, device=device)) if n_tok else None
+        return op, rows, fills, tokens
 
     def close(self) -> None:
         """Rank 0: stop the other ranks (they exit) and wait for them."""
