@@ -29,19 +29,21 @@ def worker(engine, path, wid, sent, early=True):
                            ctx=None, link=SimpleNamespace(send=sent.append))
 
 
-@pytest.mark.parametrize("p_tp,d_tp,early", [(2, 1, True), (2, 1, False), (1, 2, True)])
-def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monkeypatch, p_tp, d_tp, early):
+@pytest.mark.parametrize("p_tp,d_tp,early,async_", [(2, 1, True, True), (2, 1, False, False), (1, 2, True, True)])
+def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monkeypatch, p_tp, d_tp, early, async_):
     """early: offers made when the last chunk is scheduled (staging slots taken then, filled
-    after the step); else after the prefill."""
+    after the step); else after the prefill. async_: both engines schedule asynchronously (a
+    GPU's default): a prefill's output, and so its fill, comes after the next step is launched."""
     hf = make_checkpoint(tmp_path, "llama")
     ps = prompts(211)[-4:]
     bs = 4
     monkeypatch.setattr(kv_staging, "slots_for", lambda engine, device=None: -(-max(map(len, ps)) // bs))  # one request
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-    opts = dict(device="cpu", num_kv_blocks=64, block_size=bs, max_num_batched_tokens=64)
+    opts = dict(device="cpu", num_kv_blocks=64, block_size=bs, max_num_batched_tokens=64, async_scheduling=async_)
     hub, sent = InprocHub(), []
     with closing(LLMEngine(str(tmp_path), tensor_parallel_size=p_tp, **opts)) as pre, \
             closing(LLMEngine(str(tmp_path), tensor_parallel_size=d_tp, **opts)) as dec:
+        assert pre.async_scheduling is dec.async_scheduling is async_
         intake = KVIntake(worker(dec, tmp_path, "d0", sent), {"hub": hub})
         handoff = KVHandOff(worker(pre, tmp_path, "p0", sent, early), {"hub": hub})
         assert [h.staging is not None for h in (handoff, intake)] == [p_tp > 1, d_tp > 1]
