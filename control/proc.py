@@ -7,10 +7,22 @@ of its process, and the router's watchdog checks them every tick: a pid that is 
 or a pid reused by a process started at another time is a dead worker. Workers elsewhere (other
 hosts, containers with their own pid namespace) have another identity and are left to the
 heartbeats. Where /proc is missing, the identity is "" and nothing is watched this way.
+
+`settle_heap`: every long-running process calls it once started.
 """
 from __future__ import annotations
 
+import gc
 import os
+
+
+def settle_heap() -> None:
+    """Once a process has started: what is alive now (modules, the tokenizer, the model's Python
+    objects) lives as long as the process, so the garbage collector stops walking it (gc.freeze).
+    Before, each full collection walked all of it: in the router serving 32 streams on the CPU
+    machine, 17% of its samples were in gc_collect_main (py-spy --native)."""
+    gc.collect()
+    gc.freeze()
 
 
 def host_identity() -> str:

@@ -4,6 +4,7 @@ sends (ModelRunner.follow) until told to stop or the group fails."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ def follow(args) -> int:
     cfg = EngineConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in json.loads(args.engine).items()})
     runner = ModelRunner(ModelConfig.from_pretrained(args.model), cfg, device, resolve_dtype(args.dtype, device),
                          args.max_model_len, tp=group)
+    gc.collect()
+    gc.freeze()  # the model's objects live as long as the process: no collection walks them (control/proc.py settle_heap)
     try:
         runner.follow()
     except TPGroupError as e:
