@@ -8,7 +8,8 @@ or a pid reused by a process started at another time is a dead worker. Workers e
 hosts, containers with their own pid namespace) have another identity and are left to the
 heartbeats. Where /proc is missing, the identity is "" and nothing is watched this way.
 
-`settle_heap`: every long-running process calls it once started.
+`settle_heap`: what a server process (router, worker, tensor-parallel rank) calls once it has
+started; not a library call (an application embedding an engine or the app keeps its own heap).
 """
 from __future__ import annotations
 

@@ -18,7 +18,6 @@ import zmq
 
 from engine import LLMEngine, RequestRejected
 from engine.parallel import TPGroupError
-from control.proc import settle_heap
 from control import messages
 from control.kv_staging import full_layout
 from control.logs import rid as for_request
@@ -56,7 +55,6 @@ class WorkerLoop:
 
     def run(self, stop: threading.Event | None = None) -> None:
         self.start()
-        settle_heap()
         tp = self.engine.tp
         self.link.start_beats(self.settings.heartbeat_s, healthy=tp.alive if tp is not None else None)
         stop = stop or threading.Event()

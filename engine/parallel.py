@@ -20,7 +20,9 @@ A rank that dies takes the group down: its peers' next collective fails ("connec
 by peer"), rank 0 raises `TPGroupError` and the other ranks exit. Under TP a GPU runs
 without CUDA graphs (not yet captured with collectives). Async scheduling works as with one
 rank: a step's inputs that are the step before's sampled tokens, still on rank 0's device,
-reach the other ranks by a broadcast queued behind that step (send_step's `tokens`).
+reach the other ranks by a broadcast queued behind that step (send_step's `tokens`), while the
+step's rows travel in host memory on a gloo group of their own, so that every rank prepares
+the next step while the GPUs run this one.
 """
 from __future__ import annotations
 
@@ -36,8 +38,6 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-
-from engine.config import to_device
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,12 @@ class TPGroup:
     """This process's place in a tensor-parallel group, and the collectives the model uses. A
     group of one does nothing."""
 
-    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, followers=(), device=None):
+    def __init__(self, rank: int = 0, size: int = 1, pg=None, store=None, followers=(), device=None, steps_pg=None):
+        """`pg`: the model's collectives (NCCL on GPUs, gloo on CPU); `steps_pg`: the step messages
+        (gloo, host memory; `pg` when not given)."""
         self.rank, self.size, self.pg, self.store = rank, size, pg, store
-        self.device = device or torch.device("cpu")   # where step messages are built
+        self.steps_pg = steps_pg if steps_pg is not None else pg
+        self.device = device or torch.device("cpu")   # where the model's tensors are
         self.followers = list(followers)   # rank 0: the other ranks' processes
         self.killed = False                # rank 0 ended them (kill): the group cannot step again
 
@@ -104,7 +107,10 @@ class TPGroup:
     def connect(cls, rank: int, size: int, port: int, device: torch.device, followers=(),
                 listener: socket.socket | None = None) -> "TPGroup":
         """Joins the group whose store listens on loopback `port` (rank 0 passes `listener`, that
-        socket, already bound: a TCPStore binding its own port would listen on every interface)."""
+        socket, already bound: a TCPStore binding its own port would listen on every interface).
+        On GPUs the step messages go over a gloo group of their own, in host memory: an NCCL
+        broadcast waits behind the step the GPU is running, so a rank would learn the next
+        step's inputs only once that step ended, and could not prepare them meanwhile."""
         timeout = datetime.timedelta(seconds=TIMEOUT_S)
         if device.type == "cuda":
             torch.cuda.set_device(device.index or 0)  # NCCL works on the current device
@@ -112,16 +118,21 @@ class TPGroup:
         store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=datetime.timedelta(seconds=120), **kw)
         if listener is not None:
             listener.detach()  # the store owns the descriptor now (and closes it)
-        if device.type == "cuda":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            pg = dist.ProcessGroupNCCL(store, rank, size, opts)
-        else:
+
+        def gloo(prefix: str):
             opts = dist.ProcessGroupGloo._Options()
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]  # loopback only
             opts._timeout = timeout
-            pg = dist.ProcessGroupGloo(store, rank, size, opts)
-        return cls(rank, size, pg, store, followers, device)
+            return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, opts)
+
+        if device.type == "cuda":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            pg = dist.ProcessGroupNCCL(dist.PrefixStore("model/", store), rank, size, opts)
+        else:
+            pg = gloo("model/")
+        # (a group of its own on the CPU too: the same code runs there as on GPUs)
+        return cls(rank, size, pg, store, followers, device, steps_pg=gloo("steps/"))
 
     def _wait(self, work) -> None:
         try:
@@ -158,8 +169,9 @@ class TPGroup:
         self._wait(self.pg.allgather([outs], [x]))
         return outs
 
-    def broadcast(self, x: torch.Tensor, timeout: datetime.timedelta | None = None) -> torch.Tensor:
-        self._wait(self.pg.broadcast(x, 0) if timeout is None else self.pg.broadcast(x, 0, timeout))
+    def broadcast(self, x: torch.Tensor, timeout: datetime.timedelta | None = None, pg=None) -> torch.Tensor:
+        pg = pg or self.pg
+        self._wait(pg.broadcast(x, 0) if timeout is None else pg.broadcast(x, 0, timeout))
         return x
 
     # ---- rank 0: the step each forward runs -----------------------------------------------------
@@ -167,36 +179,35 @@ class TPGroup:
                   fills: list[tuple[int, int, int]] = (), tokens: torch.Tensor | None = None) -> None:
         """Tells the other ranks to run `op` on `rows`: (first position, new tokens, tokens the
         sequence has, the new token ids, its block table) per sequence, in batch order. Async
-        scheduling: `tokens` are the sampled tokens of the step before, still on the device, and
-        `fills` (row, position, index into `tokens`) the inputs that are those tokens (their ids
-        in `rows` are placeholders); they travel device to device, so nothing here waits for
-        the step before to end."""
+        scheduling: `tokens` are the sampled tokens of the step before, maybe still being
+        computed on the device, and `fills` (row, position, index into `tokens`) the inputs that
+        are those tokens (their ids in `rows` are placeholders). The rows go in host memory
+        (`steps_pg`), the tokens device to device behind the step that computes them."""
         if self.size == 1:
             return
         ids = [t for r in rows for t in r[3]]
         tables = [b for r in rows for b in r[4]]
         n_tok = tokens.numel() if fills else 0
         head = [op, len(rows), len(ids), len(tables), len(fills), n_tok]
-        self.broadcast(to_device(head, torch.int64, self.device))
+        self.broadcast(torch.tensor(head, dtype=torch.int64), pg=self.steps_pg)
         if rows:
             body = [v for r in rows for v in (r[0], r[1], r[2], len(r[4]))] + ids + tables + [v for f in fills for v in f]
-            self.broadcast(to_device(body, torch.int64, self.device))
+            self.broadcast(torch.tensor(body, dtype=torch.int64), pg=self.steps_pg)
         if n_tok:
             self.broadcast(tokens.to(torch.int64).contiguous())
 
     def recv_step(self) -> tuple[int, list[tuple[int, int, int, list[int], list[int]]],
                                  list[tuple[int, int, int]], torch.Tensor | None]:
         """What rank 0's send_step sent: (op, rows, fills, tokens)."""
-        device = self.device
         # The wait for the next step has no time limit: an engine may be idle for hours. A rank
         # that dies is seen at once all the same (its connection closes), and rank 0's death
         # ends this process (PR_SET_PDEATHSIG).
-        head = self.broadcast(torch.empty(6, dtype=torch.int64, device=device), IDLE_TIMEOUT).tolist()
+        head = self.broadcast(torch.empty(6, dtype=torch.int64), IDLE_TIMEOUT, pg=self.steps_pg).tolist()
         op, n, n_ids, n_tables, n_fill, n_tok = head
         if n == 0:
             return op, [], [], None
-        body = self.broadcast(torch.empty(4 * n + n_ids + n_tables + 3 * n_fill, dtype=torch.int64,
-                                          device=device)).tolist()
+        body = self.broadcast(torch.empty(4 * n + n_ids + n_tables + 3 * n_fill, dtype=torch.int64),
+                              pg=self.steps_pg).tolist()
         rows, i, j = [], 4 * n, 4 * n + n_ids
         for k in range(n):
             start, new, total, width = body[4 * k: 4 * k + 4]
@@ -204,7 +215,7 @@ class TPGroup:
             i, j = i + new, j + width
         f = 4 * n + n_ids + n_tables
         fills = [tuple(body[f + 3 * k: f + 3 * k + 3]) for k in range(n_fill)]
-        tokens = self.broadcast(torch.empty(n_tok, dtype=torch.int64, device=device)) if n_tok else None
+        tokens = self.broadcast(torch.empty(n_tok, dtype=torch.int64, device=self.device)) if n_tok else None
         return op, rows, fills, tokens
 
     def close(self) -> None:

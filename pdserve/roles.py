@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from control.proc import settle_heap
 from pdserve import options, preflight
 from pdserve.options import (add_ops_args, add_router_args, add_security_args, add_serve_args, add_worker_args,
                              require, router_settings)
@@ -105,6 +106,7 @@ def cmd_worker(args) -> int:
     except ValueError as e:  # InsecureBind, bad keys: one line, not a traceback
         log.error("%s worker %s: %s", args.command, args.worker_id, e)
         return 2
+    settle_heap()  # the engine, the model and every module live as long as this process
     try:
         worker.run(stop)
     except Exception as e:

@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import protocol as P
 from control.logs import current_request_id
-from control.proc import settle_heap
 from control.security import keys_from
 from engine import SamplingParams
 
@@ -207,7 +206,6 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
         router.hub.start()
         router.metrics.attach(router.hub, router.registry)
         log.info("router control endpoint: %s", router.hub.address)
-        settle_heap()
         try:
             yield
         finally:

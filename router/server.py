@@ -15,6 +15,8 @@ import time
 
 import uvicorn
 
+from control.proc import settle_heap
+
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +56,7 @@ def run_http(app, host: str, port: int, shutdown_timeout_s: float, sock: socket.
     log.info("HTTP on uvicorn %s: event loop %s, HTTP parser %s", uvicorn.__version__,
              "uvloop" if _importable("uvloop") else "asyncio (install uvloop for a faster router)",
              "httptools" if _importable("httptools") else "h11 (install httptools for a faster router)")
+    settle_heap()  # the app, the tokenizer and every module live as long as this process
     DrainingServer(config, app.state.router, shutdown_timeout_s).run(sockets=[sock] if sock is not None else None)
 
 

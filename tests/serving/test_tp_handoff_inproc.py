@@ -29,7 +29,8 @@ def worker(engine, path, wid, sent, early=True):
                            ctx=None, link=SimpleNamespace(send=sent.append))
 
 
-@pytest.mark.parametrize("p_tp,d_tp,early,async_", [(2, 1, True, True), (2, 1, False, False), (1, 2, True, True)])
+@pytest.mark.parametrize("p_tp,d_tp,early,async_", [(2, 1, True, False), (2, 1, True, True), (2, 1, False, False),
+                                                   (2, 1, False, True), (1, 2, True, False), (1, 2, True, True)])
 def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monkeypatch, p_tp, d_tp, early, async_):
     """early: offers made when the last chunk is scheduled (staging slots taken then, filled
     after the step); else after the prefill. async_: both engines schedule asynchronously (a
