@@ -79,6 +79,29 @@ def test_async_scheduling_under_tp_matches_transformers_and_the_synchronous_grou
     assert got[True] == got[False]
 
 
+def test_triton_attention_under_tp_matches_transformers(tmp_path):
+    """The Triton attention (the GPU's default; on the CPU through Triton's interpreter) on a
+    TP=2 group whose ranks share the one KV head: greedy tokens equal transformers'."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the other ranks inherit it
+    pytest.importorskip("triton")
+    from engine.attention_triton import _unified_attention_kernel
+
+    if not torch.cuda.is_available():
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(_unified_attention_kernel, InterpretedFunction):
+            pytest.skip("engine.attention_triton was imported before TRITON_INTERPRET=1 was set")
+    hf = make_checkpoint(tmp_path, "llama", num_key_value_heads=1)
+    ps = prompts(211)[:4]
+    with LLM(str(tmp_path), device="cpu", dtype="float32", num_kv_blocks=16, block_size=4, max_num_batched_tokens=32,
+             max_num_seqs=4, attention_backend="triton", max_model_len=32, tensor_parallel_size=2) as llm:
+        assert llm.engine.runner.attn_name == "triton"
+        outs = llm.generate(ps, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        assert o.token_ids == hf_greedy(hf, p, 5), f"prompt of {len(p)} tokens"
+
+
 def test_each_rank_holds_its_shard_only(tmp_path):
     make_checkpoint(tmp_path, "llama")
     with LLM(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2) as llm:
