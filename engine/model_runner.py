@@ -224,8 +224,11 @@ class ModelRunner:
         """Logits at every scheduled position ([T, V], the packed order of `prepare`); for scoring
         and tests."""
         self._send(OP_ALL_LOGITS, batch)
-        _, input_ids, positions, meta = self.prepare(batch)
-        return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, meta)).float()
+
+        def run():
+            _, input_ids, positions, meta = self.prepare(batch)
+            return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, meta)).float()
+        return self._in_step(run) if self.tp.size > 1 and self.tp.rank == 0 else run()
 
     def run(self, batch: list[ScheduledSeq], on_layer=None, pending: Pending | None = None
             ) -> tuple[list[ScheduledSeq], torch.Tensor, list[int] | range]:
@@ -248,6 +251,8 @@ class ModelRunner:
                 return batch, self.graphs.run(seqs, fill), range(len(batch))
         self._send(OP_RUN, batch, pending)
         with torch.inference_mode():
+            if self.tp.size > 1:  # the other ranks are in this step now: a failure here must end them
+                return self._in_step(lambda: self._run_eager(batch, on_layer, pending))
             return self._run_eager(batch, on_layer, pending)
 
     # ---- tensor parallelism -----------------------------------------------------------------
@@ -282,30 +287,35 @@ class ModelRunner:
         if tuple(full.shape) != want:
             raise ValueError(f"KV of shape {tuple(full.shape)} for {len(block_ids)} blocks; expected {want}")
         full = full.to(self.device, self.dtype).contiguous()
+        parts = self._import_parts(full)  # before the others are told: a failure here is this request's
         self._send_blocks(OP_KV_IMPORT, block_ids)
-        self._in_step(lambda: self._import_kv(block_ids, full))
+        self._in_step(lambda: self._import_kv(block_ids, parts))
 
     def _in_step(self, fn):
-        """Runs rank 0's part of a step the other ranks were sent: past that point any failure
-        leaves them waiting in a collective this rank will not run, so it ends the group (the
-        worker sees it at its next turn) and raises TPGroupError."""
+        """Runs rank 0's part of a step the other ranks were sent (a forward, a KV export or
+        import): past that point any failure leaves them waiting in a collective this rank will
+        not run (until the collective timeout, minutes), so it ends the group at once (the worker
+        sees it at its next turn) and raises TPGroupError."""
         try:
             return fn()
         except TPGroupError:
             raise
         except BaseException as e:
             self.tp.kill()
-            raise TPGroupError(f"tensor-parallel group stopped: rank 0 failed in a KV step: {e}") from e
+            raise TPGroupError(f"tensor-parallel group stopped: rank 0 failed in a step the other ranks run: "
+                               f"{type(e).__name__}: {e}") from e
 
     def _send_blocks(self, op: int, block_ids: list[int]) -> None:
         if self.tp.size > 1 and self.tp.rank == 0:
             self.tp.send_step(op, [(0, 0, 0, [], list(block_ids))])
 
-    def _export_buffers(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
-        """This rank's heads of n blocks, every rank's (the all-gather's outputs), and on rank 0
+    def _export_buffers(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
+        """This rank's heads of n blocks, and on rank 0 every rank's (the gather's outputs) and
         all heads."""
         mine = torch.empty(self._kv_shape(n), dtype=self.dtype, device=self.device)
-        full = mine.new_empty(self._kv_shape(n, self.model_cfg.num_kv_heads)) if self.tp.rank == 0 else None
+        if self.tp.rank != 0:
+            return mine, None, None
+        full = mine.new_empty(self._kv_shape(n, self.model_cfg.num_kv_heads))
         return mine, [torch.empty_like(mine) for _ in range(self.tp.size)], full
 
     def _export_kv(self, block_ids: list[int], bufs=None) -> torch.Tensor:
@@ -314,24 +324,32 @@ class ModelRunner:
             return self.kv_cache.index_select(2, idx)
         mine, parts, full = bufs or self._export_buffers(len(block_ids))
         torch.index_select(self.kv_cache, 2, idx, out=mine)
-        self.tp.all_gather_into(parts, mine)
+        self.tp.gather_into(parts, mine)  # to rank 0 only: the others need none of it
         if full is None:
             return mine
         m = self.model_cfg
-        for r, part in enumerate(parts):
+        for r, part in enumerate(parts):  # (a head several ranks hold is written once per rank: equal)
             h = head_shard(m.num_heads, m.num_kv_heads, r, self.tp.size)
             full[..., h.kv_start:h.kv_start + h.kv_heads, :] = part
         return full
 
-    def _import_kv(self, block_ids: list[int], full: torch.Tensor | None = None) -> None:
-        if full is None:  # a rank other than 0: rank 0 broadcasts it
-            full = torch.empty(self._kv_shape(len(block_ids), self.model_cfg.num_kv_heads),
-                               dtype=self.dtype, device=self.device)
-        if self.tp.size > 1:
-            self.tp.broadcast(full)
-        h = self.heads
-        self.kv_cache.index_copy_(2, to_device(block_ids, torch.int64, self.device),
-                                  full[..., h.kv_start:h.kv_start + h.kv_heads, :].contiguous())
+    def _import_parts(self, full: torch.Tensor) -> list[torch.Tensor]:
+        """Rank 0: each rank's heads of `full` (every head), in rank order."""
+        if self.tp.size == 1:
+            return [full]
+        m = self.model_cfg
+        shards = [head_shard(m.num_heads, m.num_kv_heads, r, self.tp.size) for r in range(self.tp.size)]
+        return [full[..., h.kv_start:h.kv_start + h.kv_heads, :].contiguous() for h in shards]
+
+    def _import_kv(self, block_ids: list[int], parts: list[torch.Tensor] | None = None) -> None:
+        """Rank 0 passes every rank's heads (`_import_parts`); each rank receives its own (a
+        scatter: no rank gets heads it does not hold)."""
+        if self.tp.size == 1:
+            mine = parts[0]
+        else:
+            mine = torch.empty(self._kv_shape(len(block_ids)), dtype=self.dtype, device=self.device)
+            self.tp.scatter_into(mine, parts)
+        self.kv_cache.index_copy_(2, to_device(block_ids, torch.int64, self.device), mine)
 
     def follow(self) -> None:
         """A rank other than 0: run every step rank 0 sends, until it says stop (or the group

@@ -164,10 +164,19 @@ class TPGroup:
         self._wait(self.pg.allgather([outs], [x.contiguous()]))
         return torch.cat(outs, dim=-1)[..., :total]
 
-    def all_gather_into(self, outs: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's `x` (contiguous, all of one shape) into `outs`, in rank order."""
-        self._wait(self.pg.allgather([outs], [x]))
-        return outs
+    def gather_into(self, outs: list[torch.Tensor] | None, x: torch.Tensor) -> None:
+        """Every rank's `x` (contiguous, all of one shape) into rank 0's `outs`, in rank order
+        (the other ranks pass None: only rank 0 receives)."""
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        self._wait(self.pg.gather([outs] if self.rank == 0 else [], [x], opts))
+
+    def scatter_into(self, x: torch.Tensor, parts: list[torch.Tensor] | None) -> None:
+        """Rank 0's `parts[r]` (contiguous, all of one shape) into rank r's `x` (the other ranks
+        pass None)."""
+        opts = dist.ScatterOptions()
+        opts.rootRank = 0
+        self._wait(self.pg.scatter([x], [parts] if self.rank == 0 else [], opts))
 
     def broadcast(self, x: torch.Tensor, timeout: datetime.timedelta | None = None, pg=None) -> torch.Tensor:
         pg = pg or self.pg

@@ -4,6 +4,7 @@ and with KV heads replicated (fewer KV heads than ranks); a rank lost takes the 
 cleanly."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -81,25 +82,29 @@ def test_async_scheduling_under_tp_matches_transformers_and_the_synchronous_grou
 
 def test_triton_attention_under_tp_matches_transformers(tmp_path):
     """The Triton attention (the GPU's default; on the CPU through Triton's interpreter) on a
-    TP=2 group whose ranks share the one KV head: greedy tokens equal transformers'."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # the other ranks inherit it
+    TP=2 group whose ranks share the one KV head: greedy tokens equal transformers'. In a
+    process of its own: the interpreter must be chosen before anything imports triton (torch's
+    compiler does, in earlier tests), and the other rank inherits it."""
     pytest.importorskip("triton")
-    from engine.attention_triton import _unified_attention_kernel
-
-    if not torch.cuda.is_available():
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(_unified_attention_kernel, InterpretedFunction):
-            pytest.skip("engine.attention_triton was imported before TRITON_INTERPRET=1 was set")
     hf = make_checkpoint(tmp_path, "llama", num_key_value_heads=1)
     ps = prompts(211)[:4]
-    with LLM(str(tmp_path), device="cpu", dtype="float32", num_kv_blocks=16, block_size=4, max_num_batched_tokens=32,
-             max_num_seqs=4, attention_backend="triton", max_model_len=32, tensor_parallel_size=2) as llm:
-        assert llm.engine.runner.attn_name == "triton"
-        outs = llm.generate(ps, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
-    for p, o in zip(ps, outs):
-        assert o.token_ids == hf_greedy(hf, p, 5), f"prompt of {len(p)} tokens"
+    script = textwrap.dedent(f"""
+        import json, sys
+        from engine import LLM, SamplingParams
+        with LLM({str(tmp_path)!r}, device="cpu", dtype="float32", num_kv_blocks=16, block_size=4,
+                 max_num_batched_tokens=32, max_num_seqs=4, attention_backend="triton", max_model_len=32,
+                 tensor_parallel_size=2) as llm:
+            assert llm.engine.runner.attn_name == "triton"
+            outs = llm.generate({ps!r}, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        print(json.dumps([o.token_ids for o in outs]))
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1") if not torch.cuda.is_available() else dict(os.environ)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    for prompt, ids in zip(ps, got):
+        assert ids == hf_greedy(hf, prompt, 5), f"prompt of {len(prompt)} tokens"
 
 
 def test_each_rank_holds_its_shard_only(tmp_path):
@@ -174,9 +179,29 @@ def test_a_kv_step_that_fails_on_rank_0_before_or_after_telling_the_ranks(tmp_pa
         assert llm.generate([[5, 6, 7, 8, 9]], sp)[0].token_ids == want
         procs = list(runner.tp.followers)
         with monkeypatch.context() as m:
-            m.setattr(runner.tp, "all_gather_into", no_memory)
+            m.setattr(runner.tp, "gather_into", no_memory)
             with pytest.raises(TPGroupError):
                 runner.export_kv([0, 1])
+        assert not runner.tp.alive() and all(p.poll() is not None for p in procs)
+
+
+def test_a_forward_that_fails_on_rank_0_ends_the_group_at_once(tmp_path, monkeypatch):
+    """Guards: rank 0 failing inside a forward (a bug, an out-of-memory) after the other ranks
+    were sent the step, which left them in a collective until its timeout (5 min) and the
+    group's next step out of order."""
+    make_checkpoint(tmp_path, "llama")
+    with LLM(str(tmp_path), device="cpu", num_kv_blocks=16, block_size=4, tensor_parallel_size=2) as llm:
+        runner = llm.engine.runner
+        procs = list(runner.tp.followers)
+
+        def boom(*a, **k):
+            raise torch.OutOfMemoryError("no memory")
+
+        monkeypatch.setattr(runner.model.layers[1], "forward", boom)  # mid-forward: rank 1 is in layer 0's all-reduce
+        t = time.monotonic()
+        with pytest.raises(TPGroupError, match="OutOfMemoryError"):
+            llm.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        assert time.monotonic() - t < 30
         assert not runner.tp.alive() and all(p.poll() is not None for p in procs)
 
 
