@@ -9,9 +9,9 @@ workers run them, without the transport (the same bytes travel in every set-up):
 
 - send_ms: the request's blocks as one chunk of every KV head. One rank: the transfer's
   index_select from the engine's cache. Several: KVStaging.export (every rank's heads gathered
-  into staging slots, control/kv_staging.py), then the index_select from the staging.
+  to rank 0 into staging slots, control/kv_staging.py), then the index_select from the staging.
 - recv_ms: that chunk into the decode engine. One rank: index_copy_ into its blocks. Several:
-  into staging slots, then KVStaging.land (broadcast, each rank takes its heads).
+  into staging slots, then KVStaging.land (scattered from rank 0: each rank gets its own heads).
 
 against prefill_ms, the prefill engine's step time per request for the same prompts. Every
 set-up then decodes 8 greedy tokens, which must equal 1-1's. A figure is the median over

@@ -7,10 +7,10 @@ layout a worker of one rank has, and any two workers exchange KV whatever their 
 (P=2 -> D=1, P=1 -> D=2, P=4 -> D=2, replicated heads):
 
 - sending: after the prefill, `export` gathers the request's blocks from every rank
-  (`ModelRunner.export_kv`, one all-gather) into slots of this staging cache on rank 0, and
-  the transfer reads them from there;
-- receiving: the transfer writes into slots here, and when it is done `land` sends the
-  blocks to every rank, which keeps its own heads (`ModelRunner.import_kv`, one broadcast).
+  (`ModelRunner.export_kv`, one gather to rank 0) into slots of this staging cache on rank 0,
+  and the transfer reads them from there;
+- receiving: the transfer writes into slots here, and when it is done `land` sends each rank
+  its own heads of the blocks (`ModelRunner.import_kv`, one scatter from rank 0).
 
 Both run on the worker's loop, between engine steps, where the other ranks wait for the
 next step: the ranks run the same collectives in the same order. Slots are held per request
