@@ -295,7 +295,10 @@ class ModelRunner:
         """Runs rank 0's part of a step the other ranks were sent (a forward, a KV export or
         import): past that point any failure leaves them waiting in a collective this rank will
         not run (until the collective timeout, minutes), so it ends the group at once (the worker
-        sees it at its next turn) and raises TPGroupError."""
+        sees it at its next turn) and raises TPGroupError. With one rank, nothing to end: `fn`'s
+        own error."""
+        if self.tp.size == 1:
+            return fn()
         try:
             return fn()
         except TPGroupError:

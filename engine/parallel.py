@@ -179,7 +179,7 @@ class TPGroup:
         self._wait(self.pg.scatter([x], [parts] if self.rank == 0 else [], opts))
 
     def broadcast(self, x: torch.Tensor, timeout: datetime.timedelta | None = None, pg=None) -> torch.Tensor:
-        pg = pg or self.pg
+        pg = self.pg if pg is None else pg
         self._wait(pg.broadcast(x, 0) if timeout is None else pg.broadcast(x, 0, timeout))
         return x
 
