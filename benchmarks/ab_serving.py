@@ -19,18 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.cpu_serving import run_http  # noqa: E402
-from benchmarks.hf_baselines import commit  # noqa: E402
+from benchmarks.hf_baselines import commit, cpu_host  # noqa: E402
 from benchmarks.serving_gpu import workload  # noqa: E402
 from tests.serving.conftest import free_port, stop, wait_healthy  # noqa: E402
 
@@ -93,7 +90,7 @@ def main() -> None:
     print(f"B / A throughput, median of per-round ratios: {paired:.4f} "
           f"(per round: {', '.join(f'{a / b:.3f}' for a, b in zip(times['a'], times['b']))})")
     if args.json:
-        res = {"machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} torch {torch.__version__}",
+        res = {"machine": cpu_host(),
                "commit": commit(), "command": shlex.join(["python", *sys.argv]), "mode": args.mode, "device": args.device,
                "num_requests": args.num_requests, "prompt_len_min_max": [args.min_len, args.max_len],
                "output_len": args.output_len, "repeats": args.repeats, "prompts": "new each round, the same for A and B",

@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.hf_baselines import cpu_host  # noqa: E402
 from benchmarks.serving_gpu import workload  # noqa: E402
 from benchmarks.stream_client import run_streams  # noqa: E402
 from tests.serving.conftest import free_port, stop, wait_healthy  # noqa: E402
@@ -100,7 +98,7 @@ def main() -> None:
     print(f"served / offline = {t_off / t_http:.2f}")
     if args.json:
         res = {
-            "machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} torch {torch.__version__}",
+            "machine": cpu_host(),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "mode": args.mode, "num_requests": args.num_requests, "output_len": args.output_len,

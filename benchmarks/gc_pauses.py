@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.cpu_serving import run_http  # noqa: E402
+from benchmarks.hf_baselines import command, commit, cpu_host  # noqa: E402
 from benchmarks.serving_gpu import workload  # noqa: E402
 from tests.serving.conftest import free_port, stop, wait_healthy  # noqa: E402
 
@@ -125,9 +123,7 @@ def main() -> None:
         print(f"  ({r['rounds']} rounds of 32 streams in {r['load_s']} s)")
     if args.json:
         res = {
-            "machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} torch {torch.__version__}",
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "machine": cpu_host(), "commit": commit(), "command": command(),
             "mode": args.mode, "seconds": args.seconds, "runs": runs,
         }
         with open(args.json, "w") as f:

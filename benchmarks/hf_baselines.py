@@ -284,6 +284,13 @@ def commit() -> str:
     return (r.stdout.strip() or "?") + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
 
 
+def cpu_host() -> str:
+    """The machine of a CPU result file: host name, architecture, cores, torch."""
+    import torch
+
+    return f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} torch {torch.__version__}"
+
+
 def command() -> str:
     return " ".join(["python"] + sys.argv)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.hf_baselines import command, commit  # noqa: E402
+from benchmarks.hf_baselines import command, commit, cpu_host  # noqa: E402
 
 
 def main() -> None:
@@ -80,7 +79,7 @@ def main() -> None:
               "tp2_over_tp1_2threads": round(tp2 / res["tp1_2threads"]["out_tok_s"], 3)}
     print(ratios)
     if args.json:
-        out = {"machine": f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} torch {torch.__version__}",
+        out = {"machine": cpu_host(),
                "commit": commit(), "command": command(),
                "model": {"arch": "llama (random)", "hidden": args.hidden, "intermediate": 3 * args.hidden,
                          "layers": args.layers, "heads": 8, "kv_heads": 4},

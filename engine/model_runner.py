@@ -228,7 +228,7 @@ class ModelRunner:
         def run():
             _, input_ids, positions, meta = self.prepare(batch)
             return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, meta)).float()
-        return self._in_step(run) if self.tp.size > 1 and self.tp.rank == 0 else run()
+        return self._in_step(run) if self.tp.rank == 0 else run()
 
     def run(self, batch: list[ScheduledSeq], on_layer=None, pending: Pending | None = None
             ) -> tuple[list[ScheduledSeq], torch.Tensor, list[int] | range]:
@@ -251,9 +251,8 @@ class ModelRunner:
                 return batch, self.graphs.run(seqs, fill), range(len(batch))
         self._send(OP_RUN, batch, pending)
         with torch.inference_mode():
-            if self.tp.size > 1:  # the other ranks are in this step now: a failure here must end them
-                return self._in_step(lambda: self._run_eager(batch, on_layer, pending))
-            return self._run_eager(batch, on_layer, pending)
+            # (the other ranks of a group are in this step now: a failure here must end them)
+            return self._in_step(lambda: self._run_eager(batch, on_layer, pending))
 
     # ---- tensor parallelism -----------------------------------------------------------------
     def _send(self, op: int, batch: list[ScheduledSeq], pending: Pending | None = None) -> None:
