@@ -167,9 +167,100 @@ class Abort:
     request_ids: list[str]
 
 
+# ---- between the router's hub process and its HTTP front processes (router/fronts.py) ------------
+# A front parses HTTP, tokenizes, detokenizes and writes the streams; the hub holds the workers'
+# connections, places requests and relays each one's events to the front that asked for it.
+#
+#    front                                     hub
+#      | FrontHello (until answered) ---------> |
+#      | <------------ FrontState (and whenever it changes: context length, draining)
+#      | Submit -------------------------------> |   admit and place, as for its own requests
+#      | <---------------------- Placed | NotPlaced
+#      | <--------------- Events (after each worker message: the tokens and errors of its requests)
+#      | Migrate (a worker was lost) ----------> |   place the request's next attempt
+#      | <---------------------- Placed | NotPlaced
+#      | Done (ended; abort: free it on the workers) > |
+#      | Query health|metrics ------------------> |   (HTTP /health, /metrics on a front)
+#      | <----------------------------- Answer    |
+#      | <------------------------ Query samples  |   (the hub renders /metrics: every front's
+#      | Answer (counter and histogram samples) > |    counters and histograms added to its own)
+
+
+@dataclass
+class FrontHello:
+    front_id: str
+    pid: int
+
+
+@dataclass
+class FrontState:
+    max_model_len: int
+    draining: bool = False
+
+
+@dataclass
+class Submit:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Migrate:
+    request_id: str             # as submitted
+    attempt: str                # the wire id of the attempt that failed
+    failed_worker: str
+    why: str
+    output_token_ids: list[int] = field(default_factory=list)  # what the client has had
+
+
+@dataclass
+class Placed:
+    request_id: str             # as submitted
+    attempt: str                # the wire id of the attempt placed (its events carry it)
+    prefill_worker: str
+    decode_worker: str
+
+
+@dataclass
+class NotPlaced:
+    request_id: str
+    reason: str                 # "overloaded" | "no_worker" | "duplicate"
+    message: str
+    retry_after_s: int = 1
+
+
+@dataclass
+class Done:
+    request_ids: list[str]      # as submitted
+    abort: bool = False         # ended early (client gone, stop string, error): free it on its workers
+
+
+@dataclass
+class Events:
+    """Items: ["t", request_id, token_ids, finish_reason] (in order: the hub put them in order) or
+    ["e", request_id, message, code, failed_worker, why]."""
+    items: list = field(default_factory=list)
+
+
+@dataclass
+class Query:
+    token: int
+    what: str                   # "health" | "metrics" (front -> hub) | "samples" (hub -> front)
+
+
+@dataclass
+class Answer:
+    token: int
+    status: int = 200
+    body: str = ""
+    samples: list = field(default_factory=list)  # "samples": [family, [[sample name, labels, value], ...]]
+
+
 MESSAGES: dict[str, type] = {c.__name__: c for c in
                              (Register, Registered, RegisterRefused, NotRegistered, Heartbeat, Alive, Prefill,
-                              Tokens, Failed, Abort, Leaving)}
+                              Tokens, Failed, Abort, Leaving, FrontHello, FrontState, Submit, Migrate, Placed,
+                              NotPlaced, Done, Events, Query, Answer)}
 # Field names and annotations per message, read once (encode and decode run per message).
 _FIELDS: dict[type, dict[str, str]] = {c: {f.name: f.type for f in dataclasses.fields(c)}
                                        for c in (*MESSAGES.values(), SamplingParams)}
@@ -184,7 +275,7 @@ def encode(msg) -> bytes:
     d = {"v": PROTOCOL_VERSION, "t": name}
     for f in _FIELDS[cls]:
         d[f] = getattr(msg, f)
-    if cls is Prefill:
+    if cls is Prefill or cls is Submit:
         d["params"] = encode_params(msg.params)
     return msgpack.packb(d, use_bin_type=True)
 

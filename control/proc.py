@@ -64,3 +64,15 @@ def process_alive(pid: int, started: int = 0) -> bool:
 def process_identity() -> dict:
     """Register's `host` and `started` for this process."""
     return {"host": host_identity(), "started": start_time(os.getpid())}
+
+
+def die_with_parent() -> None:
+    """Runs in a child before exec (Popen's preexec_fn): SIGTERM when the parent dies, so that
+    no worker or HTTP front outlives the process that started it."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass

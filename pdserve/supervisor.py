@@ -18,25 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
+from control.proc import die_with_parent
 from pdserve.options import child_argv, router_settings, worker_parser
 
 log = logging.getLogger("pdserve")
-
-
-def _set_parent_death_signal() -> None:
-    """Runs in the child before exec: die with the parent, so no worker outlives `serve`."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 def serve(args, warn_if_open) -> int:
@@ -101,7 +91,7 @@ def _start_workers(args, run_dir: str, control: str, procs: list[subprocess.Pope
             if gpus[pool]:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(visible_device(g) for g in worker_gpus(gpus[pool], i, tp))
                 log.info("%s-%d on GPU %s", role, i0 + i, env["CUDA_VISIBLE_DEVICES"])
-            procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_set_parent_death_signal))
+            procs.append(subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent))
 
 
 def check_tensor_parallel(args) -> None:

@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import tempfile
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import generate_latest
 
 from . import protocol as P
 from control.logs import current_request_id
@@ -30,6 +33,8 @@ from engine import SamplingParams
 from .admission import Admission
 from .edge import ApiKeyGuard, BodyLimit, DrainGuard, RequestId
 from .errors import APIError, error_body, install_error_handlers
+from .front import RelayHub
+from .fronts import FrontProcesses, FrontServer, merge_samples
 from .generation import Chunk, generate
 from .hub import WorkerHub
 from .metrics import CONTENT_TYPE, Metrics
@@ -57,14 +62,56 @@ class Router:
         self.config_max_len = settings.max_model_len or cfg.max_position_embeddings
         self.registry = WorkerRegistry(settings.policy, settings.worker_timeout_s)
         self.metrics = Metrics(settings.served_model_name)
-        self.hub: WorkerHub | None = None
+        self.hub: WorkerHub | RelayHub | None = None
         self.draining = False   # SIGTERM: no new requests (server.py)
         self.in_flight = 0      # API requests being served (edge.DrainGuard counts them)
+        self.fronts: FrontServer | None = None           # --http-processes > 1: the fronts' requests
+        self.front_max_model_len: int | None = None      # a front: the hub's max_model_len
+        self.http_socket = None                          # set by server.run_http
+        self.shutdown_timeout_s = 30.0
 
     @property
     def max_model_len(self) -> int:
+        if self.front_max_model_len is not None:
+            return self.front_max_model_len
         lens = [w.max_model_len for w in self.registry.alive() if w.max_model_len]
         return min([self.config_max_len] + lens)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """What a drain waits for: this process's API requests, and the fronts' that the hub holds."""
+        return self.in_flight + (len(self.fronts.relayed) if self.fronts is not None else 0)
+
+    def health(self) -> tuple[int, dict]:
+        """/health: 200 while the live workers can serve in the router's mode (disaggregated: one
+        that prefills and one that decodes; colocated, adaptive: one that decodes); lists every worker."""
+        reg, hub, settings = self.registry, self.hub, self.settings
+        p, d = len(reg.alive("prefill")), len(reg.alive("decode"))
+        workers = [w.describe(reg.is_alive(w)) for w in sorted(reg.workers.values(), key=lambda w: w.worker_id)]
+        load = {"mode": settings.mode, "requests_in_flight": len(hub.requests) if hub else 0,
+                "queued_requests": hub.admission.requests if hub else 0,
+                "placements": dict(hub.placements) if hub else {},
+                "migrations": dict(hub.migrations) if hub else {},
+                "routing": {f"{job}/{reason}": n for (job, reason), n in sorted(hub.routing.items())} if hub else {}}
+        if self.fronts is not None:
+            load["http_processes"] = 1 + len(self.fronts.fronts)
+        if self.draining:
+            body = error_body("shutting down", "service_unavailable")
+            body.update(load, workers=workers)
+            return 503, body
+        why = reg.not_ready(settings.mode)
+        if why is None:
+            return 200, {"status": "ok", "prefill_workers": p, "decode_workers": d, **load, "workers": workers}
+        body = error_body(f"not ready: {why}", "service_unavailable")
+        body.update(load, workers=workers)
+        return 503, body
+
+    async def render_metrics(self) -> bytes:
+        """The deployment's /metrics: this process's, plus the fronts' counters and histograms."""
+        if self.fronts is None or not self.fronts.fronts:
+            return self.metrics.render()
+        extra = await self.fronts.samples()
+        return generate_latest(_Families(merge_samples(list(self.metrics.registry.collect()), extra)))
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.served_model_name:
@@ -194,11 +241,31 @@ def _sse(first: Chunk, rest: AsyncIterator[Chunk], shape: ResponseShape, prompt_
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
+class _Families:
+    """A registry-like object holding collected metric families (for generate_latest)."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] | None = None) -> FastAPI:
+    """The router's app; `front` = (hub endpoint, front id): the app of a front process
+    (router/front.py), whose requests are placed by the hub at that endpoint."""
     router = Router(settings, tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if front is not None:
+            router.hub = RelayHub(router, *front)
+            router.hub.start()
+            try:
+                yield
+            finally:
+                await router.hub.close()
+            return
         router.hub = WorkerHub(router.registry, settings.control_address,
                                admission=Admission(settings.max_queued_requests, settings.max_queued_tokens),
                                mode=settings.mode,
@@ -206,9 +273,26 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
         router.hub.start()
         router.metrics.attach(router.hub, router.registry)
         log.info("router control endpoint: %s", router.hub.address)
+        procs = run_dir = None
         try:
+            if settings.http_processes > 1:
+                if router.http_socket is None:
+                    raise RuntimeError("--http-processes > 1 needs the HTTP socket (router.server.run_http)")
+                run_dir = tempfile.mkdtemp(prefix="pdserve-fronts-")  # 0700: only this user connects
+                router.fronts = FrontServer(router, f"ipc://{run_dir}/hub")
+                router.fronts.start()
+                procs = FrontProcesses(router, router.fronts, settings.http_processes, router.http_socket, settings)
+                procs.start()
+                log.info("HTTP on %d processes: this one and %d fronts", settings.http_processes,
+                         settings.http_processes - 1)
             yield
         finally:
+            if procs is not None:
+                await procs.stop()
+            if router.fronts is not None:
+                await router.fronts.close()
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
             await router.hub.close()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
@@ -222,31 +306,19 @@ def create_app(settings: RouterSettings, tokenizer=None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        """200 while the live workers can serve in the router's mode (disaggregated: one that
-        prefills and one that decodes; colocated, adaptive: one that decodes); lists every worker."""
-        reg = router.registry
-        p, d = len(reg.alive("prefill")), len(reg.alive("decode"))
-        workers = [w.describe(reg.is_alive(w)) for w in sorted(reg.workers.values(), key=lambda w: w.worker_id)]
-        hub = router.hub
-        load = {"mode": settings.mode, "requests_in_flight": len(hub.requests) if hub else 0,
-                "queued_requests": hub.admission.requests if hub else 0,
-                "placements": dict(hub.placements) if hub else {},
-                "migrations": dict(hub.migrations) if hub else {},
-                "routing": {f"{job}/{reason}": n for (job, reason), n in sorted(hub.routing.items())} if hub else {}}
-        if router.draining:
-            body = error_body("shutting down", "service_unavailable")
-            body.update(load, workers=workers)
-            return JSONResponse(body, status_code=503)
-        why = reg.not_ready(settings.mode)
-        if why is None:
-            return {"status": "ok", "prefill_workers": p, "decode_workers": d, **load, "workers": workers}
-        body = error_body(f"not ready: {why}", "service_unavailable")
-        body.update(load, workers=workers)
-        return JSONResponse(body, status_code=503)
+        """Router.health(), the hub's on a front."""
+        if front is not None:
+            status, body = await router.hub.query("health")
+            return Response(body, status_code=status, media_type="application/json")
+        status, body = router.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics():
-        return Response(router.metrics.render(), media_type=CONTENT_TYPE)
+        if front is not None:
+            status, body = await router.hub.query("metrics")
+            return Response(body, status_code=status, media_type=CONTENT_TYPE)
+        return Response(await router.render_metrics(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():

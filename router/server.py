@@ -28,22 +28,22 @@ class DrainingServer(uvicorn.Server):
         self._deadline: float | None = None
 
     def handle_exit(self, sig, frame) -> None:
-        if self.router.draining:
-            log.warning("second signal: exiting without waiting for %d requests", self.router.in_flight)
+        if self._deadline is not None:
+            log.warning("second signal: exiting without waiting for %d requests", self.router.requests_in_flight)
             self.should_exit = self.force_exit = True
             return
         self.router.draining = True
         self._deadline = time.monotonic() + self.shutdown_timeout_s
         log.info("draining: refusing new requests, waiting up to %.0f s for %d in flight",
-                 self.shutdown_timeout_s, self.router.in_flight)
+                 self.shutdown_timeout_s, self.router.requests_in_flight)
 
     async def on_tick(self, counter: int) -> bool:
         if self._deadline is not None and not self.should_exit:
-            if self.router.in_flight == 0:
+            if self.router.requests_in_flight == 0:
                 log.info("drained: no request in flight")
                 self.should_exit = True
             elif time.monotonic() >= self._deadline:
-                log.warning("shutdown timeout: cancelling %d requests still in flight", self.router.in_flight)
+                log.warning("shutdown timeout: cancelling %d requests still in flight", self.router.requests_in_flight)
                 self.should_exit = True
         return await super().on_tick(counter)
 
@@ -56,8 +56,13 @@ def run_http(app, host: str, port: int, shutdown_timeout_s: float, sock: socket.
     log.info("HTTP on uvicorn %s: event loop %s, HTTP parser %s", uvicorn.__version__,
              "uvloop" if _importable("uvloop") else "asyncio (install uvloop for a faster router)",
              "httptools" if _importable("httptools") else "h11 (install httptools for a faster router)")
+    router = app.state.router
+    if router.settings.http_processes > 1 and sock is None:
+        sock = socket.create_server((host, port), backlog=2048)  # the fronts accept on it too
+    router.http_socket = sock
     settle_heap()  # the app, the tokenizer and every module live as long as this process
-    DrainingServer(config, app.state.router, shutdown_timeout_s).run(sockets=[sock] if sock is not None else None)
+    router.shutdown_timeout_s = shutdown_timeout_s
+    DrainingServer(config, router, shutdown_timeout_s).run(sockets=[sock] if sock is not None else None)
 
 
 def _importable(name: str) -> bool:

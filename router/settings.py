@@ -30,6 +30,8 @@ class RouterSettings:
     api_key: str | None = None
     curve_keys: str | None = None
     insecure: bool = False
+    # Processes serving HTTP on the one port: the router, and N - 1 fronts relaying to it (router/fronts.py).
+    http_processes: int = 1
 
     def __post_init__(self):
         if not self.served_model_name:
@@ -38,6 +40,8 @@ class RouterSettings:
                      "max_queued_requests", "max_queued_tokens", "max_request_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.http_processes < 1:
+            raise ValueError("http_processes must be >= 1")
         if self.max_migrations < 0:
             raise ValueError("max_migrations must be >= 0")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
