@@ -72,9 +72,10 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024, help="HTTP body size cap (413)")
     p.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask (400)")
     p.add_argument("--http-processes", type=int, default=1,
-                   help="processes serving HTTP on the one port: the router, and N - 1 fronts that parse, "
-                        "tokenize, detokenize and write the streams of the connections they accept, relaying "
-                        "placement to the router (for when the router's one core is the limit; default: %(default)s)")
+                   help="processes serving HTTP on the one port: 1, the router itself; N > 1, N front processes "
+                        "that parse, tokenize, detokenize and write the streams, while the router only places "
+                        "requests and relays their tokens (for when the router's one core is the limit; "
+                        "default: %(default)s)")
     p.add_argument("--api-key", default=None,
                    help="Bearer key required on /v1/* and /generate (default: $PDSERVE_API_KEY, else none)")
 

@@ -94,7 +94,7 @@ class Router:
                 "migrations": dict(hub.migrations) if hub else {},
                 "routing": {f"{job}/{reason}": n for (job, reason), n in sorted(hub.routing.items())} if hub else {}}
         if self.fronts is not None:
-            load["http_processes"] = 1 + len(self.fronts.fronts)
+            load["http_processes"] = len(self.fronts.fronts)  # fronts up
         if self.draining:
             body = error_body("shutting down", "service_unavailable")
             body.update(load, workers=workers)
@@ -283,8 +283,7 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
                 router.fronts.start()
                 procs = FrontProcesses(router, router.fronts, settings.http_processes, router.http_socket, settings)
                 procs.start()
-                log.info("HTTP on %d processes: this one and %d fronts", settings.http_processes,
-                         settings.http_processes - 1)
+                log.info("HTTP on %d front processes; this one places and relays", settings.http_processes)
             yield
         finally:
             if procs is not None:

@@ -62,7 +62,9 @@ def run_http(app, host: str, port: int, shutdown_timeout_s: float, sock: socket.
     router.http_socket = sock
     settle_heap()  # the app, the tokenizer and every module live as long as this process
     router.shutdown_timeout_s = shutdown_timeout_s
-    DrainingServer(config, router, shutdown_timeout_s).run(sockets=[sock] if sock is not None else None)
+    # With fronts, they alone accept on the socket: this process keeps its loop for the hub.
+    listen = [] if router.settings.http_processes > 1 else [sock] if sock is not None else None
+    DrainingServer(config, router, shutdown_timeout_s).run(sockets=listen)
 
 
 def _importable(name: str) -> bool:

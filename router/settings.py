@@ -30,7 +30,7 @@ class RouterSettings:
     api_key: str | None = None
     curve_keys: str | None = None
     insecure: bool = False
-    # Processes serving HTTP on the one port: the router, and N - 1 fronts relaying to it (router/fronts.py).
+    # Processes serving HTTP on the one port: 1, the router; N > 1, N fronts relaying to it (router/fronts.py).
     http_processes: int = 1
 
     def __post_init__(self):

@@ -1,6 +1,6 @@
-"""`--http-processes 3`: the router and two front processes share the HTTP port (router/fronts.py).
+"""`--http-processes 2`: two front processes serve the router's HTTP port (router/fronts.py).
 
-One deployment for the module: router with --http-processes 3, prefill worker p0, decode
+One deployment for the module: router with --http-processes 2, prefill worker p0, decode
 workers d0 and d1 (a step delay of 20 ms, so that a stream lasts long enough to act in its
 middle). References: transformers' greedy text; the metrics of the same requests, counted once.
 The last tests end the router.
@@ -26,13 +26,13 @@ PROMPTS = ["The weather today", "Hello there", "Keep going", "Short prompt", "On
 
 @pytest.fixture(scope="module")
 def cluster(demo_model):
-    c = Cluster(demo_model, ["--http-processes", "3", "--worker-timeout", "5"])
+    c = Cluster(demo_model, ["--http-processes", "2", "--worker-timeout", "5"])
     c.worker("p0", "--heartbeat-interval", "0.25", "--num-kv-blocks", "512")
     for w in ("d0", "d1"):
         c.worker(w, *DECODE)
     try:
         c.wait_ready(["p0", "d0", "d1"])
-        wait_for(lambda: len(fronts(c)) == 2 and c.health().get("http_processes") == 3, 60, "two fronts up")
+        wait_for(lambda: len(fronts(c)) == 2 and c.health().get("http_processes") == 2, 60, "two fronts up")
         yield c
     finally:
         c.stop()
@@ -92,14 +92,15 @@ def test_every_process_serves_and_the_text_is_transformers(cluster, reference):
         ids = reference.tok.encode(prompt)
         assert text == reference.text(reference.greedy(ids, 24)), prompt
     # The requests were spread over the processes, and /metrics (asked of any of them) counts each once.
-    wait_for(lambda: len(serving_pids(c)) >= 2, 10, "requests served by two processes or more")
+    wait_for(lambda: len(serving_pids(c)) >= 1, 10, "requests logged")
+    assert serving_pids(c) <= set(fronts(c)), "the router served HTTP itself"
     assert metric(c, finished) - before == 18
     gen = metric(c, 'pdserve:generation_tokens_total{model_name="demo"}') - tokens_before
     assert gen == sum(len(reference.tok.encode(t, add_special_tokens=False)) for _, t, _ in results.values()) \
         or 18 <= gen <= 18 * 24  # (a text's re-encoding may differ from the tokens generated)
-    for _ in range(6):  # each of the processes answers /health for the whole deployment
+    for _ in range(6):  # each front answers /health for the whole deployment
         h = httpx.get(c.url + "/health", timeout=10).json()
-        assert h["status"] == "ok" and h["http_processes"] == 3 and len(h["workers"]) == 3
+        assert h["status"] == "ok" and h["http_processes"] == 2 and len(h["workers"]) == 3
     c.wait_all_free()
 
 
@@ -116,7 +117,7 @@ def test_a_decode_worker_killed_mid_stream_moves_the_fronts_streams(cluster, ref
     for s, p in zip(streams, PROMPTS * 2):
         assert s.result(120) == "finished", (p, s.error)
         assert "".join(s.texts) == reference.text(reference.greedy(reference.tok.encode(p), 200)), p
-    assert len(serving_pids(c)) >= 2
+    assert serving_pids(c) <= set(fronts(c))
     c.worker(victim)
     c.wait_ready([victim])
     c.wait_all_free()
@@ -175,10 +176,8 @@ def test_the_router_killed_ends_the_fronts_streams_and_the_fronts(cluster):
     t0 = time.monotonic()
     wait_for(lambda: not any(_alive(k) for k in kids), 15, "the fronts exited")
     print(f"\nRESULT fronts gone {time.monotonic() - t0:.2f} s after the router")
-    for s in streams:
-        assert s.result(30) in ("error-event", "broken")  # on a front: the error; on the router: cut
-    assert any(s.outcome == "error-event" and "hub" in s.error["message"] for s in streams) or \
-        not any(s.outcome == "error-event" for s in streams)
+    for s in streams:  # each ends with an error event, then [DONE]
+        assert s.result(30) == "error-event" and "hub" in s.error["message"], (s.outcome, s.error)
 
 
 def _alive(pid: int) -> bool:
