@@ -262,6 +262,8 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
             router.hub = RelayHub(router, *front)
             router.hub.start()
             try:
+                # Accept nothing before the hub's state (context length, drain) is known.
+                await asyncio.wait_for(router.hub.ready.wait(), 30.0)
                 yield
             finally:
                 await router.hub.close()

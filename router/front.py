@@ -27,6 +27,7 @@ from control import messages
 from control.droplog import DropLog
 
 from .admission import Overloaded
+from .errors import error_body
 from .fronts import own_samples
 from .request import Event, RequestState
 
@@ -48,9 +49,12 @@ class RelayHub:
         self.front_id = front_id
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, front_id.encode())
+        # Unique per process: the hub tells a restarted front from the one that exited.
+        self.sock.setsockopt(zmq.IDENTITY, f"{front_id}-{os.getpid()}".encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, 1_000_000)  # (router/fronts.py: nothing dropped)
+        self.sock.setsockopt(zmq.RCVHWM, 1_000_000)
         self.sock.connect(address)
         self.address = address
         self.requests: dict[str, RequestState] = {}      # id as submitted -> request
@@ -70,12 +74,18 @@ class RelayHub:
     async def submit(self, state: RequestState) -> None:
         for _ in range(2):  # an id another front uses: once more under a fresh one
             self.requests[state.base_id] = state
-            reply = await self._ask(state, messages.Submit(state.base_id, state.prompt_token_ids, state.params))
+            try:
+                reply = await self._ask(state, messages.Submit(state.base_id, state.prompt_token_ids, state.params))
+            except BaseException:
+                self.requests.pop(state.base_id, None)
+                raise
             if isinstance(reply, messages.Placed):
                 return
             self.requests.pop(state.base_id, None)
             if reply.reason == "overloaded":
                 raise Overloaded(reply.message, reply.retry_after_s)
+            if reply.reason == "error":
+                raise RuntimeError(f"the router failed to place the request: {reply.message}")
             if reply.reason != "duplicate":
                 raise LookupError(reply.message)
             state.base_id = state.request_id = f"{state.base_id}-{uuid.uuid4().hex[:8]}"
@@ -85,6 +95,8 @@ class RelayHub:
         reply = await self._ask(state, messages.Migrate(state.base_id, state.request_id, failed_worker, why,
                                                         state.output_token_ids), migration=(failed_worker, why))
         if not isinstance(reply, messages.Placed):
+            if reply.reason == "error":
+                raise RuntimeError(f"the router failed to move the request: {reply.message}")
             raise LookupError(reply.message)
 
     def finish(self, state: RequestState) -> None:
@@ -124,7 +136,7 @@ class RelayHub:
     async def query(self, what: str) -> tuple[int, str]:
         """The hub's answer to /health or /metrics: (HTTP status, body)."""
         if self.gone:
-            return 503, json.dumps({"error": {"message": "the router's hub process is gone"}})
+            return 503, json.dumps(error_body("the router's hub process is gone", "service_unavailable"))
         self._token += 1
         token, fut = self._token, asyncio.get_running_loop().create_future()
         self._queries[token] = fut
@@ -133,7 +145,7 @@ class RelayHub:
             reply = await asyncio.wait_for(fut, ANSWER_TIMEOUT_S)
             return reply.status, reply.body
         except asyncio.TimeoutError:
-            return 503, json.dumps({"error": {"message": "the router's hub did not answer"}})
+            return 503, json.dumps(error_body("the router's hub did not answer", "service_unavailable"))
         finally:
             self._queries.pop(token, None)
 
@@ -211,6 +223,7 @@ class RelayHub:
                 # Switched here, before the new attempt's first events (next in this loop) are read.
                 self._wire.pop(st.request_id, None)
                 if migration is not None:
+                    self._finished.discard(st.base_id)  # (a finish of the old attempt, read before this)
                     st.next_attempt()
                     st.moves.append((migration[0], migration[1], len(st.output_token_ids)))
                 st.request_id = msg.attempt

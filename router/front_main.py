@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.http_processes = 1  # (a front starts none)
     sock = socket.socket(fileno=args.fd)
     app = create_app(settings, front=(args.hub, args.front_id))
-    run_http(app, settings.host, settings.port, args.shutdown_timeout, sock=sock)
+    run_http(app, settings.host, settings.port, args.shutdown_timeout, sock=sock, second_signal_exits=False)
     return 0
 
 

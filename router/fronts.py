@@ -68,9 +68,15 @@ class FrontServer:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, 1000)
+        # A front that falls behind for a while must not lose tokens: ZeroMQ drops past the high-water mark.
+        self.sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        self.sock.setsockopt(zmq.RCVHWM, 1_000_000)
         self.sock.bind(address)
         self.address = address
         self.fronts: dict[bytes, int] = {}          # routing id -> pid, of the fronts that said hello
+        self.gone: set[bytes] = set()                 # routing ids of fronts that exited: late messages dropped
+        self.retired: list[list] = []                 # the counters of fronts that exited, as last scraped
+        self._last_samples: dict[bytes, list] = {}
         self.relayed: dict[tuple[bytes, str], RelayedState] = {}   # (front, base id) -> request
         self._outbox: dict[bytes, list] = {}
         self._flush_soon = False
@@ -129,20 +135,25 @@ class FrontServer:
     async def samples(self) -> list[list]:
         """Every front's counter and histogram samples (for /metrics), each front's within
         SAMPLES_TIMEOUT_S (a front that does not answer in time is left out of this scrape)."""
-        waits = []
+        waits = {}
         for front in list(self.fronts):
             self._token += 1
-            fut = self._answers[self._token] = asyncio.get_running_loop().create_future()
+            waits[front] = (self._token, asyncio.get_running_loop().create_future())
+            self._answers[self._token] = waits[front][1]
             self._send_now(front, messages.Query(self._token, "samples"))
-            waits.append((self._token, fut))
-        out = []
-        for token, fut in waits:
-            try:
-                out.extend((await asyncio.wait_for(fut, SAMPLES_TIMEOUT_S)).samples)
-            except asyncio.TimeoutError:
-                log.warning("a front did not send its metrics within %.0f s", SAMPLES_TIMEOUT_S)
-            finally:
+        try:
+            await asyncio.wait([fut for _, fut in waits.values()], timeout=SAMPLES_TIMEOUT_S)
+        finally:
+            for token, _ in waits.values():
                 self._answers.pop(token, None)
+        out = list(self.retired)
+        for front, (_, fut) in waits.items():
+            if fut.done():
+                self._last_samples[front] = fut.result().samples
+            else:
+                log.warning("front %r did not send its metrics within %.0f s: its last ones count", front,
+                            SAMPLES_TIMEOUT_S)
+            out.extend(self._last_samples.get(front, []))
         return out
 
     # ---- from the fronts ------------------------------------------------------------------------
@@ -162,6 +173,8 @@ class FrontServer:
 
     async def _dispatch(self, front: bytes, msg) -> None:
         hub = self.router.hub
+        if front in self.gone:
+            return  # sent before it exited, read after front_gone() freed what it held
         if isinstance(msg, messages.Submit):
             await self._submit(front, msg)
         elif isinstance(msg, messages.Migrate):
@@ -219,6 +232,10 @@ class FrontServer:
         except LookupError as e:
             self._send_now(front, messages.NotPlaced(rid, "no_worker", str(e)))
             return
+        except Exception as e:
+            log.exception("error placing a front's request")
+            self._send_now(front, messages.NotPlaced(rid, "error", f"{type(e).__name__}: {e}"))
+            return
         self.relayed[(front, rid)] = st
         self._send_now(front, messages.Placed(rid, st.request_id, st.prefill_worker or "", st.decode_worker or ""))
 
@@ -233,13 +250,20 @@ class FrontServer:
         except LookupError as e:
             self._send_now(front, messages.NotPlaced(msg.request_id, "no_worker", str(e)))
             return
+        except Exception as e:
+            log.exception("error moving a front's request")
+            self._send_now(front, messages.NotPlaced(msg.request_id, "error", f"{type(e).__name__}: {e}"))
+            return
         self._send_now(front, messages.Placed(msg.request_id, st.request_id, st.prefill_worker or "",
                                               st.decode_worker or ""))
 
     async def front_gone(self, front: bytes) -> None:
-        """A front exited: free its requests on the workers."""
+        """A front exited: free its requests on the workers; its counters stay in /metrics (as
+        last scraped), so that they never go down."""
+        self.gone.add(front)
         self.fronts.pop(front, None)
         self._outbox.pop(front, None)
+        self.retired.extend(self._last_samples.pop(front, []))
         gone = [k for k in self.relayed if k[0] == front]
         for k in gone:
             await self.router.hub.abort(self.relayed.pop(k))
@@ -281,7 +305,7 @@ class FrontProcesses:
                     continue
                 log.warning("HTTP front-%d (pid %d) exited with %s", i, p.pid, p.returncode)
                 del self.procs[i]
-                await self.server.front_gone(f"front-{i}".encode())
+                await self.server.front_gone(f"front-{i}-{p.pid}".encode())  # (its routing id)
                 if self.router.draining:
                     continue
                 # one start a second at most: a front that dies at start must not spin
@@ -290,7 +314,10 @@ class FrontProcesses:
                 self.restarts += 1
                 self._spawn(i)
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self) -> None:
+        """SIGTERM: each front drains (refuses new requests, finishes its streams, which this
+        process still serves meanwhile) for up to the shutdown timeout, then is killed."""
+        grace_s = self.router.shutdown_timeout_s + 1.0
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

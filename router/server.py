@@ -21,14 +21,17 @@ log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, router, shutdown_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, router, shutdown_timeout_s: float, second_signal_exits: bool = True):
         super().__init__(config)
         self.router = router
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.second_signal_exits = second_signal_exits
         self._deadline: float | None = None
 
     def handle_exit(self, sig, frame) -> None:
         if self._deadline is not None:
+            if not self.second_signal_exits:
+                return  # an HTTP front: signalled by its group and by the router; the router ends it
             log.warning("second signal: exiting without waiting for %d requests", self.router.requests_in_flight)
             self.should_exit = self.force_exit = True
             return
@@ -48,7 +51,8 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def run_http(app, host: str, port: int, shutdown_timeout_s: float, sock: socket.socket | None = None) -> None:
+def run_http(app, host: str, port: int, shutdown_timeout_s: float, sock: socket.socket | None = None,
+             second_signal_exits: bool = True) -> None:
     """Serve `app` until drained; on `sock` when given (bound by the caller before it started
     anything, see pdserve/preflight.py), else on a socket uvicorn binds to host:port."""
     # Connections still open once drained (idle keep-alive ones) get a second to close.
@@ -64,7 +68,7 @@ def run_http(app, host: str, port: int, shutdown_timeout_s: float, sock: socket.
     router.shutdown_timeout_s = shutdown_timeout_s
     # With fronts, they alone accept on the socket: this process keeps its loop for the hub.
     listen = [] if router.settings.http_processes > 1 else [sock] if sock is not None else None
-    DrainingServer(config, router, shutdown_timeout_s).run(sockets=listen)
+    DrainingServer(config, router, shutdown_timeout_s, second_signal_exits).run(sockets=listen)
 
 
 def _importable(name: str) -> bool:

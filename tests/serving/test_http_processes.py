@@ -17,7 +17,6 @@ import time
 import httpx
 import pytest
 
-from router.metrics import Metrics
 from tests.serving.cluster import Cluster, RawClient, Stream, wait_for
 
 DECODE = ["--debug-step-delay", "0.02", "--heartbeat-interval", "0.25", "--num-kv-blocks", "512"]
@@ -186,35 +185,3 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def test_merged_metrics_equal_one_registry_that_saw_everything():
-    """router/fronts.py merge_samples: the hub's registry plus two fronts' samples render the same
-    counters and histograms as one registry fed every observation."""
-    from prometheus_client import generate_latest
-
-    from router.app import _Families
-    from router.fronts import merge_samples, own_samples
-
-    parts = [Metrics("m") for _ in range(3)]
-    whole = Metrics("m")
-    for i, m in enumerate(parts):
-        for target in (m, whole):
-            for k in range(5 + i):
-                target.ttft.observe(0.01 * (k + 1) * (i + 1))
-                target.itl.observe(0.003 * k)
-            target.generation_tokens.inc(7 * (i + 1))
-            target.count("finished")
-            target.success("stop" if i == 2 else "length")  # "stop" only in the last front
-    extra = own_samples(parts[1].registry) + own_samples(parts[2].registry)
-    merged = generate_latest(_Families(merge_samples(list(parts[0].registry.collect()), extra))).decode()
-    want = generate_latest(whole.registry).decode()
-
-    def samples(text: str) -> dict[str, float]:
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line and not line.startswith("#") and "_created" not in line}
-
-    got, ref = samples(merged), samples(want)
-    assert got.keys() == ref.keys()
-    for k in ref:
-        assert got[k] == pytest.approx(ref[k]), k
