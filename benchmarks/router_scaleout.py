@@ -1,6 +1,6 @@
 """What the router costs per token, with one HTTP process and with front processes (--http-processes).
 
-    python benchmarks/router_scaleout.py [--processes 1 3] [--streams 64] [--output-len 128] [--json FILE]
+    python benchmarks/router_scaleout.py [--processes 1 2] [--stream-interval 1] [--streams 64] [--output-len 128] [--json FILE]
 
 For each --http-processes value: starts `pdserve serve --mode colocated` (one `both` worker) on
 a fresh demo model, sends --streams streaming /v1/completions at once (token-id prompts of
@@ -69,7 +69,8 @@ def measure(model: str, processes: int, args) -> dict:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", str(port),
                              "--served-model-name", "demo", "--num-kv-blocks", "4096", "--mode", "colocated",
-                             "--prefill-workers", "0", "--http-processes", str(processes)],
+                             "--prefill-workers", "0", "--http-processes", str(processes),
+                             "--stream-interval", str(args.stream_interval)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", [proc])
@@ -102,6 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--stream-interval", type=int, default=1, help="serve's --stream-interval")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -118,6 +120,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": cpu_host(), "commit": commit(), "command": " ".join(["python"] + sys.argv),
                        "mode": "colocated, one both worker", "streams": args.streams, "output_len": args.output_len,
+                       "stream_interval": args.stream_interval,
                        "prompt_len": [16, 64], "repeats": args.repeats,
                        "definition": "cpu_ms_per_1k_tokens: CPU time (user + system) of the processes of that role "
                                      "over a run, per 1000 output tokens; router: the process holding the workers' "

@@ -67,6 +67,23 @@ def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) ->
     return Event("tokens", ids, reason, at=evs[n - 1].at, parts=parts)
 
 
+async def _fill(state: RequestState, ev: Event, interval: int, timeout_s: float) -> Event:
+    """`ev` with the next token events merged in until it holds `interval` tokens, ends the
+    request, or the next event is an error (put back, read next) or does not come in `timeout_s`
+    (--stream-interval: fewer, larger chunks, each costing the router a write and its JSON)."""
+    deadline = time.monotonic() + timeout_s
+    while ev.kind == "tokens" and ev.finish_reason is None and len(ev.token_ids) < interval:
+        evs = await state.next_events(deadline - time.monotonic())
+        if not evs:
+            break
+        nxt = _merge_tokens(state, evs)
+        if nxt.kind != "tokens":
+            state.unread([nxt])
+            break
+        ev = Event("tokens", ev.token_ids + nxt.token_ids, nxt.finish_reason, at=nxt.at, parts=ev.parts + nxt.parts)
+    return ev
+
+
 async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_token_ids: list[int],
                    params: SamplingParams, stop_strings: list[str], request_id: str | None = None,
                    metrics: Metrics | None = None) -> AsyncIterator[Chunk]:
@@ -105,6 +122,9 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                 outcome = "timeout"
                 raise APIError(f"timed out waiting for {what}", 503) from None
             ev = _merge_tokens(state, evs, alone=generated == 0)
+            if settings.stream_interval > 1 and generated > 0:
+                ev = await _fill(state, ev, settings.stream_interval,
+                                 min(settings.next_token_timeout_s, deadline - time.monotonic()))
             if ev.kind == "error":
                 if ev.failed_worker is not None:
                     if len(state.moves) < settings.max_migrations:

@@ -30,6 +30,8 @@ class RouterSettings:
     api_key: str | None = None
     curve_keys: str | None = None
     insecure: bool = False
+    # Tokens a streamed chunk gathers before it is sent (the first token and the last go at once).
+    stream_interval: int = 1
     # Processes serving HTTP on the one port: 1, the router; N > 1, N fronts relaying to it (router/fronts.py).
     http_processes: int = 1
 
@@ -40,6 +42,8 @@ class RouterSettings:
                      "max_queued_requests", "max_queued_tokens", "max_request_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
         if self.http_processes < 1:
             raise ValueError("http_processes must be >= 1")
         if self.max_migrations < 0:

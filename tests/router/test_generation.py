@@ -105,3 +105,65 @@ def test_an_error_after_tokens_comes_after_their_chunk(demo_model):
     assert [c.token_ids for c in got] == [[11], [12, 13]] and got[-1].finish_reason is None
     assert err.status_code == 503 and "stopped responding" in str(err)
     assert hub.aborted == ["r1"]
+
+
+def test_a_stream_interval_gathers_tokens_into_chunks_but_never_holds_the_first_or_the_finish(demo_model):
+    metrics = Metrics("m")
+    tok = AutoTokenizer.from_pretrained(demo_model)
+
+    async def t():
+        hub = FakeHub()
+        gen = generate(hub, tok, RouterSettings(model=demo_model, stream_interval=3), [5, 6, 7],
+                       SamplingParams(max_tokens=8), [], request_id="r1", metrics=metrics)
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        st = hub.requests["r1"]
+
+        async def feed():  # one step's token at a time, read as they come
+            for i in range(8):
+                st.on_tokens(i, [11 + i], "length" if i == 7 else None)
+                await asyncio.sleep(0.005)
+
+        feeding = asyncio.ensure_future(feed())
+        chunks = [await first]
+        async for c in gen:
+            chunks.append(c)
+        await feeding
+        return chunks
+
+    chunks = asyncio.run(t())
+    assert [c.token_ids for c in chunks] == [[11], [12, 13, 14], [15, 16, 17], [18]]
+    assert chunks[-1].finish_reason == "length" and [c.num_generated for c in chunks] == [1, 4, 7, 8]
+    assert _count(metrics.ttft) == 1 and _count(metrics.itl) == 7  # every token's own arrival
+    assert "".join(c.text for c in chunks) == tok.decode(list(range(11, 19)), skip_special_tokens=True)
+
+
+def test_a_stream_interval_sends_what_it_holds_before_an_error(demo_model):
+    from router.errors import APIError
+
+    got = []
+
+    async def t():
+        tok = AutoTokenizer.from_pretrained(demo_model)
+        hub = FakeHub()
+        gen = generate(hub, tok, RouterSettings(model=demo_model, stream_interval=4), [5, 6, 7],
+                       SamplingParams(max_tokens=8), [], request_id="r1", metrics=Metrics("m"))
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        st = hub.requests["r1"]
+        st.on_tokens(0, [11], None)
+        got.append(await first)
+        nxt = asyncio.ensure_future(gen.__anext__())
+        st.on_tokens(1, [12], None)
+        await asyncio.sleep(0.01)
+        st.on_tokens(2, [13], None)
+        await asyncio.sleep(0.01)
+        st.on_error("decode worker d0 stopped responding", 503)
+        got.append(await nxt)
+        try:
+            await gen.__anext__()
+        except APIError as e:
+            return e
+
+    err = asyncio.run(t())
+    assert [c.token_ids for c in got] == [[11], [12, 13]] and "stopped responding" in str(err)
