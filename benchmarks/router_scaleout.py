@@ -84,7 +84,7 @@ def measure(model: str, processes: int, args) -> dict:
 
         def bodies() -> list[dict]:  # new prompts every run: the prefix cache finds nothing
             return [{"model": "demo", "prompt": [rng.randrange(5, 1000) for _ in range(rng.randint(16, 64))],
-                     "max_tokens": args.output_len, "temperature": 0, "ignore_eos": True, "stream": True,
+                     "max_tokens": args.output_len, "temperature": args.temperature, "ignore_eos": True, "stream": True,
                      "stream_options": {"include_usage": True}} for _ in range(args.streams)]
 
         run_once(port, bodies(), roles)  # warm-up
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--stream-interval", type=int, default=1, help="serve's --stream-interval")
+    ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -120,7 +121,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": cpu_host(), "commit": commit(), "command": " ".join(["python"] + sys.argv),
                        "mode": "colocated, one both worker", "streams": args.streams, "output_len": args.output_len,
-                       "stream_interval": args.stream_interval,
+                       "stream_interval": args.stream_interval, "temperature": args.temperature,
                        "prompt_len": [16, 64], "repeats": args.repeats,
                        "definition": "cpu_ms_per_1k_tokens: CPU time (user + system) of the processes of that role "
                                      "over a run, per 1000 output tokens; router: the process holding the workers' "

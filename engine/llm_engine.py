@@ -29,7 +29,7 @@ from .sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 
-_GREEDY = operator.attrgetter("greedy")
+_PLAIN_GREEDY = operator.attrgetter("plain_greedy")
 
 
 class RequestRejected(ValueError):
@@ -108,6 +108,10 @@ class LLMEngine:
             raise RequestRejected(
                 f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds the model's context length of {self.max_model_len} tokens")
+        if params.logit_bias and max(t for t, _ in params.logit_bias) >= self.model_cfg.vocab_size:
+            bad = max(t for t, _ in params.logit_bias)
+            raise RequestRejected(f"logit_bias: token id {bad} is outside the vocabulary "
+                                  f"(size {self.model_cfg.vocab_size})")
         if not self.scheduler.can_ever_fit(total):
             raise RequestRejected(
                 f"prompt + max_tokens = {total} tokens can never fit in the KV cache "
@@ -250,10 +254,11 @@ class LLMEngine:
         if not seqs:
             return None
         params = [q.params for q in seqs]
-        if all(map(_GREEDY, params)):
+        if all(map(_PLAIN_GREEDY, params)):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self.sampler.sample(logits, params, [q.num_output_tokens for q in seqs])
+            tokens = self.sampler.sample(logits, params, [q.num_output_tokens for q in seqs],
+                                         self._history(seqs, params, prev, logits))
         positions = []
         max_len = self.max_model_len
         for q in seqs:
@@ -270,6 +275,38 @@ class LLMEngine:
             ready.record()
         pending = Pending(tokens, {id(q): (pos, r) for r, (q, pos) in enumerate(zip(seqs, positions))})
         return _InFlight(seqs, positions, host, ready, pending)
+
+    @staticmethod
+    def _history(seqs: list[Sequence], params: list[SamplingParams], prev: _InFlight | None, logits: torch.Tensor):
+        """What Sampler.adjust reads for the rows whose params adjust the logits (None if none):
+        their prompts' and outputs' token ids on the logits' device, padded with the vocabulary
+        size. An output token the previous step is still sampling (async scheduling) is taken
+        from the device. (Built from the host's lists each step: a cost only such requests pay.)"""
+        vocab = logits.shape[-1]
+        rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+        if not rows:
+            return None
+        prompts, outputs, fills = [], [], []
+        for j, i in enumerate(rows):
+            q = seqs[i]
+            n = q.num_prompt_tokens
+            prompts.append(q.token_ids[:n] if params[i].repetition_penalty != 1.0 else [])
+            outs = q.token_ids[n:]
+            if outs and outs[-1] == PLACEHOLDER:
+                fills.append((j, len(outs) - 1, prev.pending.rows[id(q)][1]))
+            outputs.append(outs)
+
+        def padded(lists: list[list[int]]) -> torch.Tensor:
+            width = max(1, max(map(len, lists)))
+            return torch.tensor([x + [vocab] * (width - len(x)) for x in lists], dtype=torch.int64)
+
+        dev = logits.device
+        p, o = padded(prompts).to(dev), padded(outputs).to(dev)
+        if fills:
+            at = torch.tensor([[j, col] for j, col, _ in fills], dtype=torch.int64, device=dev)
+            src = torch.tensor([r for _, _, r in fills], dtype=torch.int64, device=dev)
+            o[at[:, 0], at[:, 1]] = prev.pending.tokens[src].to(dev)
+        return rows, p, o
 
     def _collect(self, f: _InFlight) -> list[StepOutput]:
         """Waits for a launched step's tokens, puts them in place, applies stop conditions."""

@@ -1,4 +1,11 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, penalties, logit bias.
+
+Penalties and the logit bias change a row's logits before anything else (greedy rows take
+the argmax of the changed logits): first transformers' repetition penalty on every token of
+the prompt and the output (a positive logit divided by it, a negative one multiplied), then
+OpenAI's frequency and presence penalties on the output's tokens (minus frequency x count,
+minus presence once a token has appeared), then the logit bias, added last so that a bias
+of +-100 decides whatever the penalties did.
 
 Sampling uses the exponential race (argmax of p_i / E_i with E_i ~ Exp(1)), which draws
 exactly from p and keeps the whole batch on the device. A seeded request draws its
@@ -38,10 +45,18 @@ class Sampler:
         return self.sample(logits, params, indices).tolist()
 
     @torch.no_grad()
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
+               history: tuple[list[int], torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`__call__`'s tokens as an int64 tensor on the logits' device, computed without waiting for
-        the device (the host can prepare the next step meanwhile)."""
+        the device (the host can prepare the next step meanwhile). `history`: (rows whose params
+        adjust the logits, their prompts' and outputs' token ids [R, *] padded with the vocabulary
+        size), for `adjust`."""
         greedy = [p.greedy for p in params]
+        if history is not None:
+            rows_a, prompts, outputs = history
+            logits = logits.float().clone()  # (the model's output buffer stays as it is)
+            ra = to_device(rows_a, torch.int64, logits.device)
+            logits[ra] = self.adjust(logits[ra], [params[i] for i in rows_a], prompts, outputs)
         if all(greedy):
             return logits.argmax(dim=-1)
         logits = logits.float()
@@ -57,6 +72,34 @@ class Sampler:
                 noise[j].exponential_(generator=self._seeded)
         out[rows_t] = (probs / noise).argmax(dim=-1)
         return out
+
+    @staticmethod
+    def adjust(logits: torch.Tensor, params: list[SamplingParams], prompts: torch.Tensor,
+               outputs: torch.Tensor) -> torch.Tensor:
+        """Penalties and logit bias (module docstring) on float logits [R, V]; `prompts` and
+        `outputs` [R, *] hold each row's token ids, padded with V."""
+        r, v = logits.shape
+        dev = logits.device
+        rep = [p.repetition_penalty for p in params]
+        if any(x != 1.0 for x in rep):
+            seen = torch.zeros(r, v + 1, dtype=torch.bool, device=dev)
+            seen.scatter_(1, torch.cat([prompts, outputs], dim=1), True)
+            rp = to_device(rep, logits.dtype, dev)[:, None]
+            logits = torch.where(seen[:, :v], torch.where(logits > 0, logits / rp, logits * rp), logits)
+        freq = [p.frequency_penalty for p in params]
+        pres = [p.presence_penalty for p in params]
+        if any(freq) or any(pres):
+            counts = torch.zeros(r, v + 1, dtype=logits.dtype, device=dev)
+            counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=logits.dtype))
+            counts = counts[:, :v]
+            logits = (logits - to_device(freq, logits.dtype, dev)[:, None] * counts
+                      - to_device(pres, logits.dtype, dev)[:, None] * (counts > 0).to(logits.dtype))
+        at = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or ()) if t < v]
+        if at:
+            rows, cols, bias = zip(*at)
+            logits = logits.index_put((to_device(list(rows), torch.int64, dev), to_device(list(cols), torch.int64, dev)),
+                                      to_device(list(bias), logits.dtype, dev), accumulate=True)
+        return logits
 
     @staticmethod
     def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -14,6 +14,13 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # OpenAI's penalties on the tokens generated so far: logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # transformers' (and vLLM's) on every token of the prompt and the output: a positive logit / r, else * r
+    repetition_penalty: float = 1.0
+    # [[token id, bias], ...] added to those tokens' logits at every step (OpenAI's logit_bias)
+    logit_bias: list | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -24,6 +31,32 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if self.logit_bias is not None:
+            pairs = []
+            for item in self.logit_bias:
+                if (not isinstance(item, (list, tuple)) or len(item) != 2 or type(item[0]) is not int
+                        or type(item[1]) not in (int, float)):
+                    raise ValueError("logit_bias must be a list of [token id, bias] pairs")
+                if item[0] < 0 or not -100 <= item[1] <= 100:
+                    raise ValueError(f"logit_bias: token id {item[0]} must be >= 0 and its bias in [-100, 100]")
+                pairs.append([item[0], float(item[1])])
+            self.logit_bias = pairs or None
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """A penalty or a logit bias changes the logits before sampling (or before the argmax)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the model's logits as they are."""
+        return self.greedy and not self.adjusts_logits
 
     @property
     def greedy(self) -> bool:

@@ -159,6 +159,10 @@ class Router:
         if bad is not None:
             raise APIError(f"stop token id {bad} is outside the vocabulary (size {self.vocab_size})", 400,
                            param="stop_token_ids")
+        bad = next((t for t, _ in fields.logit_bias or () if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(f"logit_bias token id {bad} is outside the vocabulary (size {self.vocab_size})", 400,
+                           param="logit_bias")
         d = fields.as_dict()
         d["max_tokens"] = max_tokens
         if d["top_k"] >= self.vocab_size:

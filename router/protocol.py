@@ -30,6 +30,7 @@ __all__ = [
 
 # OpenAI documents at most 4 stop sequences; we are lenient because matching is cheap.
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 1024
 
 
 class _Model(BaseModel):
@@ -121,6 +122,26 @@ class _SamplingMixin(_Model):
     stop: Optional[list[str]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
+    # OpenAI's penalties on the generated tokens, transformers' (vLLM's) on prompt and output,
+    # and OpenAI's logit_bias ({"token id": bias}); engine/sampler.py applies them.
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    logit_bias: Optional[dict[str, float]] = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        if v is None:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries are supported, got {len(v)}")
+        for k, b in v.items():
+            if not k.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+            if not -100 <= b <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b} for token {k}")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -158,15 +179,13 @@ class _SamplingMixin(_Model):
 
 
 class _OpenAIMixin(_SamplingMixin):
-    """Fields common to the two OpenAI endpoints; penalties/user are accepted and ignored."""
+    """Fields common to the two OpenAI endpoints; `user` is accepted and ignored."""
 
     model: str
     n: int = 1
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
     @field_validator("n")
     @classmethod
@@ -187,6 +206,16 @@ class ChatCompletionRequest(_OpenAIMixin):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text_only(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        # No guided decoding: answering a JSON-mode request with free text would break its parser.
+        if v is not None and v.get("type", "text") != "text":
+            raise ValueError(f"response_format {v.get('type')!r} is not supported (no guided decoding); "
+                             "only 'text'")
+        return v
 
     @field_validator("logprobs")
     @classmethod
@@ -325,6 +354,10 @@ class SamplingFields:
     seed: Optional[int]
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Optional[list[list]] = None   # [[token id, bias], ...]
     stop_strings: list[str] = field(default_factory=list)
 
     @classmethod
@@ -339,13 +372,16 @@ class SamplingFields:
             seed=req.seed,
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
+            presence_penalty=float(req.presence_penalty),
+            frequency_penalty=float(req.frequency_penalty),
+            repetition_penalty=float(req.repetition_penalty),
+            logit_bias=[[int(k), float(b)] for k, b in req.logit_bias.items()] if req.logit_bias else None,
             # dict.fromkeys: de-duplicate while keeping order.
             stop_strings=list(dict.fromkeys(req.stop or [])),
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """The worker-facing params: max_tokens, temperature, top_p, top_k, seed,
-        stop_token_ids, ignore_eos (no stop strings)."""
+        """The worker-facing params: every field but the stop strings."""
         d = asdict(self)
         del d["stop_strings"]
         return d

@@ -81,8 +81,22 @@ def test_chat_all_fields_and_extras():
         "seed": 123,
         "stop_token_ids": [7, 8],
         "ignore_eos": True,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -1.0,
+        "repetition_penalty": 1.0,
+        "logit_bias": None,
     }
     assert r.sampling_fields().stop_strings == ["\n"]
+
+
+def test_penalties_and_logit_bias_reach_the_workers_params_and_bad_ones_are_refused():
+    r = chat(repetition_penalty=1.2, logit_bias={"17": -100, "5": 2.5})
+    d = r.sampling_fields().as_dict()
+    assert d["repetition_penalty"] == 1.2 and d["logit_bias"] == [[17, -100.0], [5, 2.5]]
+    for bad in (dict(logit_bias={"x": 1}), dict(logit_bias={"3": 101}), dict(repetition_penalty=0),
+                dict(frequency_penalty=2.5), dict(response_format={"type": "json_object"})):
+        with pytest.raises(ValidationError):
+            chat(**bad)
 
 
 def test_chat_nulls_mean_defaults():

@@ -72,6 +72,36 @@ def test_16_concurrent_chat_streams_equal_transformers(server, reference):
         assert finish == ("stop" if len(ref) < 16 else "length")
 
 
+def test_penalties_and_logit_bias_equal_transformers_logits_adjusted_in_float64(server, reference):
+    """The first token is sampled on the prefill worker, the rest on the decode worker: both apply
+    them, and the decode worker counts the first token among the outputs."""
+    import torch
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(server.model, dtype=torch.float32).eval()
+    ids = reference.tok.encode("The quick brown fox")
+    bias = {str(reference.tok.encode(" the", add_special_tokens=False)[0]): 5.0}
+    out: list[int] = []
+    for _ in range(16):
+        with torch.no_grad():
+            z = hf(torch.tensor([ids + out])).logits[0, -1].double()
+        for t in set(ids + out):
+            z[t] = z[t] / 1.3 if z[t] > 0 else z[t] * 1.3
+        for t in set(out):
+            z[t] -= 0.7 * out.count(t) + 0.4
+        for t, b in bias.items():
+            z[int(t)] += b
+        out.append(int(z.argmax()))
+        if out[-1] == reference.tok.eos_token_id:
+            break
+    r = client(server).completions.create(model="demo", prompt=ids, max_tokens=16, temperature=0,
+                                          frequency_penalty=0.7, presence_penalty=0.4, logit_bias=bias,
+                                          extra_body={"repetition_penalty": 1.3})
+    assert r.choices[0].text == reference.text(out)
+    assert r.choices[0].text != reference.text(reference.greedy(ids, 16))
+
+
 def test_sse_framing_is_exact(server):
     body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
