@@ -21,7 +21,7 @@ import torch
 
 from .block_pool import PLACEHOLDER, BlockPool, blocks_needed
 from .kv_holds import KVHolds
-from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype, to_device
 from .model_runner import ModelRunner, Pending
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
@@ -30,6 +30,38 @@ from .sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
 log = logging.getLogger(__name__)
 
 _PLAIN_GREEDY = operator.attrgetter("plain_greedy")
+
+
+class _DeviceHistory:
+    """A sequence's output token ids on the device (the first `n` written), and its prompt's if a
+    repetition penalty needs them, for Sampler.adjust."""
+
+    def __init__(self, seq: Sequence, with_prompt: bool, device: torch.device):
+        n = seq.num_prompt_tokens
+        self.prompt = (to_device(seq.token_ids[:n], torch.int64, device) if with_prompt
+                       else torch.empty(0, dtype=torch.int64, device=device))
+        self.buf = torch.empty(max(16, 2 * (len(seq.token_ids) - n)), dtype=torch.int64, device=device)
+        self.n = 0
+
+    def outputs(self, seq: Sequence, prev) -> torch.Tensor:
+        outs = seq.token_ids[seq.num_prompt_tokens:]
+        total = len(outs)
+        if total > self.buf.numel():
+            grown = torch.empty(2 * total, dtype=torch.int64, device=self.buf.device)
+            grown[:self.n] = self.buf[:self.n]
+            self.buf = grown
+        if self.n < total:
+            new = outs[self.n:]
+            pending = new[-1] == PLACEHOLDER  # sampled by the step before, still on the device
+            if pending:
+                new = new[:-1]
+            if new:
+                self.buf[self.n:self.n + len(new)] = to_device(new, torch.int64, self.buf.device)
+            if pending:
+                r = prev.pending.rows[id(seq)][1]
+                self.buf[total - 1:total] = prev.pending.tokens[r:r + 1]
+            self.n = total
+        return self.buf[:total]
 
 
 class RequestRejected(ValueError):
@@ -280,33 +312,24 @@ class LLMEngine:
     def _history(seqs: list[Sequence], params: list[SamplingParams], prev: _InFlight | None, logits: torch.Tensor):
         """What Sampler.adjust reads for the rows whose params adjust the logits (None if none):
         their prompts' and outputs' token ids on the logits' device, padded with the vocabulary
-        size. An output token the previous step is still sampling (async scheduling) is taken
-        from the device. (Built from the host's lists each step: a cost only such requests pay.)"""
-        vocab = logits.shape[-1]
+        size. Each such sequence keeps its outputs on the device (`_DeviceHistory`), written as
+        they come: from the host once known there, from the device while the previous step is
+        still sampling one (async scheduling); nothing here waits for the device."""
         rows = [i for i, p in enumerate(params) if p.adjusts_logits]
         if not rows:
             return None
-        prompts, outputs, fills = [], [], []
-        for j, i in enumerate(rows):
+        vocab, dev = logits.shape[-1], logits.device
+        prompts, outputs = [], []
+        for i in rows:
             q = seqs[i]
-            n = q.num_prompt_tokens
-            prompts.append(q.token_ids[:n] if params[i].repetition_penalty != 1.0 else [])
-            outs = q.token_ids[n:]
-            if outs and outs[-1] == PLACEHOLDER:
-                fills.append((j, len(outs) - 1, prev.pending.rows[id(q)][1]))
-            outputs.append(outs)
-
-        def padded(lists: list[list[int]]) -> torch.Tensor:
-            width = max(1, max(map(len, lists)))
-            return torch.tensor([x + [vocab] * (width - len(x)) for x in lists], dtype=torch.int64)
-
-        dev = logits.device
-        p, o = padded(prompts).to(dev), padded(outputs).to(dev)
-        if fills:
-            at = torch.tensor([[j, col] for j, col, _ in fills], dtype=torch.int64, device=dev)
-            src = torch.tensor([r for _, _, r in fills], dtype=torch.int64, device=dev)
-            o[at[:, 0], at[:, 1]] = prev.pending.tokens[src].to(dev)
-        return rows, p, o
+            h = q.history
+            if h is None:
+                h = q.history = _DeviceHistory(q, params[i].repetition_penalty != 1.0, dev)
+            outputs.append(h.outputs(q, prev))
+            prompts.append(h.prompt)
+        pad = torch.nn.utils.rnn.pad_sequence
+        return rows, pad(prompts, batch_first=True, padding_value=vocab), pad(outputs, batch_first=True,
+                                                                               padding_value=vocab)
 
     def _collect(self, f: _InFlight) -> list[StepOutput]:
         """Waits for a launched step's tokens, puts them in place, applies stop conditions."""

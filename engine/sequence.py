@@ -101,6 +101,8 @@ class Sequence:
     # Imported (KV from another worker): the tokens whose KV arrives, the prompt and, for a
     # migrated request, the outputs generated before it moved (reserve_import).
     num_kv_tokens: int = 0
+    # Penalties (engine/llm_engine.py _history): the output tokens (and the prompt) on the device
+    history: object | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -136,12 +136,17 @@ class _SamplingMixin(_Model):
             return None
         if len(v) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries are supported, got {len(v)}")
+        out: dict[str, float] = {}
         for k, b in v.items():
-            if not k.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+            if not (k.isascii() and k.isdigit() and len(k) <= 12):
+                raise ValueError(f"logit_bias keys must be token ids, got {k[:20]!r}")
             if not -100 <= b <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {b} for token {k}")
-        return v
+            key = str(int(k))
+            if key in out:
+                raise ValueError(f"logit_bias names token {key} twice")
+            out[key] = b
+        return out
 
     @model_validator(mode="before")
     @classmethod

@@ -93,7 +93,8 @@ def test_penalties_and_logit_bias_reach_the_workers_params_and_bad_ones_are_refu
     r = chat(repetition_penalty=1.2, logit_bias={"17": -100, "5": 2.5})
     d = r.sampling_fields().as_dict()
     assert d["repetition_penalty"] == 1.2 and d["logit_bias"] == [[17, -100.0], [5, 2.5]]
-    for bad in (dict(logit_bias={"x": 1}), dict(logit_bias={"3": 101}), dict(repetition_penalty=0),
+    for bad in (dict(logit_bias={"x": 1}), dict(logit_bias={"3": 101}), dict(logit_bias={"²": 1}),
+                dict(logit_bias={"9" * 5000: 1}), dict(logit_bias={"1": 1, "01": 1}), dict(repetition_penalty=0),
                 dict(frequency_penalty=2.5), dict(response_format={"type": "json_object"})):
         with pytest.raises(ValidationError):
             chat(**bad)
