@@ -246,6 +246,8 @@ def main() -> None:
     ap.add_argument("--warmup-runs", type=int, default=1,
                     help="untimed runs before the timed ones (offline: before each temperature's; HTTP: once)")
     ap.add_argument("--configs", default="colocated,1p1d")
+    ap.add_argument("--serve-flags", default="", help="more flags for every `pdserve serve`, e.g. "
+                    "'--http-processes 4' or '--stream-interval 4' (recorded in the result)")
     ap.add_argument("--client-processes", type=int, default=4)
     ap.add_argument("--client-check-runs", type=int, default=1,
                     help="runs from one client process, against --client-processes (the client is not the limit)")
@@ -279,7 +281,7 @@ def main() -> None:
     sets = PromptSets(args.num_prompts, hi, args.steady_streams, min(vocab, 128000))
     prompts, steady_prompts = sets.run("t0", 0), sets.steady(0)
     engine_opts = {"max_num_batched_tokens": args.max_num_batched_tokens}
-    engine_flags = ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    engine_flags = ["--max-num-batched-tokens", str(args.max_num_batched_tokens), *args.serve_flags.split()]
     if args.device == "cuda":
         engine_opts["gpu_memory_utilization"] = args.gpu_memory_utilization
         engine_flags += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
@@ -298,7 +300,7 @@ def main() -> None:
                                          "repeat, offline and over HTTP alike: run k of both sides has the same "
                                          "prompts), so the prefix cache (on, the default) finds nothing",
                               "steady": {"streams": len(steady_prompts), "prompt_len": 32, "output_len": args.steady_len}},
-                 "engine_options": engine_opts, "repeats": args.repeats, "warmup_runs": args.warmup_runs, "client_processes": args.client_processes,
+                 "engine_options": engine_opts, "serve_flags": args.serve_flags, "repeats": args.repeats, "warmup_runs": args.warmup_runs, "client_processes": args.client_processes,
                  "definition": "out_tok_s: output tokens / wall seconds from the first request sent to the last "
                                "byte; median of the repeats. tpot: (last event - first event) / (tokens - 1) per "
                                "stream, median over streams, then over runs. share: HTTP / offline."}
