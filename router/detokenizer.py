@@ -24,9 +24,6 @@ _REPLACEMENT = "\ufffd"
 # How many trailing prompt tokens to keep as context for the first generated tokens
 # (vLLM uses the same number); enough for decoders whose output depends on neighbours.
 _PROMPT_CONTEXT = 5
-# Tokens held back, at most, while the text ends in U+FFFD: a character is 4 bytes at most, so
-# a longer run is invalid bytes (a random or confused model), not one character being spelled.
-_MAX_HELD = 8
 
 
 class IncrementalDetokenizer:
@@ -97,8 +94,6 @@ class IncrementalDetokenizer:
         if new_text.endswith(_REPLACEMENT) and not final:
             # The window ends mid-character; wait for the tokens that complete it. (Truly
             # invalid bytes followed by valid text are emitted as U+FFFD, as decode() does.)
-            if len(self._ids) - self._read_offset > _MAX_HELD:
-                return self._emit_held(new_text)
             return ""
         delta = new_text[len(self._prefix_text) :]
         if delta:
@@ -115,23 +110,6 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset
             self._prefix_text = ""
         return delta
-
-    def _emit_held(self, new_text: str) -> str:
-        """A run of invalid bytes (more than _MAX_HELD tokens, still ending in U+FFFD): emit the
-        text up to a token boundary before the last 3 tokens, where it splits cleanly (the text
-        before it and the text after it, each decoded alone, make the window's text), and start
-        the window there. The client sees the U+FFFD that decode() gives for them as they come,
-        and the window stays short (it grew by a token per step, decoded whole each time)."""
-        ids, p = self._ids, self._prefix_offset
-        for c in range(len(ids) - 3, self._read_offset, -1):
-            head = self._decode(ids[p:c])
-            if len(head) > len(self._prefix_text) and head + self._decode(ids[c:]) == new_text:
-                delta = head[len(self._prefix_text) :]
-                self._prefix_offset = self._read_offset = c
-                self._prefix_text = ""
-                self._chunks.append(delta)
-                return delta
-        return ""
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._decode_fn(ids)
