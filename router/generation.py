@@ -67,11 +67,10 @@ def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) ->
     return Event("tokens", ids, reason, at=evs[n - 1].at, parts=parts)
 
 
-async def _fill(state: RequestState, ev: Event, interval: int, timeout_s: float) -> Event:
+async def _fill(state: RequestState, ev: Event, interval: int, deadline: float) -> Event:
     """`ev` with the next token events merged in until it holds `interval` tokens, ends the
-    request, or the next event is an error (put back, read next) or does not come in `timeout_s`
+    request, or the next event is an error (put back, read next) or has not come by `deadline`
     (--stream-interval: fewer, larger chunks, each costing the router a write and its JSON)."""
-    deadline = time.monotonic() + timeout_s
     while ev.kind == "tokens" and ev.finish_reason is None and len(ev.token_ids) < interval:
         evs = await state.next_events(deadline - time.monotonic())
         if not evs:
@@ -111,10 +110,13 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
     stops = StopStringMatcher(stop_strings) if stop_strings else None
     deadline = state.created + settings.request_timeout_s
     generated = 0
+    quiet_since: float | None = None
     ended = False
     try:
         while True:
             wait = settings.first_token_timeout_s if generated == 0 else settings.next_token_timeout_s
+            if quiet_since is not None:  # a chunk held for the stream interval: that wait counts too
+                wait -= time.monotonic() - quiet_since
             evs = await state.next_events(min(wait, deadline - time.monotonic()))
             if not evs:
                 what = "the request deadline" if time.monotonic() >= deadline else (
@@ -123,8 +125,11 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                 raise APIError(f"timed out waiting for {what}", 503) from None
             ev = _merge_tokens(state, evs, alone=generated == 0)
             if settings.stream_interval > 1 and generated > 0:
+                # No token for the next-token timeout, counted from the last one, ends the wait.
+                last = ev.at
                 ev = await _fill(state, ev, settings.stream_interval,
-                                 min(settings.next_token_timeout_s, deadline - time.monotonic()))
+                                 min(last + settings.next_token_timeout_s, deadline))
+                quiet_since = ev.at if ev.kind == "tokens" else None
             if ev.kind == "error":
                 if ev.failed_worker is not None:
                     if len(state.moves) < settings.max_migrations:

@@ -167,3 +167,34 @@ def test_a_stream_interval_sends_what_it_holds_before_an_error(demo_model):
 
     err = asyncio.run(t())
     assert [c.token_ids for c in got] == [[11], [12, 13]] and "stopped responding" in str(err)
+
+
+def test_a_stream_interval_wait_counts_against_the_next_token_timeout(demo_model):
+    """Tokens held for the interval go out when the worker stalls, and the stall is an error one
+    next-token timeout after the last token, not two."""
+    import time
+
+    from router.errors import APIError
+
+    async def t():
+        tok = AutoTokenizer.from_pretrained(demo_model)
+        hub = FakeHub()
+        gen = generate(hub, tok, RouterSettings(model=demo_model, stream_interval=4, next_token_timeout_s=0.5),
+                       [5, 6, 7], SamplingParams(max_tokens=8), [], request_id="r1", metrics=Metrics("m"))
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        st = hub.requests["r1"]
+        st.on_tokens(0, [11], None)
+        assert (await first).token_ids == [11]
+        t0 = time.monotonic()
+        st.on_tokens(1, [12], None)  # then nothing: the worker stalls
+        held = await gen.__anext__()
+        t_held = time.monotonic() - t0
+        try:
+            await gen.__anext__()
+        except APIError as e:
+            return held, t_held, time.monotonic() - t0, e
+
+    held, t_held, t_err, err = asyncio.run(t())
+    assert held.token_ids == [12] and 0.45 <= t_held < 0.85
+    assert "next token" in str(err) and t_err < 0.85  # (two timeouts: 1.0)
