@@ -24,6 +24,10 @@ _REPLACEMENT = "\ufffd"
 # How many trailing prompt tokens to keep as context for the first generated tokens
 # (vLLM uses the same number); enough for decoders whose output depends on neighbours.
 _PROMPT_CONTEXT = 5
+# Tokens held back, at most, while the text ends in U+FFFD, with a byte-level decoder: a
+# character is 4 bytes at most, so a longer run is invalid bytes (a random or confused model),
+# not one character being spelled.
+_MAX_HELD = 8
 
 
 class IncrementalDetokenizer:
@@ -49,6 +53,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._decode_fn = _make_decode_fn(tokenizer, skip_special_tokens)
+        self._byte_level = _byte_level(tokenizer)
 
         context = list(prompt_token_ids or [])[-_PROMPT_CONTEXT:]
         # A prompt that ends inside a UTF-8 character (possible with raw prompt_token_ids)
@@ -94,6 +99,8 @@ class IncrementalDetokenizer:
         if new_text.endswith(_REPLACEMENT) and not final:
             # The window ends mid-character; wait for the tokens that complete it. (Truly
             # invalid bytes followed by valid text are emitted as U+FFFD, as decode() does.)
+            if self._byte_level and len(self._ids) - self._read_offset > _MAX_HELD:
+                return self._emit_held(new_text)
             return ""
         delta = new_text[len(self._prefix_text) :]
         if delta:
@@ -111,8 +118,43 @@ class IncrementalDetokenizer:
             self._prefix_text = ""
         return delta
 
+    def _emit_held(self, new_text: str) -> str:
+        """A run of invalid bytes (more than _MAX_HELD tokens, still ending in U+FFFD): emit the
+        text up to a token boundary before the last 3 tokens where it splits cleanly, and start the
+        window there. The client sees the U+FFFD that decode() gives for them as they come, and the
+        window stays short (it grew by a token per step, decoded whole each time).
+
+        Only with a byte-level decoder (GPT-2 style: Llama 3, Qwen), which decodes the tokens'
+        bytes together and gives one U+FFFD per maximal invalid sequence, an unfinished last
+        character included. A clean split (the text before it and the text after it, each decoded
+        alone, make the window's text, the part after it still ending in U+FFFD) then never cuts a
+        character: its pieces would give a U+FFFD each. A byte-fallback decoder (Llama 2, Mistral)
+        gives a U+FFFD per byte of any run that is not valid as a whole, complete characters
+        included, so no split can be trusted there and the run is held as before."""
+        ids, p = self._ids, self._prefix_offset
+        for c in range(len(ids) - 3, self._read_offset, -1):
+            head = self._decode(ids[p:c])
+            if len(head) <= len(self._prefix_text) or not head.startswith(self._prefix_text):
+                continue
+            tail = self._decode(ids[c:])
+            if tail.endswith(_REPLACEMENT) and head + tail == new_text:
+                delta = head[len(self._prefix_text) :]
+                self._prefix_offset = self._read_offset = c
+                self._prefix_text = ""
+                self._chunks.append(delta)
+                return delta
+        return ""
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self._decode_fn(ids)
+
+
+def _byte_level(tokenizer: Any) -> bool:
+    """Whether the tokenizer's decoder is byte-level (see IncrementalDetokenizer._emit_held)."""
+    import tokenizers
+
+    backend = tokenizer if isinstance(tokenizer, tokenizers.Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+    return isinstance(getattr(backend, "decoder", None), tokenizers.decoders.ByteLevel)
 
 
 def _make_decode_fn(tokenizer: Any, skip_special_tokens: bool) -> Callable[[Sequence[int]], str]:

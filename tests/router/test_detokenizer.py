@@ -240,3 +240,49 @@ def test_add_empty_and_after_flush(tokenizer):
     assert det.add(_encode(tokenizer, "abc")) == "abc"
     assert det.add(_encode(tokenizer, " def")) == " def"
     assert det.text == "abc def"
+
+
+def test_a_run_of_invalid_bytes_streams_and_costs_a_bounded_window(tokenizer):
+    # A model that emits lone bytes that never make a character: the client sees the U+FFFD that
+    # decode() gives as they come (not all at the end), and each step decodes a short window.
+    byte_ids = [i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\ufffd"]
+    rng = random.Random(5)
+    for ids in ([byte_ids[0]] * 300, [rng.choice(byte_ids) for _ in range(300)],
+                [rng.choice(byte_ids) for _ in range(150)] + _encode(tokenizer, " 你好 ok") * 3):
+        det = IncrementalDetokenizer(tokenizer)
+        windows: list[int] = []
+        inner = det._decode_fn
+        det._decode_fn = lambda w: (windows.append(len(w)), inner(w))[1]
+        deltas = [det.add([i]) for i in ids]
+        assert sum(map(len, deltas[:50])) > 0  # text before the end
+        assert "".join(deltas) + det.flush() == tokenizer.decode(ids, skip_special_tokens=True)
+        assert max(windows) <= 24  # (was the whole run: 300)
+
+
+def test_byte_fallback_characters_split_over_tokens_are_never_emitted_early():
+    """A byte-fallback decoder (Llama 2, Mistral) gives a U+FFFD per byte of any byte run that is
+    not valid as a whole: complete characters followed by a partial one look like invalid bytes.
+    Streamed in steps of 1-3 tokens, the text must still be exactly decode()'s."""
+    import tokenizers
+    from tokenizers import decoders, models
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    for w in ("▁", "h", "e", "l", "o", "▁hello"):
+        vocab[w] = len(vocab)
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token=None))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    rng = random.Random(7)
+    for _ in range(100):
+        text = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(rng.randint(3, 12)))
+        ids = [vocab["▁hello"]] + [vocab[f"<0x{b:02X}>"] for b in text.encode()]
+        want = tok.decode(ids)
+        assert want == "hello" + text
+        det = IncrementalDetokenizer(tok)
+        out, i = [det.add(ids[:1])], 1
+        while i < len(ids):
+            n = rng.randint(1, 3)
+            out.append(det.add(ids[i:i + n]))
+            i += n
+        assert "".join(out) + det.flush() == want
+        assert all("\ufffd" not in d for d in out)
