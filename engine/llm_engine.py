@@ -320,8 +320,15 @@ class LLMEngine:
             return None
         vocab, dev = logits.shape[-1], logits.device
         prompts, outputs = [], []
+        empty = None
         for i in rows:
-            q = seqs[i]
+            q, p = seqs[i], params[i]
+            if not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
+                if empty is None:  # a logit bias alone reads no history
+                    empty = torch.empty(0, dtype=torch.int64, device=dev)
+                prompts.append(empty)
+                outputs.append(empty)
+                continue
             h = q.history
             if h is None:
                 h = q.history = _DeviceHistory(q, params[i].repetition_penalty != 1.0, dev)
