@@ -323,7 +323,7 @@ class LLMEngine:
         empty = None
         for i in rows:
             q, p = seqs[i], params[i]
-            if not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
+            if not p.penalized:
                 if empty is None:  # a logit bias alone reads no history
                     empty = torch.empty(0, dtype=torch.int64, device=dev)
                 prompts.append(empty)

@@ -48,10 +48,14 @@ class SamplingParams:
             self.logit_bias = pairs or None
 
     @property
+    def penalized(self) -> bool:
+        """A penalty reads the tokens so far (engine/llm_engine.py _history)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
     def adjusts_logits(self) -> bool:
         """A penalty or a logit bias changes the logits before sampling (or before the argmax)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+        return self.penalized or bool(self.logit_bias)
 
     @property
     def plain_greedy(self) -> bool:

@@ -100,7 +100,7 @@ class FrontServer:
         last = None
         while True:
             await asyncio.sleep(interval_s)
-            now = (self.router.max_model_len, self.router.draining)
+            now = self._state()
             if now != last:
                 last = now
                 self.broadcast_state()
@@ -126,9 +126,12 @@ class FrontServer:
         except zmq.ZMQError as e:  # the front is gone (its exit is seen by FrontProcesses)
             self._drops.warning("could not send %s to front %r: %s", type(msg).__name__, front, e)
 
+    def _state(self) -> messages.FrontState:
+        """What a front's checks read: the context length and whether the router drains."""
+        return messages.FrontState(self.router.max_model_len, self.router.draining)
+
     def broadcast_state(self) -> None:
-        """Tell every front what its checks read: the context length and whether we drain."""
-        msg = messages.FrontState(self.router.max_model_len, self.router.draining)
+        msg = self._state()
         for front in self.fronts:
             self._send_now(front, msg)
 
@@ -191,7 +194,7 @@ class FrontServer:
         elif isinstance(msg, messages.FrontHello):
             log.info("HTTP front %s (pid %d) is up", msg.front_id, msg.pid)
             self.fronts[front] = msg.pid
-            self._send_now(front, messages.FrontState(self.router.max_model_len, self.router.draining))
+            self._send_now(front, self._state())
         elif isinstance(msg, messages.Query):
             # A task: /metrics waits for the fronts' answers, which this loop must read meanwhile.
             task = asyncio.create_task(self._answer(front, msg))
@@ -280,7 +283,6 @@ class FrontProcesses:
         self.sock = http_socket
         self.settings = settings
         self.procs: dict[int, subprocess.Popen] = {}
-        self.restarts = 0
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -311,7 +313,6 @@ class FrontProcesses:
                 # one start a second at most: a front that dies at start must not spin
                 await asyncio.sleep(max(0.0, last_start.get(i, 0.0) + 1.0 - time.monotonic()))
                 last_start[i] = time.monotonic()
-                self.restarts += 1
                 self._spawn(i)
 
     async def stop(self) -> None:
