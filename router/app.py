@@ -14,10 +14,12 @@ server when a stream write fails; either way the request is aborted on its worke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
 import tempfile
+import uuid
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -169,9 +171,28 @@ class Router:
             d["top_k"] = -1  # the same sampling, and an int any worker can take
         return SamplingParams(**d)
 
-    def stream(self, prompt: list[int], params: dict, stops: list[str]) -> AsyncIterator[Chunk]:
+    def stream(self, prompt: list[int], params: SamplingParams, stops: list[str],
+               request_id: str | None = None) -> AsyncIterator[Chunk]:
         return generate(self.hub, self.tokenizer, self.settings, prompt, params, stops,
-                        request_id=current_request_id.get(), metrics=self.metrics)
+                        request_id=request_id or current_request_id.get(), metrics=self.metrics)
+
+    def streams(self, prompts: list[list[int]], params: list[SamplingParams], n: int,
+                stops: list[str]) -> list[AsyncIterator[Chunk]]:
+        """One stream per choice, choice i * n + j being prompt i's j-th: a request of its own on
+        the workers (id `<request id>-<index>`; with a seed, choice j samples with seed + j, so
+        that n choices differ and each is reproducible)."""
+        if len(prompts) * n == 1:
+            return [self.stream(prompts[0], params[0], stops)]
+        rid = current_request_id.get() or uuid.uuid4().hex
+        out = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            for j in range(n):
+                q = p
+                if j and p.seed is not None:
+                    seed = p.seed + j
+                    q = dataclasses.replace(p, seed=seed - 2**64 if seed >= 2**64 else seed)
+                out.append(self.stream(prompt, q, stops, request_id=f"{rid}-{i * n + j}"))
+        return out
 
 
 async def _watched(request: Request, chunks: AsyncIterator[Chunk], work):
@@ -208,6 +229,97 @@ async def _until_finish(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
 async def _collect(request: Request, chunks: AsyncIterator[Chunk]) -> tuple[str, Chunk]:
     got = await _watched(request, chunks, _until_finish(chunks))
     return "".join(c.text for c in got), got[-1]
+
+
+async def _each(request: Request, streams: list[AsyncIterator[Chunk]], fn, close: bool) -> list:
+    """`fn(stream)` for every stream at once (each places its request when first read): their
+    results in order, or the first error (then every stream is closed: its request aborted),
+    or ClientGone as soon as the client disconnects (the same). `close`: close them after a
+    success too."""
+    tasks = [asyncio.ensure_future(fn(s)) for s in streams]
+    ok = False
+    try:
+        while True:
+            done, pending = await asyncio.wait(tasks, timeout=0.25, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+            if not pending:
+                ok = True
+                return [t.result() for t in tasks]
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not ok:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if close or not ok:
+            for s in streams:
+                await s.aclose()
+
+
+def _sse_choices(firsts: list[Chunk], streams: list[AsyncIterator[Chunk]], shape: ResponseShape,
+                 prompt_tokens: int, include_usage: bool) -> StreamingResponse:
+    """`_sse` for several choices: their chunks interleaved as they come, each with its index;
+    the usage chunk (every choice's tokens) and [DONE] after the last choice finished. An error
+    in any choice ends the whole stream with an error event (the others are aborted)."""
+    async def body():
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(j: int, chunks: AsyncIterator[Chunk]) -> None:
+            try:
+                async for c in chunks:
+                    queue.put_nowait((j, c))
+                    if c.finish_reason is not None:
+                        return
+                queue.put_nowait((j, RuntimeError("the stream ended without a finish")))
+            except Exception as e:  # (not a cancel: that is ours)
+                queue.put_nowait((j, e))
+
+        parts = [sse_event(ev) for j in range(len(streams)) for ev in shape.opening(j)]
+        generated = [0] * len(streams)
+        left = len(streams)
+        tasks = [asyncio.ensure_future(pump(j, s)) for j, (c, s) in enumerate(zip(firsts, streams))
+                 if c.finish_reason is None]
+        got = list(enumerate(firsts))
+        try:
+            while True:
+                for j, c in got:
+                    if isinstance(c, Exception):
+                        raise c
+                    if c.text:
+                        parts.append(shape.text_event(c.text, j))
+                    if c.finish_reason is not None:
+                        parts.append(sse_event(shape.chunk(finish_reason=c.finish_reason, index=j)))
+                        generated[j] = c.num_generated
+                        left -= 1
+                if not left:
+                    if include_usage:
+                        parts.append(sse_event(shape.usage_chunk(usage_dict(prompt_tokens, sum(generated)))))
+                    break
+                if parts:
+                    yield "".join(parts)
+                    parts = []
+                got = [await queue.get()]
+                while not queue.empty():  # what else came meanwhile goes out in the same write
+                    got.append(queue.get_nowait())
+        except APIError as e:
+            parts.append(sse_event(e.body()))
+        except Exception:  # a bug must still end the stream the way clients expect
+            log.exception("error in a stream")
+            parts.append(sse_event(error_body("Internal server error", "internal_error")))
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in streams:
+                await s.aclose()
+        parts.append(SSE_DONE)
+        yield "".join(parts)
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _sse(first: Chunk, rest: AsyncIterator[Chunk], shape: ResponseShape, prompt_tokens: int,
@@ -331,34 +443,45 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
             "id": settings.served_model_name, "object": "model", "created": 0, "owned_by": "pdserve",
             "root": settings.model, "max_model_len": router.max_model_len}]}
 
-    async def openai_response(request: Request, prompt: list[int], chunks: AsyncIterator[Chunk], stream: bool,
-                              include_usage: bool, shape: ResponseShape):
-        """One chat or text completion, whole or as SSE; `shape` builds the endpoint's objects."""
+    async def openai_response(request: Request, prompts: list[list[int]], params: list[SamplingParams],
+                              req: P.CompletionRequest | P.ChatCompletionRequest, stops: list[str],
+                              shape: ResponseShape):
+        """A chat or text completion, whole or as SSE; `shape` builds the endpoint's objects.
+        Several choices (n > 1, a batch of prompts) run as requests of their own, at once."""
+        streams = router.streams(prompts, params, req.n, stops)
+        prompt_tokens = sum(map(len, prompts))
         try:
-            if not stream:
-                text, last = await _collect(request, chunks)
-                return shape.whole(text, last.finish_reason, usage_dict(len(prompt), last.num_generated))
-            first = await _next(request, chunks)
+            if len(streams) == 1:
+                chunks = streams[0]
+                if not req.stream:
+                    text, last = await _collect(request, chunks)
+                    return shape.whole(text, last.finish_reason, usage_dict(prompt_tokens, last.num_generated))
+                first = await _next(request, chunks)
+                return _sse(first, chunks, shape, prompt_tokens, req.include_usage)
+            if not req.stream:
+                done = await _each(request, streams, _until_finish, close=True)
+                return shape.whole_choices([("".join(c.text for c in got), got[-1].finish_reason) for got in done],
+                                           usage_dict(prompt_tokens, sum(got[-1].num_generated for got in done)))
+            firsts = await _each(request, streams, lambda s: s.__anext__(), close=False)
         except ClientGone:
             return JSONResponse({}, status_code=499)
-        return _sse(first, chunks, shape, len(prompt), include_usage)
+        return _sse_choices(firsts, streams, shape, prompt_tokens, req.include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         router.check_model(req.model)
         prompt = router.chat_prompt(req)
         fields = req.sampling_fields()
-        chunks = router.stream(prompt, router.params(fields, prompt, "messages"), fields.stop_strings)
-        return await openai_response(request, prompt, chunks, req.stream, req.include_usage,
-                                     ChatCompletionShape(settings.served_model_name))
+        return await openai_response(request, [prompt], [router.params(fields, prompt, "messages")], req,
+                                     fields.stop_strings, ChatCompletionShape(settings.served_model_name))
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
         router.check_model(req.model)
-        prompt = router.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+        prompts = [router.encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
         fields = req.sampling_fields()
-        chunks = router.stream(prompt, router.params(fields, prompt, "prompt"), fields.stop_strings)
-        return await openai_response(request, prompt, chunks, req.stream, req.include_usage,
+        params = [router.params(fields, p, "prompt") for p in prompts]  # every prompt checked before any runs
+        return await openai_response(request, prompts, params, req, fields.stop_strings,
                                      TextCompletionShape(settings.served_model_name))
 
     @app.post("/generate")

@@ -31,6 +31,7 @@ __all__ = [
 # OpenAI documents at most 4 stop sequences; we are lenient because matching is cheap.
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
+MAX_CHOICES = 128  # n x prompts of one request: each is a request of its own on the workers
 
 
 class _Model(BaseModel):
@@ -194,9 +195,9 @@ class _OpenAIMixin(_SamplingMixin):
 
     @field_validator("n")
     @classmethod
-    def _only_n1(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got n={v}")
+    def _n(cls, v: int) -> int:
+        if not 1 <= v <= MAX_CHOICES:
+            raise ValueError(f"n must be between 1 and {MAX_CHOICES}, got n={v}")
         return v
 
     @property
@@ -254,8 +255,9 @@ class ChatCompletionRequest(_OpenAIMixin):
 
 
 class CompletionRequest(_OpenAIMixin):
-    # After validation: the prompt text, or the prompt token ids (batches are rejected).
-    prompt: Union[str, list[int]]
+    # After validation: the prompt text or token ids, or a batch of texts or of token-id lists
+    # (`prompts` gives the list either way).
+    prompt: Union[str, list[int], list[str], list[list[int]]]
     max_tokens: Optional[int] = Field(16, ge=1)
     echo: bool = False
     logprobs: Optional[int] = None
@@ -265,21 +267,39 @@ class CompletionRequest(_OpenAIMixin):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v: Any) -> Any:
+        shape = "prompt must be a string, a list of token ids, or a list of either"
         if isinstance(v, str):
             return v
         if not isinstance(v, list):
-            raise ValueError("prompt must be a string, a list of token ids, or a one-element list of either")
+            raise ValueError(shape)
         if not v:
             raise ValueError("prompt must not be empty")
         if _all_ints(v):
             return _check_token_ids(v, "prompt token ids")
-        if all(isinstance(x, str) for x in v) or all(isinstance(x, list) for x in v):
-            if len(v) != 1:
-                raise ValueError(
-                    f"batched prompts are not supported (got {len(v)}); send one prompt per request"
-                )
-            return cls._prompt(v[0])
-        raise ValueError("prompt must be a string, a list of token ids, or a one-element list of either")
+        if all(isinstance(x, str) for x in v):
+            return v
+        if all(isinstance(x, list) for x in v):
+            for i, ids in enumerate(v):
+                if not ids or not _all_ints(ids):
+                    raise ValueError(f"prompt {i} of the batch must be a non-empty list of token ids")
+                _check_token_ids(ids, f"prompt {i}'s token ids")
+            return v
+        raise ValueError(shape)
+
+    @model_validator(mode="after")
+    def _choices(self) -> "CompletionRequest":
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise ValueError(f"{len(self.prompts)} prompts x n={self.n} is more than {MAX_CHOICES} completions "
+                             f"in one request")
+        if self.best_of not in (None, self.n):
+            raise ValueError(f"best_of must equal n ({self.n}): completions are not ranked here")
+        return self
+
+    @property
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The batch's prompts in order (one for a single prompt)."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or _all_ints(p) else list(p)
 
     @field_validator("echo")
     @classmethod
@@ -293,13 +313,6 @@ class CompletionRequest(_OpenAIMixin):
     def _no_logprobs(cls, v: Optional[int]) -> Optional[int]:
         if v:
             raise ValueError("logprobs are not supported")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v: Optional[int]) -> Optional[int]:
-        if v not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
         return v
 
     @field_validator("suffix")

@@ -55,36 +55,44 @@ class ResponseShape(ABC):
         self.id = response_id or f"{self.id_prefix}{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time()) if created is None else created
-        self._text_frame: Optional[tuple[str, str]] = None  # text_event()'s frame around the text
+        self._text_frames: dict[int, tuple[str, str]] = {}  # text_event()'s frame around the text, per choice
 
     def whole(self, text: str, finish_reason: FinishReason, usage: dict[str, int]) -> dict[str, Any]:
         """The non-streamed response."""
-        return self._object(self.object, [self._choice(self._whole_content(text), finish_reason)], usage)
+        return self.whole_choices([(text, finish_reason)], usage)
 
-    def chunk(self, text: Optional[str] = None, finish_reason: Optional[FinishReason] = None) -> dict[str, Any]:
-        """One streamed chunk: a piece of text, or (text None) the end with its finish reason."""
-        return self._object(self.chunk_object, [self._choice(self._chunk_content(text), finish_reason)])
+    def whole_choices(self, choices: list[tuple[str, FinishReason]], usage: dict[str, int]) -> dict[str, Any]:
+        """The non-streamed response of several choices ((text, finish reason) in index order)."""
+        return self._object(self.object, [self._choice(self._whole_content(text), reason, i)
+                                          for i, (text, reason) in enumerate(choices)], usage)
 
-    def text_event(self, text: str) -> str:
-        """``sse_event(self.chunk(text))``, the same bytes, without building and encoding the whole
-        object for each piece of a stream: the encoded object around a marker is split once and
-        only the text is encoded after that."""
-        if self._text_frame is None:
+    def chunk(self, text: Optional[str] = None, finish_reason: Optional[FinishReason] = None,
+              index: int = 0) -> dict[str, Any]:
+        """One streamed chunk of choice `index`: a piece of text, or (text None) the end with its
+        finish reason."""
+        return self._object(self.chunk_object, [self._choice(self._chunk_content(text), finish_reason, index)])
+
+    def text_event(self, text: str, index: int = 0) -> str:
+        """``sse_event(self.chunk(text, index=index))``, the same bytes, without building and encoding
+        the whole object for each piece of a stream: the encoded object around a marker is split
+        once and only the text is encoded after that."""
+        frame = self._text_frames.get(index)
+        if frame is None:
             marker = "\x00pdserve-text\x00"
-            frame = sse_event(self.chunk(marker))
+            whole = sse_event(self.chunk(marker, index=index))
             encoded = json.dumps(marker, ensure_ascii=False)
-            if frame.count(encoded) != 1:  # a subclass whose chunk does not carry the text once
-                return sse_event(self.chunk(text))
-            self._text_frame = tuple(frame.split(encoded))
-        head, tail = self._text_frame
+            if whole.count(encoded) != 1:  # a subclass whose chunk does not carry the text once
+                return sse_event(self.chunk(text, index=index))
+            frame = self._text_frames[index] = tuple(whole.split(encoded))
+        head, tail = frame
         return head + json.dumps(text, ensure_ascii=False) + tail
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: ``choices`` is empty."""
         return self._object(self.chunk_object, [], usage)
 
-    def opening(self) -> list[dict[str, Any]]:
-        """The chunks that open a stream, before any text."""
+    def opening(self, index: int = 0) -> list[dict[str, Any]]:
+        """The chunks that open choice `index`'s stream, before any text."""
         return []
 
     @abstractmethod
@@ -95,8 +103,8 @@ class ResponseShape(ABC):
     def _chunk_content(self, text: Optional[str]) -> dict[str, Any]:
         """The text as a streamed choice carries it (one key); None on the last chunk."""
 
-    def _choice(self, content: dict[str, Any], finish_reason: Optional[FinishReason]) -> dict[str, Any]:
-        return {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+    def _choice(self, content: dict[str, Any], finish_reason: Optional[FinishReason], index: int = 0) -> dict[str, Any]:
+        return {"index": index, **content, "logprobs": None, "finish_reason": finish_reason}
 
     def _object(
         self, object_: str, choices: list[dict[str, Any]], usage: Optional[dict[str, int]] = None
@@ -120,10 +128,10 @@ class ChatCompletionShape(ResponseShape):
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self, index: int = 0) -> list[dict[str, Any]]:
         # The first chunk announces the assistant role, with empty content.
         delta = {"delta": {"role": "assistant", "content": ""}}
-        return [self._object(self.chunk_object, [self._choice(delta, None)])]
+        return [self._object(self.chunk_object, [self._choice(delta, None, index)])]
 
     def _whole_content(self, text: str) -> dict[str, Any]:
         return {"message": {"role": "assistant", "content": text}}

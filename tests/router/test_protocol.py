@@ -114,7 +114,8 @@ def test_stop_string_normalised():
 @pytest.mark.parametrize(
     "kw, needle",
     [
-        ({"n": 2}, "only n=1 is supported"),
+        ({"n": 0}, "n must be between 1 and 128"),
+        ({"n": 129}, "n must be between 1 and 128"),
         ({"temperature": 2.5}, "temperature"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": "0.7"}, "valid number"),
@@ -166,23 +167,28 @@ def comp(**kw) -> CompletionRequest:
 
 @pytest.mark.parametrize(
     "prompt, expected",
-    [("hello", "hello"), ("", ""), ([1, 2, 3], [1, 2, 3]), (["hello"], "hello"), ([[4, 5]], [4, 5])],
+    [("hello", ["hello"]), ("", [""]), ([1, 2, 3], [[1, 2, 3]]), (["hello"], ["hello"]), ([[4, 5]], [[4, 5]]),
+     (["a", "b"], ["a", "b"]), ([[1], [2, 3]], [[1], [2, 3]])],
 )
 def test_completion_prompt_forms(prompt, expected):
-    assert comp(prompt=prompt).prompt == expected
+    assert comp(prompt=prompt).prompts == expected
 
 
 @pytest.mark.parametrize(
     "prompt, needle",
     [
-        (["a", "b"], "batched prompts are not supported"),
-        ([[1], [2]], "batched prompts are not supported"),
+        ([[1], ["a"]], "prompt 1 of the batch must be a non-empty list"),
+        ([[1], "a"], "prompt must be a string"),
+        ([[1], []], "prompt 1 of the batch must be a non-empty list"),
+        ([[1], [True]], "prompt 1 of the batch must be a non-empty list"),
+        ([[1], [-2]], "prompt 1's token ids must be non-negative"),
+        (["a"] * 129, "129 prompts x n=1 is more than 128"),
         ([], "must not be empty"),
         ([1, "a"], "prompt must be a string"),
         ([True, 2], "prompt must be a string"),
         ([-1], "non-negative"),
         (5, "prompt must be a string"),
-        ([[]], "must not be empty"),
+        ([[]], "prompt 0 of the batch must be a non-empty list"),
     ],
 )
 def test_completion_prompt_rejects(prompt, needle):
@@ -197,12 +203,12 @@ def test_completion_fields():
     assert r.max_tokens == 16 and r.stop == ["\n"] and r.include_usage
     for kw, needle in [
         ({"echo": True}, "echo is not supported"),
-        ({"n": 3}, "only n=1"),
-        ({"best_of": 2}, "best_of=1"),
+        ({"n": 3, "prompt": ["x"] * 43}, "43 prompts x n=3 is more than 128"),
+        ({"best_of": 2}, "best_of must equal n"),
         ({"logprobs": 2}, "logprobs are not supported"),
     ]:
         with pytest.raises(ValidationError, match=needle):
-            comp(prompt="x", **kw)
+            comp(**{"prompt": "x", **kw})
     with pytest.raises(ValidationError, match="prompt"):
         CompletionRequest.model_validate({"model": "m"})
 
@@ -272,8 +278,8 @@ def test_error_body_shape():
 
 
 def test_validation_error_is_400_with_field_path(app_client):
-    e = _err(app_client.post("/v1/chat/completions", json={"model": "m", "messages": USER, "n": 2}), 400)
-    assert e["param"] == "n" and "only n=1 is supported" in e["message"] and e["type"] == "invalid_request_error"
+    e = _err(app_client.post("/v1/chat/completions", json={"model": "m", "messages": USER, "n": 200}), 400)
+    assert e["param"] == "n" and "n must be between 1 and 128" in e["message"] and e["type"] == "invalid_request_error"
     bad_msg = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
     e = _err(app_client.post("/v1/chat/completions", json=bad_msg), 400)
     assert e["param"] == "messages.0.content" and "only 'text' parts" in e["message"]
@@ -281,8 +287,8 @@ def test_validation_error_is_400_with_field_path(app_client):
     assert e["param"] == "temperature" and "'temperature'" in e["message"]
     e = _err(app_client.post("/v1/chat/completions", json={"messages": USER}), 400)
     assert e["param"] == "model" and "Missing required parameter: 'model'" in e["message"]
-    e = _err(app_client.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"]}), 400)
-    assert e["param"] == "prompt" and "batched prompts are not supported" in e["message"]
+    e = _err(app_client.post("/v1/completions", json={"model": "m", "prompt": [[1], "b"]}), 400)
+    assert e["param"] == "prompt" and "prompt must be a string" in e["message"]
 
 
 def test_malformed_json(app_client):
@@ -319,8 +325,8 @@ def test_openai_client_sees_errors(app_client):
     # The official client turns our bodies into its typed exceptions with the fields intact.
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=app_client, max_retries=0)
     with pytest.raises(openai.BadRequestError) as ei:
-        client.chat.completions.create(model="m", messages=USER, n=2)
-    assert ei.value.param == "n" and "only n=1" in ei.value.message
+        client.chat.completions.create(model="m", messages=USER, n=0)
+    assert ei.value.param == "n" and "n must be between" in ei.value.message
     assert ei.value.type == "invalid_request_error"
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="m", input="x")

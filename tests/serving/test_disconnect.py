@@ -91,3 +91,17 @@ def test_disconnect_while_decoding(cluster):
     worker = holder(c, "decode", "running")
     gone_within(c, r.close(), 0, [worker], "decoding")
     c.wait_all_free()
+
+
+def test_disconnect_of_several_choices(cluster):
+    """Guards: the choices of one request (n > 1 or a batch of prompts: each a request of its
+    own on the workers) all aborted when its client leaves, streamed or not (2 choices: each
+    decode worker here runs one sequence at a time)."""
+    c = cluster
+    for stream, prompt, n in ((True, "Once upon a time", 2), (False, ["Once upon a time", "Far away"], 1)):
+        body = {"model": "demo", "prompt": prompt, "n": n, "max_tokens": 300, "ignore_eos": True, "stream": stream}
+        r = RawClient(c.url, "/v1/completions", body)
+        wait_for(lambda: sum(w["running"] for w in c.workers().values() if w["role"] == "decode") == 2, 20,
+                 f"2 choices decoding (stream {stream})")
+        gone_within(c, r.close(), 0, list(c.workers()), f"2 choices decoding (stream {stream})")
+        c.wait_all_free()

@@ -158,7 +158,7 @@ def test_models_and_health(server):
 
 @pytest.mark.parametrize("body,status,param", [
     ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
-    ({"model": "demo", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ({"model": "demo", "messages": [{"role": "user", "content": "x"}], "n": 129}, 400, "n"),
     ({"model": "demo", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
     ({"model": "demo", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
     ({"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "max_tokens"),
@@ -182,3 +182,59 @@ def test_malformed_json_and_openai_errors(server):
         client(server).completions.create(model="demo", prompt=[5] * 10, max_tokens=10**6)
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
         client(server).completions.create(model="demo", prompt=[10**7], max_tokens=2)
+
+
+def test_n_choices_greedy_and_seeded(server, reference):
+    """n > 1: every choice a request of its own; greedy ones all transformers' text, seeded ones
+    reproducible, choice j sampling with seed + j (so the n differ)."""
+    c = client(server)
+    msgs = [{"role": "user", "content": QUESTIONS[2]}]
+    ids = reference.chat_ids(msgs)
+    ref = reference.greedy(ids, 10)
+    r = c.chat.completions.create(model="demo", messages=msgs, max_tokens=10, temperature=0, n=3)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert all(ch.message.content == reference.text(ref) for ch in r.choices)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 3 * len(ref)
+    kw = dict(model="demo", messages=msgs, max_tokens=12, temperature=1.0)
+    texts = [ch.message.content for ch in c.chat.completions.create(n=3, seed=7, **kw).choices]
+    assert texts == [ch.message.content for ch in c.chat.completions.create(n=3, seed=7, **kw).choices]
+    assert texts == [c.chat.completions.create(seed=7 + j, **kw).choices[0].message.content for j in range(3)]
+    assert len(set(texts)) == 3
+    # streamed: the role chunk, the text and the finish of each choice under its index
+    got, finish, roles = {}, {}, set()
+    for ch in c.chat.completions.create(n=2, seed=7, stream=True, stream_options={"include_usage": True}, **kw):
+        if ch.usage is not None:
+            usage = ch.usage
+        for choice in ch.choices:
+            if choice.delta.role:
+                roles.add(choice.index)
+            got[choice.index] = got.get(choice.index, "") + (choice.delta.content or "")
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+    assert roles == {0, 1} and [got[0], got[1]] == texts[:2] and set(finish.values()) <= {"stop", "length"}
+    assert usage.prompt_tokens == len(ids) and usage.completion_tokens >= 2
+
+
+def test_batched_prompts_equal_transformers(server, reference):
+    """A batch of prompts (texts or token ids) times n: choice i * n + j is prompt i's j-th."""
+    c = client(server)
+    texts = ["The quick brown fox", "Once upon a time", "日本語"]
+    ids = [reference.tok.encode(t) for t in texts]
+    refs = [reference.text(reference.greedy(p, 8)) for p in ids]
+    r = c.completions.create(model="demo", prompt=texts, max_tokens=8, temperature=0, n=2)
+    assert [ch.index for ch in r.choices] == list(range(6))
+    assert [ch.text for ch in r.choices] == [t for t in refs for _ in range(2)]
+    assert r.usage.prompt_tokens == sum(map(len, ids)) and r.usage.completion_tokens == 6 * 8
+    got, finish = {}, {}
+    for ch in c.completions.create(model="demo", prompt=ids, max_tokens=8, temperature=0, stream=True,
+                                   stream_options={"include_usage": True}):
+        if ch.usage is not None:
+            usage = ch.usage
+        for choice in ch.choices:
+            got[choice.index] = got.get(choice.index, "") + choice.text
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+    assert [got[i] for i in range(3)] == refs and set(finish) == {0, 1, 2}
+    assert usage.prompt_tokens == sum(map(len, ids)) and usage.completion_tokens == 3 * 8
+    # one bad prompt refuses the whole batch, before any of it runs
+    with pytest.raises(openai.BadRequestError) as ei:
+        c.completions.create(model="demo", prompt=[ids[0], [10**9]], max_tokens=8)
+    assert ei.value.param == "prompt" and "outside the vocabulary" in ei.value.message
