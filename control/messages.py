@@ -150,7 +150,8 @@ class Prefill:
 
 @dataclass
 class Tokens:
-    """New tokens of one step: items are [request_id, first_index, token_ids, finish_reason]."""
+    """New tokens of one step: items are [request_id, first_index, token_ids, finish_reason], and a
+    5th, [[logprob, [[token id, logprob], ...]], ...] per token, when the request asked for logprobs."""
     worker_id: str
     items: list = field(default_factory=list)
 
@@ -238,7 +239,7 @@ class Done:
 
 @dataclass
 class Events:
-    """Items: ["t", request_id, token_ids, finish_reason] (in order: the hub put them in order) or
+    """Items: ["t", request_id, token_ids, finish_reason(, logprobs)] (in order: the hub put them in order) or
     ["e", request_id, message, code, failed_worker, why]."""
     items: list = field(default_factory=list)
 

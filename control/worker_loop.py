@@ -110,8 +110,9 @@ class WorkerLoop:
     def send_tokens(self, outs: list) -> None:
         """One `Tokens` message with a step's new tokens (nothing when there are none)."""
         if outs:
-            self.link.send(messages.Tokens(self.settings.worker_id, [[o.request_id, o.index, o.new_token_ids, o.finish_reason]
-                                                          for o in outs]))
+            self.link.send(messages.Tokens(self.settings.worker_id, [
+                [o.request_id, o.index, o.new_token_ids, o.finish_reason] if o.logprobs is None else
+                [o.request_id, o.index, o.new_token_ids, o.finish_reason, o.logprobs] for o in outs]))
 
     def step_engine(self) -> list:
         """One engine step, timed: steps that decode only teach `decode_step_s`, steps that

@@ -23,7 +23,8 @@ class LLM:
 
     def generate(self, prompt_token_ids: list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generates for every prompt, batched continuously; outputs come in prompt order."""
+        """Generates for every prompt, batched continuously; outputs come in prompt order, with each
+        token's logprobs where SamplingParams.logprobs asks (engine/logprobs.py)."""
         if prompt_token_ids and isinstance(prompt_token_ids[0], int):
             raise TypeError("prompt_token_ids must be a list of token-id lists (one per prompt)")
         params = sampling_params or SamplingParams()

@@ -22,6 +22,7 @@ import torch
 from .block_pool import PLACEHOLDER, BlockPool, blocks_needed
 from .kv_holds import KVHolds
 from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype, to_device
+from .logprobs import StepLogprobs
 from .model_runner import ModelRunner, Pending
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
@@ -68,17 +69,25 @@ class RequestRejected(ValueError):
     """The request can never be served by this engine (too long for the context or the cache)."""
 
 
+def _queue_to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of a CUDA tensor, queued without waiting: complete once an event
+    recorded after it is."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 @dataclass
 class _InFlight:
     """A launched step whose tokens the host has not read: the sequences that sample, where each
-    one's token goes, the tokens' host copy (complete once `ready` is), and the device side."""
+    one's token goes, the tokens' host copy (complete once `ready` is), and the device side;
+    the logprobs of the rows that asked, copied to the host with the tokens (logprobs.py)."""
     seqs: list[Sequence]
     positions: list[int]
     host: torch.Tensor
     ready: torch.cuda.Event | None
     pending: Pending
+    logprobs: StepLogprobs | None = None
 
 
 @dataclass
@@ -89,6 +98,8 @@ class StepOutput:
     finish_reason: str | None   # "stop" | "length" when the request is over, else None
     handoff: bool = False       # prefill_only: the request goes on elsewhere; its KV is held
     index: int = 0              # position of new_token_ids[0] among the request's output tokens
+    # SamplingParams.logprobs asked: per new token (logprob, [(token id, logprob), ...]) (logprobs.py)
+    logprobs: list | None = None
 
 
 class LLMEngine:
@@ -291,6 +302,9 @@ class LLMEngine:
         else:
             tokens = self.sampler.sample(logits, params, [q.num_output_tokens for q in seqs],
                                          self._history(seqs, params, prev, logits))
+        logprobs = None
+        if asked := [i for i, p in enumerate(params) if p.logprobs is not None]:
+            logprobs = StepLogprobs.compute(logits, tokens, asked, [params[i].logprobs for i in asked])
         positions = []
         max_len = self.max_model_len
         for q in seqs:
@@ -301,12 +315,13 @@ class LLMEngine:
                 q.last_token_pending = True  # not scheduled again: this token ends it
         host, ready = tokens, None
         if tokens.is_cuda:  # into pinned memory, without waiting; `ready` says when it is there
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
+            host = _queue_to_host(tokens)
+            if logprobs is not None:
+                logprobs = logprobs.to_host(_queue_to_host)
             ready = torch.cuda.Event()
             ready.record()
         pending = Pending(tokens, {id(q): (pos, r) for r, (q, pos) in enumerate(zip(seqs, positions))})
-        return _InFlight(seqs, positions, host, ready, pending)
+        return _InFlight(seqs, positions, host, ready, pending, logprobs)
 
     @staticmethod
     def _history(seqs: list[Sequence], params: list[SamplingParams], prev: _InFlight | None, logits: torch.Tensor):
@@ -344,13 +359,18 @@ class LLMEngine:
             f.ready.synchronize()
         outputs = []
         eos, max_len = self.model_cfg.eos_token_ids, self.max_model_len
-        for seq, pos, tok in zip(f.seqs, f.positions, f.host.tolist()):
+        entries = f.logprobs.entries(len(f.seqs)) if f.logprobs is not None else itertools.repeat(None)
+        for seq, pos, tok, entry in zip(f.seqs, f.positions, f.host.tolist(), entries):
             if seq.status is SequenceStatus.FINISHED:
                 continue  # aborted, or ended on the token before (this one is dropped)
             ids = seq.token_ids
             ids[pos] = tok
             p = seq.params
             index = pos - seq.num_prompt_tokens
+            lps = None
+            if entry is not None:
+                seq.add_logprobs(index, entry)
+                lps = [entry]
             # One cheap test for the common case (nothing ends); the exact reason below.
             if (index + 1 >= p.max_tokens or pos + 1 >= max_len or seq.prefill_only or tok in eos
                     or (p.stop_token_ids and tok in p.stop_token_ids)):
@@ -360,9 +380,9 @@ class LLMEngine:
                     del ids[pos + 1:]  # a placeholder of the step launched after this one
                     self._finish(seq, reason, keep_kv=handoff)
                 outputs.append(StepOutput(seq.request_id, [tok], reason is not None or handoff, reason, handoff,
-                                          index))
+                                          index, lps))
             else:
-                outputs.append(StepOutput(seq.request_id, [tok], False, None, False, index))
+                outputs.append(StepOutput(seq.request_id, [tok], False, None, False, index, lps))
         return outputs
 
     def _finish_reason(self, seq: Sequence, tok: int, index: int, pos: int) -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # the most top tokens a request may ask logprobs for (OpenAI's limit)
+
 
 @dataclass
 class SamplingParams:
@@ -21,6 +23,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # [[token id, bias], ...] added to those tokens' logits at every step (OpenAI's logit_bias)
     logit_bias: list | None = None
+    # k: each generated token's logprob and the k most likely tokens' (0: the token's alone),
+    # from the model's own logits before penalties, bias, temperature, top-k, top-p (logprobs.py)
+    logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -46,6 +51,8 @@ class SamplingParams:
                     raise ValueError(f"logit_bias: token id {item[0]} must be >= 0 and its bias in [-100, 100]")
                 pairs.append([item[0], float(item[1])])
             self.logit_bias = pairs or None
+        if self.logprobs is not None and (type(self.logprobs) is not int or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def penalized(self) -> bool:
@@ -79,6 +86,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    # SamplingParams.logprobs asked: one entry per output token, (logprob, [(token id, logprob), ...]),
+    # None for a token this engine did not sample (engine/logprobs.py)
+    logprobs: list | None = None
 
 
 @dataclass(eq=False)  # compared by identity: queue membership and removal must not compare fields
@@ -107,6 +117,8 @@ class Sequence:
     num_kv_tokens: int = 0
     # Penalties (engine/llm_engine.py _history): the output tokens (and the prompt) on the device
     history: object | None = None
+    # SamplingParams.logprobs asked: an entry per output token so far (`add_logprobs`)
+    logprobs: list | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -128,5 +140,16 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def add_logprobs(self, index: int, entry) -> None:
+        """The entry of output `index`, just sampled here; those before it that were not (an
+        imported first token, a migrated request's outputs) hold None."""
+        lps = self.logprobs
+        if lps is None:
+            lps = self.logprobs = []
+        if len(lps) < index:
+            lps.extend([None] * (index - len(lps)))
+        lps.append(entry)
+
     def to_output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt_token_ids, self.output_token_ids, self.finish_reason)
+        lps = None if self.params.logprobs is None else list(self.logprobs or ())
+        return RequestOutput(self.request_id, self.prompt_token_ids, self.output_token_ids, self.finish_reason, lps)

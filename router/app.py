@@ -39,6 +39,7 @@ from .front import RelayHub
 from .fronts import FrontProcesses, FrontServer, merge_samples
 from .generation import Chunk, generate
 from .hub import WorkerHub
+from .logprobs import TokenTexts
 from .metrics import CONTENT_TYPE, Metrics
 from .registry import WorkerRegistry
 from .responses import SSE_DONE, ChatCompletionShape, ResponseShape, TextCompletionShape, sse_event, usage_dict
@@ -59,6 +60,7 @@ class Router:
 
         self.settings = settings
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(settings.model)
+        self.texts = TokenTexts(self.tokenizer)  # token ids as logprobs show them
         cfg = AutoConfig.from_pretrained(settings.model)
         self.vocab_size = cfg.vocab_size
         self.config_max_len = settings.max_model_len or cfg.max_position_embeddings
@@ -226,9 +228,13 @@ async def _until_finish(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
     raise RuntimeError("the stream ended without a finish")
 
 
-async def _collect(request: Request, chunks: AsyncIterator[Chunk]) -> tuple[str, Chunk]:
-    got = await _watched(request, chunks, _until_finish(chunks))
-    return "".join(c.text for c in got), got[-1]
+def _whole(got: list[Chunk], writer) -> tuple:
+    """A finished choice's chunks as `ResponseShape.whole_choices` takes it: (text, finish
+    reason, logprobs object or None)."""
+    lps = None
+    if writer is not None and all(c.logprobs is not None for c in got):
+        lps = writer([t for c in got for t in c.token_ids], [e for c in got for e in c.logprobs])
+    return "".join(c.text for c in got), got[-1].finish_reason, lps
 
 
 async def _each(request: Request, streams: list[AsyncIterator[Chunk]], fn, close: bool) -> list:
@@ -259,8 +265,16 @@ async def _each(request: Request, streams: list[AsyncIterator[Chunk]], fn, close
                 await s.aclose()
 
 
+def _text_event(shape: ResponseShape, c: Chunk, index: int, writer) -> str | None:
+    """The SSE event of a chunk's text (and its tokens' logprobs when asked for), or None when it
+    has neither."""
+    if writer is not None and c.logprobs:
+        return sse_event(shape.chunk(c.text, index=index, logprobs=writer(c.token_ids, c.logprobs)))
+    return shape.text_event(c.text, index) if c.text else None
+
+
 def _sse_choices(firsts: list[Chunk], streams: list[AsyncIterator[Chunk]], shape: ResponseShape,
-                 prompt_tokens: int, include_usage: bool) -> StreamingResponse:
+                 prompt_tokens: int, include_usage: bool, writers: list | None) -> StreamingResponse:
     """`_sse` for several choices: their chunks interleaved as they come, each with its index;
     the usage chunk (every choice's tokens) and [DONE] after the last choice finished. An error
     in any choice ends the whole stream with an error event (the others are aborted)."""
@@ -288,8 +302,8 @@ def _sse_choices(firsts: list[Chunk], streams: list[AsyncIterator[Chunk]], shape
                 for j, c in got:
                     if isinstance(c, Exception):
                         raise c
-                    if c.text:
-                        parts.append(shape.text_event(c.text, j))
+                    if (ev := _text_event(shape, c, j, writers and writers[j])) is not None:
+                        parts.append(ev)
                     if c.finish_reason is not None:
                         parts.append(sse_event(shape.chunk(finish_reason=c.finish_reason, index=j)))
                         generated[j] = c.num_generated
@@ -323,7 +337,7 @@ def _sse_choices(firsts: list[Chunk], streams: list[AsyncIterator[Chunk]], shape
 
 
 def _sse(first: Chunk, rest: AsyncIterator[Chunk], shape: ResponseShape, prompt_tokens: int,
-         include_usage: bool) -> StreamingResponse:
+         include_usage: bool, writer=None) -> StreamingResponse:
     """SSE body: the shape's opening chunks, a chunk per piece of text, the finish chunk, the usage
     chunk if asked for, then [DONE]; an error after the first byte becomes an error event."""
     async def body():
@@ -332,8 +346,8 @@ def _sse(first: Chunk, rest: AsyncIterator[Chunk], shape: ResponseShape, prompt_
         c = first
         try:
             while True:
-                if c.text:
-                    parts.append(shape.text_event(c.text))
+                if (ev := _text_event(shape, c, 0, writer)) is not None:
+                    parts.append(ev)
                 if c.finish_reason is not None:
                     parts.append(sse_event(shape.chunk(finish_reason=c.finish_reason)))
                     if include_usage:
@@ -450,22 +464,25 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
         Several choices (n > 1, a batch of prompts) run as requests of their own, at once."""
         streams = router.streams(prompts, params, req.n, stops)
         prompt_tokens = sum(map(len, prompts))
+        # one logprobs writer per choice, when asked for (the text offsets of completions go on)
+        writers = [shape.logprobs_writer(router.texts) for _ in streams] if params[0].logprobs is not None else None
         try:
             if len(streams) == 1:
                 chunks = streams[0]
                 if not req.stream:
-                    text, last = await _collect(request, chunks)
-                    return shape.whole(text, last.finish_reason, usage_dict(prompt_tokens, last.num_generated))
+                    got = await _watched(request, chunks, _until_finish(chunks))
+                    return shape.whole_choices([_whole(got, writers and writers[0])],
+                                               usage_dict(prompt_tokens, got[-1].num_generated))
                 first = await _next(request, chunks)
-                return _sse(first, chunks, shape, prompt_tokens, req.include_usage)
+                return _sse(first, chunks, shape, prompt_tokens, req.include_usage, writers and writers[0])
             if not req.stream:
                 done = await _each(request, streams, _until_finish, close=True)
-                return shape.whole_choices([("".join(c.text for c in got), got[-1].finish_reason) for got in done],
+                return shape.whole_choices([_whole(got, writers and writers[j]) for j, got in enumerate(done)],
                                            usage_dict(prompt_tokens, sum(got[-1].num_generated for got in done)))
             firsts = await _each(request, streams, lambda s: s.__anext__(), close=False)
         except ClientGone:
             return JSONResponse({}, status_code=499)
-        return _sse_choices(firsts, streams, shape, prompt_tokens, req.include_usage)
+        return _sse_choices(firsts, streams, shape, prompt_tokens, req.include_usage, writers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):

@@ -56,7 +56,8 @@ class RelayedState(RequestState):
 
     def _put(self, ev: Event) -> None:
         if ev.kind == "tokens":
-            self.server.relay(self.front, ["t", self.request_id, ev.token_ids, ev.finish_reason])
+            item = ["t", self.request_id, ev.token_ids, ev.finish_reason]
+            self.server.relay(self.front, item if ev.logprobs is None else item + [ev.logprobs])
         else:
             self.server.relay(self.front, ["e", self.request_id, ev.message, ev.code, ev.failed_worker, ev.why])
 

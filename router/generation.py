@@ -38,6 +38,8 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None
     num_generated: int = 0     # tokens generated so far (for usage)
+    # per token of token_ids, when the request asked: [logprob, [[token id, logprob], ...]]
+    logprobs: list | None = None
 
 
 def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) -> Event:
@@ -51,6 +53,7 @@ def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) ->
         first.parts = [(first.at, len(first.token_ids))]
         return first
     ids = list(first.token_ids)
+    lps = None if first.logprobs is None else list(first.logprobs)
     parts = [(first.at, len(first.token_ids))]
     reason = None
     n = 1
@@ -58,13 +61,19 @@ def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) ->
         if ev.kind != "tokens":
             break
         ids += ev.token_ids
+        lps = _joined(lps, ev.logprobs)
         parts.append((ev.at, len(ev.token_ids)))
         n += 1
         if ev.finish_reason is not None:
             reason = ev.finish_reason
             break
     state.unread(evs[n:])
-    return Event("tokens", ids, reason, at=evs[n - 1].at, parts=parts)
+    return Event("tokens", ids, reason, at=evs[n - 1].at, parts=parts, logprobs=lps)
+
+
+def _joined(a: list | None, b: list | None) -> list | None:
+    """Two events' logprobs, one after the other (None when neither has any)."""
+    return b if a is None else a if b is None else a + b
 
 
 async def _fill(state: RequestState, ev: Event, interval: int, deadline: float) -> Event:
@@ -79,7 +88,8 @@ async def _fill(state: RequestState, ev: Event, interval: int, deadline: float) 
         if nxt.kind != "tokens":
             state.unread([nxt])
             break
-        ev = Event("tokens", ev.token_ids + nxt.token_ids, nxt.finish_reason, at=nxt.at, parts=ev.parts + nxt.parts)
+        ev = Event("tokens", ev.token_ids + nxt.token_ids, nxt.finish_reason, at=nxt.at, parts=ev.parts + nxt.parts,
+                   logprobs=_joined(ev.logprobs, nxt.logprobs))
     return ev
 
 
@@ -180,7 +190,7 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                 outcome = "finished"
                 metrics.e2e.observe(time.monotonic() - state.created)
                 metrics.success(finish)
-            yield Chunk(text, ev.token_ids, finish, generated)
+            yield Chunk(text, ev.token_ids, finish, generated, ev.logprobs)
             if finish is not None:
                 return
     finally:

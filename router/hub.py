@@ -333,7 +333,7 @@ class WorkerHub:
         self.registry.seen(sender)
         stale = []
         for item in msg.items:
-            rid, index, ids, reason = item
+            rid, index, ids, reason = item[:4]
             st = self.requests.get(rid)
             if st is None or sender not in (st.prefill_worker, st.decode_worker):
                 if reason is None and isinstance(rid, str):
@@ -344,7 +344,7 @@ class WorkerHub:
                 w = self.registry.workers.get(st.prefill_worker or "")
                 if w is not None:
                     w.outstanding.discard(rid)
-            st.on_tokens(int(index), [int(t) for t in ids], reason)
+            st.on_tokens(int(index), [int(t) for t in ids], reason, _logprobs(item, len(ids)))
             if st.first_token_at is not None:
                 self.admission.release(st)
         if stale:
@@ -405,3 +405,19 @@ class WorkerHub:
                     log.warning("%s worker %s is silent: %d requests to move", w.role, w.worker_id,
                                 len(w.outstanding))
                     self._fail_requests(w, f"{w.role} worker {w.worker_id} stopped responding", "heartbeat_timeout")
+
+
+def _logprobs(item: list, n: int) -> list | None:
+    """A Tokens item's logprobs (its 5th element: per token [logprob, [[token id, logprob], ...]]),
+    or None when it has none or they are malformed (the tokens still count)."""
+    if len(item) < 5 or item[4] is None:
+        return None
+    lps = item[4]
+    try:
+        if len(lps) == n and all(isinstance(lp, float) and all(isinstance(t, int) and isinstance(v, float)
+                                                                for t, v in top) for lp, top in lps):
+            return lps
+    except (TypeError, ValueError):
+        pass
+    log.warning("dropped malformed logprobs in a Tokens item")
+    return None

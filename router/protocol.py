@@ -31,6 +31,7 @@ __all__ = [
 # OpenAI documents at most 4 stop sequences; we are lenient because matching is cheap.
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
+MAX_LOGPROBS = 20  # top logprobs per token (vLLM's default limit; OpenAI's is 20 for chat, 5 for completions)
 MAX_CHOICES = 128  # n x prompts of one request: each is a request of its own on the workers
 
 
@@ -223,13 +224,23 @@ class ChatCompletionRequest(_OpenAIMixin):
                              "only 'text'")
         return v
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, v: bool) -> bool:
-        # Silently ignoring this would hand clients `logprobs: null` they then index into.
-        if v:
-            raise ValueError("logprobs are not supported")
+    def _top_logprobs(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        """Top logprobs per token for the engine (0: only the sampled token's), None when not asked."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def effective_max_tokens(self) -> Optional[int]:
@@ -310,10 +321,14 @@ class CompletionRequest(_OpenAIMixin):
 
     @field_validator("logprobs")
     @classmethod
-    def _no_logprobs(cls, v: Optional[int]) -> Optional[int]:
-        if v:
-            raise ValueError("logprobs are not supported")
+    def _logprobs(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
         return v
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        return self.logprobs
 
     @field_validator("suffix")
     @classmethod
@@ -376,6 +391,7 @@ class SamplingFields:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: Optional[list[list]] = None   # [[token id, bias], ...]
+    logprobs: Optional[int] = None            # top logprobs per generated token (0: its own only)
     stop_strings: list[str] = field(default_factory=list)
 
     @classmethod
@@ -394,6 +410,7 @@ class SamplingFields:
             frequency_penalty=float(req.frequency_penalty),
             repetition_penalty=float(req.repetition_penalty),
             logit_bias=[[int(k), float(b)] for k, b in req.logit_bias.items()] if req.logit_bias else None,
+            logprobs=getattr(req, "num_logprobs", None),
             # dict.fromkeys: de-duplicate while keeping order.
             stop_strings=list(dict.fromkeys(req.stop or [])),
         )

@@ -34,6 +34,8 @@ class Event:
     at: float = 0.0                 # time.monotonic() when it reached the router
     # tokens only: (arrival, number of tokens) of each event merged into this one (router.generation)
     parts: list[tuple[float, int]] = field(default_factory=list)
+    # tokens only, when the request asked for logprobs: per token [logprob, [[token id, logprob], ...]]
+    logprobs: list | None = None
 
 
 class RequestState:
@@ -51,7 +53,7 @@ class RequestState:
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self._next_index = 0
-        self._early: dict[int, tuple[list[int], str | None]] = {}
+        self._early: dict[int, tuple[list[int], str | None, list | None]] = {}
         self.done = False
         self.output_token_ids: list[int] = []  # every token given to the client so far (generation.py)
         self.moves: list[tuple[str, str, int]] = []  # migrations: (worker left, why, tokens generated then)
@@ -66,18 +68,18 @@ class RequestState:
         self._inbox = []
         self._next_index, self._early = len(self.output_token_ids), {}
 
-    def on_tokens(self, index: int, token_ids: list[int], reason: str | None) -> None:
+    def on_tokens(self, index: int, token_ids: list[int], reason: str | None, logprobs: list | None = None) -> None:
         # The first token comes from the prefill worker and the rest from the decode worker,
         # over two connections: put them back in order by index before anyone reads them.
         if index < self._next_index or len(self._early) > 4096:
             return  # a duplicate, or a worker flooding indices that never line up
-        self._early[index] = (token_ids, reason)
+        self._early[index] = (token_ids, reason, logprobs)
         while self._next_index in self._early:
-            ids, r = self._early.pop(self._next_index)
+            ids, r, lps = self._early.pop(self._next_index)
             self._next_index += len(ids)
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-            self._put(Event("tokens", ids, r))
+            self._put(Event("tokens", ids, r, logprobs=lps))
 
     def on_error(self, message: str, code: int = 503, failed_worker: str | None = None, why: str = "") -> None:
         """`failed_worker`: the request may move off it (migration), for reason `why`."""

@@ -17,7 +17,9 @@ import json
 import time
 import uuid
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
+
+from .logprobs import CompletionLogprobs, TokenTexts, chat_logprobs
 
 __all__ = [
     "FinishReason",
@@ -61,16 +63,23 @@ class ResponseShape(ABC):
         """The non-streamed response."""
         return self.whole_choices([(text, finish_reason)], usage)
 
-    def whole_choices(self, choices: list[tuple[str, FinishReason]], usage: dict[str, int]) -> dict[str, Any]:
-        """The non-streamed response of several choices ((text, finish reason) in index order)."""
-        return self._object(self.object, [self._choice(self._whole_content(text), reason, i)
-                                          for i, (text, reason) in enumerate(choices)], usage)
+    def whole_choices(self, choices: list[tuple], usage: dict[str, int]) -> dict[str, Any]:
+        """The non-streamed response of several choices ((text, finish reason[, logprobs object])
+        in index order)."""
+        return self._object(self.object, [self._choice(self._whole_content(c[0]), c[1], i, *c[2:])
+                                          for i, c in enumerate(choices)], usage)
 
     def chunk(self, text: Optional[str] = None, finish_reason: Optional[FinishReason] = None,
-              index: int = 0) -> dict[str, Any]:
-        """One streamed chunk of choice `index`: a piece of text, or (text None) the end with its
-        finish reason."""
-        return self._object(self.chunk_object, [self._choice(self._chunk_content(text), finish_reason, index)])
+              index: int = 0, logprobs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """One streamed chunk of choice `index`: a piece of text (with its tokens' logprobs
+        object, when asked for), or (text None) the end with its finish reason."""
+        return self._object(self.chunk_object, [self._choice(self._chunk_content(text), finish_reason, index,
+                                                             logprobs)])
+
+    @abstractmethod
+    def logprobs_writer(self, texts: TokenTexts) -> Callable[[list[int], list], dict[str, Any]]:
+        """For one choice: its tokens' ids and logprobs, chunk after chunk, to the endpoint's
+        logprobs object (router/logprobs.py)."""
 
     def text_event(self, text: str, index: int = 0) -> str:
         """``sse_event(self.chunk(text, index=index))``, the same bytes, without building and encoding
@@ -103,8 +112,9 @@ class ResponseShape(ABC):
     def _chunk_content(self, text: Optional[str]) -> dict[str, Any]:
         """The text as a streamed choice carries it (one key); None on the last chunk."""
 
-    def _choice(self, content: dict[str, Any], finish_reason: Optional[FinishReason], index: int = 0) -> dict[str, Any]:
-        return {"index": index, **content, "logprobs": None, "finish_reason": finish_reason}
+    def _choice(self, content: dict[str, Any], finish_reason: Optional[FinishReason], index: int = 0,
+                logprobs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        return {"index": index, **content, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _object(
         self, object_: str, choices: list[dict[str, Any]], usage: Optional[dict[str, int]] = None
@@ -136,6 +146,9 @@ class ChatCompletionShape(ResponseShape):
     def _whole_content(self, text: str) -> dict[str, Any]:
         return {"message": {"role": "assistant", "content": text}}
 
+    def logprobs_writer(self, texts: TokenTexts) -> Callable[[list[int], list], dict[str, Any]]:
+        return lambda ids, lps: chat_logprobs(texts, ids, lps)
+
     def _chunk_content(self, text: Optional[str]) -> dict[str, Any]:
         # The last chunk carries an empty delta beside its finish reason.
         return {"delta": {} if text is None else {"content": text}}
@@ -150,6 +163,9 @@ class TextCompletionShape(ResponseShape):
 
     def _whole_content(self, text: str) -> dict[str, Any]:
         return {"text": text}
+
+    def logprobs_writer(self, texts: TokenTexts) -> Callable[[list[int], list], dict[str, Any]]:
+        return CompletionLogprobs(texts)
 
     def _chunk_content(self, text: Optional[str]) -> dict[str, Any]:
         # The last chunk carries text "" beside its finish reason.

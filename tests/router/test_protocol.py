@@ -85,6 +85,7 @@ def test_chat_all_fields_and_extras():
         "frequency_penalty": -1.0,
         "repetition_penalty": 1.0,
         "logit_bias": None,
+        "logprobs": None,
     }
     assert r.sampling_fields().stop_strings == ["\n"]
 
@@ -138,7 +139,8 @@ def test_stop_string_normalised():
         ({"stop": [str(i) for i in range(17)]}, "at most 16 stop strings"),
         ({"stop_token_ids": [-1]}, "non-negative"),
         ({"stop_token_ids": ["1"]}, "valid integer"),
-        ({"logprobs": True}, "logprobs are not supported"),
+        ({"top_logprobs": 3}, "top_logprobs needs logprobs: true"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be between 0 and 20"),
         ({"stream_options": {"include_usage": "yes"}}, "valid boolean"),
         ({"messages": []}, "at least 1 item"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
@@ -205,7 +207,8 @@ def test_completion_fields():
         ({"echo": True}, "echo is not supported"),
         ({"n": 3, "prompt": ["x"] * 43}, "43 prompts x n=3 is more than 128"),
         ({"best_of": 2}, "best_of must equal n"),
-        ({"logprobs": 2}, "logprobs are not supported"),
+        ({"logprobs": 21}, "logprobs must be between 0 and 20"),
+        ({"logprobs": -1}, "logprobs must be between 0 and 20"),
     ]:
         with pytest.raises(ValidationError, match=needle):
             comp(**{"prompt": "x", **kw})
@@ -330,3 +333,11 @@ def test_openai_client_sees_errors(app_client):
     assert ei.value.type == "invalid_request_error"
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="m", input="x")
+
+
+def test_logprobs_fields():
+    assert chat().sampling_fields().logprobs is None and comp(prompt="x").sampling_fields().logprobs is None
+    assert chat(logprobs=True).sampling_fields().logprobs == 0
+    assert chat(logprobs=True, top_logprobs=5).sampling_fields().logprobs == 5
+    assert comp(prompt="x", logprobs=0).sampling_fields().logprobs == 0
+    assert comp(prompt="x", logprobs=3).sampling_fields().logprobs == 3

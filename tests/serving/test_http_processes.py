@@ -102,9 +102,12 @@ def test_every_process_serves_and_the_text_is_transformers(cluster, reference):
         assert h["status"] == "ok" and h["http_processes"] == 2 and len(h["workers"]) == 3
     # several choices (a batch of prompts, n = 2) relayed for one front, each a request of its own
     with openai.OpenAI(base_url=c.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
-        r = client.completions.create(model="demo", prompt=PROMPTS[:2], n=2, max_tokens=8, temperature=0)
-    refs = [reference.text(reference.greedy(reference.tok.encode(p), 8)) for p in PROMPTS[:2]]
-    assert [ch.text for ch in r.choices] == [refs[0], refs[0], refs[1], refs[1]]
+        r = client.completions.create(model="demo", prompt=PROMPTS[:2], n=2, max_tokens=8, temperature=0, logprobs=1)
+    refs = [reference.greedy(reference.tok.encode(p), 8) for p in PROMPTS[:2]]
+    assert [ch.text for ch in r.choices] == [reference.text(refs[i // 2]) for i in range(4)]
+    # (with their logprobs, relayed too)
+    assert [ch.logprobs.tokens for ch in r.choices] == [[reference.tok.decode([t]) for t in refs[i // 2]]
+                                                        for i in range(4)]
     c.wait_all_free()
 
 

@@ -238,3 +238,75 @@ def test_batched_prompts_equal_transformers(server, reference):
     with pytest.raises(openai.BadRequestError) as ei:
         c.completions.create(model="demo", prompt=[ids[0], [10**9]], max_tokens=8)
     assert ei.value.param == "prompt" and "outside the vocabulary" in ei.value.message
+
+
+def _hf_logprobs(model: str, ids: list[int], out: list[int]):
+    """transformers' float32 log_softmax at each generated position: [len(out), V]."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + out])).logits[0, len(ids) - 1:len(ids) + len(out) - 1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_chat_logprobs_equal_transformers(server, reference):
+    """The first token's logprobs come from the prefill worker, the rest from the decode worker;
+    each is transformers' log_softmax, and the tokens' bytes join into the text."""
+    msgs = [{"role": "user", "content": QUESTIONS[4]}]
+    ids = reference.chat_ids(msgs)
+    ref = reference.greedy(ids, 10)
+    lp = _hf_logprobs(server.model, ids, ref)
+    r = client(server).chat.completions.create(model="demo", messages=msgs, max_tokens=10, temperature=0,
+                                               logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(ref) == r.usage.completion_tokens
+    for k, (tid, e) in enumerate(zip(ref, content)):
+        assert e.token == reference.tok.decode([tid]) and abs(e.logprob - lp[k, tid].item()) < 1e-3
+        top = lp[k].topk(3)
+        assert [t.token for t in e.top_logprobs] == [reference.tok.decode([int(i)]) for i in top.indices]
+        assert all(abs(t.logprob - v.item()) < 1e-3 for t, v in zip(e.top_logprobs, top.values))
+        assert e.top_logprobs[0].logprob == e.logprob  # greedy: the sampled token is the top one
+    if not set(ref) & set(reference.tok.all_special_ids):
+        assert b"".join(bytes(e.bytes) for e in content).decode() == r.choices[0].message.content
+    # logprobs without top_logprobs: the tokens' own, no alternatives; none unless asked
+    r = client(server).chat.completions.create(model="demo", messages=msgs, max_tokens=4, temperature=0,
+                                               logprobs=True)
+    assert [e.top_logprobs for e in r.choices[0].logprobs.content] == [[]] * 4
+    r = client(server).chat.completions.create(model="demo", messages=msgs, max_tokens=4, temperature=0)
+    assert r.choices[0].logprobs is None
+
+
+def test_completion_logprobs_streamed_and_sampled(server, reference):
+    """Streamed text completions with logprobs=2: each chunk's tokens under its text, offsets
+    running on; sampled tokens' logprobs are the model's own (temperature does not change them)."""
+    c = client(server)
+    ids = reference.tok.encode("Once upon a time")
+    ref = reference.greedy(ids, 12)
+    lp = _hf_logprobs(server.model, ids, ref)
+    tokens, values, offsets, text = [], [], [], ""
+    for ch in c.completions.create(model="demo", prompt=ids, max_tokens=12, temperature=0, logprobs=2,
+                                   stream=True):
+        for choice in ch.choices:
+            text += choice.text
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                values += choice.logprobs.token_logprobs
+                offsets += choice.logprobs.text_offset
+                assert all(len(t) == 2 for t in choice.logprobs.top_logprobs)
+    assert tokens == [reference.tok.decode([t]) for t in ref] and text == reference.text(ref)
+    assert all(abs(v - lp[k, t].item()) < 1e-3 for k, (t, v) in enumerate(zip(ref, values)))
+    assert offsets == [sum(map(len, tokens[:k])) for k in range(len(tokens))]
+    # sampled: each token's logprob is transformers' for the token drawn, which is the token drawn
+    # without logprobs (the same seed through /generate, which gives the ids)
+    r = c.completions.create(model="demo", prompt=ids, max_tokens=6, temperature=1.5, seed=3, n=2, logprobs=0)
+    drawn = httpx.post(server.url + "/generate", json={"prompt_token_ids": ids, "max_tokens": 6, "temperature": 1.5,
+                                                        "seed": 3}, timeout=60).json()["token_ids"]
+    lp = _hf_logprobs(server.model, ids, drawn)
+    got = r.choices[0].logprobs
+    assert got.tokens == [reference.tok.decode([t]) for t in drawn] and got.top_logprobs == [{}] * len(drawn)
+    assert all(abs(v - lp[k, t].item()) < 1e-3 for k, (t, v) in enumerate(zip(drawn, got.token_logprobs)))
+    assert len(r.choices[1].logprobs.tokens) == r.usage.completion_tokens - len(drawn)
+    whole = c.completions.create(model="demo", prompt=ids, max_tokens=12, temperature=0, logprobs=2)
+    assert whole.choices[0].logprobs.tokens == tokens and whole.choices[0].logprobs.text_offset == offsets

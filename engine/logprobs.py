@@ -1,0 +1,63 @@
+"""Per-token logprobs (`SamplingParams.logprobs` = k): for every generated token, its
+log-probability and the k most likely tokens' with theirs.
+
+They are the model's own distribution: log_softmax, in float32, of the logits as the model
+produced them, before penalties, logit bias, temperature, top-k and top-p (vLLM's default
+"raw" logprobs). So they do not depend on how the token was chosen: a greedy token's is the
+top one's, a sampled token's may be any, and a penalised row reports what the model thought.
+
+They are computed on the device right after sampling, for the rows that asked only, and go
+to the host with the sampled tokens (LLMEngine._launch queues the copies, `_collect` reads
+them after the one wait it already makes): no extra wait for the device, and a step where no
+row asked does nothing here.
+
+An entry is (logprob of the token, [(token id, logprob), ...] the k best, highest first).
+Output tokens this engine did not sample hold None in `Sequence.logprobs`: an imported
+sequence's first token (sampled by the prefill worker, whose StepOutput carried its entry)
+and a migrated request's earlier outputs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import to_device
+
+Entry = tuple[float, list[tuple[int, float]]]
+
+
+@dataclass
+class StepLogprobs:
+    """One step's logprobs: for `rows` (those of the step's sampled tokens whose request asked,
+    each for `ks[i]` top tokens), `values` [R, 1 + K] (the sampled token's logprob, then the K
+    best, K = max(ks)) and `top_ids` [R, K]; on the logits' device, then on the host."""
+    rows: list[int]
+    ks: list[int]
+    values: torch.Tensor
+    top_ids: torch.Tensor
+
+    @classmethod
+    def compute(cls, logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], ks: list[int]) -> "StepLogprobs":
+        """logits [S, V] as the model produced them, tokens [S] sampled from them; nothing here
+        waits for the device."""
+        if len(rows) < logits.shape[0]:
+            r = to_device(rows, torch.int64, logits.device)
+            logits, tokens = logits[r], tokens[r]
+        lp = logits.float().log_softmax(dim=-1)                     # [R, V]
+        top = lp.topk(min(max(ks), lp.shape[-1]), dim=-1)           # [R, K] each, highest first
+        values = torch.cat([lp.gather(1, tokens[:, None]), top.values], dim=1)
+        return cls(rows, ks, values, top.indices)
+
+    def to_host(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> "StepLogprobs":
+        """The same, its tensors passed through `copy` (LLMEngine's queued copy to pinned memory)."""
+        return StepLogprobs(self.rows, self.ks, copy(self.values), copy(self.top_ids))
+
+    def entries(self, n: int) -> list[Entry | None]:
+        """One per sampled token of the step (n of them), None where its request did not ask
+        (host tensors)."""
+        out: list[Entry | None] = [None] * n
+        for r, k, v, ids in zip(self.rows, self.ks, self.values.tolist(), self.top_ids.tolist()):
+            out[r] = (v[0], list(zip(ids[:k], v[1:k + 1])))
+        return out
