@@ -151,7 +151,9 @@ class Prefill:
 @dataclass
 class Tokens:
     """New tokens of one step: items are [request_id, first_index, token_ids, finish_reason], and a
-    5th, [[logprob, [[token id, logprob], ...]], ...] per token, when the request asked for logprobs."""
+    5th, [[logprob, [[token id, logprob], ...]], ...] per token, when the request asked for logprobs;
+    a 6th on a request's first item when it asked for the prompt's: an entry per prompt token
+    (the first None)."""
     worker_id: str
     items: list = field(default_factory=list)
 
@@ -239,7 +241,7 @@ class Done:
 
 @dataclass
 class Events:
-    """Items: ["t", request_id, token_ids, finish_reason(, logprobs)] (in order: the hub put them in order) or
+    """Items: ["t", request_id, token_ids, finish_reason(, logprobs(, prompt logprobs))] (in order: the hub put them in order) or
     ["e", request_id, message, code, failed_worker, why]."""
     items: list = field(default_factory=list)
 

@@ -16,7 +16,7 @@ import uuid
 
 import zmq
 
-from engine import LLMEngine, RequestRejected
+from engine import EngineBusy, LLMEngine, RequestRejected
 from engine.parallel import TPGroupError
 from control import messages
 from control.kv_staging import full_layout
@@ -101,6 +101,10 @@ class WorkerLoop:
             log.info("refused: %s", e, extra=for_request(msg.request_id))
             self.link.send(messages.Failed(msg.request_id, str(e), 400))
             return
+        except EngineBusy as e:  # no room in the KV cache to score its prompt now (prompt_logprobs)
+            log.info("could not take it now: %s", e, extra=for_request(msg.request_id))
+            self.link.send(messages.Failed(msg.request_id, f"worker {self.settings.worker_id} is busy: {e}", 503))
+            return
         if not local:
             self.handoff.expect(msg)
         log.debug("prefill of %d prompt tokens%s, %s", len(msg.prompt_token_ids),
@@ -110,9 +114,7 @@ class WorkerLoop:
     def send_tokens(self, outs: list) -> None:
         """One `Tokens` message with a step's new tokens (nothing when there are none)."""
         if outs:
-            self.link.send(messages.Tokens(self.settings.worker_id, [
-                [o.request_id, o.index, o.new_token_ids, o.finish_reason] if o.logprobs is None else
-                [o.request_id, o.index, o.new_token_ids, o.finish_reason, o.logprobs] for o in outs]))
+            self.link.send(messages.Tokens(self.settings.worker_id, [_item(o) for o in outs]))
 
     def step_engine(self) -> list:
         """One engine step, timed: steps that decode only teach `decode_step_s`, steps that
@@ -203,3 +205,11 @@ class WorkerLoop:
 
 def _average(old: float, new: float, weight: float = 0.2) -> float:
     return new if old == 0 else (1 - weight) * old + weight * new
+
+
+def _item(o) -> list:
+    """A step output as a `Tokens` item: the logprobs (5th) and the prompt's (6th) only when asked."""
+    item = [o.request_id, o.index, o.new_token_ids, o.finish_reason]
+    if o.prompt_logprobs is not None:
+        return item + [o.logprobs, o.prompt_logprobs]
+    return item if o.logprobs is None else item + [o.logprobs]

@@ -22,7 +22,7 @@ import torch
 from .block_pool import PLACEHOLDER, BlockPool, blocks_needed
 from .kv_holds import KVHolds
 from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype, to_device
-from .logprobs import StepLogprobs
+from .logprobs import PROMPT_LOGITS_BYTES, StepLogprobs, prompt_entries
 from .model_runner import ModelRunner, Pending
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
@@ -69,6 +69,10 @@ class RequestRejected(ValueError):
     """The request can never be served by this engine (too long for the context or the cache)."""
 
 
+class EngineBusy(RuntimeError):
+    """The request cannot be taken now (no room in the KV cache to score its prompt); later it may."""
+
+
 def _queue_to_host(t: torch.Tensor) -> torch.Tensor:
     """A pinned host copy of a CUDA tensor, queued without waiting: complete once an event
     recorded after it is."""
@@ -100,6 +104,9 @@ class StepOutput:
     index: int = 0              # position of new_token_ids[0] among the request's output tokens
     # SamplingParams.logprobs asked: per new token (logprob, [(token id, logprob), ...]) (logprobs.py)
     logprobs: list | None = None
+    # SamplingParams.prompt_logprobs asked: the prompt's (LLMEngine.prompt_logprobs), on the
+    # request's first output only
+    prompt_logprobs: list | None = None
 
 
 class LLMEngine:
@@ -209,6 +216,8 @@ class LLMEngine:
         outs = self.check_resume(len(prompt_token_ids), params, output_token_ids)
         seq = Sequence(request_id, list(prompt_token_ids) + outs, len(prompt_token_ids), params,
                        arrival=next(self._arrival), prefill_only=prefill_only)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = self.prompt_logprobs(list(prompt_token_ids), params.prompt_logprobs)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -371,6 +380,10 @@ class LLMEngine:
             if entry is not None:
                 seq.add_logprobs(index, entry)
                 lps = [entry]
+            plps = None
+            if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                seq.prompt_logprobs_sent = True
+                plps = seq.prompt_logprobs
             # One cheap test for the common case (nothing ends); the exact reason below.
             if (index + 1 >= p.max_tokens or pos + 1 >= max_len or seq.prefill_only or tok in eos
                     or (p.stop_token_ids and tok in p.stop_token_ids)):
@@ -380,9 +393,9 @@ class LLMEngine:
                     del ids[pos + 1:]  # a placeholder of the step launched after this one
                     self._finish(seq, reason, keep_kv=handoff)
                 outputs.append(StepOutput(seq.request_id, [tok], reason is not None or handoff, reason, handoff,
-                                          index, lps))
+                                          index, lps, plps))
             else:
-                outputs.append(StepOutput(seq.request_id, [tok], False, None, False, index, lps))
+                outputs.append(StepOutput(seq.request_id, [tok], False, None, False, index, lps, plps))
         return outputs
 
     def _finish_reason(self, seq: Sequence, tok: int, index: int, pos: int) -> str | None:
@@ -503,6 +516,39 @@ class LLMEngine:
             if seq.block_table:
                 self.pool.free(seq)
         return torch.cat(parts)
+
+    def prompt_logprobs(self, prompt_token_ids: list[int], k: int) -> list:
+        """Each prompt token's logprob given the tokens before it, with the k best tokens' there
+        (engine/logprobs.py's entries; None for the first token, which nothing predicts). The
+        prompt is computed through the paged cache in chunks whose logits stay under
+        PROMPT_LOGITS_BYTES, and its full blocks are then left in the prefix cache, so that
+        the request's own prefill, right after, finds them. EngineBusy when the cache has
+        no room for the prompt now."""
+        from .scheduler import ScheduledSeq
+
+        prompt = list(prompt_token_ids)
+        seq = Sequence("__prompt_logprobs__", prompt, len(prompt), SamplingParams(max_tokens=1))
+        need = blocks_needed(len(prompt), self.runner.block_size)
+        if need > self.pool.num_free:
+            raise EngineBusy(f"scoring the prompt needs {need} KV blocks, {self.pool.num_free} are free now")
+        v = self.model_cfg.vocab_size
+        chunk = max(1, min(self.cfg.max_num_batched_tokens, PROMPT_LOGITS_BYTES // (4 * v)))
+        out: list = [None]
+        try:
+            while seq.num_computed_tokens < seq.num_tokens:
+                start = seq.num_computed_tokens
+                n = min(chunk, seq.num_tokens - start)
+                self.pool.allocate(seq, start + n)
+                logits = self.runner.all_logits([ScheduledSeq(seq, n)])   # position p predicts p + 1
+                seq.num_computed_tokens += n
+                nxt = prompt[start + 1:start + n + 1]
+                if nxt:
+                    out += prompt_entries(logits[:len(nxt)], nxt, k)
+            self.pool.register(seq, seq.num_tokens)
+        finally:
+            if seq.block_table:
+                self.pool.free(seq)
+        return out
 
     # ---- introspection ----------------------------------------------------------------------
     @property

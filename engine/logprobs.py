@@ -26,6 +26,7 @@ import torch
 from .config import to_device
 
 Entry = tuple[float, list[tuple[int, float]]]
+PROMPT_LOGITS_BYTES = 256 << 20  # LLMEngine.prompt_logprobs: the float32 logits of one chunk stay under this
 
 
 @dataclass
@@ -61,3 +62,14 @@ class StepLogprobs:
         for r, k, v, ids in zip(self.rows, self.ks, self.values.tolist(), self.top_ids.tolist()):
             out[r] = (v[0], list(zip(ids[:k], v[1:k + 1])))
         return out
+
+
+def prompt_entries(logits: torch.Tensor, targets: list[int], k: int) -> list[Entry]:
+    """Entries for `targets` (the token each row of `logits` [n, V] predicted: the prompt's next
+    ones), from the raw logits as for generated tokens; on the host."""
+    lp = logits.float().log_softmax(dim=-1)
+    got = lp.gather(1, to_device(targets, torch.int64, lp.device)[:, None])[:, 0].tolist()
+    if not k:
+        return [(g, []) for g in got]
+    top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    return [(g, list(zip(i, t))) for g, i, t in zip(got, top.indices.tolist(), top.values.tolist())]

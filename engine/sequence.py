@@ -26,6 +26,9 @@ class SamplingParams:
     # k: each generated token's logprob and the k most likely tokens' (0: the token's alone),
     # from the model's own logits before penalties, bias, temperature, top-k, top-p (logprobs.py)
     logprobs: int | None = None
+    # k: each prompt token's logprob given the tokens before it (the first has none), with the k
+    # most likely tokens' (OpenAI's echo with logprobs; vLLM's prompt_logprobs); LLMEngine.prompt_logprobs
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -51,8 +54,10 @@ class SamplingParams:
                     raise ValueError(f"logit_bias: token id {item[0]} must be >= 0 and its bias in [-100, 100]")
                 pairs.append([item[0], float(item[1])])
             self.logit_bias = pairs or None
-        if self.logprobs is not None and (type(self.logprobs) is not int or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (type(k) is not int or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {k!r}")
 
     @property
     def penalized(self) -> bool:
@@ -89,6 +94,8 @@ class RequestOutput:
     # SamplingParams.logprobs asked: one entry per output token, (logprob, [(token id, logprob), ...]),
     # None for a token this engine did not sample (engine/logprobs.py)
     logprobs: list | None = None
+    # SamplingParams.prompt_logprobs asked: one entry per prompt token, None for the first
+    prompt_logprobs: list | None = None
 
 
 @dataclass(eq=False)  # compared by identity: queue membership and removal must not compare fields
@@ -119,6 +126,10 @@ class Sequence:
     history: object | None = None
     # SamplingParams.logprobs asked: an entry per output token so far (`add_logprobs`)
     logprobs: list | None = None
+    # SamplingParams.prompt_logprobs asked: computed when it was added, and sent with its first
+    # new token (StepOutput.prompt_logprobs) once
+    prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -152,4 +163,5 @@ class Sequence:
 
     def to_output(self) -> RequestOutput:
         lps = None if self.params.logprobs is None else list(self.logprobs or ())
-        return RequestOutput(self.request_id, self.prompt_token_ids, self.output_token_ids, self.finish_reason, lps)
+        return RequestOutput(self.request_id, self.prompt_token_ids, self.output_token_ids, self.finish_reason, lps,
+                             self.prompt_logprobs)

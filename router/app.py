@@ -265,6 +265,27 @@ async def _each(request: Request, streams: list[AsyncIterator[Chunk]], fn, close
                 await s.aclose()
 
 
+async def _echoed(chunks: AsyncIterator[Chunk], text: str, prompt: list[int], logprobs: bool,
+                  zero: bool) -> AsyncIterator[Chunk]:
+    """A text completion with `echo`: the prompt comes first, in the first chunk (its tokens
+    and, with logprobs, the prompt's, scored on the worker that computed it). `zero`: max_tokens
+    0, the prompt alone (the one token generated is not shown)."""
+    try:
+        c = await chunks.__anext__()
+        if zero:
+            c = Chunk("", [], "length", 0, [] if logprobs else None, c.prompt_logprobs)
+        lps = None
+        if logprobs and c.logprobs is not None:
+            lps = list(c.prompt_logprobs or [None] * len(prompt)) + c.logprobs
+        yield Chunk(text + c.text, prompt + c.token_ids, c.finish_reason, c.num_generated, lps)
+        if c.finish_reason is not None:
+            return
+        async for c in chunks:
+            yield c
+    finally:
+        await chunks.aclose()
+
+
 def _text_event(shape: ResponseShape, c: Chunk, index: int, writer) -> str | None:
     """The SSE event of a chunk's text (and its tokens' logprobs when asked for), or None when it
     has neither."""
@@ -459,10 +480,15 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
 
     async def openai_response(request: Request, prompts: list[list[int]], params: list[SamplingParams],
                               req: P.CompletionRequest | P.ChatCompletionRequest, stops: list[str],
-                              shape: ResponseShape):
+                              shape: ResponseShape, echo: list[str] | None = None):
         """A chat or text completion, whole or as SSE; `shape` builds the endpoint's objects.
-        Several choices (n > 1, a batch of prompts) run as requests of their own, at once."""
+        Several choices (n > 1, a batch of prompts) run as requests of their own, at once.
+        `echo`: each prompt's text, to come first in its choices."""
         streams = router.streams(prompts, params, req.n, stops)
+        if echo is not None:
+            zero = req.max_tokens == 0
+            streams = [_echoed(s, echo[k // req.n], prompts[k // req.n], params[0].logprobs is not None, zero)
+                       for k, s in enumerate(streams)]
         prompt_tokens = sum(map(len, prompts))
         # one logprobs writer per choice, when asked for (the text offsets of completions go on)
         writers = [shape.logprobs_writer(router.texts) for _ in streams] if params[0].logprobs is not None else None
@@ -498,8 +524,11 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
         prompts = [router.encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
         fields = req.sampling_fields()
         params = [router.params(fields, p, "prompt") for p in prompts]  # every prompt checked before any runs
+        echo = None
+        if req.echo:
+            echo = [p if isinstance(p, str) else router.tokenizer.decode(ids) for p, ids in zip(req.prompts, prompts)]
         return await openai_response(request, prompts, params, req, fields.stop_strings,
-                                     TextCompletionShape(settings.served_model_name))
+                                     TextCompletionShape(settings.served_model_name), echo)
 
     @app.post("/generate")
     async def generate_api(req: P.GenerateRequest, request: Request):

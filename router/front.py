@@ -211,7 +211,8 @@ class RelayHub:
                 if item[0] == "t":
                     if item[3] is not None:
                         self._finished.add(st.base_id)
-                    st._put(Event("tokens", list(item[2]), item[3], logprobs=item[4] if len(item) > 4 else None))
+                    st._put(Event("tokens", list(item[2]), item[3], logprobs=item[4] if len(item) > 4 else None,
+                                  prompt_logprobs=item[5] if len(item) > 5 else None))
                 elif item[0] == "e" and len(item) == 6:
                     st.on_error(str(item[2]), int(item[3]), failed_worker=item[4], why=str(item[5]))
         elif isinstance(msg, (messages.Placed, messages.NotPlaced)):

@@ -57,7 +57,11 @@ class RelayedState(RequestState):
     def _put(self, ev: Event) -> None:
         if ev.kind == "tokens":
             item = ["t", self.request_id, ev.token_ids, ev.finish_reason]
-            self.server.relay(self.front, item if ev.logprobs is None else item + [ev.logprobs])
+            if ev.prompt_logprobs is not None:
+                item += [ev.logprobs, ev.prompt_logprobs]
+            elif ev.logprobs is not None:
+                item.append(ev.logprobs)
+            self.server.relay(self.front, item)
         else:
             self.server.relay(self.front, ["e", self.request_id, ev.message, ev.code, ev.failed_worker, ev.why])
 

@@ -40,6 +40,8 @@ class Chunk:
     num_generated: int = 0     # tokens generated so far (for usage)
     # per token of token_ids, when the request asked: [logprob, [[token id, logprob], ...]]
     logprobs: list | None = None
+    # the first chunk, when the request asked for the prompt's logprobs: an entry per prompt token
+    prompt_logprobs: list | None = None
 
 
 def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) -> Event:
@@ -54,6 +56,7 @@ def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) ->
         return first
     ids = list(first.token_ids)
     lps = None if first.logprobs is None else list(first.logprobs)
+    plps = first.prompt_logprobs
     parts = [(first.at, len(first.token_ids))]
     reason = None
     n = 1
@@ -62,13 +65,14 @@ def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) ->
             break
         ids += ev.token_ids
         lps = _joined(lps, ev.logprobs)
+        plps = plps or ev.prompt_logprobs
         parts.append((ev.at, len(ev.token_ids)))
         n += 1
         if ev.finish_reason is not None:
             reason = ev.finish_reason
             break
     state.unread(evs[n:])
-    return Event("tokens", ids, reason, at=evs[n - 1].at, parts=parts, logprobs=lps)
+    return Event("tokens", ids, reason, at=evs[n - 1].at, parts=parts, logprobs=lps, prompt_logprobs=plps)
 
 
 def _joined(a: list | None, b: list | None) -> list | None:
@@ -89,7 +93,7 @@ async def _fill(state: RequestState, ev: Event, interval: int, deadline: float) 
             state.unread([nxt])
             break
         ev = Event("tokens", ev.token_ids + nxt.token_ids, nxt.finish_reason, at=nxt.at, parts=ev.parts + nxt.parts,
-                   logprobs=_joined(ev.logprobs, nxt.logprobs))
+                   logprobs=_joined(ev.logprobs, nxt.logprobs), prompt_logprobs=ev.prompt_logprobs or nxt.prompt_logprobs)
     return ev
 
 
@@ -190,7 +194,7 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                 outcome = "finished"
                 metrics.e2e.observe(time.monotonic() - state.created)
                 metrics.success(finish)
-            yield Chunk(text, ev.token_ids, finish, generated, ev.logprobs)
+            yield Chunk(text, ev.token_ids, finish, generated, ev.logprobs, ev.prompt_logprobs)
             if finish is not None:
                 return
     finally:

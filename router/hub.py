@@ -344,7 +344,8 @@ class WorkerHub:
                 w = self.registry.workers.get(st.prefill_worker or "")
                 if w is not None:
                     w.outstanding.discard(rid)
-            st.on_tokens(int(index), [int(t) for t in ids], reason, _logprobs(item, len(ids)))
+            st.on_tokens(int(index), [int(t) for t in ids], reason, _logprobs(item, 4, len(ids)),
+                         _logprobs(item, 5, len(st.prompt_token_ids), first_none=True))
             if st.first_token_at is not None:
                 self.admission.release(st)
         if stale:
@@ -407,17 +408,23 @@ class WorkerHub:
                     self._fail_requests(w, f"{w.role} worker {w.worker_id} stopped responding", "heartbeat_timeout")
 
 
-def _logprobs(item: list, n: int) -> list | None:
-    """A Tokens item's logprobs (its 5th element: per token [logprob, [[token id, logprob], ...]]),
-    or None when it has none or they are malformed (the tokens still count)."""
-    if len(item) < 5 or item[4] is None:
+def _logprobs(item: list, at: int, n: int, first_none: bool = False) -> list | None:
+    """A Tokens item's logprobs at position `at` (5th: the tokens', 6th: the prompt's, whose first
+    entry is None): n entries of [logprob, [[token id, logprob], ...]], or None when it has none
+    or they are malformed (the tokens still count)."""
+    if len(item) <= at or item[at] is None:
         return None
-    lps = item[4]
+    lps = item[at]
     try:
-        if len(lps) == n and all(isinstance(lp, float) and all(isinstance(t, int) and isinstance(v, float)
-                                                                for t, v in top) for lp, top in lps):
+        if len(lps) == n and all(_entry_ok(e) for e in lps[1 if first_none else 0:]) and (
+                not first_none or lps[0] is None):
             return lps
     except (TypeError, ValueError):
         pass
     log.warning("dropped malformed logprobs in a Tokens item")
     return None
+
+
+def _entry_ok(e) -> bool:
+    lp, top = e
+    return isinstance(lp, float) and all(isinstance(t, int) and isinstance(v, float) for t, v in top)

@@ -85,7 +85,8 @@ def _chat_top(texts: TokenTexts, tid: int, lp: float) -> dict[str, Any]:
 
 
 class CompletionLogprobs:
-    """Text completions' ``logprobs`` of one choice, chunk by chunk (the offsets go on)."""
+    """Text completions' ``logprobs`` of one choice, chunk by chunk (the offsets go on); with echo
+    the prompt's tokens come first, the first of them with None (nothing predicted it)."""
 
     def __init__(self, texts: TokenTexts):
         self.texts = texts
@@ -93,11 +94,15 @@ class CompletionLogprobs:
 
     def __call__(self, token_ids: list[int], logprobs: list) -> dict[str, Any]:
         tokens, lps, tops, offsets = [], [], [], []
-        for tid, (lp, top) in zip(token_ids, logprobs):
+        for tid, entry in zip(token_ids, logprobs):
             text = self.texts.get(tid)[0]
             tokens.append(text)
-            lps.append(lp)
-            tops.append({self.texts.get(t)[0]: v for t, v in top})
+            if entry is None:  # a prompt's first token (echo): nothing predicted it
+                lps.append(None)
+                tops.append(None)
+            else:
+                lps.append(entry[0])
+                tops.append({self.texts.get(t)[0]: v for t, v in entry[1]})
             offsets.append(self.offset)
             self.offset += len(text)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 __all__ = [
     "TextContentPart",
@@ -269,8 +269,8 @@ class CompletionRequest(_OpenAIMixin):
     # After validation: the prompt text or token ids, or a batch of texts or of token-id lists
     # (`prompts` gives the list either way).
     prompt: Union[str, list[int], list[str], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)
-    echo: bool = False
+    echo: bool = False   # (before max_tokens: its check reads it)
+    max_tokens: Optional[int] = Field(16, ge=0)
     logprobs: Optional[int] = None
     best_of: Optional[int] = None
     suffix: Optional[str] = None
@@ -312,11 +312,11 @@ class CompletionRequest(_OpenAIMixin):
         p = self.prompt
         return [p] if isinstance(p, str) or _all_ints(p) else list(p)
 
-    @field_validator("echo")
+    @field_validator("max_tokens")
     @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
+    def _max_tokens(cls, v: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if v == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens 0 needs echo: true (the prompt alone, scored with logprobs)")
         return v
 
     @field_validator("logprobs")
@@ -330,6 +330,11 @@ class CompletionRequest(_OpenAIMixin):
     def num_logprobs(self) -> Optional[int]:
         return self.logprobs
 
+    @property
+    def num_prompt_logprobs(self) -> Optional[int]:
+        """With echo, the prompt's tokens get logprobs too."""
+        return self.logprobs if self.echo else None
+
     @field_validator("suffix")
     @classmethod
     def _no_suffix(cls, v: Optional[str]) -> Optional[str]:
@@ -339,7 +344,8 @@ class CompletionRequest(_OpenAIMixin):
 
     @property
     def effective_max_tokens(self) -> Optional[int]:
-        return self.max_tokens
+        # max_tokens 0 (echo): one token is generated and not shown (router/app.py `_echoed`)
+        return None if self.max_tokens is None else max(1, self.max_tokens)
 
 
 class GenerateRequest(_SamplingMixin):
@@ -392,6 +398,7 @@ class SamplingFields:
     repetition_penalty: float = 1.0
     logit_bias: Optional[list[list]] = None   # [[token id, bias], ...]
     logprobs: Optional[int] = None            # top logprobs per generated token (0: its own only)
+    prompt_logprobs: Optional[int] = None     # the same for each prompt token (echo)
     stop_strings: list[str] = field(default_factory=list)
 
     @classmethod
@@ -411,6 +418,7 @@ class SamplingFields:
             repetition_penalty=float(req.repetition_penalty),
             logit_bias=[[int(k), float(b)] for k, b in req.logit_bias.items()] if req.logit_bias else None,
             logprobs=getattr(req, "num_logprobs", None),
+            prompt_logprobs=getattr(req, "num_prompt_logprobs", None),
             # dict.fromkeys: de-duplicate while keeping order.
             stop_strings=list(dict.fromkeys(req.stop or [])),
         )

@@ -36,6 +36,8 @@ class Event:
     parts: list[tuple[float, int]] = field(default_factory=list)
     # tokens only, when the request asked for logprobs: per token [logprob, [[token id, logprob], ...]]
     logprobs: list | None = None
+    # tokens only, the request's first, when it asked for the prompt's logprobs (the first None)
+    prompt_logprobs: list | None = None
 
 
 class RequestState:
@@ -53,7 +55,7 @@ class RequestState:
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self._next_index = 0
-        self._early: dict[int, tuple[list[int], str | None, list | None]] = {}
+        self._early: dict[int, tuple[list[int], str | None, list | None, list | None]] = {}
         self.done = False
         self.output_token_ids: list[int] = []  # every token given to the client so far (generation.py)
         self.moves: list[tuple[str, str, int]] = []  # migrations: (worker left, why, tokens generated then)
@@ -68,18 +70,19 @@ class RequestState:
         self._inbox = []
         self._next_index, self._early = len(self.output_token_ids), {}
 
-    def on_tokens(self, index: int, token_ids: list[int], reason: str | None, logprobs: list | None = None) -> None:
+    def on_tokens(self, index: int, token_ids: list[int], reason: str | None, logprobs: list | None = None,
+                  prompt_logprobs: list | None = None) -> None:
         # The first token comes from the prefill worker and the rest from the decode worker,
         # over two connections: put them back in order by index before anyone reads them.
         if index < self._next_index or len(self._early) > 4096:
             return  # a duplicate, or a worker flooding indices that never line up
-        self._early[index] = (token_ids, reason, logprobs)
+        self._early[index] = (token_ids, reason, logprobs, prompt_logprobs)
         while self._next_index in self._early:
-            ids, r, lps = self._early.pop(self._next_index)
+            ids, r, lps, plps = self._early.pop(self._next_index)
             self._next_index += len(ids)
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-            self._put(Event("tokens", ids, r, logprobs=lps))
+            self._put(Event("tokens", ids, r, logprobs=lps, prompt_logprobs=plps))
 
     def on_error(self, message: str, code: int = 503, failed_worker: str | None = None, why: str = "") -> None:
         """`failed_worker`: the request may move off it (migration), for reason `why`."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import LLM, LLMEngine, SamplingParams
+from engine.sequence import Sequence
 from tests.engine.conftest import make_checkpoint
 from tests.engine.test_models import hf_greedy, prompts
 
@@ -173,3 +174,31 @@ def test_a_resumed_request_has_none_for_the_tokens_generated_before_it_moved(tmp
     out = seq.to_output()
     assert out.logprobs[:2] == [None, None] and len(out.logprobs) == 6
     check(out.logprobs[2:], out.token_ids[2:], reference(hf, p + before, out.token_ids[2:]), 1)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_prompt_logprobs_match_transformers_and_leave_the_prompt_cached(tmp_path, tp):
+    """Each prompt token's logprob given those before it (the first: None), in chunks smaller
+    than the prompt; its full blocks stay cached, so the request's prefill computes only the
+    last partial block."""
+    hf = make_checkpoint(tmp_path, "llama")
+    llm = LLM(str(tmp_path), tensor_parallel_size=tp, **SMALL)
+    try:
+        ps = [p for p in prompts(211, seed=5) if len(p) > 40][:2]
+        outs = llm.generate(ps, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=3))
+        for p, o in zip(ps, outs):
+            with torch.no_grad():
+                ref = hf(torch.tensor([p])).logits[0, :-1].float().log_softmax(dim=-1)
+            entries = o.prompt_logprobs
+            assert entries[0] is None and len(entries) == len(p) and o.logprobs is None
+            check(entries[1:], p[1:], ref, 3)
+            assert o.token_ids == hf_greedy(hf, p, 2)
+        engine = llm.engine
+        p = ps[0] + [5, 6, 7]  # a prompt not seen: scored, then its full blocks are cached
+        engine.prompt_logprobs(p, 0)
+        cached = engine.pool.match_prefix(Sequence("again", p, len(p), SamplingParams()))
+        assert len(cached) * 4 >= len(p) - 4
+        with pytest.raises(ValueError):
+            SamplingParams(prompt_logprobs=21)
+    finally:
+        llm.close()

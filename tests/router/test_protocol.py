@@ -86,6 +86,7 @@ def test_chat_all_fields_and_extras():
         "repetition_penalty": 1.0,
         "logit_bias": None,
         "logprobs": None,
+        "prompt_logprobs": None,
     }
     assert r.sampling_fields().stop_strings == ["\n"]
 
@@ -204,7 +205,7 @@ def test_completion_fields():
     r = comp(prompt="x", max_tokens=None, stop="\n", stream=True, stream_options={"include_usage": True}, logprobs=None)
     assert r.max_tokens == 16 and r.stop == ["\n"] and r.include_usage
     for kw, needle in [
-        ({"echo": True}, "echo is not supported"),
+        ({"max_tokens": 0}, "max_tokens 0 needs echo"),
         ({"n": 3, "prompt": ["x"] * 43}, "43 prompts x n=3 is more than 128"),
         ({"best_of": 2}, "best_of must equal n"),
         ({"logprobs": 21}, "logprobs must be between 0 and 20"),
@@ -341,3 +342,6 @@ def test_logprobs_fields():
     assert chat(logprobs=True, top_logprobs=5).sampling_fields().logprobs == 5
     assert comp(prompt="x", logprobs=0).sampling_fields().logprobs == 0
     assert comp(prompt="x", logprobs=3).sampling_fields().logprobs == 3
+    f = comp(prompt="x", logprobs=3, echo=True, max_tokens=0).sampling_fields()
+    assert (f.logprobs, f.prompt_logprobs, f.max_tokens) == (3, 3, 1)  # (the one token is not shown)
+    assert comp(prompt="x", echo=True).sampling_fields().prompt_logprobs is None

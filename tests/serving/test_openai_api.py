@@ -310,3 +310,37 @@ def test_completion_logprobs_streamed_and_sampled(server, reference):
     assert len(r.choices[1].logprobs.tokens) == r.usage.completion_tokens - len(drawn)
     whole = c.completions.create(model="demo", prompt=ids, max_tokens=12, temperature=0, logprobs=2)
     assert whole.choices[0].logprobs.tokens == tokens and whole.choices[0].logprobs.text_offset == offsets
+
+
+def test_echo_with_prompt_logprobs_equals_transformers(server, reference):
+    """echo: the prompt comes first; with logprobs its tokens too, each scored given those before
+    it (the first: None), on the prefill worker; max_tokens 0 gives the prompt alone (scoring,
+    as evaluation harnesses ask)."""
+    c = client(server)
+    prompt = "The quick brown fox"
+    ids = reference.tok.encode(prompt)
+    ref = reference.greedy(ids, 4)
+    lp = _hf_logprobs(server.model, ids[:1], ids[1:] + ref)  # row k predicts (ids + ref)[k + 1]
+    r = c.completions.create(model="demo", prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    got = r.choices[0].logprobs
+    assert r.choices[0].text == prompt + reference.text(ref)
+    assert got.tokens == [reference.tok.decode([t]) for t in ids + ref]
+    assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    assert all(abs(v - lp[k, t].item()) < 1e-3 for k, (t, v) in enumerate(zip((ids + ref)[1:], got.token_logprobs[1:])))
+    assert all(len(t) == 2 for t in got.top_logprobs[1:])
+    assert got.text_offset == [sum(map(len, got.tokens[:k])) for k in range(len(got.tokens))]
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 4
+    # max_tokens 0: the prompts alone, scored (a batch of token ids)
+    batch = [ids, reference.tok.encode("Once upon a time")]
+    r = c.completions.create(model="demo", prompt=batch, max_tokens=0, echo=True, logprobs=0)
+    for p, choice in zip(batch, r.choices):
+        assert choice.text == reference.tok.decode(p) and choice.finish_reason == "length"
+        assert len(choice.logprobs.tokens) == len(p) and choice.logprobs.token_logprobs[0] is None
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == sum(map(len, batch))
+    assert abs(r.choices[0].logprobs.token_logprobs[1] - lp[0, ids[1]].item()) < 1e-3
+    # streamed, without logprobs: the prompt's text first
+    text = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="demo", prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True) if ch.choices)
+    assert text == prompt + reference.text(ref)
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0 needs echo"):
+        c.completions.create(model="demo", prompt=prompt, max_tokens=0)
