@@ -1,13 +1,15 @@
 """What the router costs per token, with one HTTP process and with front processes (--http-processes).
 
-    python benchmarks/router_scaleout.py [--processes 1 2] [--stream-interval 1] [--streams 64] [--output-len 128] [--json FILE]
+    python benchmarks/router_scaleout.py [--processes 1 2] [--stream-interval 1] [--streams 64] [--output-len 128]
+                                         [--logprobs K] [--json FILE]
 
 For each --http-processes value: starts `pdserve serve --mode colocated` (one `both` worker) on
 a fresh demo model, sends --streams streaming /v1/completions at once (token-id prompts of
 16-64 tokens, EOS ignored, greedy) from benchmarks/stream_client.py, and reads the CPU time
 (user + system, /proc/PID/stat) of every server process over each run: the router (its hub,
 with fronts), the fronts, the worker. A figure is the median of --repeats runs after a
-warm-up run.
+warm-up run. --logprobs K asks each token's logprob and K alternatives (what the router then
+spells out per token).
 
 What it tells: one router process can deliver at most (1 core / its CPU per token) tokens a
 second, whatever the engine does; with fronts (N > 1: N fronts serve HTTP, the router only
@@ -85,7 +87,8 @@ def measure(model: str, processes: int, args) -> dict:
         def bodies() -> list[dict]:  # new prompts every run: the prefix cache finds nothing
             return [{"model": "demo", "prompt": [rng.randrange(5, 1000) for _ in range(rng.randint(16, 64))],
                      "max_tokens": args.output_len, "temperature": args.temperature, "ignore_eos": True, "stream": True,
-                     "stream_options": {"include_usage": True}} for _ in range(args.streams)]
+                     "stream_options": {"include_usage": True},
+                     **({} if args.logprobs is None else {"logprobs": args.logprobs})} for _ in range(args.streams)]
 
         run_once(port, bodies(), roles)  # warm-up
         runs = [run_once(port, bodies(), roles) for _ in range(args.repeats)]
@@ -107,6 +110,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--logprobs", type=int, default=None, help="ask logprobs with K alternatives per token")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from pdserve.demo_model import write_demo_model
@@ -122,6 +126,7 @@ def main() -> None:
             json.dump({"machine": cpu_host(), "commit": commit(), "command": " ".join(["python"] + sys.argv),
                        "mode": "colocated, one both worker", "streams": args.streams, "output_len": args.output_len,
                        "stream_interval": args.stream_interval, "temperature": args.temperature,
+                       "logprobs": args.logprobs,
                        "prompt_len": [16, 64], "repeats": args.repeats,
                        "definition": "cpu_ms_per_1k_tokens: CPU time (user + system) of the processes of that role "
                                      "over a run, per 1000 output tokens; router: the process holding the workers' "

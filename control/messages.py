@@ -284,7 +284,9 @@ def encode(msg) -> bytes:
 
 
 def encode_params(params: SamplingParams) -> dict:
-    return {f: getattr(params, f) for f in _FIELDS[SamplingParams]}
+    """Its fields, but those that are None (every one's default): a worker of the version before a
+    field was added still takes the requests that do not use it."""
+    return {f: v for f in _FIELDS[SamplingParams] if (v := getattr(params, f)) is not None}
 
 
 def decode_params(d) -> SamplingParams:

@@ -38,6 +38,7 @@ class WorkerLoop:
         self.incarnation = uuid.uuid4().hex  # this process's start, as the router and peers tell it
         self.engine = engine or LLMEngine(settings.model, device=settings.device, dtype=settings.dtype,
                                           **settings.engine)
+        self.engine.keep_logprobs = False  # each step's go to the router at once (send_tokens)
         # every KV head of the model, whatever this worker's TP size (control/kv_staging.py)
         self.layout = full_layout(self.engine, settings.model)
         self.ctx = ctx or zmq.Context.instance()

@@ -137,6 +137,9 @@ class LLMEngine:
         self.pool = BlockPool(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.sampler = Sampler(self.device, cfg.seed)
+        # Logprobs go out with each StepOutput; kept on the sequence too (RequestOutput) unless a
+        # worker, which sends them at once, says not to (a list per token of every sequence)
+        self.keep_logprobs = True
         self.seqs: dict[str, Sequence] = {}       # every sequence this engine holds state for
         self.transfers = KVHolds()                 # those whose blocks a KV transfer uses
         # The last step's shape: (prompt tokens computed, sequences that decoded one token).
@@ -378,12 +381,15 @@ class LLMEngine:
             index = pos - seq.num_prompt_tokens
             lps = None
             if entry is not None:
-                seq.add_logprobs(index, entry)
+                if self.keep_logprobs:
+                    seq.add_logprobs(index, entry)
                 lps = [entry]
             plps = None
             if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
                 seq.prompt_logprobs_sent = True
                 plps = seq.prompt_logprobs
+                if not self.keep_logprobs:
+                    seq.prompt_logprobs = None
             # One cheap test for the common case (nothing ends); the exact reason below.
             if (index + 1 >= p.max_tokens or pos + 1 >= max_len or seq.prefill_only or tok in eos
                     or (p.stop_token_ids and tok in p.stop_token_ids)):

@@ -232,8 +232,9 @@ def _whole(got: list[Chunk], writer) -> tuple:
     """A finished choice's chunks as `ResponseShape.whole_choices` takes it: (text, finish
     reason, logprobs object or None)."""
     lps = None
-    if writer is not None and all(c.logprobs is not None for c in got):
-        lps = writer([t for c in got for t in c.token_ids], [e for c in got for e in c.logprobs])
+    if writer is not None:  # (a chunk whose logprobs were lost: None per token)
+        lps = writer([t for c in got for t in c.token_ids],
+                     [e for c in got for e in (c.logprobs if c.logprobs is not None else [None] * len(c.token_ids))])
     return "".join(c.text for c in got), got[-1].finish_reason, lps
 
 
@@ -275,8 +276,9 @@ async def _echoed(chunks: AsyncIterator[Chunk], text: str, prompt: list[int], lo
         if zero:
             c = Chunk("", [], "length", 0, [] if logprobs else None, c.prompt_logprobs)
         lps = None
-        if logprobs and c.logprobs is not None:
-            lps = list(c.prompt_logprobs or [None] * len(prompt)) + c.logprobs
+        if logprobs:
+            lps = (list(c.prompt_logprobs or [None] * len(prompt))
+                   + (c.logprobs if c.logprobs is not None else [None] * len(c.token_ids)))
         yield Chunk(text + c.text, prompt + c.token_ids, c.finish_reason, c.num_generated, lps)
         if c.finish_reason is not None:
             return
@@ -289,8 +291,9 @@ async def _echoed(chunks: AsyncIterator[Chunk], text: str, prompt: list[int], lo
 def _text_event(shape: ResponseShape, c: Chunk, index: int, writer) -> str | None:
     """The SSE event of a chunk's text (and its tokens' logprobs when asked for), or None when it
     has neither."""
-    if writer is not None and c.logprobs:
-        return sse_event(shape.chunk(c.text, index=index, logprobs=writer(c.token_ids, c.logprobs)))
+    if writer is not None and c.token_ids:
+        lps = c.logprobs if c.logprobs is not None else [None] * len(c.token_ids)
+        return sse_event(shape.chunk(c.text, index=index, logprobs=writer(c.token_ids, lps)))
     return shape.text_event(c.text, index) if c.text else None
 
 
@@ -303,14 +306,19 @@ def _sse_choices(firsts: list[Chunk], streams: list[AsyncIterator[Chunk]], shape
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(j: int, chunks: AsyncIterator[Chunk]) -> None:
+            ended = False  # (the reader waits for this choice until it ends, one way or another)
             try:
                 async for c in chunks:
                     queue.put_nowait((j, c))
                     if c.finish_reason is not None:
+                        ended = True
                         return
-                queue.put_nowait((j, RuntimeError("the stream ended without a finish")))
-            except Exception as e:  # (not a cancel: that is ours)
+            except Exception as e:
+                ended = True
                 queue.put_nowait((j, e))
+            finally:
+                if not ended:
+                    queue.put_nowait((j, RuntimeError("the stream ended without a finish")))
 
         parts = [sse_event(ev) for j in range(len(streams)) for ev in shape.opening(j)]
         generated = [0] * len(streams)
@@ -484,6 +492,12 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
         """A chat or text completion, whole or as SSE; `shape` builds the endpoint's objects.
         Several choices (n > 1, a batch of prompts) run as requests of their own, at once.
         `echo`: each prompt's text, to come first in its choices."""
+        choices, tokens = len(prompts) * req.n, req.n * sum(map(len, prompts))
+        if choices > 1 and (choices > settings.max_queued_requests or tokens > settings.max_queued_tokens):
+            # each choice is admitted on its own: these would be refused as overloaded forever
+            raise APIError(f"{choices} completions of {tokens} prompt tokens in all can never wait for prefill at "
+                           f"once here (at most {settings.max_queued_requests} requests and "
+                           f"{settings.max_queued_tokens} prompt tokens do); ask for fewer", 400, param="n")
         streams = router.streams(prompts, params, req.n, stops)
         if echo is not None:
             zero = req.max_tokens == 0

@@ -77,7 +77,12 @@ class RelayHub:
             try:
                 reply = await self._ask(state, messages.Submit(state.base_id, state.prompt_token_ids, state.params))
             except BaseException:
-                self.requests.pop(state.base_id, None)
+                # (cancelled: the hub may place it all the same; the Done, sent after the Submit,
+                # frees it there)
+                if self.requests.pop(state.base_id, None) is not None:
+                    if not self._done:
+                        asyncio.get_running_loop().call_soon(self._send_done)
+                    self._done.append((state.base_id, True))
                 raise
             if isinstance(reply, messages.Placed):
                 return

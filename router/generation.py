@@ -63,8 +63,8 @@ def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) ->
     for ev in evs[1:]:
         if ev.kind != "tokens":
             break
+        lps = _joined(lps, len(ids), ev.logprobs, len(ev.token_ids))
         ids += ev.token_ids
-        lps = _joined(lps, ev.logprobs)
         plps = plps or ev.prompt_logprobs
         parts.append((ev.at, len(ev.token_ids)))
         n += 1
@@ -75,9 +75,26 @@ def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) ->
     return Event("tokens", ids, reason, at=evs[n - 1].at, parts=parts, logprobs=lps, prompt_logprobs=plps)
 
 
-def _joined(a: list | None, b: list | None) -> list | None:
-    """Two events' logprobs, one after the other (None when neither has any)."""
-    return b if a is None else a if b is None else a + b
+def _text(detok: IncrementalDetokenizer, stops: StopStringMatcher | None, ids: list[int], finish: str | None) -> str:
+    """The text these tokens add (all of it at the request's finish), cut before a stop string
+    (`stops.stopped` then says so)."""
+    text = detok.add(ids)
+    if finish is not None:
+        text += detok.flush()
+    if stops is None:
+        return text
+    text, stopped = stops.feed(text)
+    if not stopped and finish is not None:
+        text += stops.flush()  # flush() may still complete a stop string that started earlier
+    return text
+
+
+def _joined(a: list | None, na: int, b: list | None, nb: int) -> list | None:
+    """The logprobs of na tokens, then of nb more (None when neither has any; a None entry per
+    token where one side has none: the entries stay aligned with the tokens)."""
+    if a is None and b is None:
+        return None
+    return (a if a is not None else [None] * na) + (b if b is not None else [None] * nb)
 
 
 async def _fill(state: RequestState, ev: Event, interval: int, deadline: float) -> Event:
@@ -93,7 +110,8 @@ async def _fill(state: RequestState, ev: Event, interval: int, deadline: float) 
             state.unread([nxt])
             break
         ev = Event("tokens", ev.token_ids + nxt.token_ids, nxt.finish_reason, at=nxt.at, parts=ev.parts + nxt.parts,
-                   logprobs=_joined(ev.logprobs, nxt.logprobs), prompt_logprobs=ev.prompt_logprobs or nxt.prompt_logprobs)
+                   logprobs=_joined(ev.logprobs, len(ev.token_ids), nxt.logprobs, len(nxt.token_ids)),
+                   prompt_logprobs=ev.prompt_logprobs or nxt.prompt_logprobs)
     return ev
 
 
@@ -113,6 +131,12 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
     except LookupError as e:
         metrics.count("rejected_no_worker")
         raise APIError(f"no capacity to serve the request: {e}", 503, headers={"Retry-After": "1"}) from None
+    except asyncio.CancelledError:
+        # Cancelled while being placed (another choice of its request failed, the client left):
+        # it may be placed already, or a worker may be taking it; free it wherever it is.
+        hub.finish(state)
+        asyncio.get_running_loop().create_task(hub.abort(state))
+        raise
     metrics.queue.observe(time.monotonic() - state.created)
     metrics.prompt_tokens.inc(len(prompt_token_ids))
     log.info("request %s: %d prompt tokens, max_tokens %s, on %s -> %s", rid, len(prompt_token_ids),
@@ -174,19 +198,17 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                 metrics.generation_tokens.inc(len(ev.token_ids))
             generated += len(ev.token_ids)
             state.output_token_ids += ev.token_ids  # where a migration would go on from
-            text = detok.add(ev.token_ids)
-            finish = ev.finish_reason
-            if finish is not None:
-                text += detok.flush()
-            if stops is not None:
-                text, stopped = stops.feed(text)
-                if stopped:
-                    finish = "stop"
-                elif finish is not None:
-                    # flush() may still complete a stop string that started earlier.
-                    text += stops.flush()
-                    if stops.stopped:
-                        finish = "stop"
+            ids, lps = ev.token_ids, ev.logprobs
+            if stops is not None and lps is not None and len(ids) > 1:
+                # a token at a time, so that the logprobs end at the token that completed a stop string
+                text, n = "", 0
+                while n < len(ids) and not stops.stopped:
+                    n += 1
+                    text += _text(detok, stops, ids[n - 1:n], ev.finish_reason if n == len(ids) else None)
+                ids, lps = ids[:n], lps[:n]
+            else:
+                text = _text(detok, stops, ids, ev.finish_reason)
+            finish = "stop" if stops is not None and stops.stopped else ev.finish_reason
             if finish is not None:
                 # Decided before the yield: the consumer may close this generator right at it.
                 # A stop string ends the request here while the workers may still be decoding.
@@ -194,7 +216,7 @@ async def generate(hub: WorkerHub, tokenizer, settings: RouterSettings, prompt_t
                 outcome = "finished"
                 metrics.e2e.observe(time.monotonic() - state.created)
                 metrics.success(finish)
-            yield Chunk(text, ev.token_ids, finish, generated, ev.logprobs, ev.prompt_logprobs)
+            yield Chunk(text, ids, finish, generated, lps, ev.prompt_logprobs)
             if finish is not None:
                 return
     finally:

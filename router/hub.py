@@ -427,4 +427,4 @@ def _logprobs(item: list, at: int, n: int, first_none: bool = False) -> list | N
 
 def _entry_ok(e) -> bool:
     lp, top = e
-    return isinstance(lp, float) and all(isinstance(t, int) and isinstance(v, float) for t, v in top)
+    return isinstance(lp, float) and all(isinstance(t, int) and t >= 0 and isinstance(v, float) for t, v in top)

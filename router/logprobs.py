@@ -9,10 +9,13 @@ temperature, top-k and top-p). Here they become what the OpenAI endpoints return
 - text completions (the legacy shape): ``{"tokens", "token_logprobs", "top_logprobs":
   [{token: logprob}, ...], "text_offset"}``, offsets counted from the completion's start.
 
-A token's text is ``decode([id])`` (a piece of a character decodes to U+FFFD) and its
-``bytes`` the token's own bytes, so that a client can join the pieces of a character: a
-byte-level tokenizer's (GPT-2, Llama 3, Qwen) through its byte alphabet, a byte-fallback
-piece (``<0xE3>``) as that byte, anything else the UTF-8 of its text.
+A token's text is what it adds to the text after another token (a SentencePiece word's
+leading space included, which ``decode([id])`` alone strips; a piece of a character decodes
+to U+FFFD) and its ``bytes`` the token's own bytes, so that a client can join the pieces of a
+character: a byte-level tokenizer's (GPT-2, Llama 3, Qwen) through its byte alphabet, a
+byte-fallback piece (``<0xE3>``) as that byte, anything else the UTF-8 of its text. Values
+that are not finite (a logit of -inf) are sent as -9999.0, as vLLM does: JSON has no
+infinity.
 """
 from __future__ import annotations
 
@@ -47,14 +50,25 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self._byte_level = _byte_level(tokenizer)
         self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._anchor: list[int] = []  # a token decoded before each (not byte-level): its text is kept
+        if not self._byte_level:
+            ids = tokenizer.encode("a", add_special_tokens=False)
+            self._anchor = ids[-1:]
+            self._anchor_text = tokenizer.decode(self._anchor) if ids else ""
 
     def get(self, token_id: int) -> tuple[str, list[int]]:
         hit = self._cache.get(token_id)
         if hit is not None:
             return hit
         tok = self.tokenizer
-        text = tok.decode([token_id])
-        piece = tok.convert_ids_to_tokens(token_id)
+        try:
+            if self._anchor:
+                text = tok.decode(self._anchor + [token_id])[len(self._anchor_text):]
+            else:
+                text = tok.decode([token_id])
+            piece = tok.convert_ids_to_tokens(token_id)
+        except Exception:  # an id outside the vocabulary (a worker's bug): shown as nothing
+            return "", []
         raw = None
         if isinstance(piece, str):
             if self._byte_level:
@@ -69,19 +83,28 @@ class TokenTexts:
         return out
 
 
+def finite(lp: float) -> float:
+    return lp if lp > FLOOR else FLOOR  # (NaN too: every comparison with it is False)
+
+
+FLOOR = -9999.0
+
+
 def chat_logprobs(texts: TokenTexts, token_ids: list[int], logprobs: list) -> dict[str, Any]:
-    """Chat's ``logprobs`` of these tokens (`logprobs`: [logprob, [[token id, logprob], ...]] each)."""
+    """Chat's ``logprobs`` of these tokens (`logprobs`: [logprob, [[token id, logprob], ...]] each,
+    or None for a token whose logprobs were lost: FLOOR, no alternatives)."""
     content = []
-    for tid, (lp, top) in zip(token_ids, logprobs):
+    for tid, entry in zip(token_ids, logprobs):
+        lp, top = entry if entry is not None else (FLOOR, ())
         text, raw = texts.get(tid)
-        content.append({"token": text, "logprob": lp, "bytes": raw,
+        content.append({"token": text, "logprob": finite(lp), "bytes": raw,
                         "top_logprobs": [_chat_top(texts, t, v) for t, v in top]})
     return {"content": content}
 
 
 def _chat_top(texts: TokenTexts, tid: int, lp: float) -> dict[str, Any]:
     text, raw = texts.get(tid)
-    return {"token": text, "logprob": lp, "bytes": raw}
+    return {"token": text, "logprob": finite(lp), "bytes": raw}
 
 
 class CompletionLogprobs:
@@ -101,8 +124,13 @@ class CompletionLogprobs:
                 lps.append(None)
                 tops.append(None)
             else:
-                lps.append(entry[0])
-                tops.append({self.texts.get(t)[0]: v for t, v in entry[1]})
+                lp = finite(entry[0])
+                lps.append(lp)
+                top: dict[str, float] = {}
+                for t, v in entry[1]:  # highest first: where two ids read the same, the higher stays
+                    top.setdefault(self.texts.get(t)[0], finite(v))
+                top.setdefault(text, lp)  # the token drawn is always there (OpenAI's, vLLM's: up to k + 1)
+                tops.append(top)
             offsets.append(self.offset)
             self.offset += len(text)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}

@@ -43,6 +43,26 @@ def test_prefill_logits_float32_on_gpu(tmp_path):
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-3  # TF32-free float32, Triton vs cuBLAS order
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_logprobs_on_gpu_equal_transformers(tmp_path, async_scheduling):
+    """Logprobs of decode steps run by CUDA graphs, copied to pinned memory with the tokens (no
+    wait of their own), and the prompt's: transformers' float32 log_softmax."""
+    hf = make_checkpoint(tmp_path, "llama").cuda()
+    llm = LLM(str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=128, async_scheduling=async_scheduling)
+    assert llm.engine.runner.graphs is not None
+    ps = prompts(6, seed=7)
+    outs = llm.generate(ps, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=4,
+                                           prompt_logprobs=2))
+    for p, o in zip(ps, outs):
+        with torch.no_grad():
+            z = hf(torch.tensor([p + o.token_ids], device="cuda")).logits[0].float().log_softmax(-1).cpu()
+        for i, (tok, (lp, top)) in enumerate(zip(o.token_ids, o.logprobs)):
+            assert abs(lp - z[len(p) - 1 + i, tok].item()) < 1e-3 and top[0][0] == tok
+        assert o.prompt_logprobs[0] is None
+        for i in range(1, len(p)):
+            assert abs(o.prompt_logprobs[i][0] - z[i - 1, p[i]].item()) < 1e-3
+
+
 def test_graphs_equal_eager(tmp_path):
     # float32: graphs pass an upper bound for max_seq_len, which may split the KV range
     # differently from eager and so round differently; bf16 random models flip near-ties.

@@ -45,3 +45,18 @@ def test_max_tokens_that_pushes_past_the_context_is_blamed_on_max_tokens(client)
     # Room for one token: valid, and refused only for want of a worker.
     assert client.post("/v1/completions", json={"model": "demo", "prompt": [5] * (LIMIT - 1), "max_tokens": 1}
                        ).status_code == 503
+
+
+def test_choices_that_could_never_be_queued_together_are_a_400(demo_model):
+    """Each choice (n, a batch of prompts) is admitted on its own: a request whose choices could
+    never wait for prefill at once would be refused as overloaded forever (503, retried)."""
+    s = RouterSettings(model=demo_model, served_model_name="demo", max_model_len=LIMIT, max_queued_requests=4,
+                       max_queued_tokens=40)
+    with TestClient(create_app(s), raise_server_exceptions=False) as c:
+        for body in ({"prompt": [5] * 10, "n": 5}, {"prompt": [[5] * 10] * 5},
+                     {"prompt": [[5] * 21] * 2, "n": 2, "max_tokens": 1}):  # 5 requests; 5; 84 tokens
+            err = error(c.post("/v1/completions", json={"model": "demo", **body}))
+            assert err["param"] == "n" and "can never wait for prefill at once" in err["message"]
+        # 4 choices of 10 tokens fit (refused here only for want of a worker)
+        assert c.post("/v1/completions", json={"model": "demo", "prompt": [5] * 10, "n": 4, "max_tokens": 1}
+                      ).status_code == 503

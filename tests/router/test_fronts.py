@@ -147,6 +147,29 @@ def test_an_abandoned_request_is_aborted_and_refusals_keep_their_kind(tmp_path):
     asyncio.run(main())
 
 
+def test_a_submit_cancelled_before_its_reply_is_aborted_on_the_hub(tmp_path):
+    """Cancelled while the hub places it (another choice of its request failed, the client
+    left): the hub places it all the same, and the front's Done, sent after its Submit, frees it."""
+    async def main():
+        hub, server, relay, _ = await _pair(tmp_path)
+        placed = hub.submit
+
+        async def slow(st):
+            await asyncio.sleep(0.2)
+            await placed(st)
+        hub.submit = slow
+        task = asyncio.ensure_future(relay.submit(_state("r9")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.5)
+        assert hub.aborted == ["r9"] and not server.relayed and not relay.requests
+        await relay.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
 def test_a_request_id_taken_on_the_hub_is_submitted_under_a_fresh_one(tmp_path):
     async def main():
         hub, server, relay, _ = await _pair(tmp_path)

@@ -198,3 +198,58 @@ def test_a_stream_interval_wait_counts_against_the_next_token_timeout(demo_model
     held, t_held, t_err, err = asyncio.run(t())
     assert held.token_ids == [12] and 0.45 <= t_held < 0.85
     assert "next token" in str(err) and t_err < 0.85  # (two timeouts: 1.0)
+
+
+def test_a_stop_string_ends_the_logprobs_at_the_token_that_completed_it(demo_model):
+    """Tokens merged into one chunk (they waited together) are cut after the token that completes
+    a stop string, and their logprobs with them: none past the text sent."""
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    ids = tok.encode(" alpha beta gamma delta epsilon zeta", add_special_tokens=False)
+    k = next(i for i in range(1, len(ids)) if "gamma" in tok.decode(ids[:i + 1]))  # the token completing it
+    hub = FakeHub()
+
+    async def t():
+        gen = generate(hub, tok, RouterSettings(model=demo_model), [5, 6, 7], SamplingParams(max_tokens=20, logprobs=0),
+                       ["gamma"], request_id="r1", metrics=Metrics("m"))
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        state = hub.requests["r1"]
+        state.on_tokens(0, ids[:1], None, [[-1.0, []]])
+        chunks = [await first]
+        for i, t_ in enumerate(ids[1:], 1):  # the rest wait together
+            state.on_tokens(i, [t_], None, [[-1.0 - i, []]])
+        async for c in gen:
+            chunks.append(c)
+        return chunks
+
+    chunks = asyncio.run(t())
+    got = [t_ for c in chunks for t_ in c.token_ids]
+    assert got == ids[:k + 1] and chunks[-1].finish_reason == "stop"
+    assert [lp for c in chunks for lp, _ in c.logprobs] == [-1.0 - i for i in range(k + 1)]
+    assert "".join(c.text for c in chunks) == tok.decode(ids[:k + 1]).split("gamma")[0]
+    assert hub.aborted == ["r1"]  # the workers go on: told to stop
+
+
+def test_a_request_cancelled_while_being_placed_is_freed(demo_model):
+    """Cancelled inside submit (another choice of its request failed, the client left): the hub
+    may have placed it; it is forgotten and aborted."""
+    tok = AutoTokenizer.from_pretrained(demo_model)
+
+    class SlowHub(FakeHub):
+        async def submit(self, state):
+            self.requests[state.request_id] = state
+            await asyncio.sleep(10)  # (a send that waits on a full socket)
+
+    hub = SlowHub()
+
+    async def t():
+        gen = generate(hub, tok, RouterSettings(model=demo_model), [5, 6, 7], SamplingParams(max_tokens=4), [],
+                       request_id="r1", metrics=Metrics("m"))
+        task = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.01)
+
+    asyncio.run(t())
+    assert hub.requests == {} and hub.aborted == ["r1"]

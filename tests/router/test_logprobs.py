@@ -58,3 +58,29 @@ def test_chat_and_completion_shapes():
     assert a["text_offset"] == [0] and b["text_offset"][0] == len(tok.decode([ids[0]]))
     assert b["top_logprobs"][0] == {tok.decode([ids[1]]): -1.5, tok.decode([0]): -3.0}
     assert a["token_logprobs"] + b["token_logprobs"] == [lp for lp, _ in lps]
+    # the token drawn is always among the top ones; not finite values go out as -9999.0; two ids
+    # that read the same keep the higher value; a lost entry is None
+    w = CompletionLogprobs(texts)
+    one = w([ids[0], ids[1]], [[float("-inf"), [[0, float("nan")]]], None])
+    assert one["token_logprobs"] == [-9999.0, None] and one["top_logprobs"][0] == {
+        tok.decode([0]): -9999.0, tok.decode([ids[0]]): -9999.0}
+    assert chat_logprobs(texts, [ids[0]], [None])["content"][0]["logprob"] == -9999.0
+
+
+def test_sentencepiece_words_keep_their_leading_space():
+    """decode([id]) strips a word's "▁": the text of a token is what it adds after another one,
+    so that the tokens (and their offsets) join into the text."""
+    from tokenizers import normalizers
+
+    vocab = {"<unk>": 0, "▁": 1, "▁Hello": 2, "▁world": 3, "a": 4, "▁a": 5}
+    raw = Tokenizer(models.Unigram([(k, -1.0) for k in vocab], unk_id=0))
+    raw.normalizer = normalizers.Replace(" ", "▁")
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    assert tok.decode([vocab["▁world"]]) == "world"  # (what decode([id]) alone gives)
+    texts = TokenTexts(tok)
+    ids = tok.encode("Hello world", add_special_tokens=False)
+    assert ids == [vocab["▁Hello"], vocab["▁world"]]
+    assert [texts.get(t)[0] for t in ids] == [" Hello", " world"]
+    assert texts.get(vocab["▁world"])[1] == list(b" world")
