@@ -283,10 +283,13 @@ def encode(msg) -> bytes:
     return msgpack.packb(d, use_bin_type=True)
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+
+
 def encode_params(params: SamplingParams) -> dict:
-    """Its fields, but those that are None (every one's default): a worker of the version before a
-    field was added still takes the requests that do not use it."""
-    return {f: v for f in _FIELDS[SamplingParams] if (v := getattr(params, f)) is not None}
+    """Its fields, but those left at their defaults: a worker of the version before a field was
+    added still takes the requests that do not use it."""
+    return {f: v for f in _FIELDS[SamplingParams] if (v := getattr(params, f)) != _DEFAULTS[f]}
 
 
 def decode_params(d) -> SamplingParams:

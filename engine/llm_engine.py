@@ -312,8 +312,10 @@ class LLMEngine:
         if all(map(_PLAIN_GREEDY, params)):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self.sampler.sample(logits, params, [q.num_output_tokens for q in seqs],
-                                         self._history(seqs, params, prev, logits))
+            indices = [q.num_output_tokens for q in seqs]  # of the tokens being sampled
+            banned = [(i, self._stops(p)) for i, p in enumerate(params) if indices[i] < p.min_tokens]
+            tokens = self.sampler.sample(logits, params, indices, self._history(seqs, params, prev, logits),
+                                         banned)
         logprobs = None
         if asked := [i for i, p in enumerate(params) if p.logprobs is not None]:
             logprobs = StepLogprobs.compute(logits, tokens, asked, [params[i].logprobs for i in asked])
@@ -334,6 +336,10 @@ class LLMEngine:
             ready.record()
         pending = Pending(tokens, {id(q): (pos, r) for r, (q, pos) in enumerate(zip(seqs, positions))})
         return _InFlight(seqs, positions, host, ready, pending, logprobs)
+
+    def _stops(self, p: SamplingParams) -> list[int]:
+        """The tokens that would end a request (min_tokens keeps them out of its first tokens)."""
+        return list(p.stop_token_ids or ()) + ([] if p.ignore_eos else list(self.model_cfg.eos_token_ids))
 
     @staticmethod
     def _history(seqs: list[Sequence], params: list[SamplingParams], prev: _InFlight | None, logits: torch.Tensor):

@@ -46,17 +46,26 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
-               history: tuple[list[int], torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               history: tuple[list[int], torch.Tensor, torch.Tensor] | None = None,
+               banned: list[tuple[int, list[int]]] = ()) -> torch.Tensor:
         """`__call__`'s tokens as an int64 tensor on the logits' device, computed without waiting for
         the device (the host can prepare the next step meanwhile). `history`: (rows whose params
         adjust the logits, their prompts' and outputs' token ids [R, *] padded with the vocabulary
-        size), for `adjust`."""
+        size), for `adjust`. `banned`: (row, token ids) that row may not draw (min_tokens: its
+        EOS and stop tokens), after everything else."""
         greedy = [p.greedy for p in params]
+        if history is not None or banned:
+            logits = logits.float().clone()  # (the model's output buffer stays as it is)
         if history is not None:
             rows_a, prompts, outputs = history
-            logits = logits.float().clone()  # (the model's output buffer stays as it is)
             ra = to_device(rows_a, torch.int64, logits.device)
             logits[ra] = self.adjust(logits[ra], [params[i] for i in rows_a], prompts, outputs)
+        if banned:
+            at = [(i, t) for i, ids in banned for t in ids if t < logits.shape[-1]]
+            if at:
+                rows, cols = zip(*at)
+                logits[to_device(list(rows), torch.int64, logits.device),
+                       to_device(list(cols), torch.int64, logits.device)] = float("-inf")
         if all(greedy):
             return logits.argmax(dim=-1)
         logits = logits.float()

@@ -29,10 +29,14 @@ class SamplingParams:
     # k: each prompt token's logprob given the tokens before it (the first has none), with the k
     # most likely tokens' (OpenAI's echo with logprobs; vLLM's prompt_logprobs); LLMEngine.prompt_logprobs
     prompt_logprobs: int | None = None
+    # no EOS (unless ignore_eos) and no stop_token_ids before this many tokens (vLLM's min_tokens)
+    min_tokens: int = 0
 
     def __post_init__(self):
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if type(self.min_tokens) is not int or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_tokens ({self.max_tokens})], got {self.min_tokens!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -72,7 +76,7 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """The argmax of the model's logits as they are."""
-        return self.greedy and not self.adjusts_logits
+        return self.greedy and not self.adjusts_logits and not self.min_tokens
 
     @property
     def greedy(self) -> bool:

@@ -167,6 +167,9 @@ class Router:
         if bad is not None:
             raise APIError(f"logit_bias token id {bad} is outside the vocabulary (size {self.vocab_size})", 400,
                            param="logit_bias")
+        if fields.min_tokens > max_tokens:
+            raise APIError(f"min_tokens ({fields.min_tokens}) is more than max_tokens ({max_tokens})", 400,
+                           param="min_tokens")
         d = fields.as_dict()
         d["max_tokens"] = max_tokens
         if d["top_k"] >= self.vocab_size:

@@ -19,6 +19,7 @@ infinity.
 """
 from __future__ import annotations
 
+import math
 import re
 from functools import lru_cache
 from typing import Any
@@ -84,7 +85,7 @@ class TokenTexts:
 
 
 def finite(lp: float) -> float:
-    return lp if lp > FLOOR else FLOOR  # (NaN too: every comparison with it is False)
+    return lp if math.isfinite(lp) and lp > FLOOR else FLOOR
 
 
 FLOOR = -9999.0

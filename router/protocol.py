@@ -130,6 +130,8 @@ class _SamplingMixin(_Model):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     logit_bias: Optional[dict[str, float]] = None
+    # vLLM's: no EOS and no stop_token_ids before this many tokens (stop strings still apply)
+    min_tokens: int = Field(0, ge=0)
 
     @field_validator("logit_bias")
     @classmethod
@@ -399,6 +401,7 @@ class SamplingFields:
     logit_bias: Optional[list[list]] = None   # [[token id, bias], ...]
     logprobs: Optional[int] = None            # top logprobs per generated token (0: its own only)
     prompt_logprobs: Optional[int] = None     # the same for each prompt token (echo)
+    min_tokens: int = 0
     stop_strings: list[str] = field(default_factory=list)
 
     @classmethod
@@ -419,6 +422,7 @@ class SamplingFields:
             logit_bias=[[int(k), float(b)] for k, b in req.logit_bias.items()] if req.logit_bias else None,
             logprobs=getattr(req, "num_logprobs", None),
             prompt_logprobs=getattr(req, "num_prompt_logprobs", None),
+            min_tokens=req.min_tokens,
             # dict.fromkeys: de-duplicate while keeping order.
             stop_strings=list(dict.fromkeys(req.stop or [])),
         )

@@ -102,3 +102,39 @@ def test_a_bias_outside_the_vocabulary_is_rejected(tmp_path):
     llm = LLM(str(tmp_path), **SMALL)
     with pytest.raises(RequestRejected, match="outside the vocabulary"):
         llm.engine.add_request("r", [1, 2], SamplingParams(logit_bias=[[10**6, 1.0]]))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_min_tokens_keeps_eos_and_stop_tokens_out_of_the_first_tokens(tmp_path, async_scheduling):
+    """EOS is made the argmax (a +100 bias): with min_tokens 4 the first 4 tokens are the float64
+    reference's argmax without it, then EOS ends the request; a stop token id likewise; greedy and
+    seeded rows, mixed with plain ones in one batch."""
+    hf = make_checkpoint(tmp_path, "llama")
+    llm = LLM(str(tmp_path), async_scheduling=async_scheduling, **SMALL)
+    eos = llm.engine.model_cfg.eos_token_ids[0]
+    p = prompts(211, seed=6)[5]
+
+    def masked_reference(banned: int, n: int) -> list[int]:
+        ids, out = list(p), []
+        for _ in range(n):
+            with torch.no_grad():
+                z = hf(torch.tensor([ids])).logits[0, -1].double()
+            z[banned] = float("-inf")
+            out.append(int(z.argmax()))
+            ids.append(out[-1])
+        return out
+
+    cases = [SamplingParams(max_tokens=10, temperature=0, min_tokens=4, logit_bias=[[eos, 100.0]]),
+             SamplingParams(max_tokens=10, temperature=0, min_tokens=3, ignore_eos=True, stop_token_ids=[9],
+                            logit_bias=[[9, 100.0]]),
+             SamplingParams(max_tokens=10, temperature=0, logit_bias=[[eos, 100.0]]),
+             SamplingParams(max_tokens=10, temperature=1.0, seed=5, min_tokens=4, logit_bias=[[eos, 100.0]]),
+             SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
+    a, b, c, d, plain = llm.generate([p] * len(cases), cases)
+    assert a.token_ids == masked_reference(eos, 4) + [eos] and a.finish_reason == "stop"
+    assert b.token_ids == masked_reference(9, 3) + [9] and b.finish_reason == "stop"
+    assert c.token_ids == [eos]  # without min_tokens: EOS at once
+    assert len(d.token_ids) == 5 and eos not in d.token_ids[:4] and d.token_ids[4] == eos
+    assert len(plain.token_ids) == 6
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)

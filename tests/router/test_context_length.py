@@ -60,3 +60,9 @@ def test_choices_that_could_never_be_queued_together_are_a_400(demo_model):
         # 4 choices of 10 tokens fit (refused here only for want of a worker)
         assert c.post("/v1/completions", json={"model": "demo", "prompt": [5] * 10, "n": 4, "max_tokens": 1}
                       ).status_code == 503
+
+
+def test_min_tokens_over_max_tokens_is_a_400(client):
+    err = error(client.post("/v1/completions", json={"model": "demo", "prompt": [5] * 4, "max_tokens": 3,
+                                                     "min_tokens": 4}))
+    assert err["param"] == "min_tokens" and "more than max_tokens" in err["message"]

@@ -87,6 +87,7 @@ def test_chat_all_fields_and_extras():
         "logit_bias": None,
         "logprobs": None,
         "prompt_logprobs": None,
+        "min_tokens": 0,
     }
     assert r.sampling_fields().stop_strings == ["\n"]
 
@@ -345,3 +346,8 @@ def test_logprobs_fields():
     f = comp(prompt="x", logprobs=3, echo=True, max_tokens=0).sampling_fields()
     assert (f.logprobs, f.prompt_logprobs, f.max_tokens) == (3, 3, 1)  # (the one token is not shown)
     assert comp(prompt="x", echo=True).sampling_fields().prompt_logprobs is None
+
+
+def test_min_tokens_reaches_the_workers_params():
+    assert chat(min_tokens=3).sampling_fields().min_tokens == 3
+    assert "min_tokens" in chat_error(min_tokens=-1)
