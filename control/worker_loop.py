@@ -16,7 +16,7 @@ import uuid
 
 import zmq
 
-from engine import EngineBusy, LLMEngine, RequestRejected
+from engine import LLMEngine, RequestRejected
 from engine.parallel import TPGroupError
 from control import messages
 from control.kv_staging import full_layout
@@ -101,10 +101,6 @@ class WorkerLoop:
         except (RequestRejected, ValueError, TypeError) as e:
             log.info("refused: %s", e, extra=for_request(msg.request_id))
             self.link.send(messages.Failed(msg.request_id, str(e), 400))
-            return
-        except EngineBusy as e:  # no room in the KV cache to score its prompt now (prompt_logprobs)
-            log.info("could not take it now: %s", e, extra=for_request(msg.request_id))
-            self.link.send(messages.Failed(msg.request_id, f"worker {self.settings.worker_id} is busy: {e}", 503))
             return
         if not local:
             self.handoff.expect(msg)

@@ -1,8 +1,8 @@
 """pdserve's engine: paged-KV execution of Llama-family models, shared by every worker."""
 from .config import EngineConfig, ModelConfig, UnsupportedModelError
 from .llm import LLM
-from .llm_engine import EngineBusy, LLMEngine, RequestRejected, StepOutput
+from .llm_engine import LLMEngine, RequestRejected, StepOutput
 from .sequence import RequestOutput, SamplingParams
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "EngineConfig", "ModelConfig",
-           "EngineBusy", "RequestRejected", "StepOutput", "UnsupportedModelError"]
+           "RequestRejected", "StepOutput", "UnsupportedModelError"]

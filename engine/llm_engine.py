@@ -22,7 +22,7 @@ import torch
 from .block_pool import PLACEHOLDER, BlockPool, blocks_needed
 from .kv_holds import KVHolds
 from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype, to_device
-from .logprobs import PROMPT_LOGITS_BYTES, StepLogprobs, prompt_entries
+from .logprobs import PROMPT_LOGIT_BYTES, PROMPT_LOGITS_BYTES, StepLogprobs, prompt_entries
 from .model_runner import ModelRunner, Pending
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
@@ -69,10 +69,6 @@ class RequestRejected(ValueError):
     """The request can never be served by this engine (too long for the context or the cache)."""
 
 
-class EngineBusy(RuntimeError):
-    """The request cannot be taken now (no room in the KV cache to score its prompt); later it may."""
-
-
 def _queue_to_host(t: torch.Tensor) -> torch.Tensor:
     """A pinned host copy of a CUDA tensor, queued without waiting: complete once an event
     recorded after it is."""
@@ -104,8 +100,8 @@ class StepOutput:
     index: int = 0              # position of new_token_ids[0] among the request's output tokens
     # SamplingParams.logprobs asked: per new token (logprob, [(token id, logprob), ...]) (logprobs.py)
     logprobs: list | None = None
-    # SamplingParams.prompt_logprobs asked: the prompt's (LLMEngine.prompt_logprobs), on the
-    # request's first output only
+    # SamplingParams.prompt_logprobs asked: the prompt's, each token's given those before it (the
+    # first None), on the request's first output only
     prompt_logprobs: list | None = None
 
 
@@ -137,6 +133,8 @@ class LLMEngine:
         self.pool = BlockPool(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.sampler = Sampler(self.device, cfg.seed)
+        # a chunk computing prompt logits (prompt_logprobs) gives [n, V] logits: n stays under this
+        self.scheduler.prompt_logits_tokens = max(1, PROMPT_LOGITS_BYTES // (PROMPT_LOGIT_BYTES * self.model_cfg.vocab_size))
         # Logprobs go out with each StepOutput; kept on the sequence too (RequestOutput) unless a
         # worker, which sends them at once, says not to (a list per token of every sequence)
         self.keep_logprobs = True
@@ -219,8 +217,9 @@ class LLMEngine:
         outs = self.check_resume(len(prompt_token_ids), params, output_token_ids)
         seq = Sequence(request_id, list(prompt_token_ids) + outs, len(prompt_token_ids), params,
                        arrival=next(self._arrival), prefill_only=prefill_only)
-        if params.prompt_logprobs is not None:
-            seq.prompt_logprobs = self.prompt_logprobs(list(prompt_token_ids), params.prompt_logprobs)
+        if params.prompt_logprobs is not None:  # filled as its prompt is computed (_prompt_logprobs)
+            seq.prompt_logprobs = [None]
+            seq.needs_prompt_logits = len(prompt_token_ids) > 1
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -294,6 +293,8 @@ class LLMEngine:
                     for hook in hooks:
                         hook(n)
         ordered, logits, rows = self.runner.run(batch, on_layer, prev.pending if prev is not None else None)
+        if self.runner.prompt_logits is not None:
+            self._prompt_logprobs(ordered, *self.runner.prompt_logits)
         num_tokens = decodes = 0
         caching = self.pool.caching
         for s in ordered:
@@ -336,6 +337,19 @@ class LLMEngine:
             ready.record()
         pending = Pending(tokens, {id(q): (pos, r) for r, (q, pos) in enumerate(zip(seqs, positions))})
         return _InFlight(seqs, positions, host, ready, pending, logprobs)
+
+    @staticmethod
+    def _prompt_logprobs(ordered: list[ScheduledSeq], asked: list[tuple[int, int]], logits: torch.Tensor) -> None:
+        """The prompt logprobs of this step's chunks that asked (the runner's `prompt_logits`: the
+        logits of their first `rows` positions, each predicting the prompt's next token), read
+        now: a wait for the device, in the steps of such chunks only."""
+        at = 0
+        for j, m in asked:
+            seq = ordered[j].seq
+            start = seq.num_computed_tokens  # (not yet advanced past this chunk)
+            targets = seq.token_ids[start + 1:start + 1 + m]
+            seq.add_prompt_logprobs(start + 1, prompt_entries(logits[at:at + m], targets, seq.params.prompt_logprobs))
+            at += m
 
     def _stops(self, p: SamplingParams) -> list[int]:
         """The tokens that would end a request (min_tokens keeps them out of its first tokens)."""
@@ -528,39 +542,6 @@ class LLMEngine:
             if seq.block_table:
                 self.pool.free(seq)
         return torch.cat(parts)
-
-    def prompt_logprobs(self, prompt_token_ids: list[int], k: int) -> list:
-        """Each prompt token's logprob given the tokens before it, with the k best tokens' there
-        (engine/logprobs.py's entries; None for the first token, which nothing predicts). The
-        prompt is computed through the paged cache in chunks whose logits stay under
-        PROMPT_LOGITS_BYTES, and its full blocks are then left in the prefix cache, so that
-        the request's own prefill, right after, finds them. EngineBusy when the cache has
-        no room for the prompt now."""
-        from .scheduler import ScheduledSeq
-
-        prompt = list(prompt_token_ids)
-        seq = Sequence("__prompt_logprobs__", prompt, len(prompt), SamplingParams(max_tokens=1))
-        need = blocks_needed(len(prompt), self.runner.block_size)
-        if need > self.pool.num_free:
-            raise EngineBusy(f"scoring the prompt needs {need} KV blocks, {self.pool.num_free} are free now")
-        v = self.model_cfg.vocab_size
-        chunk = max(1, min(self.cfg.max_num_batched_tokens, PROMPT_LOGITS_BYTES // (4 * v)))
-        out: list = [None]
-        try:
-            while seq.num_computed_tokens < seq.num_tokens:
-                start = seq.num_computed_tokens
-                n = min(chunk, seq.num_tokens - start)
-                self.pool.allocate(seq, start + n)
-                logits = self.runner.all_logits([ScheduledSeq(seq, n)])   # position p predicts p + 1
-                seq.num_computed_tokens += n
-                nxt = prompt[start + 1:start + n + 1]
-                if nxt:
-                    out += prompt_entries(logits[:len(nxt)], nxt, k)
-            self.pool.register(seq, seq.num_tokens)
-        finally:
-            if seq.block_table:
-                self.pool.free(seq)
-        return out
 
     # ---- introspection ----------------------------------------------------------------------
     @property

@@ -26,7 +26,10 @@ import torch
 from .config import to_device
 
 Entry = tuple[float, list[tuple[int, float]]]
-PROMPT_LOGITS_BYTES = 256 << 20  # LLMEngine.prompt_logprobs: the float32 logits of one chunk stay under this
+# Prompt logprobs (SamplingParams.prompt_logprobs): a chunk's logits at its prompt positions, the
+# model's dtype, then float32 and its log_softmax (PROMPT_LOGIT_BYTES per element), stay under this
+PROMPT_LOGITS_BYTES = 256 << 20
+PROMPT_LOGIT_BYTES = 10
 
 
 @dataclass

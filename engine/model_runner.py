@@ -70,6 +70,7 @@ class ModelRunner:
             except Exception as e:
                 log.warning("Triton attention precompile failed (%s); variants compile on first use", e)
         self.graphs = None
+        self.prompt_logits = None  # the last step's prompt logits (run)
         if device.type == "cuda" and attn.name == "triton" and not cfg.enforce_eager and tp.size == 1:
             from .cuda_graphs import DecodeGraphs
 
@@ -235,7 +236,10 @@ class ModelRunner:
         """Runs the batch; returns (ordered batch, logits [S, V] of the rows that sample, which
         entries of the ordered batch those rows belong to). `on_layer(n)`, if given, is called
         as each layer's kernels are queued (not on a replayed decode graph). `pending`: the
-        tokens of the step still running (async scheduling), which some inputs are."""
+        tokens of the step still running (async scheduling), which some inputs are. The logits of
+        the prompt positions whose sequences ask for the prompt's logprobs (`prompt_rows`) are
+        left in `self.prompt_logits`: ([(entry of the ordered batch, rows)], logits [R, V])."""
+        self.prompt_logits = None
         if self.graphs is not None and len(batch) <= self.graphs.max_batch:
             seqs = [s.seq for s in batch]
             # Only a batch of decodes (each computes its last token, and so samples) replays a
@@ -263,7 +267,8 @@ class ModelRunner:
         bs, rows, fills = self.block_size, [], []
         for k, s in enumerate(batch):
             q, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
-            rows.append((start, n, q.num_tokens, q.token_ids[start:start + n], q.block_table[:-(-(start + n) // bs)]))
+            rows.append((start, n, q.num_tokens, q.token_ids[start:start + n], q.block_table[:-(-(start + n) // bs)],
+                         prompt_rows(s)))
             if pending is not None and (where := pending.rows.get(id(q))) is not None and start <= where[0] < start + n:
                 fills.append((k, *where))
         self.tp.send_step(op, rows, fills, pending.tokens if fills else None)
@@ -309,7 +314,7 @@ class ModelRunner:
 
     def _send_blocks(self, op: int, block_ids: list[int]) -> None:
         if self.tp.size > 1 and self.tp.rank == 0:
-            self.tp.send_step(op, [(0, 0, 0, [], list(block_ids))])
+            self.tp.send_step(op, [(0, 0, 0, [], list(block_ids), 0)])
 
     def _export_buffers(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
         """This rank's heads of n blocks, and on rank 0 every rank's (the gather's outputs) and
@@ -382,14 +387,21 @@ class ModelRunner:
         # Only sequences whose last known token was just computed sample a new token; a
         # prefill chunk that stops short of the end produces no logits.
         ends, rows, t = [], [], 0
+        extra, asked = [], []  # prompt positions whose logits a sequence's prompt logprobs need
         for j, s in enumerate(ordered):
+            if m := prompt_rows(s):
+                extra.extend(range(t, t + m))
+                asked.append((j, m))
             t += s.num_new_tokens
             if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens:
                 ends.append(t - 1)
                 rows.append(j)
-        if not ends:
+        if not ends and not extra:
             return ordered, hidden.new_empty(0, self.model_cfg.vocab_size), []
-        logits = self.model.compute_logits(hidden[to_device(ends, torch.int64, self.device)])
+        logits = self.model.compute_logits(hidden[to_device(ends + extra, torch.int64, self.device)])
+        if extra:
+            self.prompt_logits = (asked, logits[len(ends):])
+            logits = logits[:len(ends)]
         return ordered, logits, rows
 
 
@@ -405,14 +417,28 @@ def _length_groups(lens: list[int], block_size: int, ratio: float = 1.5, min_row
     return groups
 
 
+def prompt_rows(s: ScheduledSeq) -> int:
+    """How many of this chunk's positions give logits for its prompt's logprobs: those that
+    predict a prompt token, while the sequence still needs them (SamplingParams.prompt_logprobs)."""
+    q = s.seq
+    if isinstance(q, _Remote):
+        return q.prompt_rows
+    if not q.needs_prompt_logits:
+        return 0
+    start = q.num_computed_tokens
+    return max(0, min(start + s.num_new_tokens, q.num_prompt_tokens - 1) - start)
+
+
 class _Remote:
     """A sequence as rank 0 sent it to the other ranks of a TP group: what `prepare` and
-    `_run_eager` read (its new tokens, where they start, its length and block table)."""
-    __slots__ = ("num_computed_tokens", "num_tokens", "block_table", "token_ids")
+    `_run_eager` read (its new tokens, where they start, its length and block table, the rows of
+    prompt logits it asks)."""
+    __slots__ = ("num_computed_tokens", "num_tokens", "block_table", "token_ids", "prompt_rows")
 
-    def __init__(self, start: int, n: int, total: int, ids: list[int], table: list[int]):
+    def __init__(self, start: int, n: int, total: int, ids: list[int], table: list[int], prompt_rows: int = 0):
         self.num_computed_tokens, self.num_tokens, self.block_table = start, total, table
         self.token_ids = _Window(start, ids)
+        self.prompt_rows = prompt_rows
 
 
 class _Window:

@@ -184,10 +184,11 @@ class TPGroup:
         return x
 
     # ---- rank 0: the step each forward runs -----------------------------------------------------
-    def send_step(self, op: int, rows: list[tuple[int, int, int, list[int], list[int]]],
+    def send_step(self, op: int, rows: list[tuple[int, int, int, list[int], list[int], int]],
                   fills: list[tuple[int, int, int]] = (), tokens: torch.Tensor | None = None) -> None:
         """Tells the other ranks to run `op` on `rows`: (first position, new tokens, tokens the
-        sequence has, the new token ids, its block table) per sequence, in batch order. Async
+        sequence has, the new token ids, its block table, how many of its new positions give
+        logits for the prompt's logprobs) per sequence, in batch order. Async
         scheduling: `tokens` are the sampled tokens of the step before, maybe still being
         computed on the device, and `fills` (row, position, index into `tokens`) the inputs that
         are those tokens (their ids in `rows` are placeholders). The rows go in host memory
@@ -200,12 +201,12 @@ class TPGroup:
         head = [op, len(rows), len(ids), len(tables), len(fills), n_tok]
         self.broadcast(torch.tensor(head, dtype=torch.int64), pg=self.steps_pg)
         if rows:
-            body = [v for r in rows for v in (r[0], r[1], r[2], len(r[4]))] + ids + tables + [v for f in fills for v in f]
+            body = [v for r in rows for v in (r[0], r[1], r[2], len(r[4]), r[5])] + ids + tables + [v for f in fills for v in f]
             self.broadcast(torch.tensor(body, dtype=torch.int64), pg=self.steps_pg)
         if n_tok:
             self.broadcast(tokens.to(torch.int64).contiguous())
 
-    def recv_step(self) -> tuple[int, list[tuple[int, int, int, list[int], list[int]]],
+    def recv_step(self) -> tuple[int, list[tuple[int, int, int, list[int], list[int], int]],
                                  list[tuple[int, int, int]], torch.Tensor | None]:
         """What rank 0's send_step sent: (op, rows, fills, tokens)."""
         # The wait for the next step has no time limit: an engine may be idle for hours. A rank
@@ -215,14 +216,14 @@ class TPGroup:
         op, n, n_ids, n_tables, n_fill, n_tok = head
         if n == 0:
             return op, [], [], None
-        body = self.broadcast(torch.empty(4 * n + n_ids + n_tables + 3 * n_fill, dtype=torch.int64),
+        body = self.broadcast(torch.empty(5 * n + n_ids + n_tables + 3 * n_fill, dtype=torch.int64),
                               pg=self.steps_pg).tolist()
-        rows, i, j = [], 4 * n, 4 * n + n_ids
+        rows, i, j = [], 5 * n, 5 * n + n_ids
         for k in range(n):
-            start, new, total, width = body[4 * k: 4 * k + 4]
-            rows.append((start, new, total, body[i:i + new], body[j:j + width]))
+            start, new, total, width, prompt_rows = body[5 * k: 5 * k + 5]
+            rows.append((start, new, total, body[i:i + new], body[j:j + width], prompt_rows))
             i, j = i + new, j + width
-        f = 4 * n + n_ids + n_tables
+        f = 5 * n + n_ids + n_tables
         fills = [tuple(body[f + 3 * k: f + 3 * k + 3]) for k in range(n_fill)]
         tokens = self.broadcast(torch.empty(n_tok, dtype=torch.int64, device=self.device)) if n_tok else None
         return op, rows, fills, tokens

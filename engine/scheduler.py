@@ -37,6 +37,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prompt_logits_tokens = max_num_batched_tokens  # a chunk giving prompt logits: at most this (LLMEngine)
 
     def can_ever_fit(self, num_tokens: int) -> bool:
         return blocks_needed(num_tokens, self.pool.block_size) <= self.pool.num_blocks
@@ -74,6 +75,8 @@ class Scheduler:
                 continue
             c = seq.num_computed_tokens
             n = min(len(seq.token_ids) - c, budget)
+            if seq.needs_prompt_logits:
+                n = min(n, self.prompt_logits_tokens)
             if c + n <= len(seq.block_table) * bs:
                 # Fast path, most decode steps: the tokens fit the blocks the sequence holds.
                 out.append(ScheduledSeq(seq, n))
@@ -101,7 +104,9 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                if self.pool.caching:  # start from the longest cached prefix (it holds no blocks yet)
+                if self.pool.caching and not seq.needs_prompt_logits:
+                    # start from the longest cached prefix (it holds no blocks yet); a prompt whose
+                    # logprobs are asked is computed whole: a cached position gives no logits
                     cached = self.pool.match_prefix(seq)
                     n = min(seq.num_tokens - len(cached) * bs, budget)
                     if not self.pool.can_take_prefix(seq, cached, len(cached) * bs + n):
@@ -109,6 +114,8 @@ class Scheduler:
                     self.pool.take_prefix(seq, cached)
                 else:
                     n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                    if seq.needs_prompt_logits:
+                        n = min(n, self.prompt_logits_tokens)
                     if not self.pool.can_allocate(seq, seq.num_computed_tokens + n):
                         break
                 self.pool.allocate(seq, seq.num_computed_tokens + n)

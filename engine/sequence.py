@@ -130,9 +130,11 @@ class Sequence:
     history: object | None = None
     # SamplingParams.logprobs asked: an entry per output token so far (`add_logprobs`)
     logprobs: list | None = None
-    # SamplingParams.prompt_logprobs asked: computed when it was added, and sent with its first
-    # new token (StepOutput.prompt_logprobs) once
+    # SamplingParams.prompt_logprobs asked: an entry per prompt token (the first None), filled by
+    # the prompt's own chunks while `needs_prompt_logits` (they skip the prefix cache: a cached
+    # position gives no logits), and sent with its first new token (StepOutput.prompt_logprobs) once
     prompt_logprobs: list | None = None
+    needs_prompt_logits: bool = False
     prompt_logprobs_sent: bool = False
 
     @property
@@ -164,6 +166,16 @@ class Sequence:
         if len(lps) < index:
             lps.extend([None] * (index - len(lps)))
         lps.append(entry)
+
+    def add_prompt_logprobs(self, first: int, entries: list) -> None:
+        """Entries for prompt positions first, first + 1, ...; those it has (a prompt computed again
+        after a preemption) are kept."""
+        lps = self.prompt_logprobs
+        for i, e in enumerate(entries, first):
+            if i == len(lps):
+                lps.append(e)
+        if len(lps) >= self.num_prompt_tokens:
+            self.needs_prompt_logits = False
 
     def to_output(self) -> RequestOutput:
         lps = None if self.params.logprobs is None else list(self.logprobs or ())

@@ -185,7 +185,8 @@ class Router:
                 stops: list[str]) -> list[AsyncIterator[Chunk]]:
         """One stream per choice, choice i * n + j being prompt i's j-th: a request of its own on
         the workers (id `<request id>-<index>`; with a seed, choice j samples with seed + j, so
-        that n choices differ and each is reproducible)."""
+        that n choices differ and each is reproducible; only choice 0 of a prompt asks for its
+        prompt's logprobs, which the others share: `_echoed`)."""
         if len(prompts) * n == 1:
             return [self.stream(prompts[0], params[0], stops)]
         rid = current_request_id.get() or uuid.uuid4().hex
@@ -195,7 +196,9 @@ class Router:
                 q = p
                 if j and p.seed is not None:
                     seed = p.seed + j
-                    q = dataclasses.replace(p, seed=seed - 2**64 if seed >= 2**64 else seed)
+                    q = dataclasses.replace(q, seed=seed - 2**64 if seed >= 2**64 else seed)
+                if j and p.prompt_logprobs is not None:
+                    q = dataclasses.replace(q, prompt_logprobs=None)
                 out.append(self.stream(prompt, q, stops, request_id=f"{rid}-{i * n + j}"))
         return out
 
@@ -270,17 +273,25 @@ async def _each(request: Request, streams: list[AsyncIterator[Chunk]], fn, close
 
 
 async def _echoed(chunks: AsyncIterator[Chunk], text: str, prompt: list[int], logprobs: bool,
-                  zero: bool) -> AsyncIterator[Chunk]:
+                  zero: bool, shared: asyncio.Future | None = None, first: bool = True) -> AsyncIterator[Chunk]:
     """A text completion with `echo`: the prompt comes first, in the first chunk (its tokens
-    and, with logprobs, the prompt's, scored on the worker that computed it). `zero`: max_tokens
-    0, the prompt alone (the one token generated is not shown)."""
+    and, with logprobs, the prompt's, computed with it on the worker that prefilled it). `zero`:
+    max_tokens 0, the prompt alone (the one token generated is not shown). `shared`: the prompt's
+    logprobs, which the `first` choice of the prompt (the one that asked) sets and the others
+    wait for."""
     try:
         c = await chunks.__anext__()
+        plps = c.prompt_logprobs
+        if shared is not None:
+            if first:
+                shared.set_result(plps)
+            else:
+                plps = await shared
         if zero:
-            c = Chunk("", [], "length", 0, [] if logprobs else None, c.prompt_logprobs)
+            c = Chunk("", [], "length", 0, [] if logprobs else None)
         lps = None
         if logprobs:
-            lps = (list(c.prompt_logprobs or [None] * len(prompt))
+            lps = (list(plps or [None] * len(prompt))
                    + (c.logprobs if c.logprobs is not None else [None] * len(c.token_ids)))
         yield Chunk(text + c.text, prompt + c.token_ids, c.finish_reason, c.num_generated, lps)
         if c.finish_reason is not None:
@@ -288,6 +299,8 @@ async def _echoed(chunks: AsyncIterator[Chunk], text: str, prompt: list[int], lo
         async for c in chunks:
             yield c
     finally:
+        if first and shared is not None and not shared.done():
+            shared.set_result(None)  # (it failed: the others do not wait for it; the response fails)
         await chunks.aclose()
 
 
@@ -503,8 +516,9 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
                            f"{settings.max_queued_tokens} prompt tokens do); ask for fewer", 400, param="n")
         streams = router.streams(prompts, params, req.n, stops)
         if echo is not None:
-            zero = req.max_tokens == 0
-            streams = [_echoed(s, echo[k // req.n], prompts[k // req.n], params[0].logprobs is not None, zero)
+            zero, lp, n = req.max_tokens == 0, params[0].logprobs is not None, req.n
+            shared = [asyncio.get_running_loop().create_future() if lp and n > 1 else None for _ in prompts]
+            streams = [_echoed(s, echo[k // n], prompts[k // n], lp, zero, shared[k // n], k % n == 0)
                        for k, s in enumerate(streams)]
         prompt_tokens = sum(map(len, prompts))
         # one logprobs writer per choice, when asked for (the text offsets of completions go on)

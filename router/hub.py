@@ -34,6 +34,7 @@ counts only from the connection of that id (a heartbeat for p0 from elsewhere is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import zmq
@@ -128,6 +129,9 @@ class WorkerHub:
         Raises LookupError when no worker can take it."""
         old_id, holders = state.request_id, {state.prefill_worker, state.decode_worker} - {None}
         self._forget(state)
+        if state.output_token_ids and state.params.prompt_logprobs is not None:
+            # the client has the prompt's logprobs (with the first token): not computed again
+            state.params = dataclasses.replace(state.params, prompt_logprobs=None)
         for wid in holders:
             await self._send(wid, messages.Abort([old_id]))
         state.next_attempt()

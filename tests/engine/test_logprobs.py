@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from engine import LLM, LLMEngine, SamplingParams
-from engine.sequence import Sequence
 from tests.engine.conftest import make_checkpoint
 from tests.engine.test_models import hf_greedy, prompts
 
@@ -177,28 +176,48 @@ def test_a_resumed_request_has_none_for_the_tokens_generated_before_it_moved(tmp
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_prompt_logprobs_match_transformers_and_leave_the_prompt_cached(tmp_path, tp):
-    """Each prompt token's logprob given those before it (the first: None), in chunks smaller
-    than the prompt; its full blocks stay cached, so the request's prefill computes only the
-    last partial block."""
+def test_prompt_logprobs_match_transformers_chunk_by_chunk(tmp_path, tp):
+    """Each prompt token's logprob given those before it (the first: None), from the prompt's own
+    chunks (capped small here), sync and async; a prompt asked again is computed again (a cached
+    position gives no logits) and gets them all; rows that do not ask are unchanged."""
     hf = make_checkpoint(tmp_path, "llama")
     llm = LLM(str(tmp_path), tensor_parallel_size=tp, **SMALL)
     try:
-        ps = [p for p in prompts(211, seed=5) if len(p) > 40][:2]
-        outs = llm.generate(ps, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=3))
-        for p, o in zip(ps, outs):
-            with torch.no_grad():
-                ref = hf(torch.tensor([p])).logits[0, :-1].float().log_softmax(dim=-1)
-            entries = o.prompt_logprobs
-            assert entries[0] is None and len(entries) == len(p) and o.logprobs is None
-            check(entries[1:], p[1:], ref, 3)
-            assert o.token_ids == hf_greedy(hf, p, 2)
-        engine = llm.engine
-        p = ps[0] + [5, 6, 7]  # a prompt not seen: scored, then its full blocks are cached
-        engine.prompt_logprobs(p, 0)
-        cached = engine.pool.match_prefix(Sequence("again", p, len(p), SamplingParams()))
-        assert len(cached) * 4 >= len(p) - 4
+        llm.engine.scheduler.prompt_logits_tokens = 7  # chunks of 7 prompt positions at most
+        ps = [p for p in prompts(211, seed=5) if len(p) > 20][:3]
+        params = [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=k) for k in (3, 0, None)]
+        for _ in range(2):  # the second time, every prompt is in the prefix cache
+            outs = llm.generate(ps, params)
+            for p, o, sp in zip(ps, outs, params):
+                assert o.token_ids == hf_greedy(hf, p, 3)
+                if sp.prompt_logprobs is None:
+                    assert o.prompt_logprobs is None
+                    continue
+                with torch.no_grad():
+                    ref = hf(torch.tensor([p])).logits[0, :-1].float().log_softmax(dim=-1)
+                entries = o.prompt_logprobs
+                assert entries[0] is None and len(entries) == len(p) and o.logprobs is None
+                if sp.prompt_logprobs:
+                    check(entries[1:], p[1:], ref, sp.prompt_logprobs)
+                else:
+                    assert all(top == [] and lp == pytest.approx(ref[i, t].item(), abs=ATOL)
+                               for i, (t, (lp, top)) in enumerate(zip(p[1:], entries[1:])))
+        assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
         with pytest.raises(ValueError):
             SamplingParams(prompt_logprobs=21)
     finally:
         llm.close()
+
+
+def test_prompt_logprobs_through_preemption_and_async(tmp_path):
+    """A prompt computed again after a preemption adds no entry twice."""
+    hf = make_checkpoint(tmp_path, "qwen3")
+    llm = LLM(str(tmp_path), async_scheduling=True, **SMALL)
+    ps = prompts(211, seed=8)[3:]
+    outs = llm.generate(ps, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=2))
+    assert llm.engine.scheduler.num_preemptions > 0
+    for p, o in zip(ps, outs):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0, :-1].float().log_softmax(dim=-1)
+        assert len(o.prompt_logprobs) == len(p)
+        check(o.prompt_logprobs[1:], p[1:], ref, 2)

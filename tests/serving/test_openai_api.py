@@ -339,6 +339,11 @@ def test_echo_with_prompt_logprobs_equals_transformers(server, reference):
         assert len(choice.logprobs.tokens) == len(p) and choice.logprobs.token_logprobs[0] is None
     assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == sum(map(len, batch))
     assert abs(r.choices[0].logprobs.token_logprobs[1] - lp[0, ids[1]].item()) < 1e-3
+    # n = 2: one choice computes the prompt's logprobs, both carry them
+    r = c.completions.create(model="demo", prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1, n=2)
+    a, b = (ch.logprobs for ch in r.choices)
+    assert a.token_logprobs[:len(ids)] == b.token_logprobs[:len(ids)] and a.token_logprobs[0] is None
+    assert abs(a.token_logprobs[1] - lp[0, ids[1]].item()) < 1e-3
     # streamed, without logprobs: the prompt's text first
     text = "".join(ch.choices[0].text for ch in c.completions.create(
         model="demo", prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True) if ch.choices)
