@@ -22,8 +22,8 @@ import torch
 from .block_pool import PLACEHOLDER, BlockPool, blocks_needed
 from .kv_holds import KVHolds
 from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype, to_device
-from .logprobs import PROMPT_LOGIT_BYTES, PROMPT_LOGITS_BYTES, StepLogprobs, prompt_entries
-from .model_runner import ModelRunner, Pending
+from .logprobs import PromptLogprobs, StepLogprobs
+from .model_runner import ModelRunner, Pending, prompt_logits_rows
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
@@ -88,6 +88,7 @@ class _InFlight:
     ready: torch.cuda.Event | None
     pending: Pending
     logprobs: StepLogprobs | None = None
+    prompt: PromptLogprobs | None = None   # the prompt logprobs of its chunks that asked
 
 
 @dataclass
@@ -134,7 +135,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.sampler = Sampler(self.device, cfg.seed)
         # a chunk computing prompt logits (prompt_logprobs) gives [n, V] logits: n stays under this
-        self.scheduler.prompt_logits_tokens = max(1, PROMPT_LOGITS_BYTES // (PROMPT_LOGIT_BYTES * self.model_cfg.vocab_size))
+        self.scheduler.prompt_logits_tokens = prompt_logits_rows(self.model_cfg.vocab_size)
         # Logprobs go out with each StepOutput; kept on the sequence too (RequestOutput) unless a
         # worker, which sends them at once, says not to (a list per token of every sequence)
         self.keep_logprobs = True
@@ -218,7 +219,7 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids) + outs, len(prompt_token_ids), params,
                        arrival=next(self._arrival), prefill_only=prefill_only)
         if params.prompt_logprobs is not None:  # filled as its prompt is computed (_prompt_logprobs)
-            seq.prompt_logprobs = [None]
+            seq.prompt_logprobs = [None] * len(prompt_token_ids)
             seq.needs_prompt_logits = len(prompt_token_ids) > 1
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -293,8 +294,10 @@ class LLMEngine:
                     for hook in hooks:
                         hook(n)
         ordered, logits, rows = self.runner.run(batch, on_layer, prev.pending if prev is not None else None)
+        prompt = None
         if self.runner.prompt_logits is not None:
-            self._prompt_logprobs(ordered, *self.runner.prompt_logits)
+            prompt = self._prompt_logprobs(ordered, *self.runner.prompt_logits)
+            self.runner.prompt_logits = None
         num_tokens = decodes = 0
         caching = self.pool.caching
         for s in ordered:
@@ -308,6 +311,8 @@ class LLMEngine:
         self.last_step = (num_tokens - decodes, decodes)
         seqs = [ordered[j].seq for j in rows]
         if not seqs:
+            if prompt is not None:  # only prompt chunks ran: nothing of a decode waits with them
+                prompt.apply()
             return None
         params = [q.params for q in seqs]
         if all(map(_PLAIN_GREEDY, params)):
@@ -333,23 +338,26 @@ class LLMEngine:
             host = _queue_to_host(tokens)
             if logprobs is not None:
                 logprobs = logprobs.to_host(_queue_to_host)
+            if prompt is not None:
+                prompt = prompt.to_host(_queue_to_host)
             ready = torch.cuda.Event()
             ready.record()
         pending = Pending(tokens, {id(q): (pos, r) for r, (q, pos) in enumerate(zip(seqs, positions))})
-        return _InFlight(seqs, positions, host, ready, pending, logprobs)
+        return _InFlight(seqs, positions, host, ready, pending, logprobs, prompt)
 
     @staticmethod
-    def _prompt_logprobs(ordered: list[ScheduledSeq], asked: list[tuple[int, int]], logits: torch.Tensor) -> None:
+    def _prompt_logprobs(ordered: list[ScheduledSeq], asked: list[tuple[int, int]],
+                         logits: torch.Tensor) -> PromptLogprobs:
         """The prompt logprobs of this step's chunks that asked (the runner's `prompt_logits`: the
-        logits of their first `rows` positions, each predicting the prompt's next token), read
-        now: a wait for the device, in the steps of such chunks only."""
-        at = 0
+        logits of their first `rows` positions, each predicting the prompt's next token), on the
+        device: read with the step's tokens."""
+        chunks, targets = [], []
         for j, m in asked:
             seq = ordered[j].seq
             start = seq.num_computed_tokens  # (not yet advanced past this chunk)
-            targets = seq.token_ids[start + 1:start + 1 + m]
-            seq.add_prompt_logprobs(start + 1, prompt_entries(logits[at:at + m], targets, seq.params.prompt_logprobs))
-            at += m
+            chunks.append((seq, start + 1, m))
+            targets += seq.token_ids[start + 1:start + 1 + m]
+        return PromptLogprobs.compute(logits, chunks, targets, max(q.params.prompt_logprobs for q, _, _ in chunks))
 
     def _stops(self, p: SamplingParams) -> list[int]:
         """The tokens that would end a request (min_tokens keeps them out of its first tokens)."""
@@ -389,6 +397,8 @@ class LLMEngine:
         """Waits for a launched step's tokens, puts them in place, applies stop conditions."""
         if f.ready is not None:
             f.ready.synchronize()
+        if f.prompt is not None:  # (before the outputs: the first token carries them)
+            f.prompt.apply()
         outputs = []
         eos, max_len = self.model_cfg.eos_token_ids, self.max_model_len
         entries = f.logprobs.entries(len(f.seqs)) if f.logprobs is not None else itertools.repeat(None)

@@ -67,12 +67,33 @@ class StepLogprobs:
         return out
 
 
-def prompt_entries(logits: torch.Tensor, targets: list[int], k: int) -> list[Entry]:
-    """Entries for `targets` (the token each row of `logits` [n, V] predicted: the prompt's next
-    ones), from the raw logits as for generated tokens; on the host."""
-    lp = logits.float().log_softmax(dim=-1)
-    got = lp.gather(1, to_device(targets, torch.int64, lp.device)[:, None])[:, 0].tolist()
-    if not k:
-        return [(g, []) for g in got]
-    top = lp.topk(min(k, lp.shape[-1]), dim=-1)
-    return [(g, list(zip(i, t))) for g, i, t in zip(got, top.indices.tolist(), top.values.tolist())]
+@dataclass
+class PromptLogprobs:
+    """One step's prompt logprobs (SamplingParams.prompt_logprobs): for each chunk that asked, its
+    sequence, the first prompt position its rows predict and how many rows; `values` [M, 1 + K]
+    (each target prompt token's logprob, then the K best) and `top_ids` [M, K] over all of them;
+    on the device, then on the host (read with the step's tokens, LLMEngine._collect)."""
+    chunks: list  # [(sequence, first position, rows)]
+    values: torch.Tensor
+    top_ids: torch.Tensor
+
+    @classmethod
+    def compute(cls, logits: torch.Tensor, chunks: list, targets: list[int], k: int) -> "PromptLogprobs":
+        """logits [M, V] at the chunks' rows, targets [M] the prompt tokens they predict; k the
+        most any chunk asked for. Nothing here waits for the device."""
+        lp = logits.float().log_softmax(dim=-1)
+        got = lp.gather(1, to_device(targets, torch.int64, lp.device)[:, None])
+        top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        return cls(chunks, torch.cat([got, top.values], dim=1), top.indices)
+
+    def to_host(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> "PromptLogprobs":
+        return PromptLogprobs(self.chunks, copy(self.values), copy(self.top_ids))
+
+    def apply(self) -> None:
+        """Each chunk's entries into its sequence (host tensors; a wait for the device otherwise)."""
+        values, ids, at = self.values.tolist(), self.top_ids.tolist(), 0
+        for seq, first, m in self.chunks:
+            k = seq.params.prompt_logprobs or 0
+            seq.add_prompt_logprobs(first, [(v[0], list(zip(i[:k], v[1:k + 1])))
+                                            for v, i in zip(values[at:at + m], ids[at:at + m])])
+            at += m

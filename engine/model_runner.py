@@ -10,6 +10,7 @@ import torch
 
 from .attention import AttentionMetadata
 from .attention_backends import make_attention
+from .logprobs import PROMPT_LOGIT_BYTES, PROMPT_LOGITS_BYTES
 from .config import EngineConfig, ModelConfig, to_device
 from .loader import load_weights
 from .models.llama import LlamaForCausalLM, Ops
@@ -128,8 +129,9 @@ class ModelRunner:
             _, ids, pos, meta = self.prepare([ScheduledSeq(seq, n)])
             with torch.inference_mode():
                 hidden = self.model(ids, pos, self.kv_cache, meta)
-                rows = min(n, self.cfg.max_num_seqs)
-                self.model.compute_logits(hidden[:rows]).float().softmax(-1)  # the sampler's [S, V] work
+                # the sampler's [S, V] work, and a step's prompt logits (prompt_logprobs) beside it
+                rows = min(n, self.cfg.max_num_seqs + prompt_logits_rows(self.model_cfg.vocab_size))
+                self.model.compute_logits(hidden[:rows]).float().softmax(-1)
             torch.cuda.synchronize()
         finally:
             self.kv_cache = saved
@@ -400,7 +402,8 @@ class ModelRunner:
             return ordered, hidden.new_empty(0, self.model_cfg.vocab_size), []
         logits = self.model.compute_logits(hidden[to_device(ends + extra, torch.int64, self.device)])
         if extra:
-            self.prompt_logits = (asked, logits[len(ends):])
+            if self.tp.rank == 0:  # (read by the engine, on rank 0)
+                self.prompt_logits = (asked, logits[len(ends):])
             logits = logits[:len(ends)]
         return ordered, logits, rows
 
@@ -415,6 +418,11 @@ def _length_groups(lens: list[int], block_size: int, ratio: float = 1.5, min_row
             groups.append((start, i, -(-lens[i - 1] // block_size)))
             start = i
     return groups
+
+
+def prompt_logits_rows(vocab_size: int) -> int:
+    """The most prompt positions whose logits one step computes (prompt_logprobs; the scheduler's cap)."""
+    return max(1, PROMPT_LOGITS_BYTES // (PROMPT_LOGIT_BYTES * vocab_size))
 
 
 def prompt_rows(s: ScheduledSeq) -> int:

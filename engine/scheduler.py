@@ -37,7 +37,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.prompt_logits_tokens = max_num_batched_tokens  # a chunk giving prompt logits: at most this (LLMEngine)
+        # prompt positions whose logits one step computes (prompt_logprobs), all chunks together
+        self.prompt_logits_tokens = max_num_batched_tokens  # (LLMEngine sets it from the vocabulary)
 
     def can_ever_fit(self, num_tokens: int) -> bool:
         return blocks_needed(num_tokens, self.pool.block_size) <= self.pool.num_blocks
@@ -67,6 +68,7 @@ class Scheduler:
         out: list[ScheduledSeq] = []
         preempted = False
         running, bs = self.running, self.pool.block_size
+        rows_left = self.prompt_logits_tokens  # (see prompt_logits_tokens)
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
@@ -76,7 +78,11 @@ class Scheduler:
             c = seq.num_computed_tokens
             n = min(len(seq.token_ids) - c, budget)
             if seq.needs_prompt_logits:
-                n = min(n, self.prompt_logits_tokens)
+                n = min(n, rows_left)
+                if not n:
+                    i += 1
+                    continue
+                rows_left -= n
             if c + n <= len(seq.block_table) * bs:
                 # Fast path, most decode steps: the tokens fit the blocks the sequence holds.
                 out.append(ScheduledSeq(seq, n))
@@ -115,8 +121,9 @@ class Scheduler:
                 else:
                     n = min(seq.num_tokens - seq.num_computed_tokens, budget)
                     if seq.needs_prompt_logits:
-                        n = min(n, self.prompt_logits_tokens)
-                    if not self.pool.can_allocate(seq, seq.num_computed_tokens + n):
+                        n = min(n, rows_left)
+                        rows_left -= n
+                    if not n or not self.pool.can_allocate(seq, seq.num_computed_tokens + n):
                         break
                 self.pool.allocate(seq, seq.num_computed_tokens + n)
                 self.waiting.popleft()

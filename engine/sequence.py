@@ -135,6 +135,7 @@ class Sequence:
     # position gives no logits), and sent with its first new token (StepOutput.prompt_logprobs) once
     prompt_logprobs: list | None = None
     needs_prompt_logits: bool = False
+    prompt_logprobs_filled: int = 0
     prompt_logprobs_sent: bool = False
 
     @property
@@ -168,13 +169,16 @@ class Sequence:
         lps.append(entry)
 
     def add_prompt_logprobs(self, first: int, entries: list) -> None:
-        """Entries for prompt positions first, first + 1, ...; those it has (a prompt computed again
-        after a preemption) are kept."""
+        """Entries for prompt positions first, first + 1, ... (in any order of chunks; those it has,
+        from a prompt computed again after a preemption, are kept)."""
         lps = self.prompt_logprobs
+        if lps is None:  # sent and dropped already (a worker keeps none)
+            return
         for i, e in enumerate(entries, first):
-            if i == len(lps):
-                lps.append(e)
-        if len(lps) >= self.num_prompt_tokens:
+            if lps[i] is None:
+                lps[i] = e
+                self.prompt_logprobs_filled += 1
+        if self.prompt_logprobs_filled >= self.num_prompt_tokens - 1:
             self.needs_prompt_logits = False
 
     def to_output(self) -> RequestOutput:

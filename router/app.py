@@ -284,9 +284,10 @@ async def _echoed(chunks: AsyncIterator[Chunk], text: str, prompt: list[int], lo
         plps = c.prompt_logprobs
         if shared is not None:
             if first:
-                shared.set_result(plps)
+                if not shared.done():
+                    shared.set_result(plps)
             else:
-                plps = await shared
+                plps = await asyncio.shield(shared)
         if zero:
             c = Chunk("", [], "length", 0, [] if logprobs else None)
         lps = None
