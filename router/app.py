@@ -39,7 +39,7 @@ from .front import RelayHub
 from .fronts import FrontProcesses, FrontServer, merge_samples
 from .generation import Chunk, generate
 from .hub import WorkerHub
-from .logprobs import TokenTexts
+from .logprobs import TokenTexts, finite
 from .metrics import CONTENT_TYPE, Metrics
 from .registry import WorkerRegistry
 from .responses import SSE_DONE, ChatCompletionShape, ResponseShape, TextCompletionShape, sse_event, usage_dict
@@ -305,6 +305,13 @@ async def _echoed(chunks: AsyncIterator[Chunk], text: str, prompt: list[int], lo
         await chunks.aclose()
 
 
+def _plain_logprobs(c: Chunk) -> list:
+    """/generate's logprobs of a chunk's tokens, as the workers give them (finite; null where lost)."""
+    if c.logprobs is None:
+        return [None] * len(c.token_ids)
+    return [None if e is None else [finite(e[0]), [[t, finite(v)] for t, v in e[1]]] for e in c.logprobs]
+
+
 def _text_event(shape: ResponseShape, c: Chunk, index: int, writer) -> str | None:
     """The SSE event of a chunk's text (and its tokens' logprobs when asked for), or None when it
     has neither."""
@@ -564,8 +571,9 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
 
     @app.post("/generate")
     async def generate_api(req: P.GenerateRequest, request: Request):
-        """Plain streaming API: one JSON object per line ({"text", "token_ids"}), the last one with
-        "finish_reason" and "usage". With "stream": false, one object with the whole text."""
+        """Plain streaming API: one JSON object per line ({"text", "token_ids"}, and "logprobs" when
+        asked: per token [logprob, [[token id, logprob], ...]]), the last one with "finish_reason"
+        and "usage". With "stream": false, one object with the whole text."""
         router.check_model(req.model)
         prompt = router.encode(req.prompt) if req.prompt is not None else list(req.prompt_token_ids)
         fields = req.sampling_fields()
@@ -574,8 +582,11 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
             if not req.stream:
                 got = await _watched(request, chunks, _until_finish(chunks))
                 c = got[-1]
-                return {"text": "".join(g.text for g in got), "token_ids": [t for g in got for t in g.token_ids],
-                        "finish_reason": c.finish_reason, "usage": usage_dict(len(prompt), c.num_generated)}
+                out = {"text": "".join(g.text for g in got), "token_ids": [t for g in got for t in g.token_ids],
+                       "finish_reason": c.finish_reason, "usage": usage_dict(len(prompt), c.num_generated)}
+                if req.logprobs is not None:
+                    out["logprobs"] = [e for g in got for e in _plain_logprobs(g)]
+                return out
             first = await _next(request, chunks)
         except ClientGone:
             return JSONResponse({}, status_code=499)
@@ -585,6 +596,8 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
             try:
                 while True:
                     line = {"text": c.text, "token_ids": c.token_ids}
+                    if req.logprobs is not None:
+                        line["logprobs"] = _plain_logprobs(c)
                     if c.finish_reason is not None:
                         line.update(finish_reason=c.finish_reason, usage=usage_dict(len(prompt), c.num_generated))
                     yield json.dumps(line, ensure_ascii=False) + "\n"

@@ -358,6 +358,11 @@ class GenerateRequest(_SamplingMixin):
     prompt_token_ids: Optional[list[int]] = None
     max_tokens: Optional[int] = Field(16, ge=1)
     stream: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)  # per token: [logprob, [[token id, logprob], ...]]
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        return self.logprobs
 
     @field_validator("prompt_token_ids")
     @classmethod

@@ -142,6 +142,13 @@ def test_generate_ndjson(server, reference):
     assert sum((x["token_ids"] for x in lines), []) == ref
     assert lines[-1]["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(ref),
                                   "total_tokens": len(ids) + len(ref)}
+    # with logprobs: per token [logprob, [[token id, logprob], ...]], the greedy token first
+    r = httpx.post(server.url + "/generate", json={"prompt_token_ids": ids, "max_tokens": 12, "temperature": 0,
+                                                    "logprobs": 2}, timeout=60).json()
+    lp = _hf_logprobs(server.model, ids, ref)
+    assert r["token_ids"] == ref and len(r["logprobs"]) == len(ref)
+    for k, (t, (v, top)) in enumerate(zip(ref, r["logprobs"])):
+        assert abs(v - lp[k, t].item()) < 1e-3 and top[0][0] == t and len(top) == 2
 
 
 def test_seeded_sampling_is_reproducible(server):
