@@ -321,6 +321,20 @@ def _text_event(shape: ResponseShape, c: Chunk, index: int, writer) -> str | Non
     return shape.text_event(c.text, index) if c.text else None
 
 
+def _error_event(e: Exception) -> str:
+    """The event that ends an SSE stream failing after its first byte: the error's body, or (a
+    bug, logged) an internal error, so that the stream still ends the way clients expect."""
+    if isinstance(e, APIError):
+        return sse_event(e.body())
+    log.error("error in a stream", exc_info=e)
+    return sse_event(error_body("Internal server error", "internal_error"))
+
+
+def _event_stream(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def _sse_choices(firsts: list[Chunk], streams: list[AsyncIterator[Chunk]], shape: ResponseShape,
                  prompt_tokens: int, include_usage: bool, writers: list | None) -> StreamingResponse:
     """`_sse` for several choices: their chunks interleaved as they come, each with its index;
@@ -371,11 +385,8 @@ def _sse_choices(firsts: list[Chunk], streams: list[AsyncIterator[Chunk]], shape
                 got = [await queue.get()]
                 while not queue.empty():  # what else came meanwhile goes out in the same write
                     got.append(queue.get_nowait())
-        except APIError as e:
-            parts.append(sse_event(e.body()))
-        except Exception:  # a bug must still end the stream the way clients expect
-            log.exception("error in a stream")
-            parts.append(sse_event(error_body("Internal server error", "internal_error")))
+        except Exception as e:
+            parts.append(_error_event(e))
         finally:
             for t in tasks:
                 t.cancel()
@@ -385,8 +396,7 @@ def _sse_choices(firsts: list[Chunk], streams: list[AsyncIterator[Chunk]], shape
         parts.append(SSE_DONE)
         yield "".join(parts)
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _event_stream(body())
 
 
 def _sse(first: Chunk, rest: AsyncIterator[Chunk], shape: ResponseShape, prompt_tokens: int,
@@ -410,18 +420,14 @@ def _sse(first: Chunk, rest: AsyncIterator[Chunk], shape: ResponseShape, prompt_
                     yield "".join(parts)
                     parts = []
                 c = await rest.__anext__()
-        except APIError as e:
-            parts.append(sse_event(e.body()))
-        except Exception:  # a bug must still end the stream the way clients expect
-            log.exception("error in a stream")
-            parts.append(sse_event(error_body("Internal server error", "internal_error")))
+        except Exception as e:
+            parts.append(_error_event(e))
         finally:
             await rest.aclose()
         parts.append(SSE_DONE)
         yield "".join(parts)
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _event_stream(body())
 
 
 class _Families:

@@ -63,6 +63,12 @@ def _all_ints(v: list) -> bool:
     return set(map(type, v)) == {int}
 
 
+def _check_logprobs(k: Optional[int], what: str) -> Optional[int]:
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise ValueError(f"{what} must be between 0 and {MAX_LOGPROBS}, got {k}")
+    return k
+
+
 def _check_token_ids(ids: list[int], what: str) -> list[int]:
     if ids and min(ids) < 0:
         raise ValueError(f"{what} must be non-negative integers")
@@ -229,9 +235,7 @@ class ChatCompletionRequest(_OpenAIMixin):
     @field_validator("top_logprobs")
     @classmethod
     def _top_logprobs(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and not 0 <= v <= MAX_LOGPROBS:
-            raise ValueError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
-        return v
+        return _check_logprobs(v, "top_logprobs")
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -324,9 +328,7 @@ class CompletionRequest(_OpenAIMixin):
     @field_validator("logprobs")
     @classmethod
     def _logprobs(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and not 0 <= v <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
-        return v
+        return _check_logprobs(v, "logprobs")
 
     @property
     def num_logprobs(self) -> Optional[int]:
