@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L >"$OUT/gpus.txt" 2>&1
 case "${1:-}" in
     tests) timeout 560 python -m pytest -q tests/gpu -p no:cacheprovider --durations=10 2>&1 | tail -40 ;;
-    serving) timeout 580 python benchmarks/serving_gpu.py --out "$OUT/serving-h200.json" --logs "$OUT/logs" \
+    serving) timeout 580 python benchmarks/serving_gpu.py --out "$OUT/serving-h200.json" --logs "$OUT/logs" --profile "$OUT/profile" \
         2>&1 | tail -40 ;;
     fronts) timeout 580 python benchmarks/serving_gpu.py --serve-flags '--http-processes 4' \
         --out "$OUT/serving-h200-fronts4.json" --logs "$OUT/logs" 2>&1 | tail -40 ;;

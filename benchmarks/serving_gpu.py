@@ -19,8 +19,8 @@ On one GPU (or the CPU), on the same prompts and the same engine options:
 
 The model is the random bf16 Llama-3.2-1B shape of gpu_engine.py (on CPU: the demo model).
 HTTP clients are benchmarks/stream_client.py (raw HTTP in several processes). With
---profile DIR, py-spy (when installed) samples the router and every worker process during one
-extra colocated run and writes their collapsed stacks there.
+--profile DIR, py-spy (when installed) samples the router and every worker process during extra
+temperature-0 runs of each config and writes their collapsed stacks to DIR/<config>/.
 """
 from __future__ import annotations
 
@@ -198,23 +198,23 @@ def served(model: str, config: str, args, engine_flags: list[str], sets: "Prompt
         res["steady_out_tok_s"] = round(median([r["out_tok_s"] for r in steady]), 1)
         print(f"{config}: one client process {res['one_client_process_t0_out_tok_s']} tok/s; steady decode TPOT "
               f"{res['steady_tpot_ms']} ms", flush=True)
-        if args.profile and config == "colocated":
-            res["profile"] = profile(proc.pid, port, sets, args)
+        if args.profile:
+            res["profile"] = profile(proc.pid, port, sets, args, os.path.join(args.profile, config))
     finally:
         stop([proc])
     return res
 
 
-def profile(serve_pid: int, port: int, sets: "PromptSets", args) -> dict:
-    """py-spy on the router (the serve process) and each worker during one more temperature-0 run."""
+def profile(serve_pid: int, port: int, sets: "PromptSets", args, folder: str) -> dict:
+    """py-spy on the router (the serve process) and each worker during more temperature-0 runs."""
     spy = shutil.which("py-spy")
     if spy is None:
         return {"skipped": "py-spy is not installed"}
-    os.makedirs(args.profile, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     pids = {"router": serve_pid} | {f"worker-{p}": p for p in children_of(serve_pid)}
-    duration = max(3, int(2 * args.expect_run_s) + 2)
+    duration = max(8, int(4 * args.expect_run_s) + 2)
     spies = {name: subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(duration), "-r", "250", "-f", "raw",
-                                     "--nonblocking", "-o", os.path.join(args.profile, f"{name}.txt")],
+                                     "--nonblocking", "-o", os.path.join(folder, f"{name}.txt")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for name, pid in pids.items()}
     time.sleep(1.0)
@@ -254,7 +254,7 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.4,
                     help="per engine (two workers share the GPU in 1p1d)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--profile", default=None, help="folder for py-spy's collapsed stacks of a colocated run")
+    ap.add_argument("--profile", default=None, help="folder for py-spy's collapsed stacks, one subfolder per config")
     ap.add_argument("--logs", default=None, help="folder for the servers' logs (default: a temp folder)")
     args = ap.parse_args()
     q = args.quick
