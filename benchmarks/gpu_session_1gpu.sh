@@ -3,7 +3,8 @@
 # the 10-minute limit of a call; results and logs in $OUT, to copy into benchmarks/results):
 #
 #   bash benchmarks/gpu_session_1gpu.sh tests     # tests/gpu (those one GPU runs; logprobs under graphs)
-#   bash benchmarks/gpu_session_1gpu.sh serving   # serving_gpu.py: offline vs HTTP, colocated and 1P1D
+#   bash benchmarks/gpu_session_1gpu.sh serving   # serving_gpu.py: offline vs HTTP, colocated and 1P1D (its
+#                                                 # decode steps spaced 10 ms, 20 ms and not), colocated + 4 fronts
 #   bash benchmarks/gpu_session_1gpu.sh fronts    # the same with --http-processes 4 (is the router the limit?)
 #   bash benchmarks/gpu_session_1gpu.sh engine    # gpu_engine.py: decode MBU, prefill MFU at 1x2048
 #
@@ -21,8 +22,12 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L >"$OUT/gpus.txt" 2>&1
 case "${1:-}" in
     tests) timeout 560 python -m pytest -q tests/gpu -p no:cacheprovider --durations=10 2>&1 | tail -40 ;;
-    serving) timeout 580 python benchmarks/serving_gpu.py --out "$OUT/serving-h200.json" --logs "$OUT/logs" --profile "$OUT/profile" \
-        2>&1 | tail -40 ;;
+    serving) timeout 580 python benchmarks/serving_gpu.py --out "$OUT/serving-h200.json" --logs "$OUT/logs" \
+        --configs colocated,1p1d,1p1d-unpaced,1p1d-20ms,colocated-fronts4 \
+        --variant '1p1d-unpaced=1p1d:--shared-gpu-step-interval 0' \
+        --variant '1p1d-20ms=1p1d:--shared-gpu-step-interval 20' \
+        --variant 'colocated-fronts4=colocated:--http-processes 4' \
+        --profile "$OUT/profile" --profile-configs colocated,1p1d 2>&1 | tail -40 ;;
     fronts) timeout 580 python benchmarks/serving_gpu.py --serve-flags '--http-processes 4' \
         --out "$OUT/serving-h200-fronts4.json" --logs "$OUT/logs" 2>&1 | tail -40 ;;
     engine) timeout 580 python benchmarks/gpu_engine.py --skip throughput,transfer --out "$OUT/engine-h200.json" \

@@ -171,10 +171,11 @@ def children_of(pid: int) -> list[int]:
 
 def served(model: str, config: str, args, engine_flags: list[str], sets: "PromptSets") -> dict:
     port = free_port()
-    gpus = ["--prefill-gpus", "0", "--decode-gpus", "0"] if args.device == "cuda" and config == "1p1d" else []
+    base, flags = args.variants.get(config, (config, []))
+    gpus = ["--prefill-gpus", "0", "--decode-gpus", "0"] if args.device == "cuda" and base == "1p1d" else []
     proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", str(port),
-                             "--served-model-name", "bench", "--device", args.device, *CONFIGS[config], *gpus,
-                             *engine_flags, "--log-level", "WARNING"],
+                             "--served-model-name", "bench", "--device", args.device, *CONFIGS[base], *gpus,
+                             *engine_flags, *flags, "--log-level", "WARNING"],
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(args.logs, f"{config}.log"), "w"))
     res: dict = {}
     try:
@@ -198,7 +199,7 @@ def served(model: str, config: str, args, engine_flags: list[str], sets: "Prompt
         res["steady_out_tok_s"] = round(median([r["out_tok_s"] for r in steady]), 1)
         print(f"{config}: one client process {res['one_client_process_t0_out_tok_s']} tok/s; steady decode TPOT "
               f"{res['steady_tpot_ms']} ms", flush=True)
-        if args.profile:
+        if args.profile and config in args.profile_configs.split(","):
             res["profile"] = profile(proc.pid, port, sets, args, os.path.join(args.profile, config))
     finally:
         stop([proc])
@@ -245,7 +246,11 @@ def main() -> None:
     ap.add_argument("--temperatures", default="0,1")
     ap.add_argument("--warmup-runs", type=int, default=1,
                     help="untimed runs before the timed ones (offline: before each temperature's; HTTP: once)")
-    ap.add_argument("--configs", default="colocated,1p1d")
+    ap.add_argument("--configs", default="colocated,1p1d", help="configs to serve, in order: colocated, 1p1d, "
+                    "or a --variant's name")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=CONFIG:FLAGS",
+                    help="a config served with more `pdserve serve` flags, e.g. "
+                         "'1p1d-unpaced=1p1d:--shared-gpu-step-interval 0' (recorded in the result)")
     ap.add_argument("--serve-flags", default="", help="more flags for every `pdserve serve`, e.g. "
                     "'--http-processes 4' or '--stream-interval 4' (recorded in the result)")
     ap.add_argument("--client-processes", type=int, default=4)
@@ -255,6 +260,7 @@ def main() -> None:
                     help="per engine (two workers share the GPU in 1p1d)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--profile", default=None, help="folder for py-spy's collapsed stacks, one subfolder per config")
+    ap.add_argument("--profile-configs", default="colocated,1p1d", help="the configs --profile samples")
     ap.add_argument("--logs", default=None, help="folder for the servers' logs (default: a temp folder)")
     args = ap.parse_args()
     q = args.quick
@@ -263,6 +269,13 @@ def main() -> None:
     args.steady_len = args.steady_len or (32 if q else 512)
     args.repeats = args.repeats or (1 if q else 3)
     args.temperatures = [float(t) for t in args.temperatures.split(",")]
+    args.variants = {}
+    for v in args.variant:
+        name, _, rest = v.partition("=")
+        base, _, flags = rest.partition(":")
+        if not name or base not in CONFIGS:
+            ap.error(f"--variant {v!r}: expected NAME=CONFIG:FLAGS with CONFIG one of {', '.join(CONFIGS)}")
+        args.variants[name] = (base, flags.split())
     args.logs = args.logs or tempfile.mkdtemp(prefix="serving-logs-")
     os.makedirs(args.logs, exist_ok=True)
 
@@ -300,7 +313,8 @@ def main() -> None:
                                          "repeat, offline and over HTTP alike: run k of both sides has the same "
                                          "prompts), so the prefix cache (on, the default) finds nothing",
                               "steady": {"streams": len(steady_prompts), "prompt_len": 32, "output_len": args.steady_len}},
-                 "engine_options": engine_opts, "serve_flags": args.serve_flags, "repeats": args.repeats, "warmup_runs": args.warmup_runs, "client_processes": args.client_processes,
+                 "engine_options": engine_opts, "serve_flags": args.serve_flags,
+                 "variants": {k: f"{b} + {' '.join(f)}" for k, (b, f) in args.variants.items()}, "repeats": args.repeats, "warmup_runs": args.warmup_runs, "client_processes": args.client_processes,
                  "definition": "out_tok_s: output tokens / wall seconds from the first request sent to the last "
                                "byte; median of the repeats. tpot: (last event - first event) / (tokens - 1) per "
                                "stream, median over streams, then over runs. share: HTTP / offline."}

@@ -15,6 +15,9 @@ class WorkerSettings:
     kv_address: str = "tcp://127.0.0.1:0"   # decode: where to receive KV (port 0: any free port)
     kv_lease_s: float = 30.0            # prefill: how long a handed-off KV is held without an ACK
     kv_offer_early: bool = True         # prefill: offer KV when its last chunk is scheduled, not after
+    # decode: while a prefill worker on this GPU computes prompts, start a step at most this
+    # often (seconds; 0: never wait). decode_worker/pacing.py says why.
+    shared_gpu_step_interval_s: float = 0.01
     heartbeat_s: float = 0.2
     register_timeout_s: float = 60.0
     engine: dict = field(default_factory=dict)   # engine.EngineConfig overrides
@@ -31,6 +34,8 @@ class WorkerSettings:
             raise ValueError("kv_lease_s and heartbeat_s must be positive")
         if self.shutdown_timeout_s < 0:
             raise ValueError("shutdown_timeout_s must not be negative")
+        if not 0 <= self.shared_gpu_step_interval_s <= 1:
+            raise ValueError("shared_gpu_step_interval_s must be between 0 and 1 second")
         if self.debug_step_delay_s < 0:
             raise ValueError("debug_step_delay_s must not be negative")
         if not self.worker_id:

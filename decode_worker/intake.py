@@ -25,12 +25,16 @@ from control.kv_staging import staging_for
 from engine import RequestRejected
 from kvtransfer import KVOffer, TransferStatus, blocks_needed, make_receiver
 
+from .pacing import StepPacer
+
 log = logging.getLogger(__name__)
 
 
 class KVIntake:
-    def __init__(self, worker, transfer_options: dict):
-        """`worker`: a WorkerLoop with `settings`, `engine`, `layout`, `keys` and `link`."""
+    def __init__(self, worker, transfer_options: dict, pacer: StepPacer | None = None):
+        """`worker`: a WorkerLoop with `settings`, `engine`, `layout`, `keys` and `link`;
+        `pacer`: told how long a prefill worker on this GPU stays busy (decode_worker/pacing.py)."""
+        self.pacer = pacer
         settings, keys = worker.settings, worker.keys
         options = dict(transfer_options)
         self._kv_ctx = self._zap = None
@@ -55,6 +59,8 @@ class KVIntake:
         """New offers in, ended transfers out, then reserve blocks for what fits."""
         for offer in self.receiver.poll_offers():
             self.offers[offer.request_id] = offer
+            if offer.same_device and self.pacer is not None and isinstance(offer.meta, dict):
+                self.pacer.neighbour_busy(offer.meta.get("busy_s"))
         for ev in self.receiver.poll():
             self._ended(ev)
         self._admit()

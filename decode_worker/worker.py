@@ -15,7 +15,8 @@ A request's path through this process:
       -> waiting for free blocks (FIFO, bounded by the offer's lease)
       -> blocks reserved, offer accepted, KV received into them
       -> running batch: one token per step; every step's new tokens go to the router in
-         one `Tokens` message
+         one `Tokens` message (steps spaced while a prefill worker on this GPU computes
+         prompts: decode_worker/pacing.py)
       -> finished (EOS, stop token, length) or aborted -> blocks freed
 
 An `Abort` from the router frees the request wherever it is: an offer is rejected, a
@@ -37,6 +38,7 @@ tells the router `Leaving`, which fails those requests at once rather than at a 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -52,6 +54,7 @@ from control.worker_settings import WorkerSettings
 from engine import LLMEngine
 
 from .intake import KVIntake
+from .pacing import StepPacer
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ class DecodeWorker(WorkerLoop):
         super().__init__(settings, engine, ctx)
         self.role = "both" if sender_side is not None else "decode"
         self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id, curve=self.keys)
-        self.intake = KVIntake(self, transfer_options or {})
+        self.pacer = StepPacer(settings.shared_gpu_step_interval_s)
+        self.intake = KVIntake(self, transfer_options or {}, self.pacer)
         self.handoff = sender_side(self, transfer_options or {}) if sender_side is not None else None
         self.watch(self.intake.receiver)
         if self.handoff:
@@ -90,12 +94,15 @@ class DecodeWorker(WorkerLoop):
 
     def run_once(self) -> None:
         # Never spin: an idle loop that polls without waiting starves the transfer thread of
-        # the GIL. The wait ends at once when an offer or a finished transfer is there to poll.
-        self.handle_messages(0 if self.engine.has_unfinished() else 5)
+        # the GIL. The wait ends at once when an offer or a finished transfer is there to poll,
+        # and lasts until the next step may start while a prefill worker on this GPU is busy.
+        busy = self.engine.has_unfinished()
+        self.handle_messages(math.ceil(self.pacer.hold() * 1000) if busy else 5)
         self.intake.poll()
-        if self.engine.has_unfinished():
+        if self.engine.has_unfinished() and self.pacer.hold() == 0:
             if self.settings.debug_step_delay_s:
                 time.sleep(self.settings.debug_step_delay_s)
+            self.pacer.stepping()
             outs = self.step_engine()
             for o in outs:
                 if o.finish_reason is not None:

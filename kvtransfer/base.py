@@ -172,6 +172,7 @@ class KVOffer:
     num_tokens: int
     meta: dict   # opaque msgpack-able payload from prefill: prompt ids, first token, sampling
     sender: str  # sender's name (from its HELLO)
+    same_device: bool = False  # the sender's cache is on this receiver's GPU (same_gpu.py)
 
 
 @dataclass

@@ -201,6 +201,10 @@ class ReceiverCore(_Endpoint, KVReceiver):
         """Hook: fields a backend adds to the HELLO_OK it answers ``hello`` with."""
         return {}
 
+    def _same_device(self, key: Hashable) -> bool:
+        """Hook: whether the sender behind `key` keeps its cache on this receiver's GPU."""
+        return False
+
     def _on_offer(self, key: Hashable, msg: dict, _: Payload) -> None:
         rid, xid = msg["rid"], msg["xid"]
         reason = None
@@ -220,7 +224,8 @@ class ReceiverCore(_Endpoint, KVReceiver):
                                  self._clock() + float(msg["lease_s"]) + self.lease_grace_s,
                                  kv_ready=msg.get("ready", True) is not False)
         with self._lock:
-            self._new[rid] = KVOffer(rid, msg["num_tokens"], msg["meta"], self._peers[key])
+            self._new[rid] = KVOffer(rid, msg["num_tokens"], msg["meta"], self._peers[key],
+                                     same_device=self._same_device(key))
             self._signal_locked()
 
     def _on_data(self, key: Hashable, msg: dict, payload: Payload) -> None:

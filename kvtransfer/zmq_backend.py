@@ -372,6 +372,9 @@ class ZmqKVReceiver(ReceiverCore):
                      hello["name"])
         return {"same_gpu": True}
 
+    def _same_device(self, key: Hashable) -> bool:
+        return key in self._mapped
+
     def _on_offer(self, key: Hashable, msg: dict, payload: Payload) -> None:
         remote = self._mapped.get(key)
         src = msg.get("src")

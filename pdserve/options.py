@@ -127,6 +127,9 @@ def add_worker_timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-offer", choices=("early", "late"), default="early",
                    help="prefill: offer a request's KV to its decode worker when its last prompt chunk is "
                         "scheduled (early: blocks are reserved while it is computed) or after the prefill")
+    p.add_argument("--shared-gpu-step-interval", type=float, default=10.0, metavar="MS",
+                   help="decode: while a prefill worker on the same GPU computes prompts, start a decode step "
+                        "at most every MS milliseconds, leaving it the GPU meanwhile (0: step as fast as possible)")
     p.add_argument("--heartbeat-interval", type=float, default=0.2,
                    help="seconds between heartbeats (load reports; a thread covers a busy loop)")
     p.add_argument("--debug-step-delay", type=float, default=0.0,
@@ -190,6 +193,7 @@ def worker_settings(args):
                           kv_address=getattr(args, "kv_address", "tcp://127.0.0.1:0"),
                           kv_lease_s=args.kv_lease, kv_offer_early=args.kv_offer == "early",
                           heartbeat_s=args.heartbeat_interval,
+                          shared_gpu_step_interval_s=args.shared_gpu_step_interval / 1000,
                           engine=engine_options(args),
                           curve_keys=args.curve_keys or os.environ.get("PDSERVE_CURVE_KEYS") or None,
                           insecure=args.insecure, debug_step_delay_s=args.debug_step_delay,

@@ -135,7 +135,7 @@ class KVHandOff:
                 # still holding slots is a request sent again before its last transfer's end was seen
                 return None
         try:
-            self.sender.offer(msg.decode_worker, rid, offered, _kv_tokens(msg), _offer_meta(msg),
+            self.sender.offer(msg.decode_worker, rid, offered, _kv_tokens(msg), _offer_meta(msg) | self._busy(),
                               lease_s=self.worker.settings.kv_lease_s, ready=False)
         except Exception as e:  # offered after the prefill instead, where a failure ends the request
             log.warning("early KV offer to %s failed: %s", msg.decode_worker, e, extra=for_request(rid))
@@ -190,7 +190,7 @@ class KVHandOff:
                     return False
                 seq_blocks = slots
             del self.targets[rid]
-            meta = _offer_meta(msg) | {"first_token": first_token}
+            meta = _offer_meta(msg) | self._busy() | {"first_token": first_token}
             self.sender.offer(msg.decode_worker, rid, seq_blocks, _kv_tokens(msg), meta,
                               lease_s=w.settings.kv_lease_s)
         except TPGroupError:
@@ -209,6 +209,14 @@ class KVHandOff:
         log.debug("first token sent, KV (%d blocks) offered to %s", len(seq_blocks), msg.decode_worker,
                   extra=for_request(rid))
         return True
+
+    def _busy(self) -> dict:
+        """For the offer: how long this worker will still compute prompts (seconds: the prompt
+        tokens it holds uncomputed, an early offer's own last chunk among them, at its measured
+        speed; nothing before a speed is measured).
+        A decode worker on the same GPU holds its steps meanwhile (decode_worker/pacing.py)."""
+        s = self.worker.prefill_backlog() * self.worker.prefill_s_per_token
+        return {"busy_s": round(s, 4)} if s > 0 else {}
 
     def _ended(self, ev) -> None:
         if self.staging is not None:
@@ -234,7 +242,8 @@ def _kv_tokens(msg: messages.Prefill) -> int:
 
 def _offer_meta(msg: messages.Prefill) -> dict:
     """The request as the decode worker needs it, riding on the offer (its first token comes
-    with the offer, or with the transfer's DONE when offered early)."""
+    with the offer, or with the transfer's DONE when offered early; `busy_s`, KVHandOff._busy,
+    is added)."""
     meta = {"prompt_token_ids": msg.prompt_token_ids, "params": messages.encode_params(msg.params)}
     if msg.output_token_ids:
         meta["output_token_ids"] = msg.output_token_ids
