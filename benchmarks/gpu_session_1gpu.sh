@@ -20,17 +20,19 @@ if [ -d .whl ]; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi -L >"$OUT/gpus.txt" 2>&1
+gpu=$(grep -o 'H[0-9]\+' "$OUT/gpus.txt" | head -1 | tr H h)  # h100, h200: the result files' suffix
+gpu=${gpu:-gpu}
 case "${1:-}" in
     tests) timeout 560 python -m pytest -q tests/gpu -p no:cacheprovider --durations=10 2>&1 | tail -40 ;;
-    serving) timeout 580 python benchmarks/serving_gpu.py --out "$OUT/serving-h200.json" --logs "$OUT/logs" \
+    serving) timeout 580 python benchmarks/serving_gpu.py --out "$OUT/serving-$gpu.json" --logs "$OUT/logs" \
         --configs colocated,1p1d,1p1d-unpaced,1p1d-20ms,colocated-fronts4 \
         --variant '1p1d-unpaced=1p1d:--shared-gpu-step-interval 0' \
         --variant '1p1d-20ms=1p1d:--shared-gpu-step-interval 20' \
         --variant 'colocated-fronts4=colocated:--http-processes 4' \
         --profile "$OUT/profile" --profile-configs colocated,1p1d 2>&1 | tail -40 ;;
     fronts) timeout 580 python benchmarks/serving_gpu.py --serve-flags '--http-processes 4' \
-        --out "$OUT/serving-h200-fronts4.json" --logs "$OUT/logs" 2>&1 | tail -40 ;;
-    engine) timeout 580 python benchmarks/gpu_engine.py --skip throughput,transfer --out "$OUT/engine-h200.json" \
+        --out "$OUT/serving-$gpu-fronts4.json" --logs "$OUT/logs" 2>&1 | tail -40 ;;
+    engine) timeout 580 python benchmarks/gpu_engine.py --skip throughput,transfer --out "$OUT/engine-$gpu.json" \
         2>&1 | tail -40 ;;
     *) echo "usage: $0 tests|serving|fronts|engine" >&2; exit 2 ;;
 esac
