@@ -60,7 +60,7 @@ class KVIntake:
         for offer in self.receiver.poll_offers():
             self.offers[offer.request_id] = offer
             if offer.same_device and self.pacer is not None and isinstance(offer.meta, dict):
-                self.pacer.neighbour_busy(offer.meta.get("busy_s"))
+                self.pacer.neighbour_busy(offer.sender, offer.meta.get("busy_s"))
         for ev in self.receiver.poll():
             self._ended(ev)
         self._admit()

@@ -31,14 +31,22 @@ class StepPacer:
             raise ValueError(f"the decode step interval on a shared GPU must be >= 0 seconds, not {interval_s}")
         self.interval_s = interval_s
         self.clock = clock
-        self.busy_until = 0.0   # the neighbour computes prompts until then (its estimate)
+        self.busy: dict[str, float] = {}  # sender on this GPU -> it computes prompts until then
+        self.busy_until = 0.0  # the latest of those
         self.last_step = -math.inf
 
-    def neighbour_busy(self, seconds) -> None:
-        """A KV offer from a sender on this GPU said it computes prompts for `seconds` more."""
-        if (self.interval_s > 0 and isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
-                and seconds > 0):
-            self.busy_until = max(self.busy_until, self.clock() + min(float(seconds), MAX_BUSY_S))
+    def neighbour_busy(self, sender: str, seconds) -> None:
+        """A KV offer from `sender`, on this GPU, said it computes prompts for `seconds` more
+        (anything but a positive number: it has none left). Its latest offer replaces what its
+        earlier ones said: a prefill worker whose requests were aborted stops holding steps here."""
+        if self.interval_s == 0:
+            return
+        ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0
+        if ok:
+            self.busy[sender] = self.clock() + min(float(seconds), MAX_BUSY_S)
+        else:
+            self.busy.pop(sender, None)
+        self.busy_until = max(self.busy.values(), default=0.0)
 
     def stepping(self) -> None:
         """A step starts now."""

@@ -37,7 +37,7 @@ def test_steps_are_spaced_only_while_the_neighbour_is_busy():
     p = StepPacer(0.010, clock)
     p.stepping()
     assert p.hold() == 0.0  # nobody said it is busy: step as fast as possible
-    p.neighbour_busy(0.5)
+    p.neighbour_busy("p0", 0.5)
     assert p.hold() == pytest.approx(0.010)
     clock.t += 0.004
     assert p.hold() == pytest.approx(0.006)
@@ -46,31 +46,36 @@ def test_steps_are_spaced_only_while_the_neighbour_is_busy():
     p.stepping()
     clock.t += 0.001
     assert p.hold() == pytest.approx(0.009)
-    p.neighbour_busy(0.002)  # a shorter estimate does not shorten the busy time already known
-    assert p.hold() == pytest.approx(0.009)
-    clock.t = 100.0 + 0.5 - 0.003  # the hold never reaches past the neighbour's reported end
+    p.neighbour_busy("p1", 0.5)  # another prefill worker on this GPU, busy a little longer
+    p.neighbour_busy("p0", 0.002)  # p0's newest estimate replaces its older one
+    assert p.busy_until == pytest.approx(100.511)
+    clock.t = p.busy_until - 0.003  # the hold never reaches past the neighbours' reported end
     p.stepping()
     assert p.hold() == pytest.approx(0.003)
-    clock.t = 100.5
+    clock.t = p.busy_until
     assert p.hold() == 0.0
+    clock.t = 100.3
+    p.neighbour_busy("p1", None)  # p1 has nothing left (p0's time has passed)
+    p.stepping()
+    assert p.hold() == 0.0 and p.busy_until < clock.t
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), True, "1", None, [1]])
 def test_a_bad_estimate_holds_nothing(bad):
     p = StepPacer(0.010, Clock())
     p.stepping()
-    p.neighbour_busy(bad)
+    p.neighbour_busy("p0", bad)
     assert p.hold() == 0.0
 
 
 def test_an_estimate_is_trusted_only_so_far_and_interval_0_never_holds():
     clock = Clock()
     p = StepPacer(0.010, clock)
-    p.neighbour_busy(float("inf"))
+    p.neighbour_busy("p0", float("inf"))
     assert p.busy_until == pytest.approx(clock.t + MAX_BUSY_S)
     off = StepPacer(0.0, clock)
     off.stepping()
-    off.neighbour_busy(1.0)
+    off.neighbour_busy("p0", 1.0)
     assert off.hold() == 0.0
     for bad in (-0.001, float("nan"), math.inf):
         with pytest.raises(ValueError):
