@@ -69,6 +69,7 @@ class DecodeWorker(WorkerLoop):
         self.role = "both" if sender_side is not None else "decode"
         self.link = RouterLink(self.ctx, settings.router_address, settings.worker_id, curve=self.keys)
         self.pacer = StepPacer(settings.shared_gpu_step_interval_s)
+        self._told_pacing = False  # logged the first time steps were held
         self.intake = KVIntake(self, transfer_options or {}, self.pacer)
         self.handoff = sender_side(self, transfer_options or {}) if sender_side is not None else None
         self.watch(self.intake.receiver)
@@ -96,8 +97,13 @@ class DecodeWorker(WorkerLoop):
         # Never spin: an idle loop that polls without waiting starves the transfer thread of
         # the GIL. The wait ends at once when an offer or a finished transfer is there to poll,
         # and lasts until the next step may start while a prefill worker on this GPU is busy.
-        busy = self.engine.has_unfinished()
-        self.handle_messages(math.ceil(self.pacer.hold() * 1000) if busy else 5)
+        hold = self.pacer.hold() if self.engine.has_unfinished() else None
+        if hold and not self._told_pacing:
+            self._told_pacing = True
+            log.info("%s: a prefill worker on this GPU is computing prompts: decode steps start at most every "
+                     "%.0f ms while it does (--shared-gpu-step-interval)", self.settings.worker_id,
+                     self.pacer.interval_s * 1000)
+        self.handle_messages(5 if hold is None else math.ceil(hold * 1000))
         self.intake.poll()
         if self.engine.has_unfinished() and self.pacer.hold() == 0:
             if self.settings.debug_step_delay_s:

@@ -1,5 +1,6 @@
 """A prefill and a decode worker sharing one GPU: the decode worker copies the KV straight out of the
-prefill worker's cache (kvtransfer/same_gpu.py, CUDA IPC), and the text equals transformers'."""
+prefill worker's cache (kvtransfer/same_gpu.py, CUDA IPC) and spaces its steps while the prefill
+worker computes prompts (decode_worker/pacing.py), and the text equals transformers'."""
 from __future__ import annotations
 
 import subprocess
@@ -20,6 +21,9 @@ def test_one_gpu_prefill_and_decode_worker_share_kv_on_the_gpu(demo_model):
     with tempfile.TemporaryFile("w+") as log:
         s = start_serve(demo_model, "--device", "cuda", "--dtype", "float32", "--prefill-gpus", "0",
                         "--decode-gpus", "0", "--gpu-memory-utilization", "0.2", "--kv-transport", "zmq",
+                        # a few prompts a prefill step: the decode worker decodes the first while the
+                        # prefill worker computes the rest
+                        "--max-num-batched-tokens", "64",
                         stdout=log, stderr=subprocess.STDOUT)
         try:
             tok = AutoTokenizer.from_pretrained(demo_model)
@@ -32,9 +36,9 @@ def test_one_gpu_prefill_and_decode_worker_share_kv_on_the_gpu(demo_model):
                                      "temperature": 0})
                 return r.json()["choices"][0]["message"]["content"]
 
-            with ThreadPoolExecutor(16) as pool:
-                got = list(pool.map(one, qs))
-            for q, text in zip(qs, got):
+            with ThreadPoolExecutor(16) as pool:  # twice: the first teaches the prefill worker its speed
+                got = list(pool.map(one, qs)) + list(pool.map(one, qs))
+            for q, text in zip(qs + qs, got):
                 ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}],
                                                          add_generation_prompt=True, tokenize=False),
                                  add_special_tokens=False)
@@ -46,3 +50,5 @@ def test_one_gpu_prefill_and_decode_worker_share_kv_on_the_gpu(demo_model):
         log.seek(0)
         out = log.read()
     assert "is on this GPU: its KV is copied straight out of its cache" in out, out[-3000:]
+    # 16 prompts at once: the decode worker spaced its steps while the prefill worker computed them
+    assert "a prefill worker on this GPU is computing prompts" in out, out[-3000:]
