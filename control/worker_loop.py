@@ -175,8 +175,7 @@ class WorkerLoop:
 
     def prefill_backlog(self) -> int:
         """Prompt tokens this engine holds and has not computed yet."""
-        sch = self.engine.scheduler
-        return sum(max(q.num_prompt_tokens - q.num_computed_tokens, 0) for q in list(sch.waiting) + sch.running)
+        return self.engine.uncomputed_prompt_tokens()
 
     def watch(self, endpoint) -> None:
         """Wake the loop's wait for router messages also when the KV endpoint has something to

@@ -252,6 +252,11 @@ class LLMEngine:
             self.pool.free(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, seq.finish_reason or "abort"
 
+    def uncomputed_prompt_tokens(self) -> int:
+        """Prompt tokens this engine holds and has not computed yet."""
+        sch = self.scheduler
+        return sum(max(q.num_prompt_tokens - q.num_computed_tokens, 0) for q in list(sch.waiting) + sch.running)
+
     def has_unfinished(self) -> bool:
         return self._in_flight is not None or self.scheduler.has_work()
 

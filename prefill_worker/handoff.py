@@ -215,7 +215,8 @@ class KVHandOff:
         tokens it holds uncomputed, an early offer's own last chunk among them, at its measured
         speed; nothing before a speed is measured).
         A decode worker on the same GPU holds its steps meanwhile (decode_worker/pacing.py)."""
-        s = self.worker.prefill_backlog() * self.worker.prefill_s_per_token
+        speed = getattr(self.worker, "prefill_s_per_token", 0.0)  # (a test's stand-in may not measure)
+        s = self.engine.uncomputed_prompt_tokens() * speed if speed > 0 else 0.0
         return {"busy_s": round(s, 4)} if s > 0 else {}
 
     def _ended(self, ev) -> None:

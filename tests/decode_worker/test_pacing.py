@@ -88,9 +88,7 @@ def worker(engine, path, wid, sent):
     settings = WorkerSettings(model=str(path), router_address="inproc://router", worker_id=wid,
                               kv_address="tcp://127.0.0.1:0")
     return SimpleNamespace(settings=settings, engine=engine, layout=full_layout(engine, str(path)), keys=None,
-                           ctx=None, link=SimpleNamespace(send=sent.append), prefill_s_per_token=0.0,
-                           prefill_backlog=lambda: sum(max(q.num_prompt_tokens - q.num_computed_tokens, 0)
-                                                       for q in list(engine.scheduler.waiting) + engine.scheduler.running))
+                           ctx=None, link=SimpleNamespace(send=sent.append), prefill_s_per_token=0.0)
 
 
 @pytest.mark.parametrize("same", [True, False])
