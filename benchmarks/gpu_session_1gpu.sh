@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_session_1gpu.sh tests     # tests/gpu (those one GPU runs; logprobs under graphs)
 #   bash benchmarks/gpu_session_1gpu.sh serving   # serving_gpu.py: offline vs HTTP, colocated and 1P1D (its
-#                                                 # decode steps spaced 10 ms, 20 ms and not), colocated + 4 fronts
+#                                                 # decode steps spaced 10 ms and not), colocated + 4 fronts
 #   bash benchmarks/gpu_session_1gpu.sh fronts    # the same with --http-processes 4 (is the router the limit?)
 #   bash benchmarks/gpu_session_1gpu.sh engine    # gpu_engine.py: decode MBU, prefill MFU at 1x2048
 #
@@ -25,11 +25,10 @@ gpu=${gpu:-gpu}
 case "${1:-}" in
     tests) timeout 560 python -m pytest -q tests/gpu -p no:cacheprovider --durations=10 2>&1 | tail -40 ;;
     serving) timeout 580 python benchmarks/serving_gpu.py --out "$OUT/serving-$gpu.json" --logs "$OUT/logs" \
-        --configs colocated,1p1d,1p1d-unpaced,1p1d-20ms,colocated-fronts4 \
+        --configs colocated,1p1d,1p1d-unpaced,colocated-fronts4 \
         --variant '1p1d-unpaced=1p1d:--shared-gpu-step-interval 0' \
-        --variant '1p1d-20ms=1p1d:--shared-gpu-step-interval 20' \
         --variant 'colocated-fronts4=colocated:--http-processes 4' \
-        --profile "$OUT/profile" --profile-configs colocated,1p1d 2>&1 | tail -40 ;;
+        --profile "$OUT/profile" --profile-configs colocated 2>&1 | tail -40 ;;
     fronts) timeout 580 python benchmarks/serving_gpu.py --serve-flags '--http-processes 4' \
         --out "$OUT/serving-$gpu-fronts4.json" --logs "$OUT/logs" 2>&1 | tail -40 ;;
     engine) timeout 580 python benchmarks/gpu_engine.py --skip throughput,transfer --out "$OUT/engine-$gpu.json" \
