@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_session_1gpu.sh engine    # gpu_engine.py: decode MBU, prefill MFU at 1x2048
 #
 # The device has no fastapi/uvicorn/pyzmq/openai: carry .whl (../shared/offline-wheels.sh, and
-# py-spy distro jiter sniffio httpx2 httpcore2 truststore openai) and set PDSERVE_COMMIT.
+# py-spy distro jiter sniffio httpx2 httpcore2 truststore openai uvloop httptools: a pip install of
+# pdserve brings uvloop and httptools, and the router is slower without them) and set PDSERVE_COMMIT.
 set -u
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"

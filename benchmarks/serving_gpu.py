@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -192,12 +193,13 @@ def served(model: str, config: str, args, engine_flags: list[str], sets: "Prompt
             print(f"{config} temperature {temp:g}: {res[f't{temp:g}']}", flush=True)
         one = [http_run(port, sets.run("one-client", r), args.output_len, 0, 1)
                for r in range(args.client_check_runs)]
-        res["one_client_process_t0_out_tok_s"] = round(median([r["out_tok_s"] for r in one]), 1)
+        if one:
+            res["one_client_process_t0_out_tok_s"] = round(median([r["out_tok_s"] for r in one]), 1)
         steady = [http_run(port, sets.steady(3 + r), args.steady_len, 0, args.client_processes)
                   for r in range(args.repeats)]
         res["steady_tpot_ms"] = round(median([r["tpot_ms"] for r in steady]), 3)
         res["steady_out_tok_s"] = round(median([r["out_tok_s"] for r in steady]), 1)
-        print(f"{config}: one client process {res['one_client_process_t0_out_tok_s']} tok/s; steady decode TPOT "
+        print(f"{config}: one client process {res.get('one_client_process_t0_out_tok_s', '-')} tok/s; steady decode TPOT "
               f"{res['steady_tpot_ms']} ms", flush=True)
         if args.profile and config in args.profile_configs.split(","):
             res["profile"] = profile(proc.pid, port, sets, args, os.path.join(args.profile, config))
@@ -314,7 +316,8 @@ def main() -> None:
                                          "prompts), so the prefix cache (on, the default) finds nothing",
                               "steady": {"streams": len(steady_prompts), "prompt_len": 32, "output_len": args.steady_len}},
                  "engine_options": engine_opts, "serve_flags": args.serve_flags,
-                 "variants": {k: f"{b} + {' '.join(f)}" for k, (b, f) in args.variants.items()}, "repeats": args.repeats, "warmup_runs": args.warmup_runs, "client_processes": args.client_processes,
+                 "variants": {k: f"{b} + {' '.join(f)}" for k, (b, f) in args.variants.items()},
+                 "router_c_modules": {m: importlib.util.find_spec(m) is not None for m in ("uvloop", "httptools")}, "repeats": args.repeats, "warmup_runs": args.warmup_runs, "client_processes": args.client_processes,
                  "definition": "out_tok_s: output tokens / wall seconds from the first request sent to the last "
                                "byte; median of the repeats. tpot: (last event - first event) / (tokens - 1) per "
                                "stream, median over streams, then over runs. share: HTTP / offline."}

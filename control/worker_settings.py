@@ -17,7 +17,7 @@ class WorkerSettings:
     kv_offer_early: bool = True         # prefill: offer KV when its last chunk is scheduled, not after
     # decode: while a prefill worker on this GPU computes prompts, start a step at most this
     # often (seconds; 0: never wait). decode_worker/pacing.py says why.
-    shared_gpu_step_interval_s: float = 0.01
+    shared_gpu_step_interval_s: float = 0.04
     heartbeat_s: float = 0.2
     register_timeout_s: float = 60.0
     engine: dict = field(default_factory=dict)   # engine.EngineConfig overrides

@@ -159,3 +159,21 @@ def test_serve_refuses_tensor_parallel_sizes_that_cannot_serve():
     with pytest.raises(Unusable, match="gives 2 GPU"):
         check_tensor_parallel(args(mode="disaggregated", prefill_workers=1, prefill_tensor_parallel_size=4,
                                    prefill_gpus="0,1"))
+
+
+def test_http_processes_auto_follows_the_cpus_and_bad_values_are_named(tmp_path, monkeypatch):
+    """auto: the router alone below 8 CPUs, else one front per 4 CPUs, at most 4; a number from a
+    flag or a config file is taken as given, anything else is refused with the option's name."""
+    for cpus, want in ((1, 1), (2, 1), (7, 1), (8, 2), (12, 3), (16, 4), (128, 4)):
+        monkeypatch.setattr(options.os, "sched_getaffinity", lambda _, n=cpus: set(range(n)), raising=False)
+        assert options.http_processes(parse(["router", "--model", "/m"]).http_processes) == want
+    assert options.http_processes(parse(["router", "--model", "/m", "--http-processes", "3"]).http_processes) == 3
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(SystemExit):
+            parse(["router", "--model", "/m", "--http-processes", bad])
+    f = tmp_path / "c.yaml"
+    f.write_text("http_processes: 2\n")
+    assert options.http_processes(parse(["serve", "--config", str(f), "--model", "/m"]).http_processes) == 2
+    for bad in (0, "lots", True, 1.5):
+        with pytest.raises(SystemExit, match="http_processes"):
+            options.http_processes(bad)
