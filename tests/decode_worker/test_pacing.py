@@ -22,6 +22,7 @@ from kvtransfer.same_gpu import InProcessShare
 from prefill_worker.handoff import KVHandOff
 from tests.engine.conftest import make_checkpoint
 from tests.engine.test_models import hf_greedy, prompts
+from tests.serving.test_tp_handoff_inproc import turn
 
 
 class Clock:
@@ -116,16 +117,7 @@ def test_offers_from_this_gpu_hold_the_decode_steps(tmp_path, same):
         deadline = time.monotonic() + 60
         while len(got) < len(ps) or dec.has_unfinished() or pre.seqs:
             assert time.monotonic() < deadline, (got, sent)
-            if pre.has_unfinished():
-                outs = pre.step()
-                for o in outs:
-                    got[o.request_id] = list(o.new_token_ids)
-                handoff.emit(outs)
-            handoff.poll()
-            intake.poll()
-            if dec.has_unfinished():
-                for o in dec.step():
-                    got[o.request_id] += o.new_token_ids
+            turn(pre, dec, handoff, intake, got)
         assert not sent, sent
         for i, p in enumerate(ps):
             assert got[f"r{i}"] == hf_greedy(hf, p, 5)

@@ -29,6 +29,21 @@ def worker(engine, path, wid, sent, early=True):
                            ctx=None, link=SimpleNamespace(send=sent.append))
 
 
+def turn(pre, dec, handoff, intake, got: dict) -> None:
+    """One pass of both workers' loops: a prefill step and its hand-offs, the transfers, a decode
+    step; each request's tokens gathered in `got` (its first from the prefill)."""
+    if pre.has_unfinished():
+        outs = pre.step()
+        for o in outs:
+            got[o.request_id] = list(o.new_token_ids)
+        handoff.emit(outs)
+    handoff.poll()
+    intake.poll()
+    if dec.has_unfinished():
+        for o in dec.step():
+            got[o.request_id] += o.new_token_ids
+
+
 @pytest.mark.parametrize("p_tp,d_tp,early,async_", [(2, 1, True, False), (2, 1, True, True), (2, 1, False, False),
                                                    (2, 1, False, True), (1, 2, True, False), (1, 2, True, True)])
 def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monkeypatch, p_tp, d_tp, early, async_):
@@ -65,17 +80,8 @@ def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monke
             if "r0" in got and "r1" not in pre.seqs and "r1" not in got and not (handoff.staging and handoff.staging.held):
                 for i in range(1, len(ps)):  # then the rest at once, early where the staging has room
                     submit(i)
-            if pre.has_unfinished():
-                outs = pre.step()
-                for o in outs:
-                    got[o.request_id] = list(o.new_token_ids)
-                handoff.emit(outs)
-            handoff.poll()
-            intake.poll()
+            turn(pre, dec, handoff, intake, got)
             waited = max(waited, len(handoff.staging_wait) if p_tp > 1 else len(intake.offers))
-            if dec.has_unfinished():
-                for o in dec.step():
-                    got[o.request_id] += o.new_token_ids
         assert not sent, sent  # no Failed
         assert waited >= 2 or (early and p_tp > 1)  # hand-offs (P > 1) or offers (D > 1) waited for staging room
         if p_tp > 1:  # every request's slots filled once: offered early (fill) or late (export, which fills)
