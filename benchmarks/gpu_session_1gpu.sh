@@ -3,8 +3,8 @@
 # the 10-minute limit of a call; results and logs in $OUT, to copy into benchmarks/results):
 #
 #   bash benchmarks/gpu_session_1gpu.sh tests     # tests/gpu (those one GPU runs; logprobs under graphs)
-#   bash benchmarks/gpu_session_1gpu.sh serving   # serving_gpu.py: offline vs HTTP, colocated and 1P1D (its
-#                                                 # decode steps spaced 10 ms and not), colocated + 4 fronts
+#   bash benchmarks/gpu_session_1gpu.sh serving   # serving_gpu.py: offline vs HTTP at the defaults (colocated,
+#                                                 # 1P1D), 1P1D unspaced, colocated with the router alone
 #   bash benchmarks/gpu_session_1gpu.sh fronts    # the same with --http-processes 4 (is the router the limit?)
 #   bash benchmarks/gpu_session_1gpu.sh engine    # gpu_engine.py: decode MBU, prefill MFU at 1x2048
 #
@@ -26,9 +26,9 @@ gpu=${gpu:-gpu}
 case "${1:-}" in
     tests) timeout 560 python -m pytest -q tests/gpu -p no:cacheprovider --durations=10 2>&1 | tail -40 ;;
     serving) timeout 580 python benchmarks/serving_gpu.py --out "$OUT/serving-$gpu.json" --logs "$OUT/logs" \
-        --configs colocated,1p1d,1p1d-unpaced,colocated-fronts4 \
+        --configs colocated,1p1d,1p1d-unpaced,colocated-router-alone \
         --variant '1p1d-unpaced=1p1d:--shared-gpu-step-interval 0' \
-        --variant 'colocated-fronts4=colocated:--http-processes 4' \
+        --variant 'colocated-router-alone=colocated:--http-processes 1' \
         --profile "$OUT/profile" --profile-configs colocated 2>&1 | tail -40 ;;
     fronts) timeout 580 python benchmarks/serving_gpu.py --serve-flags '--http-processes 4' \
         --out "$OUT/serving-$gpu-fronts4.json" --logs "$OUT/logs" 2>&1 | tail -40 ;;
