@@ -44,6 +44,15 @@ SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 # list of OpenAI-style parts (only the text parts are rendered) or null (e.g. an assistant
 # turn that only carries tool calls). Every role, `tool` included, gets its own turn.
 CHAT_TEMPLATE = (
+    # Tools (OpenAI function schemas), when given, go first in a system turn of their own, and an
+    # assistant's tool calls follow its text in <tool_call> tags: the Hermes/Qwen2.5 convention.
+    # A conversation without tools renders as plain ChatML.
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n# Tools\\n\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with the function name and "
+    "arguments within <tool_call></tool_call> tags.<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string %}"
@@ -51,6 +60,14 @@ CHAT_TEMPLATE = (
     "{%- elif message['content'] is not none %}"
     "{%- for part in message['content'] %}"
     "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+    "{%- if fn['arguments'] is string %}{{- fn['arguments'] }}{%- else %}{{- fn['arguments'] | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
     "{%- endfor %}"
     "{%- endif %}"
     "{{- '<|im_end|>\\n' }}"

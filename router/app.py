@@ -130,7 +130,8 @@ class Router:
 
     def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(req.chat_messages(), add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(req.chat_messages(), tools=req.template_tools(),
+                                                      add_generation_prompt=True, tokenize=False)
         except Exception as e:  # a template may reject a message sequence (roles out of order, ...)
             raise APIError(f"the chat template rejected the messages: {e}", 400, param="messages") from None
         # The template writes any BOS itself; encoding must not add another.

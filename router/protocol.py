@@ -12,6 +12,7 @@ Responses are spelled by ``router.responses``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -84,11 +85,35 @@ class TextContentPart(_Model):
     text: str
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: Union[str, dict[str, Any]] = "{}"   # JSON text, as OpenAI sends it (an object: taken as is)
+
+
+class ToolCall(_Model):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(_Model):
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class ToolSpec(_Model):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     # None is allowed because clients replay assistant turns that only carried tool calls.
     content: Union[str, list[TextContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None   # an assistant turn replayed with its calls
+    tool_call_id: Optional[str] = None            # a tool turn: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -222,6 +247,18 @@ class ChatCompletionRequest(_OpenAIMixin):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[ToolSpec]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_forced_calls(cls, v):
+        # The tools reach the model through the chat template, and what it writes comes back as
+        # text: a call it must make (or must make to one function) needs guided decoding.
+        if v == "required" or isinstance(v, dict):
+            what = "'required'" if v == "required" else "a named function"
+            raise ValueError(f"tool_choice {what} is not supported (no guided decoding); 'auto' or 'none'")
+        return v
 
     @field_validator("response_format")
     @classmethod
@@ -256,19 +293,45 @@ class ChatCompletionRequest(_OpenAIMixin):
         """
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        """Messages as plain ``{"role", "content"[, "name"]}`` dicts for ``apply_chat_template``.
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """Messages as plain ``{"role", "content"[, "name", "tool_calls", "tool_call_id"]}`` dicts
+        for ``apply_chat_template``.
 
         ``developer`` is mapped to ``system``: it is OpenAI's new name for the same thing and
-        most chat templates only know ``system``.
+        most chat templates only know ``system``. A tool call's arguments (JSON text) go to the
+        template as the object they encode, as chat templates expect (text that is not a JSON
+        object stays text).
         """
         out = []
         for m in self.messages:
-            d = {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+            d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text}
             if m.name is not None:
                 d["name"] = m.name
+            if m.tool_calls:
+                d["tool_calls"] = [{"id": c.id, "type": c.type,
+                                    "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                   for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
             out.append(d)
         return out
+
+    def template_tools(self) -> Optional[list[dict[str, Any]]]:
+        """The tools for the chat template (None without tools, or with tool_choice 'none': the
+        model is not to call any, so it is not told of them)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+def _arguments(text: Union[str, dict[str, Any]]) -> Any:
+    if isinstance(text, dict):
+        return text
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return text
+    return v if isinstance(v, dict) else text
 
 
 class CompletionRequest(_OpenAIMixin):

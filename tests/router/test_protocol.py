@@ -42,7 +42,8 @@ def test_chat_all_fields_and_extras():
             {"role": "developer", "content": "Be brief."},
             {"role": "system", "content": "sys"},
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "bob"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "x", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
             {"role": "tool", "content": "42", "tool_call_id": "x"},
         ],
         max_tokens=5,
@@ -60,7 +61,7 @@ def test_chat_all_fields_and_extras():
         presence_penalty=0.5,
         frequency_penalty=-1,
         logprobs=False,
-        tools=[{"type": "function"}],
+        tools=[{"type": "function", "function": {"name": "f"}}],
         response_format={"type": "text"},
         some_future_field={"x": 1},
     )
@@ -70,8 +71,9 @@ def test_chat_all_fields_and_extras():
         {"role": "system", "content": "Be brief."},
         {"role": "system", "content": "sys"},
         {"role": "user", "content": "a\nb", "name": "bob"},
-        {"role": "assistant", "content": ""},
-        {"role": "tool", "content": "42"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"id": "x", "type": "function", "function": {"name": "f", "arguments": {}}}]},
+        {"role": "tool", "content": "42", "tool_call_id": "x"},
     ]
     assert r.sampling_fields().as_dict() == {
         "max_tokens": 7,
@@ -351,3 +353,38 @@ def test_logprobs_fields():
 def test_min_tokens_reaches_the_workers_params():
     assert chat(min_tokens=3).sampling_fields().min_tokens == 3
     assert "min_tokens" in chat_error(min_tokens=-1)
+
+
+# ------------------------------------------------------------------ tools
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                                            "strict": True}}
+
+
+def test_tools_reach_the_template_and_forced_calls_are_refused():
+    r = chat(tools=[WEATHER])
+    spec = {k: v for k, v in WEATHER["function"].items() if k != "strict"}  # (not a template's business)
+    assert r.template_tools() == [{"type": "function", "function": spec}]
+    assert chat(tools=[WEATHER], tool_choice="auto").template_tools() == r.template_tools()
+    assert chat(tools=[WEATHER], tool_choice="none").template_tools() is None   # not to be called: not shown
+    assert chat().template_tools() is None
+    assert "'required' is not supported" in chat_error(tools=[WEATHER], tool_choice="required")
+    assert "a named function is not supported" in chat_error(
+        tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    for bad in ([{"type": "web_search"}], [{"type": "function", "function": {"name": ""}}], [{"function": {}}], "x"):
+        chat_error(tools=bad)
+
+
+def test_a_replayed_tool_call_reaches_the_template_with_its_arguments_as_an_object():
+    msgs = USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    got = chat(messages=msgs).chat_messages()
+    assert got[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]}
+    assert got[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
+    assert "tool_calls" not in got[0] and "tool_call_id" not in got[0]

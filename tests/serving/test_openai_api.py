@@ -357,3 +357,37 @@ def test_echo_with_prompt_logprobs_equals_transformers(server, reference):
     assert text == prompt + reference.text(ref)
     with pytest.raises(openai.BadRequestError, match="max_tokens 0 needs echo"):
         c.completions.create(model="demo", prompt=prompt, max_tokens=0)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+
+
+def test_tools_are_rendered_by_the_chat_template_as_transformers_does(server, reference):
+    """The tools and a replayed tool call reach the model as transformers' apply_chat_template(tools=...)
+    renders them (the usage counts the prompt tokens; greedy text equals transformers'); a forced
+    call is refused (no guided decoding), and tool_choice 'none' hides the tools."""
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"}]
+    templ = [msgs[0], {**msgs[1], "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "c1"}]
+    text = reference.tok.apply_chat_template(templ, tools=[WEATHER], add_generation_prompt=True, tokenize=False)
+    assert "<tools>" in text and '"arguments": {"city": "Paris"}' in text   # (the demo template renders both)
+    ids = reference.tok.encode(text, add_special_tokens=False)
+    ref = reference.greedy(ids, 12)
+    c = client(server)
+    r = c.chat.completions.create(model="demo", messages=msgs, tools=[WEATHER], max_tokens=12, temperature=0)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == reference.text(ref)
+
+    plain = reference.chat_ids([msgs[0]])
+    r = c.chat.completions.create(model="demo", messages=[msgs[0]], tools=[WEATHER], tool_choice="none", max_tokens=2)
+    assert r.usage.prompt_tokens == len(plain)
+    with pytest.raises(openai.BadRequestError) as ei:
+        c.chat.completions.create(model="demo", messages=[msgs[0]], tools=[WEATHER], tool_choice="required",
+                                  max_tokens=2)
+    assert ei.value.body["param"] == "tool_choice" and "guided decoding" in ei.value.body["message"]
