@@ -44,6 +44,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .registry import WorkerRegistry
 from .responses import SSE_DONE, ChatCompletionShape, ResponseShape, TextCompletionShape, sse_event, usage_dict
 from .settings import RouterSettings
+from .tool_calls import HermesToolCalls, parser_for
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class Router:
         self.settings = settings
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(settings.model)
         self.texts = TokenTexts(self.tokenizer)  # token ids as logprobs show them
+        # how the chat template writes tool calls (None: the text is left as it is)
+        self.tool_parser = parser_for(getattr(self.tokenizer, "chat_template", None))
         cfg = AutoConfig.from_pretrained(settings.model)
         self.vocab_size = cfg.vocab_size
         self.config_max_len = settings.max_model_len or cfg.max_position_embeddings
@@ -237,12 +240,13 @@ async def _until_finish(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
 
 def _whole(got: list[Chunk], writer) -> tuple:
     """A finished choice's chunks as `ResponseShape.whole_choices` takes it: (text, finish
-    reason, logprobs object or None)."""
+    reason, logprobs object or None[, tool calls])."""
     lps = None
     if writer is not None:  # (a chunk whose logprobs were lost: None per token)
         lps = writer([t for c in got for t in c.token_ids],
                      [e for c in got for e in (c.logprobs if c.logprobs is not None else [None] * len(c.token_ids))])
-    return "".join(c.text for c in got), got[-1].finish_reason, lps
+    calls = [t for c in got for t in (c.tool_calls or ())]
+    return "".join(c.text for c in got), got[-1].finish_reason, lps, *([calls] if calls else [])
 
 
 async def _each(request: Request, streams: list[AsyncIterator[Chunk]], fn, close: bool) -> list:
@@ -306,6 +310,25 @@ async def _echoed(chunks: AsyncIterator[Chunk], text: str, prompt: list[int], lo
         await chunks.aclose()
 
 
+async def _with_tool_calls(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    """A chat choice whose tool calls leave as calls, not text (router/tool_calls.py); a request
+    that made any and ended on a stop (EOS, a stop string) finishes with "tool_calls"."""
+    parser = HermesToolCalls()
+    try:
+        async for c in chunks:
+            text, calls = parser.feed(c.text)
+            reason = c.finish_reason
+            if reason is not None:
+                text += parser.finish()
+                if reason == "stop" and (calls or parser.count):
+                    reason = "tool_calls"
+            yield dataclasses.replace(c, text=text, finish_reason=reason, tool_calls=calls or None)
+            if reason is not None:
+                return
+    finally:
+        await chunks.aclose()
+
+
 def _plain_logprobs(c: Chunk) -> list:
     """/generate's logprobs of a chunk's tokens, as the workers give them (finite; null where lost)."""
     if c.logprobs is None:
@@ -314,12 +337,17 @@ def _plain_logprobs(c: Chunk) -> list:
 
 
 def _text_event(shape: ResponseShape, c: Chunk, index: int, writer) -> str | None:
-    """The SSE event of a chunk's text (and its tokens' logprobs when asked for), or None when it
-    has neither."""
+    """The SSE events of a chunk's text (and its tokens' logprobs when asked for) and of the tool
+    calls it completed, or None when it has none of these."""
     if writer is not None and c.token_ids:
         lps = c.logprobs if c.logprobs is not None else [None] * len(c.token_ids)
-        return sse_event(shape.chunk(c.text, index=index, logprobs=writer(c.token_ids, lps)))
-    return shape.text_event(c.text, index) if c.text else None
+        ev = sse_event(shape.chunk(c.text, index=index, logprobs=writer(c.token_ids, lps)))
+    else:
+        ev = shape.text_event(c.text, index) if c.text else None
+    if c.tool_calls:
+        calls = sse_event(shape.tool_calls_chunk(c.tool_calls, index))
+        ev = calls if ev is None else ev + calls
+    return ev
 
 
 def _error_event(e: Exception) -> str:
@@ -519,10 +547,11 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
 
     async def openai_response(request: Request, prompts: list[list[int]], params: list[SamplingParams],
                               req: P.CompletionRequest | P.ChatCompletionRequest, stops: list[str],
-                              shape: ResponseShape, echo: list[str] | None = None):
+                              shape: ResponseShape, echo: list[str] | None = None, tool_calls: bool = False):
         """A chat or text completion, whole or as SSE; `shape` builds the endpoint's objects.
         Several choices (n > 1, a batch of prompts) run as requests of their own, at once.
-        `echo`: each prompt's text, to come first in its choices."""
+        `echo`: each prompt's text, to come first in its choices. `tool_calls`: the model's tool
+        calls leave as calls (router/tool_calls.py)."""
         choices, tokens = len(prompts) * req.n, req.n * sum(map(len, prompts))
         if choices > 1 and (choices > settings.max_queued_requests or tokens > settings.max_queued_tokens):
             # each choice is admitted on its own: these would be refused as overloaded forever
@@ -535,6 +564,8 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
             shared = [asyncio.get_running_loop().create_future() if lp and n > 1 else None for _ in prompts]
             streams = [_echoed(s, echo[k // n], prompts[k // n], lp, zero, shared[k // n], k % n == 0)
                        for k, s in enumerate(streams)]
+        if tool_calls:
+            streams = [_with_tool_calls(s) for s in streams]
         prompt_tokens = sum(map(len, prompts))
         # one logprobs writer per choice, when asked for (the text offsets of completions go on)
         writers = [shape.logprobs_writer(router.texts) for _ in streams] if params[0].logprobs is not None else None
@@ -562,7 +593,8 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
         prompt = router.chat_prompt(req)
         fields = req.sampling_fields()
         return await openai_response(request, [prompt], [router.params(fields, prompt, "messages")], req,
-                                     fields.stop_strings, ChatCompletionShape(settings.served_model_name))
+                                     fields.stop_strings, ChatCompletionShape(settings.served_model_name),
+                                     tool_calls=router.tool_parser is not None and req.template_tools() is not None)
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):

@@ -42,6 +42,8 @@ class Chunk:
     logprobs: list | None = None
     # the first chunk, when the request asked for the prompt's logprobs: an entry per prompt token
     prompt_logprobs: list | None = None
+    # tool calls completed in this chunk's text (router/tool_calls.py), OpenAI's shape plus "index"
+    tool_calls: list | None = None
 
 
 def _merge_tokens(state: RequestState, evs: list[Event], alone: bool = False) -> Event:

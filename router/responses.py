@@ -64,9 +64,9 @@ class ResponseShape(ABC):
         return self.whole_choices([(text, finish_reason)], usage)
 
     def whole_choices(self, choices: list[tuple], usage: dict[str, int]) -> dict[str, Any]:
-        """The non-streamed response of several choices ((text, finish reason[, logprobs object])
-        in index order)."""
-        return self._object(self.object, [self._choice(self._whole_content(c[0]), c[1], i, *c[2:])
+        """The non-streamed response of several choices ((text, finish reason[, logprobs object[,
+        tool calls]]) in index order)."""
+        return self._object(self.object, [self._choice(self._whole_content(c[0], *c[3:4]), c[1], i, *c[2:3])
                                           for i, c in enumerate(choices)], usage)
 
     def chunk(self, text: Optional[str] = None, finish_reason: Optional[FinishReason] = None,
@@ -104,9 +104,13 @@ class ResponseShape(ABC):
         """The chunks that open choice `index`'s stream, before any text."""
         return []
 
+    def tool_calls_chunk(self, calls: list[dict[str, Any]], index: int = 0) -> dict[str, Any]:
+        """A streamed chunk of tool calls (chat only: router/tool_calls.py)."""
+        raise NotImplementedError(f"{type(self).__name__} has no tool calls")
+
     @abstractmethod
-    def _whole_content(self, text: str) -> dict[str, Any]:
-        """The text as the non-streamed choice carries it (one key)."""
+    def _whole_content(self, text: str, tool_calls: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+        """The text (and tool calls) as the non-streamed choice carries it (one key)."""
 
     @abstractmethod
     def _chunk_content(self, text: Optional[str]) -> dict[str, Any]:
@@ -143,8 +147,15 @@ class ChatCompletionShape(ResponseShape):
         delta = {"delta": {"role": "assistant", "content": ""}}
         return [self._object(self.chunk_object, [self._choice(delta, None, index)])]
 
-    def _whole_content(self, text: str) -> dict[str, Any]:
-        return {"message": {"role": "assistant", "content": text}}
+    def _whole_content(self, text: str, tool_calls: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+        if not tool_calls:
+            return {"message": {"role": "assistant", "content": text}}
+        # beside tool calls, content is null unless the model wrote more than whitespace
+        return {"message": {"role": "assistant", "content": text if text.strip() else None,
+                            "tool_calls": [{k: v for k, v in t.items() if k != "index"} for t in tool_calls]}}
+
+    def tool_calls_chunk(self, calls: list[dict[str, Any]], index: int = 0) -> dict[str, Any]:
+        return self._object(self.chunk_object, [self._choice({"delta": {"tool_calls": calls}}, None, index)])
 
     def logprobs_writer(self, texts: TokenTexts) -> Callable[[list[int], list], dict[str, Any]]:
         return lambda ids, lps: chat_logprobs(texts, ids, lps)
@@ -161,7 +172,7 @@ class TextCompletionShape(ResponseShape):
     chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def _whole_content(self, text: str) -> dict[str, Any]:
+    def _whole_content(self, text: str, tool_calls: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
         return {"text": text}
 
     def logprobs_writer(self, texts: TokenTexts) -> Callable[[list[int], list], dict[str, Any]]:
