@@ -85,17 +85,6 @@ class TextContentPart(_Model):
     text: str
 
 
-class FunctionCall(_Model):
-    name: str
-    arguments: Union[str, dict[str, Any]] = "{}"   # JSON text, as OpenAI sends it (an object: taken as is)
-
-
-class ToolCall(_Model):
-    id: Optional[str] = None
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class FunctionSpec(_Model):
     name: str = Field(min_length=1)
     description: Optional[str] = None
@@ -112,7 +101,8 @@ class ChatMessage(_Model):
     # None is allowed because clients replay assistant turns that only carried tool calls.
     content: Union[str, list[TextContentPart], None] = None
     name: Optional[str] = None
-    tool_calls: Optional[list[ToolCall]] = None   # an assistant turn replayed with its calls
+    # an assistant turn replayed with its calls (function calls, or other kinds: passed on as they are)
+    tool_calls: Optional[list[dict[str, Any]]] = None
     tool_call_id: Optional[str] = None            # a tool turn: the call it answers
 
     @field_validator("content", mode="before")
@@ -308,9 +298,7 @@ class ChatCompletionRequest(_OpenAIMixin):
             if m.name is not None:
                 d["name"] = m.name
             if m.tool_calls:
-                d["tool_calls"] = [{"id": c.id, "type": c.type,
-                                    "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
-                                   for c in m.tool_calls]
+                d["tool_calls"] = [_template_call(c) for c in m.tool_calls]
             if m.tool_call_id is not None:
                 d["tool_call_id"] = m.tool_call_id
             out.append(d)
@@ -324,14 +312,17 @@ class ChatCompletionRequest(_OpenAIMixin):
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
-def _arguments(text: Union[str, dict[str, Any]]) -> Any:
-    if isinstance(text, dict):
-        return text
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A replayed tool call for the chat template: a function call's arguments (JSON text) as the
+    object they encode; anything else as it came."""
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
     try:
-        v = json.loads(text)
+        v = json.loads(fn["arguments"])
     except ValueError:
-        return text
-    return v if isinstance(v, dict) else text
+        return call
+    return {**call, "function": {**fn, "arguments": v}} if isinstance(v, dict) else call
 
 
 class CompletionRequest(_OpenAIMixin):

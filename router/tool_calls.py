@@ -20,9 +20,14 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
 def parser_for(chat_template: Any) -> Optional[str]:
-    """The tool-call convention of a tokenizer's chat template ("hermes"), or None."""
+    """The tool-call convention of a tokenizer's chat template ("hermes"), or None (the XML-style
+    calls some templates put between the same tags, `<function=...>`, are not parsed)."""
     text = chat_template if isinstance(chat_template, str) else json.dumps(chat_template) if chat_template else ""
-    return "hermes" if OPEN in text else None
+    return "hermes" if OPEN in text and "<function=" not in text else None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _held(text: str, tag: str) -> int:
@@ -35,15 +40,15 @@ def _held(text: str, tag: str) -> int:
 
 def _call(body: str, index: int) -> Optional[dict[str, Any]]:
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_no_constant)   # (NaN, Infinity: not JSON for clients)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):  # some models write the arguments as JSON text already
+    if isinstance(args, str):  # some models write the arguments as JSON text already ("": none)
         try:
-            args = json.loads(args)
+            args = json.loads(args, parse_constant=_no_constant) if args.strip() else {}
         except ValueError:
             return None
     if not isinstance(args, dict):

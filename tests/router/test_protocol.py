@@ -388,3 +388,7 @@ def test_a_replayed_tool_call_reaches_the_template_with_its_arguments_as_an_obje
         {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]}
     assert got[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
     assert "tool_calls" not in got[0] and "tool_call_id" not in got[0]
+    # other kinds of calls (and calls without a function) go to the template as they came
+    other = [{"id": "x"}, {"id": "y", "type": "custom", "custom": {"name": "f", "input": "z"}}]
+    assert chat(messages=USER + [{"role": "assistant", "content": None, "tool_calls": other}]).chat_messages()[1][
+        "tool_calls"] == other

@@ -46,6 +46,9 @@ def test_what_is_not_a_call_stays_text():
                   '<tool_call>["x"]</tool_call>', '<tool_call>{"name": "f", "arguments": 3}</tool_call>',
                   '<tool_call>{"name": "f", "arguments": {"a"'):   # cut off (max_tokens)
         assert run(["a", block, "b" if block.endswith(">") else ""]) == ("a" + block + ("b" if block.endswith(">") else ""), [])
+    nan = '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'   # not JSON to a client
+    assert run([nan]) == (nan, [])
+    assert run(['<tool_call>{"name": "f", "arguments": ""}</tool_call>'])[1][0]["function"]["arguments"] == "{}"
     text, calls = run(['<tool_call>{"name": "f", "parameters": {"x": 1}}</tool_call>'])
     assert text == "" and json.loads(calls[0]["function"]["arguments"]) == {"x": 1}
     assert run(['<tool_call>{"name": "f"}</tool_call>'])[1][0]["function"]["arguments"] == "{}"
@@ -55,6 +58,7 @@ def test_parser_follows_the_chat_template():
     assert parser_for("... {{- '<tool_call>' }} ...") == "hermes"
     assert parser_for("{{ messages }}") is None and parser_for(None) is None
     assert parser_for({"default": "x", "tool_use": "<tool_call>"}) == "hermes"
+    assert parser_for("<tool_call>\n<function=example_function_name>") is None   # XML-style: not these
 
 
 async def _chunks(pieces: list[str], reason: str):
