@@ -41,7 +41,7 @@ def _held(text: str, tag: str) -> int:
 def _call(body: str, index: int) -> Optional[dict[str, Any]]:
     try:
         obj = json.loads(body, parse_constant=_no_constant)   # (NaN, Infinity: not JSON for clients)
-    except ValueError:
+    except (ValueError, RecursionError):  # (a model can nest brackets past the parser's depth)
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
@@ -49,7 +49,7 @@ def _call(body: str, index: int) -> Optional[dict[str, Any]]:
     if isinstance(args, str):  # some models write the arguments as JSON text already ("": none)
         try:
             args = json.loads(args, parse_constant=_no_constant) if args.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None

@@ -48,6 +48,8 @@ def test_what_is_not_a_call_stays_text():
         assert run(["a", block, "b" if block.endswith(">") else ""]) == ("a" + block + ("b" if block.endswith(">") else ""), [])
     nan = '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'   # not JSON to a client
     assert run([nan]) == (nan, [])
+    deep = "<tool_call>" + "[" * 100_000 + "</tool_call>"   # past json's recursion limit: text, no error
+    assert run([deep]) == (deep, [])
     assert run(['<tool_call>{"name": "f", "arguments": ""}</tool_call>'])[1][0]["function"]["arguments"] == "{}"
     text, calls = run(['<tool_call>{"name": "f", "parameters": {"x": 1}}</tool_call>'])
     assert text == "" and json.loads(calls[0]["function"]["arguments"]) == {"x": 1}
