@@ -320,7 +320,7 @@ async def _with_tool_calls(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]
             reason = c.finish_reason
             if reason is not None:
                 text += parser.finish()
-                if reason == "stop" and (calls or parser.count):
+                if reason == "stop" and parser.count:
                     reason = "tool_calls"
             yield dataclasses.replace(c, text=text, finish_reason=reason, tool_calls=calls or None)
             if reason is not None:
@@ -594,7 +594,7 @@ def create_app(settings: RouterSettings, tokenizer=None, front: tuple[str, str] 
         fields = req.sampling_fields()
         return await openai_response(request, [prompt], [router.params(fields, prompt, "messages")], req,
                                      fields.stop_strings, ChatCompletionShape(settings.served_model_name),
-                                     tool_calls=router.tool_parser is not None and req.template_tools() is not None)
+                                     tool_calls=router.tool_parser is not None and req.offers_tools)
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):

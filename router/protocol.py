@@ -304,12 +304,15 @@ class ChatCompletionRequest(_OpenAIMixin):
             out.append(d)
         return out
 
+    @property
+    def offers_tools(self) -> bool:
+        """Tools given, and not tool_choice 'none' (the model is not to call any, so it is not
+        told of them)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
     def template_tools(self) -> Optional[list[dict[str, Any]]]:
-        """The tools for the chat template (None without tools, or with tool_choice 'none': the
-        model is not to call any, so it is not told of them)."""
-        if not self.tools or self.tool_choice == "none":
-            return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
+        """The tools for the chat template (None unless `offers_tools`)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.offers_tools else None
 
 
 def _template_call(call: dict[str, Any]) -> dict[str, Any]:
