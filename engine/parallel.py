@@ -261,10 +261,27 @@ class TPGroup:
         return not self.killed and all(p.poll() is None for p in self.followers)
 
 
+def rank_threads(size: int, device: torch.device) -> int:
+    """torch threads for each rank of a group of `size`: what the process was told per rank
+    (`PDSERVE_TP_THREADS`: `pdserve` workers, whose `--threads` counts every rank's process
+    already), else, on the CPU, this process's threads split among the ranks (they share the
+    cores: two ranks of two threads each on two cores spin in every collective; measured on 2
+    cores, TP=4 tests took 52 s of CPU with the threads unsplit, 27 s split), else (GPUs, where
+    the host threads do little) this process's."""
+    told = int(os.environ.get("PDSERVE_TP_THREADS") or 0)
+    if told > 0:
+        return told
+    n = torch.get_num_threads()
+    return max(1, n // size) if device.type == "cpu" else n
+
+
 def launch(model: str, size: int, device: torch.device, dtype: torch.dtype, engine_cfg: dict,
            max_model_len: int) -> TPGroup:
     """Rank 0 of a new group: starts ranks 1..size-1 (`python -m engine.tp_rank`), each on
-    the next GPU where the device is CUDA, and connects to them."""
+    the next GPU where the device is CUDA, and connects to them. Each rank runs `rank_threads`
+    torch threads; rank 0 (this process) sets its own count to that too (its engine's close()
+    gives the process back its count: engine/llm_engine.py)."""
+    threads = rank_threads(size, device)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(size)
@@ -277,16 +294,18 @@ def launch(model: str, size: int, device: torch.device, dtype: torch.dtype, engi
                "--port", str(port), "--device", dev, "--dtype", str(dtype).removeprefix("torch."),
                "--max-model-len", str(max_model_len), "--engine", json.dumps(engine_cfg),
                "--parent", str(os.getpid())]
-        env = dict(os.environ, PYTHONPATH=_root_on_path(), PDSERVE_TP_THREADS=str(torch.get_num_threads()))
+        env = dict(os.environ, PYTHONPATH=_root_on_path(), PDSERVE_TP_THREADS=str(threads))
         followers.append(subprocess.Popen(cmd, env=env))
     try:
-        return TPGroup.connect(0, size, port, device, followers, listener)
+        group = TPGroup.connect(0, size, port, device, followers, listener)
     except Exception:
         for p in followers:
             p.kill()
             p.wait()
         listener.close()
         raise
+    torch.set_num_threads(threads)
+    return group
 
 
 def _root_on_path() -> str:

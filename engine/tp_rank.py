@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def follow(args) -> int:
     """A rank other than 0: build the same model shard, then run every step rank 0 sends."""
     device = torch.device(args.device)
-    torch.set_num_threads(max(1, int(os.environ.get("PDSERVE_TP_THREADS", torch.get_num_threads()))))
+    torch.set_num_threads(max(1, int(os.environ.get("PDSERVE_TP_THREADS") or torch.get_num_threads())))
     group = TPGroup.connect(args.rank, args.size, args.port, device)
     cfg = EngineConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in json.loads(args.engine).items()})
     runner = ModelRunner(ModelConfig.from_pretrained(args.model), cfg, device, resolve_dtype(args.dtype, device),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -93,6 +94,8 @@ def cmd_worker(args) -> int:
     _setup_logging(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+        # per process: the ranks of a tensor-parallel worker take as many each (engine/parallel.py)
+        os.environ["PDSERVE_TP_THREADS"] = str(args.threads)
     # The KV transfer runs on its own thread: a message for it (an ACCEPT, a finished chunk) waits
     # for the engine loop to hand over the GIL, by default up to 5 ms, which a transfer of a few
     # milliseconds cannot afford.

@@ -18,7 +18,7 @@ import torch
 
 from control.proc import process_alive
 from engine import LLM, LLMEngine, SamplingParams
-from engine.parallel import TPGroupError, head_shard, vocab_shard
+from engine.parallel import TPGroupError, head_shard, rank_threads, vocab_shard
 from tests.engine.conftest import make_checkpoint
 from tests.engine.test_models import hf_greedy, prompts, rel_err
 
@@ -119,6 +119,28 @@ def test_each_rank_holds_its_shard_only(tmp_path):
     assert head_shard(4, 2, 1, 4) == (1, 1, 0, 1)  # query head 1 uses KV head 0, as query head 0 does
     assert vocab_shard(211, 1, 2) == (106, 105)
     assert head_shard(8, 2, 3, 4).kv_start == 1   # ranks 2, 3 use KV head 1
+
+
+def test_ranks_on_the_cpu_share_the_threads_and_rank_0_gets_its_count_back(tmp_path, monkeypatch):
+    """On the CPU the ranks share the cores: each runs this process's threads / N (oversubscribed
+    ranks spin in every collective); a count given per rank (`pdserve --threads`) is kept."""
+    make_checkpoint(tmp_path, "llama")
+    monkeypatch.delenv("PDSERVE_TP_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert rank_threads(2, torch.device("cpu")) == 2 and rank_threads(8, torch.device("cpu")) == 1
+        assert rank_threads(2, torch.device("cuda")) == 4  # host threads do little there
+        with LLM(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2) as llm:
+            assert torch.get_num_threads() == 2
+            follower = llm.engine.tp.followers[0]
+            env = open(f"/proc/{follower.pid}/environ", "rb").read().split(b"\0")
+            assert b"PDSERVE_TP_THREADS=2" in env
+        assert torch.get_num_threads() == 4
+        monkeypatch.setenv("PDSERVE_TP_THREADS", "3")
+        assert rank_threads(2, torch.device("cpu")) == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("p_tp,d_tp,kv", [(2, 1, 1), (1, 2, 2), (4, 2, 2)])
