@@ -162,6 +162,10 @@ class EngineConfig:
     enforce_eager: bool = False          # no CUDA graphs for decode
     compile_ops: bool = True             # on CUDA: torch.compile the elementwise ops (fused kernels)
     cuda_graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+    # Decode steps take the CUDA-graph path (static inputs, padded buckets) but run the forward at
+    # each "replay" instead of capturing it: the graph path on the CPU (tests), and on a GPU a way
+    # to tell a capture bug from an inputs bug. Needs the Triton attention (engine/cuda_graphs.py).
+    eager_graph_replay: bool = False
     seed: int = 0
     # Prepare and launch step N+1 before reading step N's tokens (the host works while the device
     # runs); None: on for CUDA, off on the CPU (where the host is the device: nothing to overlap).

@@ -6,6 +6,12 @@ per batch size and replaying it removes that. A batch of n decodes runs in the s
 bucket >= n; the padding rows write nowhere (slot -1) and attend one harmless key, and
 their logits are dropped. Only decode-only batches use graphs; anything with a prefill runs
 eagerly. Requires a graph-capturable attention backend (the Triton one).
+
+Under tensor parallelism every rank captures the same buckets in the same order (the forward's
+all-reduces and the logits' all-gather are captured with it: NCCL collectives replay inside a
+graph), and rank 0 sends each graph step to the others (engine/parallel.py OP_GRAPH), which
+fill their own static inputs from it and replay the same bucket. `eager=True` captures nothing:
+a "replay" runs the forward on the static inputs (EngineConfig.eager_graph_replay).
 """
 from __future__ import annotations
 
@@ -62,9 +68,17 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def capture(self, ops=None) -> None:
+    def capture(self, ops=None, eager: bool = False) -> None:
         """`ops`: an `Ops` set compiled for the capture alone (see Ops in models/llama.py); the
-        model runs through it during the capture, and through its own set again after."""
+        model runs through it during the capture, and through its own set again after. `eager`:
+        capture nothing; each replay runs the forward on the static inputs."""
+        if eager:
+            for n in self.buckets:
+                self.graphs[n] = EagerReplay(self, n)
+                self.outputs[n] = None
+            log.info("decode graph path without capture (eager replays) for batch sizes %s",
+                     ",".join(map(str, self.buckets)))
+            return
         if ops is None:
             return self._capture()
         saved = self.model.ops.functions()
@@ -119,3 +133,15 @@ class DecodeGraphs:
             self.input_ids[to_device(rows, torch.int64, dev)] = tokens[to_device(src, torch.int64, dev)]
         self.graphs[b].replay()
         return self.outputs[b][:n]
+
+
+class EagerReplay:
+    """Stands in for one captured graph (DecodeGraphs.capture(eager=True)): a replay runs the
+    forward on the static inputs and leaves its logits where a graph's would be."""
+
+    def __init__(self, graphs: DecodeGraphs, n: int):
+        self.graphs, self.n = graphs, n
+
+    def replay(self) -> None:
+        with torch.inference_mode():
+            self.graphs.outputs[self.n] = self.graphs._forward(self.n)

@@ -14,7 +14,8 @@ from .logprobs import PROMPT_LOGIT_BYTES, PROMPT_LOGITS_BYTES
 from .config import EngineConfig, ModelConfig, to_device
 from .loader import load_weights
 from .models.llama import LlamaForCausalLM, Ops
-from .parallel import OP_ALL_LOGITS, OP_KV_EXPORT, OP_KV_IMPORT, OP_RUN, OP_STOP, TPGroup, TPGroupError, head_shard
+from .parallel import (OP_ALL_LOGITS, OP_GRAPH, OP_KV_EXPORT, OP_KV_IMPORT, OP_RUN, OP_STOP, TPGroup, TPGroupError,
+                       head_shard)
 from .scheduler import ScheduledSeq
 
 log = logging.getLogger(__name__)
@@ -72,16 +73,22 @@ class ModelRunner:
                 log.warning("Triton attention precompile failed (%s); variants compile on first use", e)
         self.graphs = None
         self.prompt_logits = None  # the last step's prompt logits (run)
-        if device.type == "cuda" and attn.name == "triton" and not cfg.enforce_eager and tp.size == 1:
+        eager_replay = cfg.eager_graph_replay and not cfg.enforce_eager
+        if eager_replay and attn.name != "triton":
+            raise ValueError(f"eager_graph_replay needs the Triton attention (attention_backend='triton'), "
+                             f"not {attn.name!r}")
+        if (device.type == "cuda" and attn.name == "triton" and not cfg.enforce_eager) or eager_replay:
             from .cuda_graphs import DecodeGraphs
 
+            # (under TP every rank gets here with the same config: they capture the same buckets
+            # in the same order, each capture's collectives meeting the others')
             buckets = tuple(b for b in cfg.cuda_graph_buckets if b <= cfg.max_num_seqs) or (1,)
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, buckets)
             ops = None
-            if cfg.compile_ops:
+            if cfg.compile_ops and not eager_replay:
                 ops = Ops()
                 ops.compile(tag="graphs")
-            self.graphs.capture(ops)
+            self.graphs.capture(ops, eager=eager_replay)
 
     def _new_cache(self, num_blocks: int) -> torch.Tensor:
         return torch.zeros(self._kv_shape(num_blocks), dtype=self.dtype, device=self.device)
@@ -253,8 +260,9 @@ class ModelRunner:
                     at = [(r, w[1]) for r, q in enumerate(seqs) if (w := pending.rows.get(id(q))) is not None]
                     if at:
                         fill = ([r for r, _ in at], [src for _, src in at], pending.tokens)
+                self._send(OP_GRAPH, batch, pending)  # the other ranks replay the same bucket
                 # model dtype: the sampler upcasts if it samples
-                return batch, self.graphs.run(seqs, fill), range(len(batch))
+                return batch, self._in_step(lambda: self.graphs.run(seqs, fill)), range(len(batch))
         self._send(OP_RUN, batch, pending)
         with torch.inference_mode():
             # (the other ranks of a group are in this step now: a failure here must end them)
@@ -377,6 +385,11 @@ class ModelRunner:
             if op == OP_RUN:
                 with torch.inference_mode():
                     self._run_eager(batch, pending=pending)
+            elif op == OP_GRAPH:
+                if self.graphs is None:
+                    raise RuntimeError("rank 0 sent a graph step to a rank without graphs")
+                fill = ([k for k, _, _ in fills], [src for _, _, src in fills], tokens) if fills else None
+                self.graphs.run([s.seq for s in batch], fill)
             elif op == OP_ALL_LOGITS:
                 self.all_logits(batch)
             else:
@@ -456,5 +469,9 @@ class _Window:
     def __init__(self, start: int, ids: list[int]):
         self.start, self.ids = start, ids
 
-    def __getitem__(self, sl: slice) -> list[int]:
+    def __getitem__(self, sl: slice | int) -> list[int] | int:
+        if isinstance(sl, int):  # [-1]: the last token (a decode step's input: the graph path)
+            if sl != -1:
+                raise IndexError("a window of new tokens is indexed by slices of positions, or [-1]")
+            return self.ids[-1]
         return self.ids[sl.start - self.start: sl.stop - self.start]

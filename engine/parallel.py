@@ -17,8 +17,9 @@ loopback (gloo's own sockets too), outside any global process group, so one proc
 several engines.
 
 A rank that dies takes the group down: its peers' next collective fails ("connection closed
-by peer"), rank 0 raises `TPGroupError` and the other ranks exit. Under TP a GPU runs
-without CUDA graphs (not yet captured with collectives). Async scheduling works as with one
+by peer"), rank 0 raises `TPGroupError` and the other ranks exit. Decode steps replay CUDA
+graphs under TP too: every rank captures the same buckets, collectives included, and replays
+the bucket of each graph step rank 0 sends (OP_GRAPH, engine/cuda_graphs.py). Async scheduling works as with one
 rank: a step's inputs that are the step before's sampled tokens, still on rank 0's device,
 reach the other ranks by a broadcast queued behind that step (send_step's `tokens`), while the
 step's rows travel in host memory on a gloo group of their own, so that every rank prepares
@@ -46,6 +47,7 @@ TIMEOUT_S = float(os.environ.get("PDSERVE_TP_TIMEOUT_S", "300"))
 IDLE_TIMEOUT = datetime.timedelta(days=365)  # the other ranks' wait for rank 0's next step
 OP_STOP, OP_RUN, OP_ALL_LOGITS = 0, 1, 2
 OP_KV_EXPORT, OP_KV_IMPORT = 3, 4  # a KV hand-off: blocks out of / into every rank's cache
+OP_GRAPH = 5  # a decode step through the CUDA graphs (each rank replays its own capture)
 
 
 class TPGroupError(RuntimeError):

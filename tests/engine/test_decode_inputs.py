@@ -79,32 +79,12 @@ def test_fill_equals_inputs_built_from_scratch(seed):
 
 # ---- the engine's graph path on CPU ---------------------------------------------------------
 
-class EagerReplay:
-    """Stands in for one captured graph: a replay runs the forward on the static inputs."""
-
-    def __init__(self, graphs, n: int):
-        self.graphs, self.n = graphs, n
-
-    def replay(self) -> None:
-        with torch.inference_mode():
-            self.graphs.outputs[self.n].copy_(self.graphs._forward(self.n))
-
-
-def cpu_graphs(engine):
-    from engine.cuda_graphs import DecodeGraphs
-
-    r = engine.runner
-    g = DecodeGraphs(r.model, r.kv_cache, r.block_size, r.max_model_len, (1, 2, 4, 8))
-    for n in g.buckets:
-        g.graphs[n] = EagerReplay(g, n)
-        g.outputs[n] = torch.empty(n, r.model_cfg.vocab_size, dtype=r.dtype)
-    r.graphs = g
-    return g
-
-
 def test_engine_graph_path_on_cpu_equals_eager(tmp_path):
-    """Greedy tokens through the graph path (DecodeInputs, DecodeGraphs.run) equal the eager
-    path's: sequences finish at different steps, join mid-decode, and get preempted."""
+    """Greedy tokens through the graph path (DecodeInputs, DecodeGraphs.run, with eager replays
+    on the CPU) equal the eager path's: sequences finish at different steps, join mid-decode,
+    and get preempted; and so under tensor parallelism with async scheduling, where rank 0
+    sends each graph step to the other rank, which fills its own static inputs (the step's
+    tokens still on rank 0's device for some rows) and replays the same bucket."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
@@ -123,20 +103,24 @@ def test_engine_graph_path_on_cpu_equals_eager(tmp_path):
     params = [SamplingParams(max_tokens=int(m), temperature=0, ignore_eos=True)
               for m in torch.randint(1, 16, (10,), generator=g)]
     outs = {}
-    for graphs in (False, True):
-        llm = LLM(str(tmp_path), device="cpu", dtype="float32", num_kv_blocks=16, block_size=4,
-                  max_num_batched_tokens=32, max_num_seqs=8, attention_backend="triton",
-                  max_model_len=32)  # the graphs attend up to it: short keeps the interpreter quick
-        if graphs:
-            used = cpu_graphs(llm.engine)
+    for name, opts in [("eager", {}), ("graphs", {"eager_graph_replay": True}),
+                       ("graphs-tp2-async", {"eager_graph_replay": True, "tensor_parallel_size": 2,
+                                             "async_scheduling": True})]:
+        with LLM(str(tmp_path), device="cpu", dtype="float32", num_kv_blocks=16, block_size=4,
+                 max_num_batched_tokens=32, max_num_seqs=8, attention_backend="triton", cuda_graph_buckets=(1, 2, 4, 8),
+                 max_model_len=32, **opts) as llm:  # the graphs attend up to it: short keeps the interpreter quick
+            used = llm.engine.runner.graphs
+            assert (used is None) == (name == "eager")
             replays = [0]
-            run = used.run
-            used.run = lambda *a: (replays.__setitem__(0, replays[0] + 1), run(*a))[1]
-        outs[graphs] = [o.token_ids for o in llm.generate(ps, params)]
-        assert llm.engine.scheduler.num_preemptions > 0
-        assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
-    assert outs[True] == outs[False]
-    assert replays[0] >= 8
+            if used is not None:
+                run = used.run
+                used.run = lambda *a: (replays.__setitem__(0, replays[0] + 1), run(*a))[1]
+            outs[name] = [o.token_ids for o in llm.generate(ps, params)]
+            assert llm.engine.scheduler.num_preemptions > 0
+            assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
+            assert replays[0] >= (0 if used is None else 8), name
+    assert outs["graphs"] == outs["eager"]
+    assert outs["graphs-tp2-async"] == outs["eager"]
 
 
 def test_graph_capture_compiles_ops_of_its_own():
@@ -186,3 +170,12 @@ def test_graph_capture_compiles_ops_of_its_own():
         else:
             graphs.capture(ops)
         assert seen[-1] == ops.functions() and model.ops.functions() == own
+
+
+def test_the_graph_path_without_triton_attention_is_refused_clearly(tmp_path):
+    from engine import LLMEngine
+    from tests.engine.conftest import make_checkpoint
+
+    make_checkpoint(tmp_path, "llama")
+    with pytest.raises(ValueError, match="eager_graph_replay needs the Triton attention"):
+        LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=16, attention_backend="torch", eager_graph_replay=True)

@@ -6,7 +6,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from tests.engine.conftest import make_checkpoint
-from tests.gpu.conftest import requires_cuda
+from tests.gpu.conftest import requires_cuda, requires_two_gpus
 
 pytestmark = requires_cuda
 
@@ -130,3 +130,40 @@ def test_async_scheduling_equals_synchronous_on_gpu(tmp_path):
         got[mode] = [(o.token_ids, o.finish_reason) for o in llm.generate(ps, sp)]
         assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
     assert got[True] == got[False]
+
+
+def test_eager_graph_replay_equals_captured_graphs(tmp_path):
+    """The graph path without capture (what the CPU tests and the other TP ranks' checks use)
+    gives the captured graphs' tokens on the GPU."""
+    make_checkpoint(tmp_path, "llama")
+    ps = prompts(16, seed=9)
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float32", num_kv_blocks=256)
+    with LLM(str(tmp_path), **kw) as llm:
+        captured = [o.token_ids for o in llm.generate(ps, sp)]
+    with LLM(str(tmp_path), eager_graph_replay=True, **kw) as llm:
+        from engine.cuda_graphs import EagerReplay
+
+        assert all(isinstance(g, EagerReplay) for g in llm.engine.runner.graphs.graphs.values())
+        assert [o.token_ids for o in llm.generate(ps, sp)] == captured
+
+
+@requires_two_gpus
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_tp2_decode_graphs_with_collectives_equal_one_gpu(tmp_path, async_scheduling):
+    """Each rank captures its decode graphs with the all-reduces and the logits' all-gather
+    inside; replays in lockstep give the tokens of one GPU's engine (float32, greedy)."""
+    make_checkpoint(tmp_path, "llama")
+    ps = prompts(16, seed=10)
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float32", num_kv_blocks=128, async_scheduling=async_scheduling)
+    with LLM(str(tmp_path), **kw) as llm:
+        one = [o.token_ids for o in llm.generate(ps, sp)]
+    with LLM(str(tmp_path), tensor_parallel_size=2, **kw) as llm:
+        graphs = llm.engine.runner.graphs
+        assert graphs is not None and not any(type(g).__name__ == "EagerReplay" for g in graphs.graphs.values())
+        replays = [0]
+        run = graphs.run
+        graphs.run = lambda *a: (replays.__setitem__(0, replays[0] + 1), run(*a))[1]
+        assert [o.token_ids for o in llm.generate(ps, sp)] == one
+        assert replays[0] >= 10
