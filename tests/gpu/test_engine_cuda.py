@@ -167,3 +167,39 @@ def test_tp2_decode_graphs_with_collectives_equal_one_gpu(tmp_path, async_schedu
         graphs.run = lambda *a: (replays.__setitem__(0, replays[0] + 1), run(*a))[1]
         assert [o.token_ids for o in llm.generate(ps, sp)] == one
         assert replays[0] >= 10
+
+
+def test_nccl_collectives_of_the_tp_group_replay_inside_a_cuda_graph():
+    """What the TP decode graphs rely on, checked on one GPU (a group of one rank still runs
+    NCCL's kernels): the group's all-reduce and all-gather, waited on as the model does
+    (TPGroup._wait), captured in a graph on a side stream and replayed on new inputs."""
+    import socket
+
+    from engine.parallel import TPGroup
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    group = TPGroup.connect(0, 1, s.getsockname()[1], torch.device("cuda:0"), listener=s)
+    group.size = 2  # (TPGroup skips collectives in a group of one: run them, as one rank of two would)
+    try:
+        x = torch.zeros(64, device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            group._wait(group.pg.allreduce([x]))  # warm-up: NCCL's communicator is made here
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=stream):
+                y = x * 2
+                group._wait(group.pg.allreduce([y]))
+                outs = [torch.empty_like(y)]
+                group._wait(group.pg.allgather([outs], [y]))
+                z = outs[0] + 1
+        torch.cuda.current_stream().wait_stream(stream)
+        for v in (1.0, 5.0):
+            x.fill_(v)
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(z, torch.full_like(z, 2 * v + 1))
+    finally:
+        group.size = 1
