@@ -10,6 +10,10 @@ workers run them, without the transport (the same bytes travel in every set-up):
 - send_ms: the request's blocks as one chunk of every KV head. One rank: the transfer's
   index_select from the engine's cache. Several: KVStaging.export (every rank's heads gathered
   to rank 0 into staging slots, control/kv_staging.py), then the index_select from the staging.
+  P2-D1-layered: what an early offer over zmq does under TP: the prefill step gathers each
+  layer's heads into the staging slots as it computes the layer (LayerExport, one gather per
+  layer inside the forward: in prefill_ms), and send_ms is the index_select alone. Over a
+  transport, layer i then travels while the step computes the layers after it.
 - recv_ms: that chunk into the decode engine. One rank: index_copy_ into its blocks. Several:
   into staging slots, then KVStaging.land (scattered from rank 0: each rank gets its own heads).
 
@@ -47,6 +51,7 @@ def main() -> None:
 
     from control.kv_staging import KVStaging
     from engine import LLMEngine, SamplingParams
+    from engine.model_runner import LayerExport
     from pdserve.demo_model import write_demo_model
 
     torch.set_num_threads(1)
@@ -62,10 +67,16 @@ def main() -> None:
         g = torch.Generator().manual_seed(2000 + run)
         return [torch.randint(3, 1000, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
 
-    def one_run(pre, dec, send_st, recv_st, run: int):
+    def one_run(pre, dec, send_st, recv_st, run: int, layered: bool = False):
         ps = prompts(run)
         for i, p in enumerate(ps):
             pre.add_request(f"{run}-{i}", p, params, prefill_only=True)
+        if layered:
+            def offer(rid, blocks):
+                n = -(-args.prompt_len // bs)
+                send_st.take(rid, n)
+                return LayerExport(blocks[:n], lambda layer, kv: send_st.write_layer(rid, layer, kv))
+            pre.on_last_chunk = offer
         first = {}
         t0 = time.perf_counter()
         while pre.has_unfinished():
@@ -80,6 +91,8 @@ def main() -> None:
             t0 = time.perf_counter()
             if send_st is None:
                 chunk = pre.runner.kv_cache.index_select(2, torch.tensor(src))
+            elif layered:
+                chunk = send_st.cache.index_select(2, torch.tensor(send_st.held[rid]))
             else:
                 slots = send_st.export(rid, src)
                 chunk = send_st.cache.index_select(2, torch.tensor(slots))
@@ -107,14 +120,14 @@ def main() -> None:
                 {"prefill_ms": 1e3 * prefill_s / k, "send_ms": 1e3 * send_s / k, "recv_ms": 1e3 * recv_s / k})
 
     rows, tokens = {}, {}
-    for p_tp, d_tp in ((1, 1), (2, 1), (1, 2), (2, 2)):
-        name = f"P{p_tp}-D{d_tp}"
+    for p_tp, d_tp, layered in ((1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False), (2, 2, False)):
+        name = f"P{p_tp}-D{d_tp}" + ("-layered" if layered else "")
         with closing(LLMEngine(model, tensor_parallel_size=p_tp, **opts)) as pre, \
                 closing(LLMEngine(model, tensor_parallel_size=d_tp, **opts)) as dec:
-            send_st = KVStaging(pre, model) if p_tp > 1 else None
+            send_st = KVStaging(pre, model, num_blocks=opts["num_kv_blocks"]) if p_tp > 1 else None
             recv_st = KVStaging(dec, model) if d_tp > 1 else None
-            one_run(pre, dec, send_st, recv_st, -1)  # warm-up
-            runs = [one_run(pre, dec, send_st, recv_st, r) for r in range(args.repeats)]
+            one_run(pre, dec, send_st, recv_st, -1, layered)  # warm-up
+            runs = [one_run(pre, dec, send_st, recv_st, r, layered) for r in range(args.repeats)]
         tokens[name] = [t for toks, _ in runs for t in toks]
         med = {key: round(statistics.median(m[key] for _, m in runs), 3) for key in runs[0][1]}
         med["handoff_over_prefill"] = round((med["send_ms"] + med["recv_ms"]) / med["prefill_ms"], 4)

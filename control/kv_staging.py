@@ -8,7 +8,9 @@ layout a worker of one rank has, and any two workers exchange KV whatever their 
 
 - sending: after the prefill, `export` gathers the request's blocks from every rank
   (`ModelRunner.export_kv`, one gather to rank 0) into slots of this staging cache on rank 0,
-  and the transfer reads them from there;
+  and the transfer reads them from there; an early offer's slots are filled layer by layer
+  instead, during the step that computes them (`write_layer`, from a LayerExport's sink), where
+  the transport sends layers as they are ready;
 - receiving: the transfer writes into slots here, and when it is done `land` sends each rank
   its own heads of the blocks (`ModelRunner.import_kv`, one scatter from rank 0).
 
@@ -133,6 +135,17 @@ class KVStaging:
             raise ValueError(f"{len(block_ids)} blocks for {len(slots)} staging slots")
         full = self.runner.export_kv(block_ids).to(self.cache.device)
         self.cache.index_copy_(2, torch.tensor(slots, device=self.cache.device), full)
+
+    def write_layer(self, rid: str, layer: int, kv: torch.Tensor) -> None:
+        """Sending side, layer by layer: one layer's KV of the request's blocks, every head
+        ([2, n, block_size, H, D], n its slots), into its slots (nothing when it holds none: its
+        transfer ended meanwhile)."""
+        slots = self.held.get(rid)
+        if slots is None:
+            return
+        if kv.shape[1] != len(slots):
+            raise ValueError(f"{kv.shape[1]} blocks for {len(slots)} staging slots")
+        self.cache[layer].index_copy_(1, torch.tensor(slots, device=self.cache.device), kv.to(self.cache.device))
 
     def land(self, rid: str, block_ids: list[int], first: int = 0) -> None:
         """Receiving side: the request's staged blocks [first, len(block_ids)) into those engine

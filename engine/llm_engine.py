@@ -23,7 +23,7 @@ from .block_pool import PLACEHOLDER, BlockPool, blocks_needed
 from .kv_holds import KVHolds
 from .config import EngineConfig, ModelConfig, resolve_device, resolve_dtype, to_device
 from .logprobs import PromptLogprobs, StepLogprobs
-from .model_runner import ModelRunner, Pending, prompt_logits_rows
+from .model_runner import LayerExport, ModelRunner, Pending, prompt_logits_rows
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
@@ -148,8 +148,9 @@ class LLMEngine:
         # Called inside step(), after scheduling and before the model runs, with the request id
         # and block ids of every prefill-only sequence whose last prompt chunk is in the step:
         # its KV can be offered to a decode worker while it is computed (set by the worker). It
-        # may return a callable, then called with n as the step's layers [0, n) are queued.
-        self.on_last_chunk: Callable[[str, list[int]], Callable[[int], None] | None] | None = None
+        # may return a callable, then called with n as the step's layers [0, n) are queued, or,
+        # under TP, a LayerExport (model_runner.py): its blocks' KV, every head, layer by layer.
+        self.on_last_chunk: Callable[[str, list[int]], Callable[[int], None] | LayerExport | None] | None = None
         self._arrival = itertools.count()
 
     # ---- requests ---------------------------------------------------------------------------
@@ -295,19 +296,20 @@ class LLMEngine:
         return outputs
 
     def _launch(self, batch: list[ScheduledSeq], prev: _InFlight | None) -> _InFlight | None:
-        on_layer = None
+        on_layer, exports = None, []
         if self.on_last_chunk is not None:
             hooks = []
             for s in batch:
                 q = s.seq
                 if q.prefill_only and q.num_computed_tokens + s.num_new_tokens == q.num_tokens:  # a migrated one: + outputs
-                    if (hook := self.on_last_chunk(q.request_id, list(q.block_table))) is not None:
-                        hooks.append(hook)
+                    if (hook := self.on_last_chunk(q.request_id, list(q.block_table))) is None:
+                        continue
+                    (exports if isinstance(hook, LayerExport) else hooks).append(hook)
             if hooks:
                 def on_layer(n: int) -> None:
                     for hook in hooks:
                         hook(n)
-        ordered, logits, rows = self.runner.run(batch, on_layer, prev.pending if prev is not None else None)
+        ordered, logits, rows = self.runner.run(batch, on_layer, prev.pending if prev is not None else None, exports)
         prompt = None
         if self.runner.prompt_logits is not None:
             prompt = self._prompt_logprobs(ordered, *self.runner.prompt_logits)

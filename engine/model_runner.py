@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 import logging
 import time
 
@@ -28,6 +29,17 @@ class Pending:
     its row in `tokens`). The next step's inputs take those tokens from the device."""
     tokens: torch.Tensor
     rows: dict[int, tuple[int, int]]
+
+
+@dataclass
+class LayerExport:
+    """Under tensor parallelism, a request's KV to be handed over layer by layer: after each
+    layer of the step, every rank's heads of `block_ids` are gathered to rank 0, which calls
+    `sink(layer, kv)` with that layer's KV of every head ([2, n, block_size, H, D], valid only
+    during the call: copy it). What an `on_last_chunk` hook returns instead of a callable when
+    no rank's cache holds every head (prefill_worker/handoff.py, control/kv_staging.py)."""
+    block_ids: list[int]
+    sink: Callable[[int, torch.Tensor], None]
 
 
 class ModelRunner:
@@ -240,16 +252,20 @@ class ModelRunner:
             return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, meta)).float()
         return self._in_step(run) if self.tp.rank == 0 else run()
 
-    def run(self, batch: list[ScheduledSeq], on_layer=None, pending: Pending | None = None
-            ) -> tuple[list[ScheduledSeq], torch.Tensor, list[int] | range]:
+    def run(self, batch: list[ScheduledSeq], on_layer=None, pending: Pending | None = None,
+            exports: list[LayerExport] = ()) -> tuple[list[ScheduledSeq], torch.Tensor, list[int] | range]:
         """Runs the batch; returns (ordered batch, logits [S, V] of the rows that sample, which
         entries of the ordered batch those rows belong to). `on_layer(n)`, if given, is called
         as each layer's kernels are queued (not on a replayed decode graph). `pending`: the
         tokens of the step still running (async scheduling), which some inputs are. The logits of
         the prompt positions whose sequences ask for the prompt's logprobs (`prompt_rows`) are
-        left in `self.prompt_logits`: ([(entry of the ordered batch, rows)], logits [R, V])."""
+        left in `self.prompt_logits`: ([(entry of the ordered batch, rows)], logits [R, V]).
+        `exports` (TP only): KV gathered layer by layer for hand-offs (LayerExport); such a step
+        runs eagerly, its sinks called before `on_layer`."""
         self.prompt_logits = None
-        if self.graphs is not None and len(batch) <= self.graphs.max_batch:
+        if exports and self.tp.size == 1:
+            raise ValueError("layer-by-layer KV exports are for tensor-parallel groups (one rank's cache has every head)")
+        if self.graphs is not None and len(batch) <= self.graphs.max_batch and not exports:
             seqs = [s.seq for s in batch]
             # Only a batch of decodes (each computes its last token, and so samples) replays a
             # graph; a one-token chunk of a longer prompt does not sample.
@@ -263,15 +279,52 @@ class ModelRunner:
                 self._send(OP_GRAPH, batch, pending)  # the other ranks replay the same bucket
                 # model dtype: the sampler upcasts if it samples
                 return batch, self._in_step(lambda: self.graphs.run(seqs, fill)), range(len(batch))
-        self._send(OP_RUN, batch, pending)
+        ids = [b for e in exports for b in e.block_ids]
+        self._send(OP_RUN, batch, pending, ids)
+        if exports:
+            sinks, a = [], 0
+            for e in exports:
+                sinks.append((a, a + len(e.block_ids), e.sink))
+                a += len(e.block_ids)
+            on_layer = self._exporting(ids, sinks, on_layer)
         with torch.inference_mode():
             # (the other ranks of a group are in this step now: a failure here must end them)
             return self._in_step(lambda: self._run_eager(batch, on_layer, pending))
 
+    def _exporting(self, block_ids: list[int], sinks=(), then=None):
+        """The per-layer callback of a step that exports these blocks' KV (every rank runs it):
+        after layer i, this rank's heads of the blocks go to rank 0 (one gather), which writes
+        each rank's into one tensor of every head and hands each sink (start, end, sink) its
+        blocks' rows; then `then(n)` (rank 0's own per-layer hooks)."""
+        idx = to_device(block_ids, torch.int64, self.device)
+        m = self.model_cfg
+        layer = self._kv_shape(len(block_ids))[1:]  # one layer's: [2, n, block_size, this rank's heads, D]
+        mine = torch.empty(layer, dtype=self.dtype, device=self.device)
+        parts = full = None
+        if self.tp.rank == 0:
+            parts = [torch.empty_like(mine) for _ in range(self.tp.size)]
+            full = mine.new_empty(self._kv_shape(len(block_ids), m.num_kv_heads)[1:])
+        shards = [head_shard(m.num_heads, m.num_kv_heads, r, self.tp.size) for r in range(self.tp.size)]
+
+        def on_layer(n: int) -> None:
+            i = n - 1
+            torch.index_select(self.kv_cache[i], 1, idx, out=mine)
+            self.tp.gather_into(parts, mine)
+            if full is not None:
+                for h, part in zip(shards, parts):  # (a head several ranks hold: written once per rank, equal)
+                    full[..., h.kv_start:h.kv_start + h.kv_heads, :] = part
+                for start, end, sink in sinks:
+                    sink(i, full[:, start:end])
+            if then is not None:
+                then(n)
+        return on_layer
+
     # ---- tensor parallelism -----------------------------------------------------------------
-    def _send(self, op: int, batch: list[ScheduledSeq], pending: Pending | None = None) -> None:
+    def _send(self, op: int, batch: list[ScheduledSeq], pending: Pending | None = None,
+              exports: list[int] = ()) -> None:
         """Rank 0 of a TP group: the other ranks run `op` on this batch too (`pending`: the step
-        before's tokens, which some of its inputs are: they are sent device to device)."""
+        before's tokens, which some of its inputs are: they are sent device to device;
+        `exports`: blocks whose KV every rank gathers to rank 0 layer by layer)."""
         if self.tp.size == 1 or self.tp.rank != 0:
             return
         bs, rows, fills = self.block_size, [], []
@@ -281,7 +334,7 @@ class ModelRunner:
                          prompt_rows(s)))
             if pending is not None and (where := pending.rows.get(id(q))) is not None and start <= where[0] < start + n:
                 fills.append((k, *where))
-        self.tp.send_step(op, rows, fills, pending.tokens if fills else None)
+        self.tp.send_step(op, rows, fills, pending.tokens if fills else None, exports)
 
     # ---- KV hand-off under tensor parallelism ---------------------------------------------------
     def export_kv(self, block_ids: list[int]) -> torch.Tensor:
@@ -372,7 +425,7 @@ class ModelRunner:
         """A rank other than 0: run every step rank 0 sends, until it says stop (or the group
         fails: TPGroupError)."""
         while True:
-            op, rows, fills, tokens = self.tp.recv_step()
+            op, rows, fills, tokens, exports = self.tp.recv_step()
             if op == OP_STOP:
                 return
             if op in (OP_KV_EXPORT, OP_KV_IMPORT):
@@ -384,7 +437,7 @@ class ModelRunner:
             pending = Pending(tokens, {id(batch[k].seq): (pos, src) for k, pos, src in fills}) if fills else None
             if op == OP_RUN:
                 with torch.inference_mode():
-                    self._run_eager(batch, pending=pending)
+                    self._run_eager(batch, self._exporting(exports) if exports else None, pending)
             elif op == OP_GRAPH:
                 if self.graphs is None:
                     raise RuntimeError("rank 0 sent a graph step to a rank without graphs")

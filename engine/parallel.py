@@ -187,38 +187,41 @@ class TPGroup:
 
     # ---- rank 0: the step each forward runs -----------------------------------------------------
     def send_step(self, op: int, rows: list[tuple[int, int, int, list[int], list[int], int]],
-                  fills: list[tuple[int, int, int]] = (), tokens: torch.Tensor | None = None) -> None:
+                  fills: list[tuple[int, int, int]] = (), tokens: torch.Tensor | None = None,
+                  exports: list[int] = ()) -> None:
         """Tells the other ranks to run `op` on `rows`: (first position, new tokens, tokens the
         sequence has, the new token ids, its block table, how many of its new positions give
         logits for the prompt's logprobs) per sequence, in batch order. Async
         scheduling: `tokens` are the sampled tokens of the step before, maybe still being
         computed on the device, and `fills` (row, position, index into `tokens`) the inputs that
-        are those tokens (their ids in `rows` are placeholders). The rows go in host memory
-        (`steps_pg`), the tokens device to device behind the step that computes them."""
+        are those tokens (their ids in `rows` are placeholders). `exports`: blocks whose KV
+        every rank gathers to rank 0 after each layer of the step (a hand-off's, layer by layer).
+        The rows go in host memory (`steps_pg`), the tokens device to device behind the step that
+        computes them."""
         if self.size == 1:
             return
         ids = [t for r in rows for t in r[3]]
         tables = [b for r in rows for b in r[4]]
         n_tok = tokens.numel() if fills else 0
-        head = [op, len(rows), len(ids), len(tables), len(fills), n_tok]
+        head = [op, len(rows), len(ids), len(tables), len(fills), n_tok, len(exports)]
         self.broadcast(torch.tensor(head, dtype=torch.int64), pg=self.steps_pg)
         if rows:
             body = [v for r in rows for v in (r[0], r[1], r[2], len(r[4]), r[5])] + ids + tables + [v for f in fills for v in f]
-            self.broadcast(torch.tensor(body, dtype=torch.int64), pg=self.steps_pg)
+            self.broadcast(torch.tensor(body + list(exports), dtype=torch.int64), pg=self.steps_pg)
         if n_tok:
             self.broadcast(tokens.to(torch.int64).contiguous())
 
     def recv_step(self) -> tuple[int, list[tuple[int, int, int, list[int], list[int], int]],
-                                 list[tuple[int, int, int]], torch.Tensor | None]:
-        """What rank 0's send_step sent: (op, rows, fills, tokens)."""
+                                 list[tuple[int, int, int]], torch.Tensor | None, list[int]]:
+        """What rank 0's send_step sent: (op, rows, fills, tokens, exports)."""
         # The wait for the next step has no time limit: an engine may be idle for hours. A rank
         # that dies is seen at once all the same (its connection closes), and rank 0's death
         # ends this process (PR_SET_PDEATHSIG).
-        head = self.broadcast(torch.empty(6, dtype=torch.int64), IDLE_TIMEOUT, pg=self.steps_pg).tolist()
-        op, n, n_ids, n_tables, n_fill, n_tok = head
+        head = self.broadcast(torch.empty(7, dtype=torch.int64), IDLE_TIMEOUT, pg=self.steps_pg).tolist()
+        op, n, n_ids, n_tables, n_fill, n_tok, n_exp = head
         if n == 0:
-            return op, [], [], None
-        body = self.broadcast(torch.empty(5 * n + n_ids + n_tables + 3 * n_fill, dtype=torch.int64),
+            return op, [], [], None, []
+        body = self.broadcast(torch.empty(5 * n + n_ids + n_tables + 3 * n_fill + n_exp, dtype=torch.int64),
                               pg=self.steps_pg).tolist()
         rows, i, j = [], 5 * n, 5 * n + n_ids
         for k in range(n):
@@ -228,7 +231,7 @@ class TPGroup:
         f = 5 * n + n_ids + n_tables
         fills = [tuple(body[f + 3 * k: f + 3 * k + 3]) for k in range(n_fill)]
         tokens = self.broadcast(torch.empty(n_tok, dtype=torch.int64, device=self.device)) if n_tok else None
-        return op, rows, fills, tokens
+        return op, rows, fills, tokens, body[len(body) - n_exp:] if n_exp else []
 
     def close(self) -> None:
         """Rank 0: stop the other ranks (they exit) and wait for them."""

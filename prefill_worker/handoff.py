@@ -12,9 +12,10 @@ transfer's DONE), or cancels it when that token already ended the request. With
 not stall the step and the heartbeats with it) and when the early offer failed, the KV is
 offered after the prefill instead, first token in the offer. A tensor-parallel worker offers
 slots of a staging cache (control/kv_staging.py): early, it takes them when the last chunk is
-scheduled and fills them with every rank's heads after the step (the ranks' collectives run
-between steps, so its KV moves after the step, not layer by layer); late, it takes and fills
-them after the prefill, waiting in order while the staging is full. Either way the blocks stay held until the
+scheduled, and the step gathers every rank's heads of each layer into them as it computes the
+layer (a LayerExport: the ranks run one gather per layer inside the forward), so that its KV
+moves layer by layer too (with nccl, which sends after the step, they are filled after the step);
+late, it takes and fills them after the prefill, waiting in order while the staging is full. Either way the blocks stay held until the
 transfer ends (ACK, lease out, failure, cancel), which `poll` notices and turns into freed
 blocks and, on failure, a `Failed` to the router. Which blocks a transfer holds, and when they
 are freed, is the engine's to track (engine/kv_holds.py); the messages and transfer states
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
+from engine.model_runner import LayerExport
 from engine.parallel import TPGroupError
 from kvtransfer import TransferStatus, make_sender
 from kvtransfer.base import TERMINAL
@@ -142,16 +144,28 @@ class KVHandOff:
             if self.staging is not None:
                 self.staging.release(rid)
             return None
-        if self.staging is not None:
-            self.early_blocks[rid] = block_ids[:len(offered)]
-            self.engine.start_sending(rid)
-            return None  # the ranks' heads are gathered after the step (emit)
         self.engine.start_sending(rid)
+        if self.staging is not None:
+            if self.sender.sends_layers_early:  # every rank's heads into the slots as each layer is computed
+                return LayerExport(block_ids[:len(offered)], self._layer_sink(rid))
+            self.early_blocks[rid] = block_ids[:len(offered)]
+            return None  # the ranks' heads are gathered after the step (emit)
         log.debug("KV (%d blocks) offered to %s while its last chunk is computed", len(block_ids),
                   msg.decode_worker, extra=for_request(rid))
         if not self.sender.sends_layers_early:
             return None
         return lambda n: self.sender.ready_layers(rid, n)
+
+    def _layer_sink(self, rid: str):
+        """Under TP, for a sender that moves layers as they are ready: each layer's KV, every
+        head, gathered to rank 0 during the step, goes into the request's staging slots and may
+        leave at once."""
+        staging, sender = self.staging, self.sender
+
+        def sink(layer: int, kv) -> None:
+            staging.write_layer(rid, layer, kv)
+            sender.ready_layers(rid, layer + 1)
+        return sink
 
     def _fill(self, rid: str, msg: messages.Prefill, blocks: list[int]) -> bool:
         """An early offer of staging slots, after the step: every rank's heads into them. False

@@ -18,6 +18,7 @@ import torch
 
 from control.proc import process_alive
 from engine import LLM, LLMEngine, SamplingParams
+from engine.model_runner import LayerExport
 from engine.parallel import TPGroupError, head_shard, rank_threads, vocab_shard
 from tests.engine.conftest import make_checkpoint
 from tests.engine.test_models import hf_greedy, prompts, rel_err
@@ -147,7 +148,9 @@ def test_ranks_on_the_cpu_share_the_threads_and_rank_0_gets_its_count_back(tmp_p
 def test_kv_moves_between_groups_of_different_sizes(tmp_path, p_tp, d_tp, kv):
     """Prefill on a group of `p_tp` ranks, the KV exported with every head (export_kv gathers
     the ranks' heads), imported into a group of `d_tp` ranks (each keeps its own), decode
-    there: greedy tokens equal transformers'. kv=1: the one head held by both ranks of P."""
+    there: greedy tokens equal transformers'. kv=1: the one head held by both ranks of P. The
+    KV gathered layer by layer during the step of each last chunk (LayerExport, what an early
+    hand-off under TP uses) equals what export_kv gathers after it."""
     hf = make_checkpoint(tmp_path, "llama", num_key_value_heads=kv)
     ps = prompts(211)[-3:]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -156,15 +159,28 @@ def test_kv_moves_between_groups_of_different_sizes(tmp_path, p_tp, d_tp, kv):
             closing(LLMEngine(str(tmp_path), tensor_parallel_size=d_tp, **opts)) as dec:
         for i, p in enumerate(ps):
             pre.add_request(f"r{i}", p, params, prefill_only=True)
+        layered, hooked = {}, []  # the KV gathered layer by layer in the step of each last chunk
+
+        def offer(rid, blocks):
+            n = -(-len(ps[int(rid[1:])]) // 4)
+            keep = layered.setdefault(rid, [None] * pre.model_cfg.num_layers)
+            if p_tp == 1:
+                return None
+            hooked.append(rid)
+            return LayerExport(blocks[:n], lambda i, kv: keep.__setitem__(i, kv.clone()))
+        pre.on_last_chunk = offer
         first = {}
         while pre.has_unfinished():
             for out in pre.step():
                 first[out.request_id] = out.new_token_ids[0]
+        assert sorted(layered) == [f"r{i}" for i in range(len(ps))]
         got = {}
         for i, p in enumerate(ps):
             rid, n = f"r{i}", -(-len(p) // 4)
             full = pre.runner.export_kv(pre.kv_block_ids(rid)[:n])
             assert full.shape[4] == kv  # every KV head of the model
+            if rid in hooked:  # (the chunks before the last one's step are in it too)
+                assert torch.equal(torch.stack(layered[rid]), full)
             pre.release_kv(rid)
             dst, held = dec.reserve_import(rid, p, first[rid], params)
             dec.runner.import_kv(dst[:n], full)

@@ -48,7 +48,7 @@ def turn(pre, dec, handoff, intake, got: dict) -> None:
                                                    (2, 1, False, True), (1, 2, True, False), (1, 2, True, True)])
 def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monkeypatch, p_tp, d_tp, early, async_):
     """early: offers made when the last chunk is scheduled (staging slots taken then, filled
-    after the step); else after the prefill. async_: both engines schedule asynchronously (a
+    layer by layer as the step computes them); else after the prefill. async_: both engines schedule asynchronously (a
     GPU's default): a prefill's output, and so its fill, comes after the next step is launched."""
     hf = make_checkpoint(tmp_path, "llama")
     ps = prompts(211)[-4:]
@@ -63,11 +63,12 @@ def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monke
         intake = KVIntake(worker(dec, tmp_path, "d0", sent), {"hub": hub})
         handoff = KVHandOff(worker(pre, tmp_path, "p0", sent, early), {"hub": hub})
         assert [h.staging is not None for h in (handoff, intake)] == [p_tp > 1, d_tp > 1]
-        got, waited, filled, exported = {}, 0, [], []
+        got, waited, filled, exported, layered = {}, 0, [], [], {}
         if handoff.staging is not None:
-            fill, export = handoff.staging.fill, handoff.staging.export
+            fill, export, write = handoff.staging.fill, handoff.staging.export, handoff.staging.write_layer
             handoff.staging.fill = lambda rid, blocks: (filled.append(rid), fill(rid, blocks))[1]
             handoff.staging.export = lambda rid, blocks: (exported.append(rid), export(rid, blocks))[1]
+            handoff.staging.write_layer = lambda rid, i, kv: (layered.setdefault(rid, []).append(i), write(rid, i, kv))[1]
         def submit(i):
             rid = f"r{i}"
             pre.add_request(rid, ps[i], params, prefill_only=True)
@@ -84,9 +85,12 @@ def test_tp_workers_hand_off_over_inproc_through_a_small_staging(tmp_path, monke
             waited = max(waited, len(handoff.staging_wait) if p_tp > 1 else len(intake.offers))
         assert not sent, sent  # no Failed
         assert waited >= 2 or (early and p_tp > 1)  # hand-offs (P > 1) or offers (D > 1) waited for staging room
-        if p_tp > 1:  # every request's slots filled once: offered early (fill) or late (export, which fills)
-            assert sorted(filled) == sorted(got)
-            assert bool(set(filled) - set(exported)) == early  # some offered early, filled after their step
+        if p_tp > 1:  # every request's slots filled once: offered early, layer by layer during its
+            # step (the inproc transport sends layers as they are ready), or late (export, which fills)
+            assert sorted(filled + list(layered)) == sorted(got)
+            assert len(set(filled)) == len(filled) and set(filled) <= set(exported)
+            assert bool(layered) == early
+            assert all(layers == list(range(pre.model_cfg.num_layers)) for layers in layered.values())
         for i, p in enumerate(ps):
             assert got[f"r{i}"] == hf_greedy(hf, p, 5), f"prompt of {len(p)} tokens"
         for side in (handoff, intake):
