@@ -15,7 +15,8 @@ layout a worker of one rank has, and any two workers exchange KV whatever their 
   its own heads of the blocks (`ModelRunner.import_kv`, one scatter from rank 0).
 
 Both run on the worker's loop, between engine steps, where the other ranks wait for the
-next step: the ranks run the same collectives in the same order. Slots are held per request
+next step (a layer-by-layer export runs in the step, each layer's gather in every rank's
+forward): the ranks run the same collectives in the same order. Slots are held per request
 until its transfer ends (`release`, which every end path calls: done, failed, cancelled,
 aborted); a hand-off that finds no room waits for a transfer to end. The staging cache is in
 host memory, where the zmq transport stages its chunks anyway and there is room for two

@@ -166,6 +166,10 @@ class EngineConfig:
     # each "replay" instead of capturing it: the graph path on the CPU (tests), and on a GPU a way
     # to tell a capture bug from an inputs bug. Needs the Triton attention (engine/cuda_graphs.py).
     eager_graph_replay: bool = False
+    # Decode CUDA graphs under tensor parallelism (each rank captures its forward with the NCCL
+    # collectives in it). Off by default until it has run on a multi-GPU host: without it a TP
+    # group's forward runs eagerly on GPUs.
+    tp_cuda_graphs: bool = False
     seed: int = 0
     # Prepare and launch step N+1 before reading step N's tokens (the host works while the device
     # runs); None: on for CUDA, off on the CPU (where the host is the device: nothing to overlap).

@@ -128,7 +128,6 @@ class LLMEngine:
         except BaseException:
             if self.tp is not None:
                 self.tp.kill()  # they may wait in a collective this rank never reaches
-                self._restore_threads()
             raise
         self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
         self._in_flight: _InFlight | None = None   # async scheduling: the step whose tokens are unread
@@ -198,7 +197,6 @@ class LLMEngine:
         if self.device.type == "cuda" and (self.device.index or 0) + n > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {n} from GPU {self.device.index or 0} needs more GPUs than the "
                              f"{torch.cuda.device_count()} visible")
-        self._threads_before = torch.get_num_threads()  # launch sets this process's count per rank
         tp = parallel.launch(model, n, self.device, self.dtype, parallel.engine_fields(self.cfg), self.max_model_len)
         weakref.finalize(self, tp.close)  # an engine dropped without close() still stops its ranks
         return tp
@@ -208,12 +206,6 @@ class LLMEngine:
         torch threads it had before the group split them (nothing to do without one)."""
         if self.tp is not None:
             self.tp.close()
-            self._restore_threads()
-
-    def _restore_threads(self) -> None:
-        if (n := getattr(self, "_threads_before", None)) is not None:
-            torch.set_num_threads(n)
-            self._threads_before = None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     *, prefill_only: bool = False, output_token_ids: list[int] | None = None) -> Sequence:

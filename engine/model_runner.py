@@ -36,8 +36,9 @@ class LayerExport:
     """Under tensor parallelism, a request's KV to be handed over layer by layer: after each
     layer of the step, every rank's heads of `block_ids` are gathered to rank 0, which calls
     `sink(layer, kv)` with that layer's KV of every head ([2, n, block_size, H, D], valid only
-    during the call: copy it). What an `on_last_chunk` hook returns instead of a callable when
-    no rank's cache holds every head (prefill_worker/handoff.py, control/kv_staging.py)."""
+    during the call: copy it). What an `on_last_chunk` hook of a TP worker returns instead of a
+    callable (prefill_worker/handoff.py, control/kv_staging.py). The sink runs inside the step,
+    where an error ends the whole group: it must not raise."""
     block_ids: list[int]
     sink: Callable[[int, torch.Tensor], None]
 
@@ -89,7 +90,10 @@ class ModelRunner:
         if eager_replay and attn.name != "triton":
             raise ValueError(f"eager_graph_replay needs the Triton attention (attention_backend='triton'), "
                              f"not {attn.name!r}")
-        if (device.type == "cuda" and attn.name == "triton" and not cfg.enforce_eager) or eager_replay:
+        # Under TP on GPUs only when asked: the capture of NCCL collectives by two ranks has not
+        # run on a multi-GPU host yet (tests/gpu has the test; tp_cuda_graphs).
+        graphs_ok = tp.size == 1 or cfg.tp_cuda_graphs
+        if (device.type == "cuda" and attn.name == "triton" and not cfg.enforce_eager and graphs_ok) or eager_replay:
             from .cuda_graphs import DecodeGraphs
 
             # (under TP every rank gets here with the same config: they capture the same buckets
@@ -280,13 +284,13 @@ class ModelRunner:
                 # model dtype: the sampler upcasts if it samples
                 return batch, self._in_step(lambda: self.graphs.run(seqs, fill)), range(len(batch))
         ids = [b for e in exports for b in e.block_ids]
-        self._send(OP_RUN, batch, pending, ids)
-        if exports:
+        if exports:  # (its buffers before the others are told: a failure here is this step's alone)
             sinks, a = [], 0
             for e in exports:
                 sinks.append((a, a + len(e.block_ids), e.sink))
                 a += len(e.block_ids)
             on_layer = self._exporting(ids, sinks, on_layer)
+        self._send(OP_RUN, batch, pending, ids)
         with torch.inference_mode():
             # (the other ranks of a group are in this step now: a failure here must end them)
             return self._in_step(lambda: self._run_eager(batch, on_layer, pending))

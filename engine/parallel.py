@@ -104,6 +104,7 @@ class TPGroup:
         self.device = device or torch.device("cpu")   # where the model's tensors are
         self.followers = list(followers)   # rank 0: the other ranks' processes
         self.killed = False                # rank 0 ended them (kill): the group cannot step again
+        self.split_threads = False         # rank 0 on the CPU: this process's threads are split (launch)
 
     @classmethod
     def connect(cls, rank: int, size: int, port: int, device: torch.device, followers=(),
@@ -235,6 +236,7 @@ class TPGroup:
 
     def close(self) -> None:
         """Rank 0: stop the other ranks (they exit) and wait for them."""
+        self._give_back_threads()
         if self.rank == 0 and self.size > 1 and self.followers:
             if not self.alive():
                 self.kill()  # a broken group: the others cannot take a STOP
@@ -255,12 +257,18 @@ class TPGroup:
     def kill(self) -> None:
         """Rank 0: end the other ranks at once (they may be anywhere, e.g. in a collective of a
         start that failed here)."""
+        self._give_back_threads()
         for p in self.followers:
             if p.poll() is None:
                 p.kill()
             p.wait()
         self.followers = []
         self.killed = True
+
+    def _give_back_threads(self) -> None:
+        if self.split_threads:
+            self.split_threads = False
+            _unsplit_threads()
 
     def alive(self) -> bool:
         return not self.killed and all(p.poll() is None for p in self.followers)
@@ -276,16 +284,34 @@ def rank_threads(size: int, device: torch.device) -> int:
     told = int(os.environ.get("PDSERVE_TP_THREADS") or 0)
     if told > 0:
         return told
-    n = torch.get_num_threads()
+    n = _THREADS["before"] if _THREADS["groups"] else torch.get_num_threads()
     return max(1, n // size) if device.type == "cpu" else n
+
+
+# This process's torch threads before its CPU groups split them, and how many of those groups are
+# open: the count comes back when the last one closes (however they are closed, in whatever order).
+_THREADS = {"before": 0, "groups": 0}
+
+
+def _split_threads(n: int) -> None:
+    if _THREADS["groups"] == 0:
+        _THREADS["before"] = torch.get_num_threads()
+    _THREADS["groups"] += 1
+    torch.set_num_threads(n)
+
+
+def _unsplit_threads() -> None:
+    _THREADS["groups"] -= 1
+    if _THREADS["groups"] == 0:
+        torch.set_num_threads(_THREADS["before"])
 
 
 def launch(model: str, size: int, device: torch.device, dtype: torch.dtype, engine_cfg: dict,
            max_model_len: int) -> TPGroup:
     """Rank 0 of a new group: starts ranks 1..size-1 (`python -m engine.tp_rank`), each on
     the next GPU where the device is CUDA, and connects to them. Each rank runs `rank_threads`
-    torch threads; rank 0 (this process) sets its own count to that too (its engine's close()
-    gives the process back its count: engine/llm_engine.py)."""
+    torch threads; on the CPU rank 0 (this process) sets its own count to that too, until the
+    group closes (the process gets its count back when its last group closes)."""
     threads = rank_threads(size, device)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -309,7 +335,9 @@ def launch(model: str, size: int, device: torch.device, dtype: torch.dtype, engi
             p.wait()
         listener.close()
         raise
-    torch.set_num_threads(threads)
+    if device.type == "cpu":
+        _split_threads(threads)
+        group.split_threads = True
     return group
 
 

@@ -37,6 +37,9 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch in each worker")
     p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction,
                    help="reuse the KV of cached blocks that start a prompt (default: on)")
+    p.add_argument("--tp-cuda-graphs", action="store_true",
+                   help="decode CUDA graphs under tensor parallelism (each rank captures its forward with the "
+                        "NCCL collectives in it); off by default: not yet run on a multi-GPU host")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="launch each engine step before reading the last one's tokens, so the host works while "
                         "the device runs; auto: on with CUDA, off on the CPU (default: %(default)s)")
@@ -210,6 +213,8 @@ def engine_options(args) -> dict:
         opts["enable_prefix_caching"] = False
     if getattr(args, "async_scheduling", "auto") != "auto":
         opts["async_scheduling"] = args.async_scheduling == "on"
+    if getattr(args, "tp_cuda_graphs", False):
+        opts["tp_cuda_graphs"] = True
     return opts
 
 

@@ -62,6 +62,7 @@ class KVHandOff:
         self.staging_wait: deque[tuple[str, int]] = deque()  # (request id, first token): no staging room yet
         self.stats = TransferStats(self.sender)
         self.early_blocks: dict[str, list[int]] = {}  # offered early to staging slots: the blocks to fill them from
+        self.layer_failed: dict[str, str] = {}  # staged layer by layer, and that failed: why (emit fails it)
         if worker.settings.kv_offer_early:
             worker.engine.on_last_chunk = self._offer_early
 
@@ -76,12 +77,16 @@ class KVHandOff:
                 continue  # decoded here (a `both` worker's own request)
             blocks = self.early_blocks.pop(rid, None)
             if not out.handoff:  # its first token ended it and the engine freed the blocks
+                self.layer_failed.pop(rid, None)
                 del self.targets[rid]
                 if self.sender.status(rid) is not None:  # offered early: the layers sent so far are
                     self.sender.cancel(rid)              # dropped by the receiver with the transfer
             elif self.engine.is_sending(rid):  # offered early, while the step computed it
                 msg = self.targets.pop(rid)
                 if blocks is not None and not self._fill(rid, msg, blocks):
+                    continue
+                if (why := self.layer_failed.pop(rid, None)) is not None:
+                    self._staging_failed(rid, msg, why)
                     continue
                 self.sender.ready(rid, meta={"first_token": out.new_token_ids[0]})
                 self.stats.started(rid, _kv_tokens(msg))  # what the decode worker waits for
@@ -107,6 +112,7 @@ class KVHandOff:
         then frees the blocks now, or when the sender reports the transfer's end (kv_holds.py)."""
         self.targets.pop(rid, None)  # (a hand-off waiting for staging room is dropped with it)
         self.early_blocks.pop(rid, None)
+        self.layer_failed.pop(rid, None)
         if self.engine.is_sending(rid):
             self.sender.cancel(rid)
 
@@ -160,11 +166,17 @@ class KVHandOff:
         """Under TP, for a sender that moves layers as they are ready: each layer's KV, every
         head, gathered to rank 0 during the step, goes into the request's staging slots and may
         leave at once."""
-        staging, sender = self.staging, self.sender
+        staging, sender, failed = self.staging, self.sender, self.layer_failed
 
         def sink(layer: int, kv) -> None:
-            staging.write_layer(rid, layer, kv)
-            sender.ready_layers(rid, layer + 1)
+            # (inside the step, where an error would end the whole group: this request's alone)
+            if rid in failed:
+                return
+            try:
+                staging.write_layer(rid, layer, kv)
+                sender.ready_layers(rid, layer + 1)
+            except Exception as e:
+                failed[rid] = f"{type(e).__name__}: {e}"
         return sink
 
     def _fill(self, rid: str, msg: messages.Prefill, blocks: list[int]) -> bool:
@@ -176,13 +188,17 @@ class KVHandOff:
         except TPGroupError:
             raise  # the worker's group is gone: the worker ends
         except Exception as e:
-            log.error("KV of %s could not be staged: %s", rid, e, extra=for_request(rid))
-            if self.sender.status(rid) in TERMINAL:
-                return False  # the transfer ended already: its end (poll) frees all and reports it
-            self.sender.cancel(rid)  # its end (poll) frees the slots and the blocks
-            self.stats.failed()
-            self.worker.link.send(messages.Failed(rid, f"KV hand-off to {msg.decode_worker} failed: {e}", 503))
+            self._staging_failed(rid, msg, e)
             return False
+
+    def _staging_failed(self, rid: str, msg: messages.Prefill, why) -> None:
+        """An early offer whose KV could not be staged: its transfer is cancelled and the request failed."""
+        log.error("KV of %s could not be staged: %s", rid, why, extra=for_request(rid))
+        if self.sender.status(rid) in TERMINAL:
+            return  # the transfer ended already: its end (poll) frees all and reports it
+        self.sender.cancel(rid)  # its end (poll) frees the slots and the blocks
+        self.stats.failed()
+        self.worker.link.send(messages.Failed(rid, f"KV hand-off to {msg.decode_worker} failed: {why}", 503))
 
     def _hand_off(self, rid: str, first_token: int) -> bool:
         """Offers the request's KV after its prefill. False when it must wait for staging room
@@ -237,6 +253,7 @@ class KVHandOff:
         if self.staging is not None:
             self.staging.release(ev.request_id)
             self.early_blocks.pop(ev.request_id, None)
+            self.layer_failed.pop(ev.request_id, None)
         if not self.engine.is_sending(ev.request_id):
             return  # cancelled with its request (aborted, or ended by its first token): freed then
         self.targets.pop(ev.request_id, None)  # an early offer that failed while the prompt computed

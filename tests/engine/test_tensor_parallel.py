@@ -138,6 +138,15 @@ def test_ranks_on_the_cpu_share_the_threads_and_rank_0_gets_its_count_back(tmp_p
             env = open(f"/proc/{follower.pid}/environ", "rb").read().split(b"\0")
             assert b"PDSERVE_TP_THREADS=2" in env
         assert torch.get_num_threads() == 4
+        # two groups at once: the second splits the process's count, not the first group's; the
+        # count comes back when the last one closes, in whatever order
+        a = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2)
+        b = LLMEngine(str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2)
+        assert torch.get_num_threads() == 2
+        a.close()
+        assert torch.get_num_threads() == 2
+        b.close()
+        assert torch.get_num_threads() == 4
         monkeypatch.setenv("PDSERVE_TP_THREADS", "3")
         assert rank_threads(2, torch.device("cpu")) == 3
     finally:

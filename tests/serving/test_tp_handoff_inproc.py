@@ -150,3 +150,45 @@ def test_an_id_sent_again_before_its_last_transfer_ended_waits_for_its_slots(tmp
         assert pre.num_free_blocks == pre.num_total_blocks and dec.num_free_blocks == dec.num_total_blocks
         handoff.close()
         intake.close()
+
+
+def test_a_layer_that_cannot_be_staged_fails_its_request_alone(tmp_path):
+    """A layer-by-layer export whose copy into the staging fails (inside the step, where an
+    error would end the whole group): that request fails with 503, the other one in the same
+    step goes on to transformers' tokens, and every block and staging slot is freed."""
+    hf = make_checkpoint(tmp_path, "llama")
+    ps = prompts(211)[-2:]
+    opts = dict(device="cpu", num_kv_blocks=64, block_size=4, max_num_batched_tokens=256)
+    hub, sent = InprocHub(), []
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with closing(LLMEngine(str(tmp_path), tensor_parallel_size=2, **opts)) as pre, \
+            closing(LLMEngine(str(tmp_path), **opts)) as dec:
+        intake = KVIntake(worker(dec, tmp_path, "d0", sent), {"hub": hub})
+        handoff = KVHandOff(worker(pre, tmp_path, "p0", sent), {"hub": hub})
+        write = handoff.staging.write_layer
+
+        def broken(rid, layer, kv):
+            if rid == "bad" and layer == 1:
+                raise RuntimeError("no room in host memory")
+            write(rid, layer, kv)
+        handoff.staging.write_layer = broken
+        got = {}
+
+        def run(*reqs):
+            for rid, p in reqs:  # (added before one step: offered early in the same step)
+                pre.add_request(rid, p, params, prefill_only=True)
+                handoff.expect(messages.Prefill(rid, p, params, "d0", intake.receiver.address, "inc"))
+            deadline = time.monotonic() + 30
+            while pre.seqs or handoff.staging.held or dec.has_unfinished() or intake.offers:
+                assert time.monotonic() < deadline, sent
+                turn(pre, dec, handoff, intake, got)
+        run(("warm", ps[0]))  # the first hand-off makes the handshake (offered late)
+        run(("bad", ps[0]), ("good", ps[1]))
+        assert [(m.request_id, m.code) for m in sent] == [("bad", 503)], sent
+        assert "no room in host memory" in sent[0].message
+        assert got["good"] == hf_greedy(hf, ps[1], 4) and got["warm"] == hf_greedy(hf, ps[0], 4)
+        assert pre.tp.alive() and not handoff.layer_failed
+        assert handoff.staging.num_free == handoff.staging.num_slots
+        assert pre.num_free_blocks == pre.num_total_blocks and dec.num_free_blocks == dec.num_total_blocks
+        handoff.close()
+        intake.close()
