@@ -1,7 +1,16 @@
 """Fixtures shared across test packages."""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton runs its interpreter, which must be on before anything imports triton
+# (triton.language's own jit functions, made once per process, are what kernels call): set it
+# here, before any test module is collected, so that no file order of the tests matters.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
