@@ -301,22 +301,14 @@ class ModelRunner:
         each rank's into one tensor of every head and hands each sink (start, end, sink) its
         blocks' rows; then `then(n)` (rank 0's own per-layer hooks)."""
         idx = to_device(block_ids, torch.int64, self.device)
-        m = self.model_cfg
-        layer = self._kv_shape(len(block_ids))[1:]  # one layer's: [2, n, block_size, this rank's heads, D]
-        mine = torch.empty(layer, dtype=self.dtype, device=self.device)
-        parts = full = None
-        if self.tp.rank == 0:
-            parts = [torch.empty_like(mine) for _ in range(self.tp.size)]
-            full = mine.new_empty(self._kv_shape(len(block_ids), m.num_kv_heads)[1:])
-        shards = [head_shard(m.num_heads, m.num_kv_heads, r, self.tp.size) for r in range(self.tp.size)]
+        mine, parts, full = self._export_buffers(len(block_ids), one_layer=True)
 
         def on_layer(n: int) -> None:
             i = n - 1
             torch.index_select(self.kv_cache[i], 1, idx, out=mine)
             self.tp.gather_into(parts, mine)
             if full is not None:
-                for h, part in zip(shards, parts):  # (a head several ranks hold: written once per rank, equal)
-                    full[..., h.kv_start:h.kv_start + h.kv_heads, :] = part
+                self._put_heads(full, parts)
                 for start, end, sink in sinks:
                     sink(i, full[:, start:end])
             if then is not None:
@@ -383,14 +375,27 @@ class ModelRunner:
         if self.tp.size > 1 and self.tp.rank == 0:
             self.tp.send_step(op, [(0, 0, 0, [], list(block_ids), 0)])
 
-    def _export_buffers(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
+    def _export_buffers(self, n: int, one_layer: bool = False
+                        ) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
         """This rank's heads of n blocks, and on rank 0 every rank's (the gather's outputs) and
-        all heads."""
-        mine = torch.empty(self._kv_shape(n), dtype=self.dtype, device=self.device)
+        all heads; of every layer, or of one (`one_layer`: [2, n, block_size, heads, D])."""
+        cut = 1 if one_layer else 0
+        mine = torch.empty(self._kv_shape(n)[cut:], dtype=self.dtype, device=self.device)
         if self.tp.rank != 0:
             return mine, None, None
-        full = mine.new_empty(self._kv_shape(n, self.model_cfg.num_kv_heads))
+        full = mine.new_empty(self._kv_shape(n, self.model_cfg.num_kv_heads)[cut:])
         return mine, [torch.empty_like(mine) for _ in range(self.tp.size)], full
+
+    def _shards(self) -> list:
+        """Every rank's heads (head_shard), in rank order."""
+        m = self.model_cfg
+        return [head_shard(m.num_heads, m.num_kv_heads, r, self.tp.size) for r in range(self.tp.size)]
+
+    def _put_heads(self, full: torch.Tensor, parts: list[torch.Tensor]) -> None:
+        """Rank 0: each rank's gathered heads into their places in `full` (every head; a head
+        several ranks hold is written once per rank: equal)."""
+        for h, part in zip(self._shards(), parts):
+            full[..., h.kv_start:h.kv_start + h.kv_heads, :] = part
 
     def _export_kv(self, block_ids: list[int], bufs=None) -> torch.Tensor:
         idx = to_device(block_ids, torch.int64, self.device)
@@ -401,19 +406,14 @@ class ModelRunner:
         self.tp.gather_into(parts, mine)  # to rank 0 only: the others need none of it
         if full is None:
             return mine
-        m = self.model_cfg
-        for r, part in enumerate(parts):  # (a head several ranks hold is written once per rank: equal)
-            h = head_shard(m.num_heads, m.num_kv_heads, r, self.tp.size)
-            full[..., h.kv_start:h.kv_start + h.kv_heads, :] = part
+        self._put_heads(full, parts)
         return full
 
     def _import_parts(self, full: torch.Tensor) -> list[torch.Tensor]:
         """Rank 0: each rank's heads of `full` (every head), in rank order."""
         if self.tp.size == 1:
             return [full]
-        m = self.model_cfg
-        shards = [head_shard(m.num_heads, m.num_kv_heads, r, self.tp.size) for r in range(self.tp.size)]
-        return [full[..., h.kv_start:h.kv_start + h.kv_heads, :].contiguous() for h in shards]
+        return [full[..., h.kv_start:h.kv_start + h.kv_heads, :].contiguous() for h in self._shards()]
 
     def _import_kv(self, block_ids: list[int], parts: list[torch.Tensor] | None = None) -> None:
         """Rank 0 passes every rank's heads (`_import_parts`); each rank receives its own (a
